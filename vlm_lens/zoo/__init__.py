@@ -1,0 +1,27 @@
+"""The embedded shapes-world models shipped inside the package, and their recipe (:mod:`vlm_lens.zoo.train`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODELS_DIR = Path(__file__).parent / "models"
+EMBEDDED = {"shapes-llava": "shapes-llava", "shapes-qwen2-vl": "shapes-qwen2-vl"}
+DEFAULT_MODEL = "shapes-llava"
+
+
+def embedded_names() -> list[str]:
+    """Names of the embedded models present in this installation."""
+    return [name for name, folder in EMBEDDED.items() if (MODELS_DIR / folder / "config.json").exists()]
+
+
+def embedded_path(name: str) -> Path | None:
+    """The folder of embedded model ``name``; None when ``name`` is not an embedded name."""
+    if name not in EMBEDDED:
+        return None
+    folder = MODELS_DIR / EMBEDDED[name]
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"embedded model {name!r} is not in this installation ({folder}); train it with "
+            f"`python -m vlm_lens.zoo.train --family {name.removeprefix('shapes-')} --out DIR` and load DIR/model"
+        )
+    return folder

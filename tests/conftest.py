@@ -1,0 +1,52 @@
+"""Session-scoped tiny models of every family, shared by the whole suite (building one takes ~1 s)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl")
+
+
+class TinyFamily:
+    """A hooked tiny model, an untouched twin with identical weights (the plain HF reference), and an image."""
+
+    def __init__(self, family: str):
+        from vlm_lens import load, testing
+
+        self.family = family
+        hf_model, processor = testing.build(family)
+        self.reference, _ = testing.build(family)  # same seed -> same weights; never wrapped by the bridge
+        self.reference.set_attn_implementation("eager")  # the bridge forces eager: compare like with like
+        self.processor = processor
+        self.model = load(hf_model, processor=processor)
+        self.image = testing.sample_image(1, testing.size_for(family).image_size)
+
+
+_CACHE: dict[str, TinyFamily] = {}
+
+
+def tiny(family: str) -> TinyFamily:
+    if family not in _CACHE:
+        _CACHE[family] = TinyFamily(family)
+    return _CACHE[family]
+
+
+@pytest.fixture(params=FAMILIES, scope="session")
+def tiny_family(request) -> TinyFamily:
+    return tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava() -> TinyFamily:
+    return tiny("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25() -> TinyFamily:
+    return tiny("qwen2.5-vl")

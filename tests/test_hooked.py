@@ -1,0 +1,172 @@
+"""The hooked model is exact on the real HF classes: hidden states, logits, unembed, generation traces."""
+
+import pytest
+import torch
+from jaxtyping import Float, jaxtyped
+from torch import Tensor
+from beartype import beartype
+
+from vlm_lens.cache import resid_names
+
+PROMPT = "what color is the star ?"
+
+
+def reference_forward(fam, inputs):
+    """Plain HF forward of the untouched twin, plus the raw output of its last decoder layer."""
+    captured = {}
+    last = fam.reference.model.language_model.layers[-1]
+    handle = last.register_forward_hook(lambda m, a, out: captured.update(raw=out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            out = fam.reference(**inputs.model_inputs, output_hidden_states=True)
+    finally:
+        handle.remove()
+    return out, captured["raw"]
+
+
+def test_resid_post_equals_hf_hidden_states(tiny_family):
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    _, cache = model.run_with_cache(inputs, names_filter=resid_names(model.n_layers) + ["ln_final.hook_normalized"])
+    ref, raw_last = reference_forward(tiny_family, inputs)
+    hidden = ref.hidden_states
+    assert len(hidden) == model.n_layers + 1
+    assert (cache["blocks.0.hook_resid_pre"] - hidden[0]).abs().max() <= 1e-5
+    for i in range(model.n_layers - 1):
+        assert (cache[f"blocks.{i}.hook_resid_post"] - hidden[i + 1]).abs().max() <= 1e-5, i
+    # HF's last entry is already final-normed; the hook sees the raw block output (docs/hooks.md).
+    last = model.n_layers - 1
+    assert (cache[f"blocks.{last}.hook_resid_post"] - raw_last).abs().max() <= 1e-5
+    assert (cache["ln_final.hook_normalized"] - hidden[-1]).abs().max() <= 1e-5
+
+
+def test_logits_equal_plain_hf_forward(tiny_family):
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    logits, _ = model.run_with_cache(inputs, names_filter=[])
+    ref, _ = reference_forward(tiny_family, inputs)
+    assert logits.shape == ref.logits.shape
+    assert (logits - ref.logits).abs().max() <= 1e-5
+    assert (model.run_with_hooks(inputs) - ref.logits).abs().max() <= 1e-5
+
+
+def test_unembed_of_last_layer_equals_logits(tiny_family):
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    logits, cache = model.run_with_cache(inputs, names_filter=resid_names(model.n_layers))
+    stack = cache.resid_stack()
+    assert (model.unembed(stack[-1], model.n_layers) - logits[0]).abs().max() <= 1e-4
+    # the HF convention: hidden_states[-1] is normed already, so the norm must not be applied twice
+    ref, _ = reference_forward(tiny_family, inputs)
+    assert (model.unembed(ref.hidden_states[-1][0], normed=True) - logits[0]).abs().max() <= 1e-4
+
+
+def test_resid_stack_shape_and_labels(tiny_family):
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    _, cache = model.run_with_cache(inputs, names_filter=resid_names(model.n_layers))
+
+    @jaxtyped(typechecker=beartype)
+    def check(stack: Float[Tensor, "layer pos d_model"], n_layers: int, d_model: int) -> None:
+        assert stack.shape[0] == n_layers + 1 and stack.shape[2] == d_model
+
+    stack, labels = cache.resid_stack(return_labels=True)
+    check(stack, model.n_layers, model.d_model)
+    assert stack.shape[1] == inputs.layout.n_positions
+    assert labels == ["embed"] + [str(i) for i in range(model.n_layers)]
+    image_only = cache.resid_stack(inputs.layout.image)
+    assert image_only.shape[1] == int(inputs.layout.image.sum())
+    assert torch.equal(cache.resid_stack([2, 0])[:, 1], stack[:, 0])
+
+
+def test_layout_marks_image_and_text_tokens(tiny_family):
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    layout = inputs.layout
+    ids = inputs.input_ids[0].cpu()
+    assert torch.equal(layout.image, ids == model.image_token_id)
+    assert int(layout.image.sum()) == 4  # tiny models: 32 px image -> 2 x 2 image tokens
+    assert torch.equal(layout.text, ~layout.image)
+    assert not layout.generated.any()
+    assert layout.last_prompt_position == ids.shape[0] - 1
+    text_tokens = model.tokenizer.convert_ids_to_tokens(ids[layout.text].tolist())
+    assert text_tokens[:2] == ["user", ":"] and text_tokens[-4:] == ["star", "?", "assistant", ":"]
+
+
+def test_trace_generation_lines_up_with_generated_tokens(tiny_family):
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    trace = model.trace_generation(inputs, max_new_tokens=8)
+    n = trace.n_steps
+    assert 1 <= n <= 8
+    # the HF generation itself, on the untouched twin
+    with torch.no_grad():
+        ref = tiny_family.reference.generate(**inputs.model_inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(trace.generated_ids, ref[0, inputs.input_ids.shape[1] :][:n].cpu())
+    # cache positions line up: token j sits at step_positions[j] + 1 and is predicted from step_positions[j]
+    full_ids = trace.inputs.input_ids[0].cpu()
+    assert torch.equal(full_ids[trace.step_positions + 1], trace.generated_ids)
+    assert torch.equal(torch.nonzero(trace.layout.generated).flatten(), trace.step_positions + 1)
+    # the lens at the last layer reproduces every generated token
+    last = trace.cache.resid_stack(trace.step_positions)[-1]
+    assert torch.equal(model.unembed(last, model.n_layers).argmax(-1).cpu(), trace.generated_ids)
+    assert bool(trace.lens_agrees.all())
+    assert trace.generated_tokens == model.tokenizer.convert_ids_to_tokens(trace.generated_ids.tolist())
+
+
+def test_hooks_are_removed_when_a_hook_raises(tiny_llava):
+    model = tiny_llava.model
+    inputs = model.prepare(tiny_llava.image, PROMPT)
+    before = model.run_with_hooks(inputs)
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.bridge.modules())
+
+    def explode(activation, hook):
+        raise RuntimeError("hook failure")
+
+    with pytest.raises(RuntimeError, match="hook failure"):
+        model.run_with_hooks(inputs, fwd_hooks=[("blocks.1.hook_resid_post", explode)])
+    with pytest.raises(RuntimeError, match="hook failure"):
+        with model.hooks([("blocks.0.hook_resid_post", explode)]):
+            model.run_with_hooks(inputs)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.bridge.modules()) == n_hooks
+    assert torch.equal(model.run_with_hooks(inputs), before)
+
+
+def test_hooks_modify_the_forward_inside_the_block_only(tiny_llava):
+    model = tiny_llava.model
+    inputs = model.prepare(tiny_llava.image, PROMPT)
+    clean = model.run_with_hooks(inputs)
+
+    def zero(activation, hook):
+        return torch.zeros_like(activation)
+
+    with model.hooks([("blocks.2.hook_resid_post", zero)]):
+        patched = model.run_with_hooks(inputs)
+    assert not torch.allclose(patched, clean)
+    assert torch.equal(model.run_with_hooks(inputs), clean)
+
+
+def test_dropping_mm_token_type_ids_is_caught(tiny_qwen25):
+    """Qwen2.5-VL silently computes other logits without mm_token_type_ids: prepare() always provides it."""
+    model = tiny_qwen25.model
+    inputs = model.prepare(tiny_qwen25.image, PROMPT)
+    assert "mm_token_type_ids" in inputs.model_inputs
+    with torch.no_grad():
+        with_ids = tiny_qwen25.reference(**inputs.model_inputs).logits
+        without = {k: v for k, v in inputs.model_inputs.items() if k != "mm_token_type_ids"}
+        dropped = tiny_qwen25.reference(**without).logits
+    assert (with_ids - dropped).abs().max() > 1e-3  # the exactness test above would fail on such a forward
+    derived = model.adapter.derive_inputs(without, model.image_token_id)
+    assert torch.equal(derived["mm_token_type_ids"], inputs.model_inputs["mm_token_type_ids"].long())
+
+
+def test_raw_templated_prompt_is_used_as_is(tiny_llava):
+    model = tiny_llava.model
+    templated = model.prepare(tiny_llava.image, PROMPT)
+    raw = model.prepare(tiny_llava.image, "user : <image> what color is the star ? assistant :")
+    assert torch.equal(raw.input_ids, templated.input_ids)
+
+
+def test_text_only_prompt_has_no_image_tokens(tiny_llava):
+    inputs = tiny_llava.model.prepare(None, PROMPT)
+    assert not inputs.layout.image.any() and "pixel_values" not in inputs.model_inputs

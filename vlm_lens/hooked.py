@@ -1,0 +1,429 @@
+"""HookedVLM: a HuggingFace vision-language model with TransformerLens hook names, token roles and generation traces.
+
+Data flow: :func:`load` reads the model and its processor from local files (or takes them in memory), picks the
+family's adapter and boots a TransformerLens ``TransformerBridge`` on it. :meth:`HookedVLM.prepare` turns images and
+a question into model inputs plus a :class:`~vlm_lens.layout.TokenLayout`. :meth:`HookedVLM.run_with_cache` runs one
+hooked forward; :meth:`HookedVLM.trace_generation` generates greedily with HF (KV cache) and then runs one cached
+forward over prompt + generated tokens, which for a causal model equals per-step capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from vlm_lens.adapters import AdapterSpec, adapter_for
+from vlm_lens.cache import VLMCache, resid_names
+from vlm_lens.layout import TokenLayout
+
+NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+HookFn = Callable[..., Any]
+
+
+@dataclass
+class VLMInputs:
+    """Inputs of one sample: the tensors handed to the HF forward and the token layout."""
+
+    model_inputs: dict[str, Tensor]
+    layout: TokenLayout
+    prompt: str
+    n_images: int
+
+    @property
+    def input_ids(self) -> Int[Tensor, "1 pos"]:
+        return self.model_inputs["input_ids"]
+
+
+@dataclass
+class GenerationTrace:
+    """A greedy generation and one cached forward over prompt + generated tokens.
+
+    ``step_positions[j]`` is the position whose output predicted generated token ``j`` (the last prompt position
+    for ``j = 0``). ``lens_agrees[j]`` says whether the model's logits there reproduce token ``j`` (greedy check).
+    """
+
+    inputs: VLMInputs
+    generated_ids: Int[Tensor, " step"]
+    generated_tokens: list[str]
+    text: str
+    step_positions: Int[Tensor, " step"]
+    logits: Float[Tensor, "1 pos vocab"]
+    cache: VLMCache
+    lens_agrees: Bool[Tensor, " step"] = field(repr=False)
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.inputs.layout
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.generated_ids.shape[0])
+
+
+class HookedVLM:
+    """A vision-language model with TransformerLens hook points (``blocks.{i}.hook_resid_post`` ...).
+
+    Build one with :func:`vlm_lens.load`. ``hf_model`` is the HF model (mutated in place by the bridge: wrapped
+    layers, eager attention); ``bridge`` is the TransformerLens ``TransformerBridge``.
+    """
+
+    def __init__(self, hf_model, processor, adapter: AdapterSpec, bridge, *, name: str, keepalive: Any = None):
+        self.hf_model = hf_model
+        self.processor = processor
+        self.adapter = adapter
+        self.bridge = bridge
+        self.name = name
+        self._keepalive = keepalive  # a temporary processor folder that must outlive the model
+        self.image_token_id = adapter.image_token_id(hf_model.config)
+        self._final_norm = _original(_get_module(hf_model, adapter.final_norm))
+        self._lm_head = _original(_get_module(hf_model, adapter.lm_head))
+
+    # -- properties -----------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self._lm_head.weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    def __repr__(self) -> str:
+        return f"HookedVLM({self.name!r}, family={self.family}, n_layers={self.n_layers}, d_model={self.d_model})"
+
+    def hook_names(self) -> list[str]:
+        """Every hook name the model offers."""
+        return list(self.bridge.hook_dict)
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+    def prepare(self, images: Any, prompt: str) -> VLMInputs:
+        """Model inputs for ``images`` (PIL images or paths; one, a list, or none) and ``prompt``.
+
+        ``prompt`` is the user's question: the chat template with one image placeholder per image is applied.
+        A raw string that already contains the processor's image token is used as it is.
+        """
+        image_list = _load_images(images)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty: pass the question to ask about the image(s), e.g. 'what is this ?'")
+        placeholder = getattr(self.processor, "image_token", None)
+        if placeholder and placeholder in prompt:
+            n_placeholders = prompt.count(placeholder)
+            if n_placeholders != len(image_list):
+                raise ValueError(
+                    f"the prompt has {n_placeholders} image placeholder(s) {placeholder!r} but {len(image_list)} "
+                    "image(s) were given: pass one image per placeholder, or pass the bare question and let "
+                    "prepare() apply the chat template"
+                )
+            text = prompt
+        else:
+            if not getattr(self.processor, "chat_template", None):
+                raise ValueError(
+                    "this processor has no chat template: pass a pre-templated prompt containing "
+                    f"{placeholder!r} once per image"
+                )
+            content = [{"type": "image"} for _ in image_list] + [{"type": "text", "text": prompt}]
+            messages = [{"role": "user", "content": content}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        encoded = self.processor(images=image_list or None, text=[text], return_tensors="pt")
+        model_inputs = {k: v for k, v in encoded.items() if isinstance(v, Tensor)}
+        if self.adapter.derive_inputs is not None:
+            model_inputs = self.adapter.derive_inputs(model_inputs, self.image_token_id)
+        model_inputs = {k: v.to(self.device) for k, v in model_inputs.items()}
+        if model_inputs["input_ids"].shape[0] != 1:
+            raise ValueError("prepare() builds one sample; call it once per sample")
+        layout = TokenLayout.from_ids(model_inputs["input_ids"][0].cpu(), self.image_token_id)
+        if image_list and not layout.image.any():
+            raise ValueError("the processor produced no image tokens; check that the prompt template keeps them")
+        return VLMInputs(model_inputs, layout, text, len(image_list))
+
+    def _forward_args(self, inputs: VLMInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        if not isinstance(inputs, VLMInputs):
+            raise TypeError(f"expected VLMInputs from model.prepare(images, prompt), got {type(inputs).__name__}")
+        kwargs = dict(inputs.model_inputs)
+        return kwargs.pop("input_ids"), kwargs
+
+    # -- hooked forwards ------------------------------------------------------------------------------------
+    def run_with_cache(
+        self, inputs: VLMInputs, names_filter: NamesFilter = None, *, grad: bool = False
+    ) -> tuple[Float[Tensor, "1 pos vocab"], VLMCache]:
+        """Logits and the activations named by ``names_filter`` (all hooks when None: ~2x a forward)."""
+        input_ids, kwargs = self._forward_args(inputs)
+        if isinstance(names_filter, (list, tuple)):
+            self._check_names(names_filter)
+        elif isinstance(names_filter, str):
+            self._check_names([names_filter])
+        with torch.set_grad_enabled(grad):
+            logits, cache = self.bridge.run_with_cache(input_ids, names_filter=names_filter, **kwargs)
+        return logits, VLMCache(dict(cache.items()), inputs.layout, self)
+
+    def run_with_hooks(
+        self, inputs: VLMInputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *, grad: bool = False
+    ) -> Float[Tensor, "1 pos vocab"]:
+        """Logits of a forward with ``fwd_hooks`` (``(name, fn(activation, hook))``); removed afterwards, even
+        when a hook raises."""
+        input_ids, kwargs = self._forward_args(inputs)
+        fwd_hooks = list(fwd_hooks)
+        self._check_names([n for n, _ in fwd_hooks if isinstance(n, str)])
+        with torch.set_grad_enabled(grad), self.hooks(fwd_hooks):
+            return self.bridge(input_ids, **kwargs)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = ()):
+        """Context manager: ``fwd_hooks`` are attached inside the block and removed on exit, raise or not."""
+        fwd_hooks = list(fwd_hooks)
+        self._check_names([n for n, _ in fwd_hooks if isinstance(n, str)])
+        with self.bridge.hooks(fwd_hooks=fwd_hooks):
+            yield self
+
+    def _check_names(self, names: Iterable[str]) -> None:
+        known = self.bridge.hook_dict
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, list(known), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; list them with model.hook_names()"
+                raise KeyError(f"unknown hook name {name!r}{hint}")
+
+    # -- lens -----------------------------------------------------------------------------------------------
+    def unembed(
+        self, resid: Float[Tensor, "... d_model"], layer: int | None = None, *, normed: bool = False
+    ) -> Float[Tensor, "... vocab"]:
+        """Logits (float32) of residual-stream vectors: final norm, then ``lm_head``.
+
+        ``layer`` is the index in :meth:`VLMCache.resid_stack` the vectors came from (0 = embeddings,
+        ``n_layers`` = last block); it is range-checked. ``normed=True`` skips the norm, for vectors that are
+        already normed (HF's ``hidden_states[-1]``, ``ln_final.hook_normalized``) or to reproduce the paper's
+        no-norm lens.
+        """
+        if layer is not None and not 0 <= layer <= self.n_layers:
+            raise IndexError(f"layer {layer} out of range: the residual stack has layers 0..{self.n_layers}")
+        if resid.shape[-1] != self.d_model:
+            raise ValueError(f"expected residual vectors of size d_model={self.d_model}, got {resid.shape[-1]}")
+        dtype = self._lm_head.weight.dtype
+        with torch.no_grad():
+            h = resid.to(device=self.device, dtype=dtype)
+            if not normed:
+                h = self._final_norm(h)
+            return self._lm_head(h).float()
+
+    # -- generation -----------------------------------------------------------------------------------------
+    def generate_ids(self, inputs: VLMInputs, max_new_tokens: int = 32) -> Int[Tensor, " step"]:
+        """Greedy generation with HF (KV cache), stopping at EOS (which is kept)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        with torch.no_grad():
+            out = self.hf_model.generate(
+                **inputs.model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                temperature=None, top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad,
+            )  # fmt: skip
+        generated = out[0, inputs.input_ids.shape[1] :]
+        if eos is not None and (generated == eos).any():
+            generated = generated[: int(torch.nonzero(generated == eos)[0]) + 1]
+        return generated
+
+    def extend(self, inputs: VLMInputs, new_ids: Int[Tensor, " step"]) -> VLMInputs:
+        """``inputs`` followed by ``new_ids`` (marked ``generated`` in the layout)."""
+        new_ids = new_ids.to(self.device).reshape(1, -1)
+        n_new = new_ids.shape[1]
+        model_inputs = dict(inputs.model_inputs)
+        model_inputs["input_ids"] = torch.cat([inputs.input_ids, new_ids], dim=1)
+        for key in ("attention_mask",):
+            if key in model_inputs:
+                model_inputs[key] = torch.cat([model_inputs[key], torch.ones_like(new_ids)], dim=1)
+        if "mm_token_type_ids" in model_inputs:
+            model_inputs["mm_token_type_ids"] = torch.cat(
+                [model_inputs["mm_token_type_ids"], torch.zeros_like(new_ids)], dim=1
+            )
+        layout = TokenLayout.from_ids(
+            model_inputs["input_ids"][0].cpu(), self.image_token_id, n_prompt=inputs.layout.n_prompt
+        )
+        if n_new == 0:
+            layout = inputs.layout
+        return VLMInputs(model_inputs, layout, inputs.prompt, inputs.n_images)
+
+    def trace_generation(
+        self, inputs: VLMInputs, max_new_tokens: int = 32, names_filter: NamesFilter = None
+    ) -> GenerationTrace:
+        """Greedy-generate, then one cached forward over prompt + generated ids.
+
+        ``names_filter`` defaults to the residual stack plus ``ln_final.hook_normalized`` (cheap: ~1.05x a forward).
+        """
+        generated = self.generate_ids(inputs, max_new_tokens)
+        full = self.extend(inputs, generated)
+        if names_filter is None:
+            names_filter = resid_names(self.n_layers) + ["ln_final.hook_normalized"]
+        logits, cache = self.run_with_cache(full, names_filter=names_filter)
+        n_prompt = inputs.layout.n_prompt
+        step_positions = torch.arange(generated.shape[0]) + n_prompt - 1
+        predicted = logits[0, step_positions.to(logits.device)].argmax(-1)
+        agrees = (predicted == generated.to(predicted.device)).cpu()
+        if not bool(agrees.all()):
+            warnings.warn(
+                f"the cached forward does not reproduce generated tokens at steps "
+                f"{torch.nonzero(~agrees).flatten().tolist()} (near-tied logits between the KV-cached and the full "
+                "forward); per-step analyses of those steps describe the full forward",
+                stacklevel=2,
+            )
+        generated_cpu = generated.cpu()
+        return GenerationTrace(
+            inputs=full,
+            generated_ids=generated_cpu,
+            generated_tokens=self.tokenizer.convert_ids_to_tokens(generated_cpu.tolist()),
+            text=self.tokenizer.decode(generated_cpu.tolist(), skip_special_tokens=True),
+            step_positions=step_positions,
+            logits=logits,
+            cache=cache,
+            lens_agrees=agrees,
+        )
+
+
+# -- loading -------------------------------------------------------------------------------------------------
+
+
+def load(
+    source: Any,
+    *,
+    processor: Any = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> HookedVLM:
+    """Load a vision-language model as a :class:`HookedVLM`, offline.
+
+    ``source``: an embedded model name (``vlm_lens.zoo.embedded_names()``), a local checkpoint folder with its
+    processor files, a model id already in the local HF cache, or an in-memory ``PreTrainedModel`` (then
+    ``processor`` is required). Nothing is downloaded; no subprocess is started.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"{dtype} on CPU is ~250x slower than float32 on these machines: pass dtype=torch.float32 (the "
+            "default), or device='cuda' for half precision"
+        )
+    keepalive = None
+    if isinstance(source, (str, Path)):
+        from vlm_lens.zoo import embedded_path
+
+        name = str(source)
+        folder = embedded_path(name) or (Path(source) if Path(source).is_dir() else None)
+        architecture = _architecture_of(folder if folder is not None else name)
+        spec = adapter_for(architecture)
+        hf_model = _load_hf_model(folder if folder is not None else name, dtype)
+        if processor is None:
+            from vlm_lens.processors import load_processor
+
+            processor = load_processor(folder if folder is not None else name)
+    else:
+        from transformers import PreTrainedModel
+
+        if not isinstance(source, PreTrainedModel):
+            raise TypeError(
+                f"source must be a folder, a cached model id, an embedded name or a PreTrainedModel, "
+                f"got {type(source).__name__}"
+            )
+        if processor is None:
+            raise ValueError("an in-memory model needs its processor: load(model, processor=processor)")
+        hf_model = source.to(dtype=dtype)
+        spec = adapter_for(type(hf_model).__name__)
+        name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+    if not getattr(processor.tokenizer, "name_or_path", ""):
+        # TransformerLens cannot boot on an in-memory tokenizer: give it a folder to come from.
+        from vlm_lens.processors import save_and_reload
+
+        keepalive = tempfile.TemporaryDirectory(prefix="vlm-lens-processor-")
+        processor = save_and_reload(processor, keepalive.name)
+    hf_model = hf_model.to(device).eval()
+    from vlm_lens._boot import boot_bridge
+
+    bridge = boot_bridge(hf_model, processor.tokenizer, spec, name, str(device))
+    return HookedVLM(hf_model, processor, spec, bridge, name=name, keepalive=keepalive)
+
+
+def _architecture_of(source: str | Path) -> str:
+    if isinstance(source, Path):
+        config_path = source / "config.json"
+        if not config_path.exists():
+            raise FileNotFoundError(f"{source} has no config.json: is it a saved model folder?")
+        config = json.loads(config_path.read_text())
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True).to_dict()
+        except OSError as error:
+            raise FileNotFoundError(
+                f"{source!r} is neither an embedded model, a local folder, nor a model in the local HF cache "
+                "(nothing is downloaded); pass a checkpoint folder or one of vlm_lens.zoo.embedded_names()"
+            ) from error
+    architectures = config.get("architectures") or [""]
+    return architectures[0]
+
+
+def _load_hf_model(source: str | Path, dtype: torch.dtype):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True, dtype=dtype)
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+def _load_images(images: Any) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    loaded = []
+    for image in images:
+        if isinstance(image, Image.Image):
+            loaded.append(image.convert("RGB"))
+            continue
+        if not isinstance(image, (str, Path)):
+            raise TypeError(f"images must be PIL images or paths, got {type(image).__name__}")
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as opened:
+                loaded.append(opened.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"cannot read {path} as an image ({error}); pass a PNG/JPEG file or a PIL image") from error
+    return loaded
+
+
+def _get_module(model, dotted: str):
+    module = model
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _original(module):
+    """The HF module under a TransformerLens wrapper (calling it fires no hooks)."""
+    return getattr(module, "original_component", module)
