@@ -60,6 +60,7 @@ class GenerationTrace:
     logits: Float[Tensor, "1 pos vocab"]
     cache: VLMCache
     lens_agrees: Bool[Tensor, " step"] = field(repr=False)
+    prompt_inputs: VLMInputs | None = field(default=None, repr=False)
 
     @property
     def layout(self) -> TokenLayout:
@@ -300,6 +301,7 @@ class HookedVLM:
             logits=logits,
             cache=cache,
             lens_agrees=agrees,
+            prompt_inputs=inputs,
         )
 
 

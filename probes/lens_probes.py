@@ -1,0 +1,208 @@
+"""Probes built on the streaming lens pass: logit/tuned lens, token trajectories, distribution shift."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+
+from probes.base import Probe, Source, layer_labels, register_probe, transition_labels
+from probes.lens import Lens, LogitLens, TunedLens
+from probes.metrics import column_max_abs_scale
+from probes.result import ProbeResult
+from probes.stream import lens_pass
+
+
+@register_probe
+class LogitLensProbe(Probe):
+    """Every lens statistic at chosen positions, per layer of the residual stack.
+
+    Arrays (``layer`` = stack layer, ``position`` = sequence position): ``prob`` and ``rank`` of the token each
+    position predicts (the generated token at ``positions="steps"``), ``entropy``, ``kl_to_final``,
+    ``js_to_final``, ``js_adjacent`` (per ``transition``), ``topk_ids``/``topk_prob`` (``[layer, position, k]``).
+    """
+
+    name = "logit_lens"
+
+    def __init__(
+        self,
+        variant: Literal["correct", "paper"] = "correct",
+        positions: str | Sequence[int] = "steps",
+        top_k: int = 5,
+        chunk_rows: int = 2048,
+    ):
+        self.lens: Lens = LogitLens(variant)
+        self.variant = variant
+        self.positions = positions
+        self.top_k = top_k
+        self.chunk_rows = chunk_rows
+
+    def run(self, source: Source) -> ProbeResult:
+        model = source.model
+        positions = source.positions(self.positions)
+        targets = source.next_tokens(positions)
+        stack = source.cache.resid_stack(positions)
+        stats = lens_pass(
+            model, stack, lens=self.lens, target_ids=targets, top_k=self.top_k,
+            js_variant=self.variant, chunk_rows=self.chunk_rows,
+        )  # fmt: skip
+        labels = layer_labels(model.n_layers)
+        arrays = {
+            "prob": stats.target_prob[..., 0],
+            "rank": stats.target_rank[..., 0],
+            "entropy": stats.entropy,
+            "kl_to_final": stats.kl_to_final,
+            "js_to_final": stats.js_to_final,
+            "js_adjacent": stats.js_adjacent,
+            "topk_ids": stats.topk_ids,
+            "topk_prob": stats.topk_prob,
+        }
+        lp, tp = ("layer", "position"), ("transition", "position")
+        dims = {k: lp for k in ("prob", "rank", "entropy", "kl_to_final", "js_to_final")}
+        dims.update(js_adjacent=tp, topk_ids=lp + ("k",), topk_prob=lp + ("k",))
+        coords = {
+            "layer": labels,
+            "transition": transition_labels(labels),
+            "position": positions.tolist(),
+            "target": model.tokenizer.convert_ids_to_tokens(targets.tolist()),
+        }
+        return ProbeResult(
+            self.name, arrays, dims, coords,
+            provenance=self.provenance(source, **self.lens.describe(), positions=str(self.positions)),
+            layout=source.layout,
+        )  # fmt: skip
+
+
+@register_probe
+class TunedLensProbe(LogitLensProbe):
+    """:class:`LogitLensProbe` read through a trained :class:`~probes.lens.TunedLens`."""
+
+    name = "tuned_lens"
+
+    def __init__(self, lens: TunedLens, positions: str | Sequence[int] = "steps", top_k: int = 5, chunk_rows: int = 2048):
+        super().__init__("correct", positions, top_k, chunk_rows)
+        if not isinstance(lens, TunedLens):
+            raise TypeError("TunedLensProbe needs a TunedLens (TunedLens.for_model(model).fit(...) or TunedLens.load)")
+        self.lens = lens
+
+
+def late_layers(n_layers: int) -> list[int]:
+    """The paper's candidate layers scaled to depth: 20..32 of 32 -> the last ``ceil(13/33)`` of the stack."""
+    start = math.floor(n_layers * 20 / 32)
+    return list(range(start, n_layers + 1))
+
+
+@register_probe
+class TokenTrajectory(Probe):
+    """Probability of target tokens at every layer, for each generation step (paper Fig. P).
+
+    ``targets``: ``"generated"`` (the emitted token of each step), a list of single-token strings, or
+    ``"candidates"`` (paper-spec §3.1: the distinct top-1 tokens of the late layers at each step, ordered by first
+    appearance; the emitted token is always among them). Arrays: ``prob`` ``[layer, step, slot]`` and ``target_ids``
+    ``[step, slot]`` (-1 pads unused slots, whose probabilities are NaN).
+    """
+
+    name = "token_trajectory"
+
+    def __init__(
+        self,
+        targets: str | Sequence[str] = "generated",
+        variant: Literal["correct", "paper"] = "correct",
+        lens: Lens | None = None,
+        candidate_layers: Sequence[int] | None = None,
+    ):
+        self.targets = targets
+        self.lens = lens or LogitLens(variant)
+        self.candidate_layers = candidate_layers
+
+    def _target_ids(self, source: Source, positions, stack) -> torch.Tensor:
+        model = source.model
+        if self.targets == "generated":
+            return source.next_tokens(positions).unsqueeze(1)
+        if self.targets == "candidates":
+            layers = list(self.candidate_layers or late_layers(model.n_layers))
+            top1 = lens_pass(model, stack, lens=self.lens, layers=layers, top_k=1, stats=["topk"]).topk_ids[..., 0]
+            emitted = source.next_tokens(positions)
+            rows = []
+            for step in range(len(positions)):
+                seen: list[int] = []
+                for token in top1[:, step].tolist() + [int(emitted[step])]:
+                    if token not in seen:
+                        seen.append(token)
+                rows.append(seen)
+            width = max(len(r) for r in rows)
+            return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
+        ids = []
+        for text in self.targets:
+            encoded = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(encoded) != 1:
+                raise ValueError(f"target {text!r} is {len(encoded)} tokens; give single-token strings")
+            ids.append(encoded[0])
+        return torch.tensor(ids).unsqueeze(0).expand(len(positions), -1)
+
+    def run(self, source: Source) -> ProbeResult:
+        positions = source.positions("steps" if source.trace is not None else "last_prompt")
+        stack = source.cache.resid_stack(positions)
+        target_ids = self._target_ids(source, positions, stack)
+        stats = lens_pass(source.model, stack, lens=self.lens, target_ids=target_ids.clamp_min(0), stats=["target"])
+        prob = stats.target_prob.masked_fill((target_ids < 0).unsqueeze(0), float("nan"))
+        tokenizer = source.model.tokenizer
+        step_tokens = tokenizer.convert_ids_to_tokens(source.next_tokens(positions).tolist())
+        return ProbeResult(
+            self.name,
+            {"prob": prob, "target_ids": target_ids},
+            {"prob": ("layer", "step", "slot"), "target_ids": ("step", "slot")},
+            {"layer": layer_labels(source.model.n_layers), "step": step_tokens},
+            provenance=self.provenance(source, **self.lens.describe(), targets=str(self.targets)),
+            layout=source.layout,
+        )
+
+
+@register_probe
+class DistributionShift(Probe):
+    """How much the next-token distribution moves between layers (paper §3.2): JS between adjacent layers and
+    KL/JS to the final layer, per position. With ``variant="paper"`` the lens and JS are the authors' and
+    ``js_adjacent_scaled`` is their column-wise MaxAbs heatmap (rows = tokens, columns = transitions)."""
+
+    name = "distribution_shift"
+
+    def __init__(self, variant: Literal["correct", "paper"] = "correct", positions: str | Sequence[int] = "steps",
+                 lens: Lens | None = None, chunk_rows: int = 2048):  # fmt: skip
+        self.variant = variant
+        self.positions = positions
+        self.lens = lens or LogitLens(variant)
+        self.chunk_rows = chunk_rows
+
+    def run(self, source: Source) -> ProbeResult:
+        model = source.model
+        positions = source.positions(self.positions)
+        stats = lens_pass(
+            model, source.cache.resid_stack(positions), lens=self.lens, js_variant=self.variant,
+            stats=["kl_to_final", "js_to_final", "js_adjacent"], chunk_rows=self.chunk_rows,
+        )  # fmt: skip
+        labels = layer_labels(model.n_layers)
+        scaled = column_max_abs_scale(stats.js_adjacent.T.double()).T.float()
+        return ProbeResult(
+            self.name,
+            {
+                "js_adjacent": stats.js_adjacent,
+                "js_adjacent_scaled": scaled,
+                "js_to_final": stats.js_to_final,
+                "kl_to_final": stats.kl_to_final,
+            },
+            {
+                "js_adjacent": ("transition", "position"),
+                "js_adjacent_scaled": ("transition", "position"),
+                "js_to_final": ("layer", "position"),
+                "kl_to_final": ("layer", "position"),
+            },
+            {
+                "layer": labels,
+                "transition": transition_labels(labels),
+                "position": positions.tolist(),
+                "token": source.token_strings(positions),
+            },
+            provenance=self.provenance(source, **self.lens.describe(), js=self.variant),
+            layout=source.layout,
+        )

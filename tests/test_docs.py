@@ -1,0 +1,21 @@
+"""The python blocks of docs pages run as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def python_blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+
+
+@pytest.mark.parametrize("page", ["extending.md"])
+def test_page_runs(page):
+    blocks = python_blocks(page)
+    assert blocks, f"{page} has no python blocks"
+    namespace: dict = {"__name__": f"docs_{page.replace('.', '_')}"}
+    for block in blocks:
+        exec(compile(block, str(DOCS / page), "exec"), namespace)
