@@ -51,7 +51,7 @@ class CosineTrajectory(Probe):
 
         Arrays: ``pairwise`` ``[layer, image, image]`` and ``mean_offdiagonal`` ``[layer]`` (mean over pairs a != b).
         """
-        features = _features_at(sources, position)  # [image, layer, d]
+        features = features_at(sources, position)  # [image, layer, d]
         pairwise = cross_image_cosine(features.double())
         n = pairwise.shape[1]
         off = ~torch.eye(n, dtype=torch.bool)
@@ -67,7 +67,8 @@ class CosineTrajectory(Probe):
         )
 
 
-def _features_at(sources: Sequence[Any], position: str | int) -> Tensor:
+def features_at(sources: Sequence[Any], position: str | int) -> Float[Tensor, "image layer d_model"]:
+    """The residual stack at one position (a name such as ``"last_prompt"``, or an index) of every source."""
     rows = []
     for item in sources:
         src = as_source(item)
@@ -128,9 +129,12 @@ class FeatureProjection(Probe):
             from sklearn.manifold import TSNE
 
             perplexity = min(self.perplexity, max(1.0, (x.shape[0] - 1) / 3))  # t-SNE needs perplexity < n
+            # Exact gradients for the few hundred points of a typical view: faster than Barnes-Hut there, and
+            # free of its OpenMP spin-waits on a busy 2-core machine.
+            method = "exact" if x.shape[0] <= 1000 else "barnes_hut"
             y = TSNE(
                 n_components=2, perplexity=perplexity, learning_rate=self.learning_rate, max_iter=self.max_iter,
-                random_state=self.random_state, init="pca",
+                random_state=self.random_state, init="pca", method=method,
             ).fit_transform(x)  # fmt: skip
         return torch.from_numpy(np.ascontiguousarray(y)).float()
 
@@ -156,7 +160,7 @@ class FeatureProjection(Probe):
 
     def across(self, sources: Sequence[Any], position: str | int = "last_prompt", names: Sequence[str] | None = None) -> ProbeResult:
         """(layer x image) points at one position of each source (paper T2 uses perplexity 35)."""
-        features = _features_at(sources, position)  # [image, layer, d]
+        features = features_at(sources, position)  # [image, layer, d]
         first = as_source(sources[0])
         images = list(names) if names is not None else [str(i) for i in range(features.shape[0])]
         return self._result(features.transpose(0, 1), layer_labels(first.model.n_layers), images, "image", first,

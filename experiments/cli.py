@@ -1,0 +1,252 @@
+"""The ``vlm-lens`` command line.
+
+``vlm-lens analyze`` (no arguments: the embedded default model on its bundled sample images), ``vlm-lens skip``,
+``vlm-lens tune-lens``, ``vlm-lens hooks``, ``vlm-lens zoo train``. Exit codes: 0 success, 1 a failed run,
+2 bad input (with a message that names the fix).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="How knowledge evolves inside vision-language models.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The embedded shapes-world models.")
+app.add_typer(zoo_app, name="zoo")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _load(model: Optional[str]):
+    import vlm_lens
+    from vlm_lens import zoo
+
+    name = model or zoo.DEFAULT_MODEL
+    try:
+        return vlm_lens.load(name)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        _fail(str(error))
+
+
+def _samples(model, images: Optional[List[Path]], prompt: Optional[str]):
+    from experiments.knowledge_evolution import Sample
+    from experiments.pipeline import default_samples
+
+    if not images:
+        samples = default_samples(model)
+        if prompt:
+            samples = [Sample(s.image, prompt, None, s.name) for s in samples]
+        return samples
+    paths: list[Path] = []
+    for path in images:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+            if not found:
+                _fail(f"{path} holds no .png/.jpg images")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            _fail(f"image not found: {path}")
+    from vlm_lens.zoo.samples import DESCRIBE_PROMPT
+
+    return [Sample(p, prompt or DESCRIBE_PROMPT, None, p.name) for p in paths]
+
+
+@app.command()
+def analyze(
+    model: Optional[str] = typer.Option(None, help="embedded name, checkpoint folder, or cached model id"),
+    image: Optional[List[Path]] = typer.Option(None, help="an image file or a folder of images (repeatable)"),
+    prompt: Optional[str] = typer.Option(None, help="the question (default: the samples' own, or a caption prompt)"),
+    max_new_tokens: int = typer.Option(16, min=1, help="greedy tokens per sample"),
+    lens: str = typer.Option("logit", help="logit | tuned"),
+    tuned_lens: Optional[Path] = typer.Option(None, help="folder of a tuned lens (with --lens tuned)"),
+    variant: str = typer.Option("correct", help="lens shown in the report: correct | paper (both are computed)"),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="critical-layer probability threshold"),
+    out: Path = typer.Option(Path("vlm-lens-report"), help="report folder"),
+    png: bool = typer.Option(True, help="also export PNG figures (needs Chromium)"),
+) -> None:
+    """Trace, segment into stages, skip layers, cluster features, and write report.html + report.json."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from experiments.knowledge_evolution import EvolutionConfig
+    from experiments.pipeline import analyze as run_analysis
+
+    if variant not in ("correct", "paper"):
+        _fail(f"--variant must be correct or paper, got {variant!r}")
+    if lens not in ("logit", "tuned"):
+        _fail(f"--lens must be logit or tuned, got {lens!r}")
+    console = Console()
+    vlm = _load(model)
+    tuned = None
+    if lens == "tuned":
+        if tuned_lens is None:
+            _fail("--lens tuned needs --tuned-lens DIR (train one with `vlm-lens tune-lens --out DIR`)")
+        from probes import TunedLens
+
+        try:
+            tuned = TunedLens.load(tuned_lens, vlm)
+        except (FileNotFoundError, ValueError) as error:
+            _fail(str(error))
+    samples = _samples(vlm, image, prompt)
+    config = EvolutionConfig(threshold=threshold, max_new_tokens=max_new_tokens)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"{vlm.name}: {len(samples)} sample(s)")
+        result = run_analysis(vlm, samples, out, config=config, variant=variant, lens=tuned, png=png,
+                              progress=lambda message: bar.update(task, description=f"{vlm.name}: {message}"))  # fmt: skip
+    agg = result["data"]["aggregate"][variant]
+    stages = agg["stages"]
+    console.print(f"critical layer (median, {variant} lens): {agg['critical_layer']['median']}, "
+                  f"mutation layer: {agg['mutation_layer']['median']}, stages: {stages}")  # fmt: skip
+    if result["files"].get("png_notice"):
+        console.print(f"[yellow]{result['files']['png_notice']}")
+    console.print(f"wrote {result['files']['html']} and {result['files']['json']}")
+
+
+@app.command()
+def skip(
+    model: Optional[str] = typer.Option(None, help="embedded name, checkpoint folder, or cached model id"),
+    image: Optional[List[Path]] = typer.Option(None, help="an image file or a folder (repeatable)"),
+    prompt: Optional[str] = typer.Option(None),
+    max_new_tokens: int = typer.Option(16, min=1),
+    layers: Optional[str] = typer.Option(None, help="skip these decoder layers instead, e.g. '3,4,5' or '3-5'"),
+    out: Optional[Path] = typer.Option(None, help="write the table as JSON here"),
+) -> None:
+    """Layer skipping: the paper's skip.1/2/3 from the detected layers plus a single-layer sweep, or given layers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from experiments import knowledge_evolution as ke
+    from experiments import layer_skip
+
+    console = Console()
+    vlm = _load(model)
+    samples = _samples(vlm, image, prompt)
+    evolution = ke.run(vlm, samples, ke.EvolutionConfig(max_new_tokens=max_new_tokens, variants=("correct",)))
+    traces = [s.trace for s in evolution["samples"]]
+    answers = [s.answer for s in evolution["samples"]]
+    if layers:
+        from probes import LayerSkip
+
+        chosen = _parse_layers(layers, vlm.n_layers)
+        rows = [layer_skip._summary(LayerSkip(chosen)(t), a, vlm) for t, a in zip(traces, answers)]
+        result = {"sets": {"given": layer_skip._mean_rows(rows, chosen)}, "sweep": {}}
+    else:
+        stages = evolution["aggregate"]["correct"]["stages"]
+        if stages is None:
+            _fail("no critical layer was detected (answers never reach the threshold); pass --layers", code=1)
+        result = layer_skip.run(traces, answers, stages["critical_layer"], stages["mutation_layer"])
+    table = Table(title=f"layer skipping · {vlm.name}")
+    for col in ("set", "skipped", "gen. agreement", "mean KL", "accuracy"):
+        table.add_column(col)
+    for name, row in list(result["sets"].items()) + list(result["sweep"].items()):
+        acc = "–" if row["accuracy"] is None else f"{row['accuracy']:.2f}"
+        table.add_row(name, str(row["skipped_layers"]), f"{row['generation_agreement']:.2f}", f"{row['mean_kl']:.3f}", acc)
+    console.print(table)
+    if out:
+        from experiments.report import atomic_write
+
+        atomic_write(out, json.dumps(result, indent=1))
+
+
+def _parse_layers(spec: str, n_layers: int) -> list[int]:
+    chosen: list[int] = []
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                chosen += list(range(int(a), int(b) + 1))
+            elif part.strip():
+                chosen.append(int(part))
+    except ValueError:
+        _fail(f"--layers takes comma-separated layers or ranges like '3,4' or '3-5', got {spec!r}")
+    bad = [i for i in chosen if not 0 <= i < n_layers]
+    if bad:
+        _fail(f"--layers: decoder layers are 0..{n_layers - 1}, got {bad}")
+    return chosen
+
+
+@app.command("tune-lens")
+def tune_lens(
+    out: Path = typer.Option(..., help="folder for the trained lens"),
+    model: Optional[str] = typer.Option(None),
+    image: Optional[List[Path]] = typer.Option(None, help="training images (default: bundled samples)"),
+    steps: int = typer.Option(300, min=1),
+    lr: float = typer.Option(5e-3),
+) -> None:
+    """Train a tuned lens on cached multimodal activations and save it (safetensors + JSON)."""
+    from rich.console import Console
+
+    from probes import TunedLens
+    from vlm_lens.cache import resid_names
+
+    vlm = _load(model)
+    samples = _samples(vlm, image, None)
+    stacks = []
+    for s in samples:
+        _, cache = vlm.run_with_cache(vlm.prepare(s.image, s.prompt), names_filter=resid_names(vlm.n_layers))
+        stacks.append(cache.resid_stack())
+    lens = TunedLens.for_model(vlm)
+    losses = lens.fit(vlm, stacks, steps=steps, lr=lr)
+    lens.save(out)
+    Console().print(f"tuned lens: KL {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps; saved to {out}")
+
+
+@app.command()
+def hooks(model: Optional[str] = typer.Option(None), all_layers: bool = typer.Option(False, help="list every layer")) -> None:
+    """List hook names and activation shapes for a model (one sample of its bundled inputs)."""
+    import re
+
+    from rich.console import Console
+    from rich.table import Table
+
+    vlm = _load(model)
+    sample = _samples(vlm, None, None)[0]
+    _, cache = vlm.run_with_cache(vlm.prepare(sample.image, sample.prompt))
+    table = Table(title=f"hooks · {vlm}")
+    table.add_column("hook")
+    table.add_column("shape")
+    seen = set()
+    for name, value in cache.items():
+        key = name if all_layers else re.sub(r"\.\d+\.", ".{i}.", name)
+        if key not in seen:
+            seen.add(key)
+            table.add_row(key, str(tuple(value.shape)))
+    Console().print(table)
+
+
+@zoo_app.command("train")
+def zoo_train(
+    family: str = typer.Option(..., help="llava | qwen2-vl"),
+    out: Path = typer.Option(..., help="run folder (checkpoints, log, final model)"),
+    steps: Optional[int] = typer.Option(None, help="override the recipe's step count"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint"),
+    threads: Optional[int] = typer.Option(None),
+    eval_every: int = typer.Option(500),
+    final_eval_per_task: int = typer.Option(100),
+) -> None:
+    """Retrain an embedded shapes-world model from scratch (fixed seeds, checkpoints, held-out evaluation)."""
+    from vlm_lens.zoo import train
+
+    if family not in train.RECIPES:
+        _fail(f"--family must be one of {sorted(train.RECIPES)}, got {family!r}")
+    result = train.train(family, out, steps=steps, resume=resume, threads=threads, eval_every=eval_every,
+                         final_eval_per_task=final_eval_per_task)  # fmt: skip
+    typer.echo(json.dumps(result, indent=2))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

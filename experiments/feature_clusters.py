@@ -1,0 +1,67 @@
+"""Feature clusters (paper §3.3): the two t-SNE views and their quantitative counterparts.
+
+- single image: (layer x generated token) points of one trace, coloured by layer group (paper T1, perplexity 40);
+- many images: (layer x image) points at one answer-predicting position (paper T2, perplexity 35);
+- per layer: mean pairwise cosine similarity across images at that position (high in shallow layers = the
+  "guitar neck"), and, when answers are known, the silhouette score of the answer labels (how well deep features
+  separate images by answer = the "body"); both averaged per stage.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from probes import CosineTrajectory, FeatureProjection
+from probes.geometry import features_at
+
+
+def layer_groups(n_layers: int, critical: int | None, mutation: int | None) -> list[str]:
+    """Stage name of every stack layer (embedding first)."""
+    c = critical if critical is not None else n_layers
+    m = mutation if mutation is not None else n_layers + 1
+    return ["rapid_evolution" if l < c else ("stabilization" if l < m else "mutation") for l in range(n_layers + 1)]
+
+
+def silhouette_per_layer(features: torch.Tensor, labels: Sequence[str]) -> list[float | None]:
+    """Silhouette score (cosine distance) of ``labels`` among images at every layer; None when undefined."""
+    from sklearn.metrics import silhouette_score
+
+    distinct = len(set(labels))
+    if distinct < 2 or distinct >= len(labels):
+        return [None] * features.shape[1]
+    return [float(silhouette_score(features[:, l].double().numpy(), list(labels), metric="cosine"))
+            for l in range(features.shape[1])]  # fmt: skip
+
+
+def run(traces: Sequence, critical: int | None, mutation: int | None, *, answers: Sequence[str] | None = None,
+        method: str = "tsne", position: str = "last_prompt", max_iter: int = 2000) -> dict:  # fmt: skip
+    """Both views and the per-layer numbers. ``position`` picks the cross-image position in each trace."""
+    model = traces[0].cache.model
+    n = model.n_layers
+    groups = layer_groups(n, critical, mutation)
+    single = FeatureProjection(method, perplexity=40, max_iter=max_iter)(traces[0])
+    out = {"layer_groups": groups, "single": {"coords": single["coords"].tolist(), "tokens": single.coords["token"],
+                                                "layers": single.coords["layer"]}}  # fmt: skip
+    if len(traces) >= 2:
+        across = FeatureProjection(method, perplexity=35, max_iter=max_iter).across(traces, position)
+        cosine = CosineTrajectory().across(traces, position)
+        mean_cos = cosine["mean_offdiagonal"].tolist()
+        features = features_at(traces, position)  # [image, layer, d]
+        labels = list(answers) if answers is not None else [t.text for t in traces]
+        silhouette = silhouette_per_layer(features, labels)
+        by_group = {}
+        for g in ("rapid_evolution", "stabilization", "mutation"):
+            idx = [l for l, name in enumerate(groups) if name == g]
+            sil = [silhouette[l] for l in idx if silhouette[l] is not None]
+            by_group[g] = {
+                "mean_cosine": sum(mean_cos[l] for l in idx) / len(idx) if idx else None,
+                "silhouette": sum(sil) / len(sil) if sil else None,
+            }
+        out["across"] = {"coords": across["coords"].tolist(), "layers": across.coords["layer"],
+                         "images": across.coords["image"], "labels": labels}  # fmt: skip
+        out["mean_cosine_per_layer"] = mean_cos
+        out["silhouette_per_layer"] = silhouette
+        out["by_group"] = by_group
+    return out

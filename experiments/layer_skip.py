@@ -1,0 +1,71 @@
+"""Layer-skipping experiments (paper §6.1), built from the detected critical and mutation layers.
+
+Stack index l is the output of decoder layer l - 1. With critical layer c and mutation layer m (stack indices):
+- **skip.1** (stabilization): decoder layers ``c .. m-2``, whose outputs lie inside the stable stage [c, m);
+- **skip.2** (mutation): decoder layers ``m-1 .. n-1``, from the transition into m to the end;
+- **skip.3** ("from the critical layer to the final five"): decoder layers ``c .. n-1-k``, keeping the last
+  ``k = max(1, round(5 n / 32))`` layers (5 of LLaVA-1.5-7B's 32, scaled to depth).
+Plus a sweep that skips each single layer. Effects: agreement of the generated text with the unmodified run,
+KL at the output, and, where a reference answer exists, answer accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from probes import LayerSkip
+
+
+def skip_sets(critical: int, mutation: int, n_layers: int) -> dict[str, list[int]]:
+    """The paper's three skip sets as decoder-layer indices (see module docstring)."""
+    if not 0 <= critical < mutation <= n_layers:
+        raise ValueError(f"need 0 <= critical < mutation <= n_layers, got {critical}, {mutation}, {n_layers}")
+    keep_final = max(1, round(5 * n_layers / 32))
+    return {
+        "skip.1": list(range(critical, mutation - 1)),
+        "skip.2": list(range(mutation - 1, n_layers)),
+        "skip.3": list(range(critical, max(critical, n_layers - keep_final))),
+    }
+
+
+def _summary(result, answer: str | None, model) -> dict:
+    text = result.provenance["generated_text"]
+    return {
+        "skipped_layers": result.provenance["skipped_layers"],
+        "generated_text": text,
+        "generation_agreement": float(result["generation_agreement"].item()),
+        "forced_agreement": float(result["forced_agreement"].mean()),
+        "mean_kl": float(result["kl"].mean()),
+        "answer_prob": float(result["answer_prob"].mean()),
+        "correct": None if answer is None else text.strip() == answer.strip(),
+    }
+
+
+def run(traces: Sequence, answers: Sequence[str | None], critical: int, mutation: int, sweep: bool = True) -> dict:
+    """Apply skip.1/2/3 (and optionally the single-layer sweep) to every trace; average the effects."""
+    model = traces[0].cache.model
+    sets = {"none": [], **skip_sets(critical, mutation, model.n_layers)}
+    table = {}
+    for name, layers in sets.items():
+        rows = [_summary(LayerSkip(layers)(t), a, model) for t, a in zip(traces, answers)]
+        table[name] = _mean_rows(rows, layers)
+    sweep_table = {}
+    if sweep:
+        for layer in range(model.n_layers):
+            rows = [_summary(LayerSkip([layer])(t), a, model) for t, a in zip(traces, answers)]
+            sweep_table[str(layer)] = _mean_rows(rows, [layer])
+    return {"critical_layer": critical, "mutation_layer": mutation, "sets": table, "sweep": sweep_table}
+
+
+def _mean_rows(rows: list[dict], layers: list[int]) -> dict:
+    n = len(rows)
+    scored = [r["correct"] for r in rows if r["correct"] is not None]
+    return {
+        "skipped_layers": layers,
+        "generation_agreement": sum(r["generation_agreement"] for r in rows) / n,
+        "forced_agreement": sum(r["forced_agreement"] for r in rows) / n,
+        "mean_kl": sum(r["mean_kl"] for r in rows) / n,
+        "answer_prob": sum(r["answer_prob"] for r in rows) / n,
+        "accuracy": (sum(scored) / len(scored)) if scored else None,
+        "texts": [r["generated_text"] for r in rows],
+    }

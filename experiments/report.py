@@ -1,0 +1,206 @@
+"""Reports: one self-contained offline HTML page (plotly.js inlined once, no CDN), ``report.json`` with every number
+behind it, and PNG files of each figure when a browser for kaleido is present.
+
+Token text reaches the page only through ``html.escape`` (tables) or plotly's JSON (figures, with ``<``/``>``/``&``
+escaped as unicode so no token can close a ``<script>``). Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+STAGE_COLORS = {"rapid_evolution": "rgba(255,99,71,0.15)", "stabilization": "rgba(60,179,113,0.15)",
+                "mutation": "rgba(147,112,219,0.2)"}  # fmt: skip
+GROUP_COLORS = {"rapid_evolution": "#3CB371", "stabilization": "#4682B4", "mutation": "#9370DB"}
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _safe_json(value: Any) -> str:
+    return json.dumps(value, allow_nan=False, default=str).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None so report.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+# -- figures (plotly) ----------------------------------------------------------------------------------------
+
+
+def js_heatmap(js: list[list[float]], tokens: list[str], transitions: list[str], title: str):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=js, x=transitions, y=[f"{i}:{t}" for i, t in enumerate(tokens)], colorscale="Purples"))
+    fig.update_layout(title=title, xaxis_title="layer transition", yaxis_title="generated token",
+                      yaxis_autorange="reversed", height=max(320, 24 * len(tokens) + 140))  # fmt: skip
+    return fig
+
+
+def token_probability_chart(layers: list[str], curves: dict[str, list[float]], title: str, stages: dict | None):
+    """Paper Fig. P: one filled area per candidate token, overlapping (not stacked)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for token, probs in curves.items():
+        fig.add_trace(go.Scatter(x=layers, y=probs, name=token, fill="tozeroy", mode="lines", opacity=0.6))
+    _stage_bands(fig, stages, layers)
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="probability", yaxis_range=[0, 1], height=360)
+    return fig
+
+
+def stage_profile(layers: list[str], transitions: list[str], median_js: list[float], stages: dict | None, title: str):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=layers[1:], y=median_js, mode="lines+markers", name="median adjacent JS",
+                               text=transitions))  # fmt: skip
+    _stage_bands(fig, stages, layers)
+    fig.update_layout(title=title, xaxis_title="layer (transition into it)", yaxis_title="JS (nats)", height=360)
+    return fig
+
+
+def _stage_bands(fig, stages: dict | None, layers: list[str]) -> None:
+    if not stages:
+        return
+    for name in ("rapid_evolution", "stabilization", "mutation"):
+        start, end = stages[name]
+        fig.add_vrect(x0=layers[start], x1=layers[min(end, len(layers) - 1)], fillcolor=STAGE_COLORS[name],
+                      line_width=0, annotation_text=name.replace("_", " "), annotation_position="top left")  # fmt: skip
+    for key, dash in (("critical_layer", "dash"), ("mutation_layer", "dot")):
+        fig.add_vline(x=layers[stages[key]], line_dash=dash, line_color="black")
+
+
+def scatter_view(coords: list, layers: list[str], items: list[str], groups: list[str], title: str):
+    """t-SNE/PCA points (layer x item), coloured by the stage of their layer (embedding layer dropped)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    by_group: dict[str, dict[str, list]] = {}
+    offset = len(groups) - len(layers)  # the projection dropped the embedding layer
+    for li, layer in enumerate(layers):
+        group = groups[li + offset]
+        bucket = by_group.setdefault(group, {"x": [], "y": [], "text": []})
+        for ii, item in enumerate(items):
+            x, y = coords[li][ii]
+            bucket["x"].append(x)
+            bucket["y"].append(y)
+            bucket["text"].append(f"layer {layer} · {item}")
+    for group, pts in by_group.items():
+        fig.add_trace(go.Scatter(x=pts["x"], y=pts["y"], text=pts["text"], mode="markers", name=group,
+                                 marker=dict(color=GROUP_COLORS.get(group), size=6, opacity=0.75)))  # fmt: skip
+    fig.update_layout(title=title, height=420, xaxis_showticklabels=False, yaxis_showticklabels=False)
+    return fig
+
+
+def line_chart(x: list[str], series: dict[str, list[float | None]], title: str, y_title: str):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, values in series.items():
+        fig.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=name))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=y_title, height=340)
+    return fig
+
+
+# -- page --------------------------------------------------------------------------------------------------
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if value is None:
+        return "–"
+    return str(value)
+
+
+def render_html(title: str, sections: list[tuple[str, list]]) -> str:
+    """A page of ``(heading, [plotly figure | html string])`` sections with plotly.js inlined once."""
+    from plotly.offline import get_plotlyjs
+
+    parts = []
+    n = 0
+    for heading, items in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for item in items:
+            if isinstance(item, str):
+                parts.append(item)
+            else:
+                n += 1
+                spec = item.to_plotly_json()
+                parts.append(
+                    f'<div class="plotly-graph-div" id="fig{n}" style="width:100%;"></div>'
+                    f"<script>Plotly.newPlot('fig{n}', {_safe_json(spec.get('data', []))}, "
+                    f"{_safe_json(spec.get('layout', {}))}, {{responsive: true}});</script>"
+                )
+    style = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
+             "th{background:#f3f0fa}h2{border-bottom:2px solid #9370DB;padding-bottom:4px}")  # fmt: skip
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style>"
+        # page errors are collected into a visible box (and read by the headless-browser test)
+        "<script>window.addEventListener('error',function(e){var box=document.getElementById('vlm-lens-errors');"
+        "if(box){box.hidden=false;box.textContent+=e.message+'\\n';}});</script>"
+        f"<script>{get_plotlyjs()}</script></head><body>"
+        "<pre id='vlm-lens-errors' hidden style='color:#b00'></pre>"
+        f"<h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>"
+    )
+
+
+def write_report(out_dir: Path, title: str, sections: list[tuple[str, list]], data: dict, png: bool = True) -> dict:
+    """Write ``report.html`` and ``report.json`` (atomically) and PNGs of the figures when possible."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "report.json", json.dumps(_clean(data), indent=1, allow_nan=False))
+    atomic_write(out_dir / "report.html", render_html(title, sections))
+    written = {"html": str(out_dir / "report.html"), "json": str(out_dir / "report.json"), "png": []}
+    if png:
+        written["png"], written["png_notice"] = export_pngs(out_dir, [f for _, items in sections for f in items
+                                                                      if not isinstance(f, str)])  # fmt: skip
+    return written
+
+
+def export_pngs(out_dir: Path, figures: list) -> tuple[list[str], str | None]:
+    """PNG files of ``figures`` via kaleido when a Chromium is installed; else a one-line notice."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        return [], "PNG export skipped: kaleido needs Chromium (Debian: apt-get install -y chromium)"
+    try:
+        import plotly.io as pio
+
+        paths = [str(out_dir / f"figure_{i + 1:02d}.png") for i in range(len(figures))]
+        pio.write_images(figures, paths)
+        return paths, None
+    except Exception as error:  # kaleido/browser problems must not lose the HTML report
+        return [], f"PNG export skipped: {type(error).__name__}: {error}".splitlines()[0]

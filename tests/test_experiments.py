@@ -1,0 +1,108 @@
+"""Experiments on tiny models: detection rules, skip sets, reports (JSON, HTML rendered in headless Chromium)."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from experiments import hallucination, layer_skip
+from experiments import knowledge_evolution as ke
+from experiments import report as R
+from experiments.pipeline import analyze
+from vlm_lens import testing
+
+
+def test_critical_layer_rules():
+    prob = [0.0, 0.1, 0.6, 0.3, 0.7, 0.9, 0.95]
+    assert ke.critical_layer(prob, 0.5, "stays") == 4  # rises and stays high from layer 4
+    assert ke.critical_layer(prob, 0.5, "first") == 2
+    assert ke.critical_layer([0.1, 0.2, 0.4], 0.5) is None
+    assert ke.critical_layer([0.9, 0.9], 0.5) == 0
+    with pytest.raises(ValueError, match="rule"):
+        ke.critical_layer(prob, 0.5, "whenever")
+
+
+def test_mutation_layer_and_flips():
+    js = [0.5, 0.1, 0.02, 0.3, 0.05]  # transitions 0->1 ... 4->5
+    assert ke.mutation_layer(js, critical=1) == 4  # largest JS after the critical layer: 3->4
+    assert ke.mutation_layer(js, critical=None) is None
+    assert ke.mutation_layer(js, critical=5) is None
+    assert ke.top1_flips([3, 3, 7, 7, 9, 7], after=2) == [4, 5]
+
+
+def test_skip_sets_and_reversal():
+    sets = layer_skip.skip_sets(critical=20, mutation=30, n_layers=32)
+    assert sets["skip.1"] == list(range(20, 29))
+    assert sets["skip.2"] == list(range(29, 32))
+    assert sets["skip.3"] == list(range(20, 27))  # keeps the final five of 32
+    with pytest.raises(ValueError, match="critical < mutation"):
+        layer_skip.skip_sets(5, 5, 8)
+    assert hallucination.reversal_layer([0.1, 0.6, 0.7, 0.2, 0.1], [0.0, 0.1, 0.2, 0.5, 0.8]) == 3
+    assert hallucination.reversal_layer([0.9, 0.8], [0.1, 0.2]) is None
+
+
+def test_aggregate_orders_the_stages():
+    def row(crit, mut):
+        return ke.TokenEvolution(0, "x", False, crit, mut, [], None, "stable", 0.9)
+
+    import torch
+    sample = ke.SampleEvolution("s", "p", "x", None, {"correct": [row(3, 6), row(4, 5), row(2, 7)]},
+                                shift={"correct": {"js_adjacent": torch.zeros(8, 3)}})  # fmt: skip
+    agg = ke.aggregate([sample], n_layers=8)["correct"]
+    assert agg["stages"]["critical_layer"] == 3 and agg["stages"]["mutation_layer"] == 6
+    assert agg["stages"]["rapid_evolution"] == [0, 3] and agg["stages"]["mutation"] == [6, 8]
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_llava, tmp_path_factory):
+    model = tiny_llava.model
+    samples = [ke.Sample(testing.sample_image(i, 32), "what color is the </script><b>star ?", "red", f"s{i}")
+               for i in range(3)]  # fmt: skip
+    out = tmp_path_factory.mktemp("report")
+    result = analyze(model, samples, out, config=ke.EvolutionConfig(max_new_tokens=4), tsne_iter=250, png=False)
+    return out, result
+
+
+def test_report_files_and_json(tiny_report):
+    out, result = tiny_report
+    data = json.loads((out / "report.json").read_text())
+    assert data["model"]["n_layers"] == 4 and len(data["samples"]) == 3
+    for sample in data["samples"]:
+        for token in sample["tokens"]["correct"]:
+            assert set(token) >= {"critical", "mutation", "kind", "step", "token"}
+    assert set(data["aggregate"]) == {"correct", "paper", "accuracy"}
+    assert len(data["feature_clusters"]["mean_cosine_per_layer"]) == 5
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_report_escapes_token_text(tiny_report):
+    out, _ = tiny_report
+    page = (out / "report.html").read_text()
+    assert "</script><b>star" not in page
+    assert "&lt;/script&gt;&lt;b&gt;star" in page  # in the sample table, escaped
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is installed by .ci/run")
+def test_report_renders_in_headless_chromium(tiny_report, tmp_path):
+    out, _ = tiny_report
+    page = (out / "report.html").read_text()
+    n_divs = page.count('class="plotly-graph-div"')
+    assert n_divs >= 5
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+         (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    assert dom.count('class="main-svg"') >= n_divs  # every figure was drawn by plotly
+    errors = dom.split("id=\"vlm-lens-errors\"", 1)[1].split("</pre>", 1)[0]
+    assert errors.split(">", 1)[1].strip() == ""  # no page errors
+
+
+def test_png_export_batches_or_explains(tmp_path):
+    import plotly.graph_objects as go
+
+    paths, notice = R.export_pngs(tmp_path, [go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))])
+    assert (paths and (tmp_path / "figure_01.png").stat().st_size > 0) or (notice and notice.startswith("PNG export skipped"))
