@@ -101,15 +101,17 @@ def test_trace_generation_lines_up_with_generated_tokens(tiny_family):
     assert 1 <= n <= 8
     # the HF generation itself, on the untouched twin
     with torch.no_grad():
-        ref = tiny_family.reference.generate(**inputs.model_inputs, max_new_tokens=8, do_sample=False)
+        ref = tiny_family.reference.generate(**inputs.model_inputs, max_new_tokens=8, do_sample=False,
+                                             suppress_tokens=model.placeholder_ids)
     assert torch.equal(trace.generated_ids, ref[0, inputs.input_ids.shape[1] :][:n].cpu())
     # cache positions line up: token j sits at step_positions[j] + 1 and is predicted from step_positions[j]
     full_ids = trace.inputs.input_ids[0].cpu()
     assert torch.equal(full_ids[trace.step_positions + 1], trace.generated_ids)
     assert torch.equal(torch.nonzero(trace.layout.generated).flatten(), trace.step_positions + 1)
     # the lens at the last layer reproduces every generated token
-    last = trace.cache.resid_stack(trace.step_positions)[-1]
-    assert torch.equal(model.unembed(last, model.n_layers).argmax(-1).cpu(), trace.generated_ids)
+    last = model.unembed(trace.cache.resid_stack(trace.step_positions)[-1], model.n_layers)
+    last[:, model.placeholder_ids] = float("-inf")  # image placeholders are never generated
+    assert torch.equal(last.argmax(-1).cpu(), trace.generated_ids)
     assert bool(trace.lens_agrees.all())
     assert trace.generated_tokens == model.tokenizer.convert_ids_to_tokens(trace.generated_ids.tolist())
 

@@ -142,7 +142,8 @@ def test_skipping_through_hooks_equals_a_plain_torch_hook(tiny_llava, llava_trac
         with torch.no_grad():
             expected = reference(**llava_trace.inputs.model_inputs).logits
             expected_ids = reference.generate(**llava_trace.prompt_inputs.model_inputs, max_new_tokens=llava_trace.n_steps,
-                                              do_sample=False)[0, llava_trace.prompt_inputs.input_ids.shape[1]:]  # fmt: skip
+                                              do_sample=False, suppress_tokens=model.placeholder_ids,
+                                              )[0, llava_trace.prompt_inputs.input_ids.shape[1]:]  # fmt: skip
     finally:
         handle.remove()
     skipped = model.run_with_hooks(llava_trace.inputs, fwd_hooks=probes.skip_layer_hooks([layer]))

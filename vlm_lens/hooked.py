@@ -232,8 +232,21 @@ class HookedVLM:
             return self._lm_head(h).float()
 
     # -- generation -----------------------------------------------------------------------------------------
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """Token ids that stand for image/video features (never generated: see :meth:`generate_ids`)."""
+        ids = {self.image_token_id}
+        video = getattr(self.hf_model.config, "video_token_id", None)
+        if video is not None:
+            ids.add(int(video))
+        return sorted(ids)
+
     def generate_ids(self, inputs: VLMInputs, max_new_tokens: int = 32) -> Int[Tensor, " step"]:
-        """Greedy generation with HF (KV cache), stopping at EOS (which is kept)."""
+        """Greedy generation with HF (KV cache), stopping at EOS (which is kept).
+
+        Image/video placeholder ids are suppressed: a generated placeholder would be read as an image slot by any
+        later forward over the sequence (and fail for want of features).
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = self.tokenizer.eos_token_id
@@ -242,6 +255,7 @@ class HookedVLM:
             out = self.hf_model.generate(
                 **inputs.model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 temperature=None, top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad,
+                suppress_tokens=self.placeholder_ids,
             )  # fmt: skip
         generated = out[0, inputs.input_ids.shape[1] :]
         if eos is not None and (generated == eos).any():
@@ -282,7 +296,9 @@ class HookedVLM:
         logits, cache = self.run_with_cache(full, names_filter=names_filter)
         n_prompt = inputs.layout.n_prompt
         step_positions = torch.arange(generated.shape[0]) + n_prompt - 1
-        predicted = logits[0, step_positions.to(logits.device)].argmax(-1)
+        step_logits = logits[0, step_positions.to(logits.device)].clone()
+        step_logits[:, self.placeholder_ids] = float("-inf")  # suppressed during generation too
+        predicted = step_logits.argmax(-1)
         agrees = (predicted == generated.to(predicted.device)).cpu()
         if not bool(agrees.all()):
             warnings.warn(

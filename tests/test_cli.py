@@ -1,0 +1,77 @@
+"""The vlm-lens CLI end to end on a saved tiny model: analyze, skip, tune-lens, hooks, zoo train (smoke)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from experiments.cli import app
+from vlm_lens import testing
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llava-cli")
+    model, processor = testing.build("llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    images = tmp_path_factory.mktemp("images")
+    for i in range(3):
+        testing.sample_image(i, 32).save(images / f"img{i}.png")
+    return folder, images
+
+
+def test_analyze_writes_the_report(tiny_folder, tmp_path):
+    folder, images = tiny_folder
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(images), "--prompt",
+                                 "what color is the star ?", "--max-new-tokens", "3", "--out", str(out), "--no-png"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["samples"]) == 3 and (out / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
+
+
+def test_bad_input_exits_2_with_the_fix(tiny_folder, tmp_path):
+    folder, _ = tiny_folder
+    result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(tmp_path / "nope.png")])
+    assert result.exit_code == 2 and "image not found" in result.output
+    result = runner.invoke(app, ["analyze", "--model", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "nothing is downloaded" in result.output
+    result = runner.invoke(app, ["analyze", "--model", str(folder), "--lens", "tuned"])
+    assert result.exit_code == 2 and "--tuned-lens" in result.output
+    result = runner.invoke(app, ["skip", "--model", str(folder), "--layers", "2-9"])
+    assert result.exit_code == 2 and "0..3" in result.output
+
+
+def test_skip_hooks_and_tune_lens(tiny_folder, tmp_path):
+    folder, images = tiny_folder
+    result = runner.invoke(app, ["skip", "--model", str(folder), "--image", str(images), "--layers", "1,2",
+                                 "--max-new-tokens", "3", "--out", str(tmp_path / "skip.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "skip.json").read_text())["sets"]["given"]["skipped_layers"] == [1, 2]
+    result = runner.invoke(app, ["hooks", "--model", str(folder)])
+    assert result.exit_code == 0 and "blocks.{i}.hook_resid_post" in result.output
+    result = runner.invoke(app, ["tune-lens", "--model", str(folder), "--image", str(images), "--steps", "5",
+                                 "--out", str(tmp_path / "lens")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(images), "--lens", "tuned",
+                                 "--tuned-lens", str(tmp_path / "lens"), "--max-new-tokens", "2",
+                                 "--out", str(tmp_path / "r"), "--no-png"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["tuned_lens"]["lens"] == "tuned"
+
+
+def test_zoo_train_smoke(tmp_path):
+    result = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "run"), "--steps", "3",
+                                 "--eval-every", "3", "--final-eval-per-task", "2", "--threads", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert evaluation["steps"] == 3 and set(evaluation) >= {"color", "shape", "count", "position", "caption"}
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 3
+    resumed = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "run"), "--steps", "4",
+                                  "--resume", "--final-eval-per-task", "1", "--threads", "1"])  # fmt: skip
+    assert resumed.exit_code == 0, resumed.output
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 4  # continued at step 4
