@@ -260,6 +260,35 @@ def train(
     return final
 
 
+def export(run_dir: str | Path, name: str, *, source: str = "model") -> Path:
+    """Copy a run's final model (or ``source="checkpoint"``) into the package as embedded model ``name``.
+
+    Weights, config, processor files, the recipe and the held-out evaluation are copied; optimizer state is not.
+    """
+    from vlm_lens.zoo import EMBEDDED, MODELS_DIR
+
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded name {name!r}; choose one of {sorted(EMBEDDED)}")
+    run_dir = Path(run_dir)
+    origin = run_dir / source
+    if not (origin / "config.json").exists():
+        raise FileNotFoundError(f"{origin} holds no saved model")
+    target = MODELS_DIR / EMBEDDED[name]
+    tmp = MODELS_DIR / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    skip = {"optimizer.safetensors", "optimizer.json"}
+    for item in origin.iterdir():
+        if item.is_file() and item.name not in skip:
+            shutil.copy2(item, tmp / item.name)
+    for extra in ("recipe.json", "eval.json"):
+        if (run_dir / extra).exists():
+            shutil.copy2(run_dir / extra, tmp / extra)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train an embedded shapes-world model from scratch.")
     parser.add_argument("--family", choices=sorted(RECIPES), required=True)
