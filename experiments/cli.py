@@ -105,8 +105,12 @@ def analyze(
                               progress=lambda message: bar.update(task, description=f"{vlm.name}: {message}"))  # fmt: skip
     agg = result["data"]["aggregate"][variant]
     stages = agg["stages"]
-    console.print(f"critical layer (median, {variant} lens): {agg['critical_layer']['median']}, "
-                  f"mutation layer: {agg['mutation_layer']['median']}, stages: {stages}")  # fmt: skip
+    if stages:
+        console.print(f"{variant} lens: critical layer {stages['critical_layer']}, mutation layer "
+                      f"{stages['mutation_layer']} of {stages['last_layer']}; rapid evolution {stages['rapid_evolution']}, "
+                      f"stabilization {stages['stabilization']}, mutation {stages['mutation']}")  # fmt: skip
+    else:
+        console.print(f"{variant} lens: no critical layer (no answer token reached p >= {threshold})")
     if result["files"].get("png_notice"):
         console.print(f"[yellow]{result['files']['png_notice']}")
     console.print(f"wrote {result['files']['html']} and {result['files']['json']}")

@@ -13,8 +13,9 @@ For every generated token of every sample, with the lens of a given variant:
 - **stages** (stack indices): rapid evolution [0, critical), stabilization [critical, mutation), mutation
   [mutation, n].
 
-Aggregates: median and interquartile range over tokens (and samples) of the critical and mutation layers, reported
-separately for the correct and the paper lens, plus the median adjacent-JS profile.
+Aggregates, separately for the correct and the paper lens: median and interquartile range over tokens (and samples)
+of the critical and mutation layers, the median adjacent-JS profile, and the stage boundaries: the median critical
+layer c, and the mutation layer found by the same JS rule on the median profile after c (so c < m <= n always).
 """
 
 from __future__ import annotations
@@ -152,12 +153,14 @@ def aggregate(samples: Sequence[SampleEvolution], n_layers: int, include_special
         mut = _median_iqr([t.mutation for t in rows if t.mutation is not None])
         js = torch.cat([s.shift[variant]["js_adjacent"][:, [include_special or not t.special for t in s.tokens[variant]]]
                         for s in samples], dim=1)  # [transition, tokens]  # fmt: skip
-        c, m = crit["median"], mut["median"]
+        median_js = js.median(dim=1).values.tolist() if js.numel() else []
         stages = None
-        if c is not None and m is not None and int(c) < n_layers:
-            # Per token, critical < mutation <= n by construction; the medians are over different token sets
-            # (mutation needs a critical layer below n), so clamp them into order.
-            c, m = int(c), min(max(int(m), int(c) + 1), n_layers)
+        c = crit["median"]
+        if c is not None and int(c) < n_layers and median_js:
+            # The stage boundary uses the same SHIFT rule as each token, on the median JS profile over tokens:
+            # the largest median adjacent JS after the median critical layer (ordered by construction).
+            c = int(c)
+            m = mutation_layer(median_js, c)
             stages = {
                 "rapid_evolution": [0, c],
                 "stabilization": [c, m],
@@ -174,7 +177,7 @@ def aggregate(samples: Sequence[SampleEvolution], n_layers: int, include_special
             "token_kinds": kinds,
             "stable_tokens": sorted({t.token for t in rows if t.kind == "stable"}),
             "mutation_tokens": sorted({t.token for t in rows if t.kind == "mutation"}),
-            "median_js_adjacent": js.median(dim=1).values.tolist() if js.numel() else [],
+            "median_js_adjacent": median_js,
             "flip_layers": sorted(l for t in rows for l in t.flips),
         }
     answered = [s.correct for s in samples if s.correct is not None]

@@ -53,11 +53,17 @@ def _clean(value: Any) -> Any:
 # -- figures (plotly) ----------------------------------------------------------------------------------------
 
 
+def _label(text: str) -> str:
+    """Token text for a plotly label: plotly renders a subset of HTML, so ``</s>`` would vanish unescaped."""
+    return html.escape(str(text), quote=False)
+
+
 def js_heatmap(js: list[list[float]], tokens: list[str], transitions: list[str], title: str):
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Heatmap(z=js, x=transitions, y=[f"{i}:{t}" for i, t in enumerate(tokens)], colorscale="Purples"))
-    fig.update_layout(title=title, xaxis_title="layer transition", yaxis_title="generated token",
+    labels = [_label(f"{i}:{t}") for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=js, x=transitions, y=labels, colorscale="Purples"))
+    fig.update_layout(title=_label(title), xaxis_title="layer transition", yaxis_title="generated token",
                       yaxis_autorange="reversed", height=max(320, 24 * len(tokens) + 140))  # fmt: skip
     return fig
 
@@ -68,9 +74,9 @@ def token_probability_chart(layers: list[str], curves: dict[str, list[float]], t
 
     fig = go.Figure()
     for token, probs in curves.items():
-        fig.add_trace(go.Scatter(x=layers, y=probs, name=token, fill="tozeroy", mode="lines", opacity=0.6))
+        fig.add_trace(go.Scatter(x=layers, y=probs, name=_label(token), fill="tozeroy", mode="lines", opacity=0.6))
     _stage_bands(fig, stages, layers)
-    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="probability", yaxis_range=[0, 1], height=360)
+    fig.update_layout(title=_label(title), xaxis_title="layer", yaxis_title="probability", yaxis_range=[0, 1], height=360)
     return fig
 
 
@@ -109,11 +115,11 @@ def scatter_view(coords: list, layers: list[str], items: list[str], groups: list
             x, y = coords[li][ii]
             bucket["x"].append(x)
             bucket["y"].append(y)
-            bucket["text"].append(f"layer {layer} · {item}")
+            bucket["text"].append(_label(f"layer {layer} · {item}"))
     for group, pts in by_group.items():
         fig.add_trace(go.Scatter(x=pts["x"], y=pts["y"], text=pts["text"], mode="markers", name=group,
                                  marker=dict(color=GROUP_COLORS.get(group), size=6, opacity=0.75)))  # fmt: skip
-    fig.update_layout(title=title, height=420, xaxis_showticklabels=False, yaxis_showticklabels=False)
+    fig.update_layout(title=_label(title), height=420, xaxis_showticklabels=False, yaxis_showticklabels=False)
     return fig
 
 
@@ -122,8 +128,8 @@ def line_chart(x: list[str], series: dict[str, list[float | None]], title: str, 
 
     fig = go.Figure()
     for name, values in series.items():
-        fig.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=name))
-    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=y_title, height=340)
+        fig.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=_label(name)))
+    fig.update_layout(title=_label(title), xaxis_title="layer", yaxis_title=y_title, height=340)
     return fig
 
 

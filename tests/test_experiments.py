@@ -47,11 +47,14 @@ def test_aggregate_orders_the_stages():
         return ke.TokenEvolution(0, "x", False, crit, mut, [], None, "stable", 0.9)
 
     import torch
+    js = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.01, 0.02, 0.25, 0.03]).unsqueeze(1).repeat(1, 3)  # [transition, token]
     sample = ke.SampleEvolution("s", "p", "x", None, {"correct": [row(3, 6), row(4, 5), row(2, 7)]},
-                                shift={"correct": {"js_adjacent": torch.zeros(8, 3)}})  # fmt: skip
+                                shift={"correct": {"js_adjacent": js}})  # fmt: skip
     agg = ke.aggregate([sample], n_layers=8)["correct"]
-    assert agg["stages"]["critical_layer"] == 3 and agg["stages"]["mutation_layer"] == 6
-    assert agg["stages"]["rapid_evolution"] == [0, 3] and agg["stages"]["mutation"] == [6, 8]
+    assert agg["critical_layer"]["median"] == 3 and agg["mutation_layer"]["median"] == 6
+    # stage boundary: the largest median JS after layer 3 is the transition 6 -> 7, so the mutation layer is 7
+    assert agg["stages"]["critical_layer"] == 3 and agg["stages"]["mutation_layer"] == 7
+    assert agg["stages"]["rapid_evolution"] == [0, 3] and agg["stages"]["mutation"] == [7, 8]
 
 
 @pytest.fixture(scope="module")
