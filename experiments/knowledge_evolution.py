@@ -128,8 +128,8 @@ def analyze_trace(trace, name: str = "", answer: str | None = None, config: Evol
     tokens: dict[str, list[TokenEvolution]] = {}
     lens_results, shift_results = {}, {}
     for variant in config.variants:
-        lens = LogitLensProbe(variant=variant, top_k=1)(trace)
-        shift = DistributionShift(variant=variant)(trace)
+        lens = LogitLensProbe(variant=variant, top_k=1)(trace)  # one streaming pass: every statistic below
+        shift = DistributionShift.from_lens_result(lens)
         lens_results[variant], shift_results[variant] = lens, shift
         rows = []
         for step, token in enumerate(trace.generated_tokens):

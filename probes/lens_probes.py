@@ -174,6 +174,18 @@ class DistributionShift(Probe):
         self.lens = lens or LogitLens(variant)
         self.chunk_rows = chunk_rows
 
+    @classmethod
+    def from_lens_result(cls, lens: ProbeResult) -> ProbeResult:
+        """The distribution-shift view of a :class:`LogitLensProbe` result (same pass, nothing recomputed)."""
+        scaled = column_max_abs_scale(lens["js_adjacent"].T.double()).T.float()
+        dims = {k: lens.dims[k] for k in ("js_adjacent", "js_to_final", "kl_to_final")}
+        dims["js_adjacent_scaled"] = lens.dims["js_adjacent"]
+        arrays = {k: lens[k] for k in ("js_adjacent", "js_to_final", "kl_to_final")}
+        arrays["js_adjacent_scaled"] = scaled
+        coords = {k: v for k, v in lens.coords.items() if k in ("layer", "transition", "position")}
+        provenance = {**lens.provenance, "probe": cls.name, "js": lens.provenance.get("variant")}
+        return ProbeResult(cls.name, arrays, dims, coords, provenance=provenance, layout=lens.layout)
+
     def run(self, source: Source) -> ProbeResult:
         model = source.model
         positions = source.positions(self.positions)

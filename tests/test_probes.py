@@ -183,3 +183,11 @@ def test_registry_and_bad_sources(llava_trace):
     with pytest.raises(ValueError, match="GenerationTrace"):
         LogitLensProbe()(llava_trace.cache)  # positions="steps" needs the trace
     assert LogitLensProbe(positions="last_prompt")(llava_trace.cache)["prob"].shape[1] == 1
+
+
+def test_distribution_shift_from_a_lens_result_equals_its_own_pass(llava_trace):
+    for variant in ("correct", "paper"):
+        own = DistributionShift(variant)(llava_trace)
+        derived = DistributionShift.from_lens_result(LogitLensProbe(variant)(llava_trace))
+        for name in own.arrays:
+            assert torch.allclose(own[name], derived[name], atol=1e-7), (variant, name)

@@ -241,11 +241,12 @@ class HookedVLM:
             ids.add(int(video))
         return sorted(ids)
 
-    def generate_ids(self, inputs: VLMInputs, max_new_tokens: int = 32) -> Int[Tensor, " step"]:
+    def generate_ids(self, inputs: VLMInputs, max_new_tokens: int = 32, *, stop_at_eos: bool = True) -> Int[Tensor, " step"]:
         """Greedy generation with HF (KV cache), stopping at EOS (which is kept).
 
         Image/video placeholder ids are suppressed: a generated placeholder would be read as an image slot by any
-        later forward over the sequence (and fail for want of features).
+        later forward over the sequence (and fail for want of features). ``stop_at_eos=False`` suppresses EOS too,
+        so exactly ``max_new_tokens`` tokens come out (fixed-length benchmarks).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -255,7 +256,7 @@ class HookedVLM:
             out = self.hf_model.generate(
                 **inputs.model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 temperature=None, top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad,
-                suppress_tokens=self.placeholder_ids,
+                suppress_tokens=self.placeholder_ids + ([] if stop_at_eos or eos is None else [eos]),
             )  # fmt: skip
         generated = out[0, inputs.input_ids.shape[1] :]
         if eos is not None and (generated == eos).any():
@@ -283,13 +284,13 @@ class HookedVLM:
         return VLMInputs(model_inputs, layout, inputs.prompt, inputs.n_images)
 
     def trace_generation(
-        self, inputs: VLMInputs, max_new_tokens: int = 32, names_filter: NamesFilter = None
+        self, inputs: VLMInputs, max_new_tokens: int = 32, names_filter: NamesFilter = None, *, stop_at_eos: bool = True
     ) -> GenerationTrace:
         """Greedy-generate, then one cached forward over prompt + generated ids.
 
         ``names_filter`` defaults to the residual stack plus ``ln_final.hook_normalized`` (cheap: ~1.05x a forward).
         """
-        generated = self.generate_ids(inputs, max_new_tokens)
+        generated = self.generate_ids(inputs, max_new_tokens, stop_at_eos=stop_at_eos)
         full = self.extend(inputs, generated)
         if names_filter is None:
             names_filter = resid_names(self.n_layers) + ["ln_final.hook_normalized"]
@@ -298,6 +299,8 @@ class HookedVLM:
         step_positions = torch.arange(generated.shape[0]) + n_prompt - 1
         step_logits = logits[0, step_positions.to(logits.device)].clone()
         step_logits[:, self.placeholder_ids] = float("-inf")  # suppressed during generation too
+        if not stop_at_eos and self.tokenizer.eos_token_id is not None:
+            step_logits[:, self.tokenizer.eos_token_id] = float("-inf")
         predicted = step_logits.argmax(-1)
         agrees = (predicted == generated.to(predicted.device)).cpu()
         if not bool(agrees.all()):

@@ -1,0 +1,18 @@
+"""Keep the benchmark script from rotting: one repetition on the tiny model (no timing assertions)."""
+
+import torch
+
+from benchmarks import run, seed_pipeline
+from probes.metrics import js_divergence
+
+
+def test_benchmark_smoke(capsys):
+    run.main(["--models", "tiny", "--reps", "1", "--max-new-tokens", "3", "--no-memory", "--no-write"])
+    out = capsys.readouterr().out
+    assert "random LLaVA (tiny)" in out and "vlm-lens / floor" in out
+
+
+def test_seed_js_is_the_paper_variant():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, generator=g), torch.randn(50, generator=g)
+    assert torch.allclose(seed_pipeline.authors_js(a, b), js_divergence(a.double(), b.double(), variant="paper"))
