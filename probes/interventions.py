@@ -65,12 +65,14 @@ class LayerSkip(Probe):
         layers = _layer_set(model, self.layers)
         hooks = skip_layer_hooks(layers)
         steps = trace.step_positions
-        original = trace.logits[0, steps].float()
-        skipped_logits = model.run_with_hooks(trace.inputs, fwd_hooks=hooks)[0, steps].float()
+        original = trace.step_logits.float()
+        skipped_logits = model.run_with_hooks(trace.inputs, fwd_hooks=hooks)[0, steps].float().cpu()
         kl = kl_divergence(original.double(), skipped_logits.double()).float().cpu()
         ids = trace.generated_ids
-        answer_prob = skipped_logits.softmax(-1).gather(-1, ids.to(skipped_logits.device).unsqueeze(-1))[:, 0].cpu()
-        forced = (skipped_logits.argmax(-1).cpu() == ids).float()
+        answer_prob = skipped_logits.softmax(-1).gather(-1, ids.unsqueeze(-1))[:, 0]
+        scores = skipped_logits.clone()
+        scores[:, model.placeholder_ids] = float("-inf")  # never generated
+        forced = (scores.argmax(-1) == ids).float()
         with model.hooks(hooks):
             generated = model.generate_ids(trace.prompt_inputs, max_new_tokens=trace.n_steps).cpu()
         n = min(len(generated), len(ids))

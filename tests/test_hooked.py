@@ -104,16 +104,37 @@ def test_trace_generation_lines_up_with_generated_tokens(tiny_family):
         ref = tiny_family.reference.generate(**inputs.model_inputs, max_new_tokens=8, do_sample=False,
                                              suppress_tokens=model.placeholder_ids)
     assert torch.equal(trace.generated_ids, ref[0, inputs.input_ids.shape[1] :][:n].cpu())
-    # cache positions line up: token j sits at step_positions[j] + 1 and is predicted from step_positions[j]
+    # cache positions line up: token j is predicted from step_positions[j] and (but for the last, which is never fed
+    # back) sits at step_positions[j] + 1
     full_ids = trace.inputs.input_ids[0].cpu()
-    assert torch.equal(full_ids[trace.step_positions + 1], trace.generated_ids)
-    assert torch.equal(torch.nonzero(trace.layout.generated).flatten(), trace.step_positions + 1)
+    assert full_ids.shape[0] == inputs.input_ids.shape[1] + n - 1 == trace.cache["blocks.0.hook_resid_pre"].shape[1]
+    assert torch.equal(full_ids[trace.step_positions[1:]], trace.generated_ids[:-1])
+    assert torch.equal(torch.nonzero(trace.layout.generated).flatten(), trace.step_positions[1:])
+    assert trace.step_positions[-1] == full_ids.shape[0] - 1
     # the lens at the last layer reproduces every generated token
     last = model.unembed(trace.cache.resid_stack(trace.step_positions)[-1], model.n_layers)
     last[:, model.placeholder_ids] = float("-inf")  # image placeholders are never generated
     assert torch.equal(last.argmax(-1).cpu(), trace.generated_ids)
     assert bool(trace.lens_agrees.all())
     assert trace.generated_tokens == model.tokenizer.convert_ids_to_tokens(trace.generated_ids.tolist())
+    assert trace.capture == "generate" and trace.step_logits.shape == (n, model.d_vocab)
+
+
+def test_capture_during_generation_equals_one_cached_forward(tiny_family):
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    live = model.trace_generation(inputs, max_new_tokens=6, capture="generate")
+    again = model.trace_generation(inputs, max_new_tokens=6, capture="reforward")
+    assert torch.equal(live.generated_ids, again.generated_ids)
+    assert torch.equal(live.inputs.input_ids, again.inputs.input_ids)
+    for name in live.cache:
+        assert (live.cache[name] - again.cache[name]).abs().max() <= 1e-5, name
+    assert (live.step_logits - again.step_logits).abs().max() <= 1e-4
+    assert again.logits.shape[1] == again.layout.n_positions
+    patterns = model.trace_generation(inputs, max_new_tokens=3, names_filter=["blocks.0.attn.hook_pattern"])
+    assert patterns.capture == "reforward"  # attention patterns are not one vector per position
+    with pytest.raises(ValueError, match="reforward"):
+        model.trace_generation(inputs, max_new_tokens=3, names_filter=["blocks.0.attn.hook_pattern"], capture="generate")
 
 
 def test_hooks_are_removed_when_a_hook_raises(tiny_llava):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -46,10 +47,13 @@ class VLMInputs:
 
 @dataclass
 class GenerationTrace:
-    """A greedy generation and one cached forward over prompt + generated tokens.
+    """A greedy generation with the activations of every position the model processed.
 
-    ``step_positions[j]`` is the position whose output predicted generated token ``j`` (the last prompt position
-    for ``j = 0``). ``lens_agrees[j]`` says whether the model's logits there reproduce token ``j`` (greedy check).
+    ``inputs`` holds the prompt and every generated token but the last (which was emitted, never fed back), so
+    ``cache`` covers positions ``0 .. n_prompt + n_steps - 2``. ``step_positions[j]`` is the position whose output
+    predicted generated token ``j`` (the last prompt position for ``j = 0``). ``step_logits[j]`` are the logits
+    that chose token ``j``. ``lens_agrees[j]`` says whether the lens at the last layer reproduces token ``j``.
+    ``logits`` (all positions) is only kept by the ``capture="reforward"`` mode.
     """
 
     inputs: VLMInputs
@@ -57,10 +61,12 @@ class GenerationTrace:
     generated_tokens: list[str]
     text: str
     step_positions: Int[Tensor, " step"]
-    logits: Float[Tensor, "1 pos vocab"]
+    step_logits: Float[Tensor, "step vocab"]
     cache: VLMCache
     lens_agrees: Bool[Tensor, " step"] = field(repr=False)
     prompt_inputs: VLMInputs | None = field(default=None, repr=False)
+    logits: Float[Tensor, "1 pos vocab"] | None = field(default=None, repr=False)
+    capture: str = "generate"
 
     @property
     def layout(self) -> TokenLayout:
@@ -248,6 +254,13 @@ class HookedVLM:
         later forward over the sequence (and fail for want of features). ``stop_at_eos=False`` suppresses EOS too,
         so exactly ``max_new_tokens`` tokens come out (fixed-length benchmarks).
         """
+        return self._generate(inputs, max_new_tokens, stop_at_eos)[0]
+
+    def _suppressed(self, stop_at_eos: bool) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return self.placeholder_ids + ([] if stop_at_eos or eos is None else [eos])
+
+    def _generate(self, inputs: VLMInputs, max_new_tokens: int, stop_at_eos: bool, with_logits: bool = False):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = self.tokenizer.eos_token_id
@@ -256,12 +269,13 @@ class HookedVLM:
             out = self.hf_model.generate(
                 **inputs.model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 temperature=None, top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad,
-                suppress_tokens=self.placeholder_ids + ([] if stop_at_eos or eos is None else [eos]),
+                suppress_tokens=self._suppressed(stop_at_eos), return_dict_in_generate=True, output_logits=with_logits,
             )  # fmt: skip
-        generated = out[0, inputs.input_ids.shape[1] :]
+        generated = out.sequences[0, inputs.input_ids.shape[1] :]
         if eos is not None and (generated == eos).any():
             generated = generated[: int(torch.nonzero(generated == eos)[0]) + 1]
-        return generated
+        logits = torch.stack(out.logits)[: len(generated), 0].float() if with_logits else None
+        return generated, logits
 
     def extend(self, inputs: VLMInputs, new_ids: Int[Tensor, " step"]) -> VLMInputs:
         """``inputs`` followed by ``new_ids`` (marked ``generated`` in the layout)."""
@@ -284,44 +298,94 @@ class HookedVLM:
         return VLMInputs(model_inputs, layout, inputs.prompt, inputs.n_images)
 
     def trace_generation(
-        self, inputs: VLMInputs, max_new_tokens: int = 32, names_filter: NamesFilter = None, *, stop_at_eos: bool = True
+        self,
+        inputs: VLMInputs,
+        max_new_tokens: int = 32,
+        names_filter: NamesFilter = None,
+        *,
+        stop_at_eos: bool = True,
+        capture: Literal["auto", "generate", "reforward"] = "auto",
     ) -> GenerationTrace:
-        """Greedy-generate, then one cached forward over prompt + generated ids.
+        """Greedy-generate and cache the activations of every processed position.
 
-        ``names_filter`` defaults to the residual stack plus ``ln_final.hook_normalized`` (cheap: ~1.05x a forward).
+        ``names_filter`` (a list of hook names) defaults to the residual stack plus ``ln_final.hook_normalized``.
+        ``capture="generate"`` records them with hooks during HF generation itself (prefill, then one position per
+        decoding step; no second forward). ``"reforward"`` generates, then runs one cached forward over the same
+        positions: needed for hooks that are not one vector per position (attention patterns), and it also keeps
+        the logits of every position. ``"auto"`` picks ``"generate"`` when every requested hook allows it.
         """
-        generated = self.generate_ids(inputs, max_new_tokens, stop_at_eos=stop_at_eos)
-        full = self.extend(inputs, generated)
-        if names_filter is None:
-            names_filter = resid_names(self.n_layers) + ["ln_final.hook_normalized"]
-        logits, cache = self.run_with_cache(full, names_filter=names_filter)
+        names = list(resid_names(self.n_layers) + ["ln_final.hook_normalized"] if names_filter is None else
+                     ([names_filter] if isinstance(names_filter, str) else names_filter))  # fmt: skip
+        if capture == "auto":
+            capture = "generate" if all(_PER_POSITION.match(n) for n in names) else "reforward"
+        if capture not in ("generate", "reforward"):
+            raise ValueError(f"capture must be 'auto', 'generate' or 'reforward', got {capture!r}")
+        self._check_names(names)
+        logits = None
+        if capture == "generate":
+            bad = [n for n in names if not _PER_POSITION.match(n)]
+            if bad:
+                raise ValueError(f"capture='generate' records one vector per position; {bad[:3]} are not: use capture='reforward'")
+            store: dict[str, list[Tensor]] = {n: [] for n in names}
+
+            def grab(activation, hook, key):
+                store[key].append(activation.detach())
+                return activation
+
+            from functools import partial
+
+            with self.hooks([(n, partial(grab, key=n)) for n in names]):
+                generated, step_logits = self._generate(inputs, max_new_tokens, stop_at_eos, with_logits=True)
+            processed = self.extend(inputs, generated[:-1])
+            n_positions = processed.layout.n_positions
+            activations = {n: torch.cat(chunks, dim=1)[:, :n_positions] for n, chunks in store.items()}
+            cache = VLMCache(activations, processed.layout, self)
+        else:
+            generated = self.generate_ids(inputs, max_new_tokens, stop_at_eos=stop_at_eos)
+            processed = self.extend(inputs, generated[:-1])
+            logits, cache = self.run_with_cache(processed, names_filter=names)
+            step_logits = None
         n_prompt = inputs.layout.n_prompt
         step_positions = torch.arange(generated.shape[0]) + n_prompt - 1
-        step_logits = logits[0, step_positions.to(logits.device)].clone()
-        step_logits[:, self.placeholder_ids] = float("-inf")  # suppressed during generation too
-        if not stop_at_eos and self.tokenizer.eos_token_id is not None:
-            step_logits[:, self.tokenizer.eos_token_id] = float("-inf")
-        predicted = step_logits.argmax(-1)
-        agrees = (predicted == generated.to(predicted.device)).cpu()
+        if logits is not None:
+            step_logits = logits[0, step_positions.to(logits.device)].float()
+        agrees = self._lens_agreement(cache, step_logits, step_positions, generated, stop_at_eos)
         if not bool(agrees.all()):
             warnings.warn(
-                f"the cached forward does not reproduce generated tokens at steps "
-                f"{torch.nonzero(~agrees).flatten().tolist()} (near-tied logits between the KV-cached and the full "
-                "forward); per-step analyses of those steps describe the full forward",
+                f"the lens at the last layer does not reproduce generated tokens at steps "
+                f"{torch.nonzero(~agrees).flatten().tolist()} (near-tied logits between the KV-cached generation "
+                "and the cached forward); per-step analyses of those steps describe the cached forward",
                 stacklevel=2,
             )
         generated_cpu = generated.cpu()
         return GenerationTrace(
-            inputs=full,
+            inputs=processed,
             generated_ids=generated_cpu,
             generated_tokens=self.tokenizer.convert_ids_to_tokens(generated_cpu.tolist()),
             text=self.tokenizer.decode(generated_cpu.tolist(), skip_special_tokens=True),
             step_positions=step_positions,
-            logits=logits,
+            step_logits=step_logits.cpu(),
             cache=cache,
             lens_agrees=agrees,
             prompt_inputs=inputs,
+            logits=logits,
+            capture=capture,
         )
+
+    def _lens_agreement(self, cache, step_logits, step_positions, generated, stop_at_eos) -> Tensor:
+        last = f"blocks.{self.n_layers - 1}.hook_resid_post"
+        if last in cache:
+            scores = self.unembed(cache[last][0, step_positions.to(cache[last].device)])
+        else:
+            scores = step_logits.clone()
+        scores[:, self._suppressed(stop_at_eos)] = float("-inf")  # never generated
+        return (scores.argmax(-1).cpu() == generated.cpu())
+
+
+_PER_POSITION = re.compile(
+    r"^(hook_embed|embed\.hook_out|ln_final\.hook_(in|normalized|out)|"
+    r"blocks\.\d+\.(hook_(in|out|resid_pre|resid_mid|resid_post|attn_out|mlp_out)|ln[12]\.hook_normalized))$"
+)
 
 
 # -- loading -------------------------------------------------------------------------------------------------
