@@ -109,3 +109,41 @@ def test_png_export_batches_or_explains(tmp_path):
 
     paths, notice = R.export_pngs(tmp_path, [go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))])
     assert (paths and (tmp_path / "figure_01.png").stat().st_size > 0) or (notice and notice.startswith("PNG export skipped"))
+
+
+@pytest.fixture(scope="module")
+def embedded_report(tmp_path_factory):
+    import vlm_lens
+    from experiments.pipeline import default_samples
+
+    model = vlm_lens.load("shapes-llava")
+    out = tmp_path_factory.mktemp("embedded-report")
+    return model, analyze(model, default_samples(model), out, png=False), out
+
+
+def test_analyze_on_the_embedded_model_orders_the_stages(embedded_report):
+    model, result, out = embedded_report
+    data = json.loads((out / "report.json").read_text())
+    n = model.n_layers
+    for variant in ("correct", "paper"):
+        stages = data["aggregate"][variant]["stages"]
+        assert stages is not None, variant
+        assert 0 < stages["critical_layer"] < stages["mutation_layer"] <= stages["last_layer"] == n
+        assert stages["rapid_evolution"] == [0, stages["critical_layer"]]
+        assert stages["mutation"] == [stages["mutation_layer"], n]
+    for sample in data["samples"]:
+        for token in sample["tokens"]["correct"]:
+            if token["critical"] is not None and token["mutation"] is not None:
+                assert token["critical"] < token["mutation"] <= n
+    assert data["aggregate"]["accuracy"] >= 5 / 6
+
+
+def test_skip_experiment_on_the_embedded_model(embedded_report):
+    model, result, _ = embedded_report
+    skip = result["data"]["layer_skip"]
+    none = skip["sets"]["none"]
+    assert none["skipped_layers"] == [] and none["generation_agreement"] == 1.0 and none["mean_kl"] <= 1e-6
+    c, m = skip["critical_layer"], skip["mutation_layer"]
+    assert skip["sets"]["skip.1"]["skipped_layers"] == list(range(c, m - 1))
+    assert skip["sets"]["skip.2"]["skipped_layers"] == list(range(m - 1, model.n_layers))
+    assert set(skip["sweep"]) == {str(i) for i in range(model.n_layers)}
