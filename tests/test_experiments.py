@@ -147,3 +147,18 @@ def test_skip_experiment_on_the_embedded_model(embedded_report):
     assert skip["sets"]["skip.1"]["skipped_layers"] == list(range(c, m - 1))
     assert skip["sets"]["skip.2"]["skipped_layers"] == list(range(m - 1, model.n_layers))
     assert set(skip["sweep"]) == {str(i) for i in range(model.n_layers)}
+
+
+def test_compare_aligns_layers_by_relative_depth(tiny_llava, tiny_qwen25):
+    from experiments import compare
+
+    samples = [ke.Sample(testing.sample_image(1, 32), "what color is the star ?", None, "s1")]
+    config = ke.EvolutionConfig(max_new_tokens=3, threshold=0.0)  # random models: every token "emerges" at once
+    result = compare.run(tiny_llava.model, tiny_qwen25.model, samples, config)
+    for key in ("a", "b"):
+        for variant in ("correct", "paper"):
+            v = result[key]["variants"][variant]
+            assert v["critical_depth"] == v["critical_layer"] / 4
+    assert result["difference"]["correct"]["critical_depth"] == (
+        result["b"]["variants"]["correct"]["critical_depth"] - result["a"]["variants"]["correct"]["critical_depth"]
+    )

@@ -1,0 +1,86 @@
+"""Held-out evaluation of an embedded model: accuracy per task and the per-layer answer-probability curves.
+
+``python -m vlm_lens.zoo.evaluate shapes-llava --n 500`` prints the figures that docs/zoo.md records: exact-match
+accuracy per task on ``n`` held-out questions each, and (correct lens, single-word questions answered correctly)
+the mean probability of the answer token per layer, the median first layer where it exceeds 0.5, and the share of
+questions with p < 0.1 at the embeddings and p > 0.5 at the last layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from vlm_lens.zoo import shapes_world as sw
+
+SINGLE_WORD_TASKS = ("color", "shape", "count", "position")
+
+
+def accuracy(model, n_per_task: int, start: int = 0) -> dict:
+    from vlm_lens.zoo.train import answer_questions
+
+    result = {}
+    for task in sw.TASKS:
+        examples = sw.held_out(n_per_task, task=task, start=start)
+        answers = answer_questions(model.hf_model, model.processor, examples)
+        result[task] = sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)
+    return result
+
+
+def layer_curves(model, n_per_task: int, start: int = 500_000) -> dict:
+    from vlm_lens.cache import resid_names
+
+    n = model.n_layers
+    out = {}
+    for task in SINGLE_WORD_TASKS:
+        curves, firsts, clean = [], [], []
+        for example in sw.held_out(n_per_task, task=task, start=start):
+            inputs = model.prepare(example.image, example.question)
+            logits, cache = model.run_with_cache(inputs, names_filter=resid_names(n))
+            answer = model.tokenizer.convert_tokens_to_ids(example.answer)
+            if int(logits[0, -1].argmax()) != answer:
+                continue
+            probs = model.unembed(cache.resid_stack(inputs.layout.last_prompt_position)[:, 0]).softmax(-1)[:, answer]
+            curves.append(probs)
+            clean.append(bool(probs[0] < 0.1 and probs[-1] > 0.5))
+            if (probs > 0.5).any():
+                firsts.append(int(torch.nonzero(probs > 0.5)[0]))
+        stacked = torch.stack(curves) if curves else torch.zeros(0, n + 1)
+        out[task] = {
+            "n_correct": len(curves),
+            "mean_prob_per_layer": [round(x, 3) for x in stacked.mean(0).tolist()],
+            "median_first_above_half": float(torch.tensor(firsts).median()) if firsts else None,
+            "share_low_then_high": sum(clean) / len(clean) if clean else None,
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import vlm_lens
+
+    parser = argparse.ArgumentParser(description="Held-out figures of an embedded model.")
+    parser.add_argument("name")
+    parser.add_argument("--n", type=int, default=500, help="questions per task for accuracy")
+    parser.add_argument("--curves", type=int, default=100, help="questions per task for the layer curves")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    model = vlm_lens.load(args.name)
+    example = sw.held_out(1, task="color")[0]
+    trace = model.trace_generation(model.prepare(example.image, example.question), max_new_tokens=4)
+    first_answer_s = time.perf_counter() - start
+    result = {
+        "model": args.name,
+        "load_and_first_answer_s": round(first_answer_s, 2),
+        "first_answer": trace.text,
+        "accuracy": accuracy(model, args.n),
+        "layer_curves": layer_curves(model, args.curves),
+        "n_layers": model.n_layers,
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
