@@ -13,10 +13,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava-cli")
-    model, processor = testing.build("llava")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = testing.save("llava", tmp_path_factory.mktemp("tiny-llava-cli"))
     images = tmp_path_factory.mktemp("images")
     for i in range(3):
         testing.sample_image(i, 32).save(images / f"img{i}.png")

@@ -14,20 +14,12 @@ PROMPT = "what shape is the red one ?"
 
 @pytest.fixture(scope="module")
 def saved_llava(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava")
-    model, processor = testing.build("llava")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return testing.save("llava", tmp_path_factory.mktemp("tiny-llava"))
 
 
 @pytest.fixture(scope="module")
 def saved_qwen(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-qwen2-vl")
-    model, processor = testing.build("qwen2-vl")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return testing.save("qwen2-vl", tmp_path_factory.mktemp("tiny-qwen2-vl"))
 
 
 def test_load_from_folder_equals_in_memory(saved_llava, tiny_llava):

@@ -1,11 +1,11 @@
 """The embedded shapes-world models: offline loading, held-out accuracy, and knowledge that visibly evolves."""
 
 import pytest
-import torch
 
 import vlm_lens
 from vlm_lens import zoo
 from vlm_lens.zoo import shapes_world as sw
+from vlm_lens.zoo.evaluate import layer_curves
 from vlm_lens.zoo.train import answer_questions
 
 EMBEDDED = zoo.embedded_names()
@@ -41,26 +41,14 @@ def test_held_out_accuracy(name):
 def test_knowledge_evolves_across_layers(name):
     """Correct lens, single-word answers answered correctly: p < 0.1 at the embeddings and > 0.5 at the last layer
     for >= 90 % of questions, and some task's median first-layer-above-0.5 lies in the second half of the stack."""
-    from vlm_lens.cache import resid_names
-
     model = embedded(name)
-    n = model.n_layers
-    rows, first_above = [], {}
-    for task in ("color", "shape", "count", "position"):
-        for example in sw.held_out(15, task=task, start=200_000):
-            inputs = model.prepare(example.image, example.question)
-            logits, cache = model.run_with_cache(inputs, names_filter=resid_names(n))
-            answer_id = model.tokenizer.convert_tokens_to_ids(example.answer)
-            if int(logits[0, -1].argmax()) != answer_id:
-                continue
-            probs = model.unembed(cache.resid_stack(inputs.layout.last_prompt_position)[:, 0]).softmax(-1)[:, answer_id]
-            rows.append((probs[0].item() < 0.1) and (probs[-1].item() > 0.5))
-            if (probs > 0.5).any():
-                first_above.setdefault(task, []).append(int(torch.nonzero(probs > 0.5)[0]))
-    assert len(rows) >= 50  # of 60 questions: the model answers most of them correctly
-    assert sum(rows) / len(rows) >= 0.9
-    medians = {task: float(torch.tensor(v).median()) for task, v in first_above.items()}
-    assert max(medians.values()) >= n / 2, medians
+    curves = layer_curves(model, 15, start=200_000)
+    n_correct = sum(c["n_correct"] for c in curves.values())
+    assert n_correct >= 50  # of 60 questions
+    clean = sum(c["share_low_then_high"] * c["n_correct"] for c in curves.values()) / n_correct
+    assert clean >= 0.9, curves
+    medians = [c["median_first_above_half"] for c in curves.values() if c["median_first_above_half"] is not None]
+    assert max(medians) >= model.n_layers / 2, curves
 
 
 def test_embedded_name_errors_name_the_fix(monkeypatch, tmp_path):

@@ -61,6 +61,14 @@ def build(family: str, size: str = "tiny", *, seed: int = 0):
     return model, processor
 
 
+def save(family: str, folder, size: str = "tiny", *, seed: int = 0):
+    """Save a random ``family`` model and its processor to ``folder`` (a checkpoint folder ``load`` accepts)."""
+    model, processor = build(family, size, seed=seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def hooked(family: str, size: str = "tiny", *, seed: int = 0):
     """A :class:`~vlm_lens.hooked.HookedVLM` over a random ``family`` model of ``size``."""
     from vlm_lens.hooked import load
