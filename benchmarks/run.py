@@ -5,8 +5,8 @@
 
 Timing: in one process, the three pipelines run interleaved (rotating order) after one warm-up each; medians of
 ``--reps`` repetitions and their ratios. Memory: each pipeline runs once in its own child process; the figure is the
-child's peak RSS (``ru_maxrss``) minus its RSS after loading the model and preparing inputs, i.e. what the analysis
-itself adds. Lens throughput: ``final norm + lm_head`` on float32 rows vs a raw ``x @ W.T`` of the same shape.
+child's peak RSS during the run (``/proc/self/statm`` polled every 2 ms) minus its RSS just before it, i.e. what the
+generation and analysis add on top of the loaded model. Lens throughput: ``final norm + lm_head`` on float32 rows vs a raw ``x @ W.T`` of the same shape.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -133,10 +132,32 @@ def child(kind: str, pipeline: str, max_new_tokens: int) -> None:
     plain, hooked, image, prompt, _ = build(kind)
     inputs = hooked.prepare(image, prompt)
     fn = pipelines(plain, hooked, inputs, max_new_tokens)[pipeline]
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import gc
+    import threading
+
+    gc.collect()
+    page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * page_mb
+
+    base = rss_mb()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:  # the build's own high-water mark would hide the run's: poll RSS during the run
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"baseline_mb": base / 1024, "peak_mb": peak / 1024, "added_mb": (peak - base) / 1024}))
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], rss_mb())
+    print(json.dumps({"baseline_mb": base, "peak_mb": peak[0], "added_mb": peak[0] - base}))
 
 
 def memory(kind: str, max_new_tokens: int) -> dict:
