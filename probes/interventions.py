@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from probes.base import Probe, Source, as_source, layer_labels, register_probe
+from probes.base import Probe, Source, as_source, register_probe
 from probes.metrics import kl_divergence
 from probes.result import ProbeResult
 

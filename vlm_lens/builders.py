@@ -7,7 +7,7 @@ into the config, never hard-coded.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -150,7 +150,3 @@ def build_processor(family: str, words: Iterable[str], size: ModelSize, folder: 
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     return P.save_and_reload(processor, folder)
-
-
-def size_dict(size: ModelSize) -> dict:
-    return asdict(size)
