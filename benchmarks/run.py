@@ -78,8 +78,8 @@ def pipelines(plain, hooked, inputs, max_new_tokens: int):
 
     def ours():
         trace = hooked.trace_generation(inputs, max_new_tokens=max_new_tokens, stop_at_eos=False)
-        ke.analyze_trace(trace, config=config)
-        TokenTrajectory("candidates", variant="paper")(trace)
+        evolution = ke.analyze_trace(trace, config=config)
+        TokenTrajectory.from_lens_result(evolution.lens["paper"])  # the paper's candidate-token probabilities
         return trace.generated_ids
 
     return {"floor": floor, "seed": seed, "vlm_lens": ours}

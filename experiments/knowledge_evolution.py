@@ -128,7 +128,8 @@ def analyze_trace(trace, name: str = "", answer: str | None = None, config: Evol
     tokens: dict[str, list[TokenEvolution]] = {}
     lens_results, shift_results = {}, {}
     for variant in config.variants:
-        lens = LogitLensProbe(variant=variant, top_k=1)(trace)  # one streaming pass: every statistic below
+        # one streaming pass: every statistic below, plus the paper's candidate tokens for the trajectory charts
+        lens = LogitLensProbe(variant=variant, top_k=1, candidates=True)(trace)
         shift = DistributionShift.from_lens_result(lens)
         lens_results[variant], shift_results[variant] = lens, shift
         rows = []

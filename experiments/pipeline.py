@@ -108,7 +108,7 @@ def _sections(model, analysed, data, variant, stages):
     sections.append(("Distribution shift", heat))
     charts = []
     for s in analysed[:3]:
-        traj = TokenTrajectory("candidates", variant=variant)(s.trace)
+        traj = TokenTrajectory.from_lens_result(s.lens[variant])
         for step in range(min(3, s.trace.n_steps)):
             ids = [i for i in traj["target_ids"][step].tolist() if i >= 0]
             curves = {model.tokenizer.convert_ids_to_tokens(i): traj["prob"][:, step, slot].tolist()

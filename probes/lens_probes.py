@@ -11,7 +11,7 @@ from probes.base import Probe, Source, layer_labels, register_probe, transition_
 from probes.lens import Lens, LogitLens, TunedLens
 from probes.metrics import column_max_abs_scale
 from probes.result import ProbeResult
-from probes.stream import lens_pass
+from probes.stream import ALL_STATS, lens_pass
 
 
 @register_probe
@@ -21,6 +21,9 @@ class LogitLensProbe(Probe):
     Arrays (``layer`` = stack layer, ``position`` = sequence position): ``prob`` and ``rank`` of the token each
     position predicts (the generated token at ``positions="steps"``), ``entropy``, ``kl_to_final``,
     ``js_to_final``, ``js_adjacent`` (per ``transition``), ``topk_ids``/``topk_prob`` (``[layer, position, k]``).
+    ``candidates=True`` (or a list of stack layers) adds the paper's candidate tokens from the same pass:
+    ``candidate_ids`` ``[position, slot]`` and ``candidate_prob`` ``[layer, position, slot]``
+    (:meth:`TokenTrajectory.from_lens_result` turns them into a trajectory without a second projection).
     """
 
     name = "logit_lens"
@@ -30,22 +33,28 @@ class LogitLensProbe(Probe):
         variant: Literal["correct", "paper"] = "correct",
         positions: str | Sequence[int] = "steps",
         top_k: int = 5,
-        chunk_rows: int = 2048,
+        chunk_rows: int | None = None,
+        candidates: bool | Sequence[int] = False,
     ):
         self.lens: Lens = LogitLens(variant)
         self.variant = variant
         self.positions = positions
         self.top_k = top_k
         self.chunk_rows = chunk_rows
+        self.candidates = candidates
 
     def run(self, source: Source) -> ProbeResult:
         model = source.model
         positions = source.positions(self.positions)
         targets = source.next_tokens(positions)
         stack = source.cache.resid_stack(positions)
+        candidate_layers = None
+        if self.candidates is not False:
+            candidate_layers = late_layers(model.n_layers) if self.candidates is True else list(self.candidates)
         stats = lens_pass(
-            model, stack, lens=self.lens, target_ids=targets, top_k=self.top_k,
-            js_variant=self.variant, chunk_rows=self.chunk_rows,
+            model, stack, lens=self.lens, target_ids=targets, top_k=self.top_k, js_variant=self.variant,
+            chunk_rows=self.chunk_rows, candidate_layers=candidate_layers,
+            stats=ALL_STATS + (("candidates",) if candidate_layers is not None else ()),
         )  # fmt: skip
         labels = layer_labels(model.n_layers)
         arrays = {
@@ -61,6 +70,9 @@ class LogitLensProbe(Probe):
         lp, tp = ("layer", "position"), ("transition", "position")
         dims = {k: lp for k in ("prob", "rank", "entropy", "kl_to_final", "js_to_final")}
         dims.update(js_adjacent=tp, topk_ids=lp + ("k",), topk_prob=lp + ("k",))
+        if candidate_layers is not None:
+            arrays.update(candidate_ids=stats.candidate_ids, candidate_prob=stats.candidate_prob)
+            dims.update(candidate_ids=("position", "slot"), candidate_prob=lp + ("slot",))
         coords = {
             "layer": labels,
             "transition": transition_labels(labels),
@@ -69,7 +81,10 @@ class LogitLensProbe(Probe):
         }
         return ProbeResult(
             self.name, arrays, dims, coords,
-            provenance=self.provenance(source, **self.lens.describe(), positions=str(self.positions)),
+            provenance=self.provenance(
+                source, **self.lens.describe(), positions=str(self.positions),
+                **({} if candidate_layers is None else {"candidate_layers": candidate_layers}),
+            ),
             layout=source.layout,
         )  # fmt: skip
 
@@ -80,7 +95,7 @@ class TunedLensProbe(LogitLensProbe):
 
     name = "tuned_lens"
 
-    def __init__(self, lens: TunedLens, positions: str | Sequence[int] = "steps", top_k: int = 5, chunk_rows: int = 2048):
+    def __init__(self, lens: TunedLens, positions: str | Sequence[int] = "steps", top_k: int = 5, chunk_rows: int | None = None):
         super().__init__("correct", positions, top_k, chunk_rows)
         if not isinstance(lens, TunedLens):
             raise TypeError("TunedLensProbe needs a TunedLens (TunedLens.for_model(model).fit(...) or TunedLens.load)")
@@ -116,46 +131,51 @@ class TokenTrajectory(Probe):
         self.lens = lens or LogitLens(variant)
         self.candidate_layers = candidate_layers
 
-    def _target_ids(self, source: Source, positions, stack) -> torch.Tensor:
-        model = source.model
+    def _named_ids(self, source: Source, positions) -> torch.Tensor:
         if self.targets == "generated":
             return source.next_tokens(positions).unsqueeze(1)
-        if self.targets == "candidates":
-            layers = list(self.candidate_layers or late_layers(model.n_layers))
-            top1 = lens_pass(model, stack, lens=self.lens, layers=layers, top_k=1, stats=["topk"]).topk_ids[..., 0]
-            emitted = source.next_tokens(positions)
-            rows = []
-            for step in range(len(positions)):
-                seen: list[int] = []
-                for token in top1[:, step].tolist() + [int(emitted[step])]:
-                    if token not in seen:
-                        seen.append(token)
-                rows.append(seen)
-            width = max(len(r) for r in rows)
-            return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
         ids = []
         for text in self.targets:
-            encoded = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            encoded = source.model.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(encoded) != 1:
                 raise ValueError(f"target {text!r} is {len(encoded)} tokens; give single-token strings")
             ids.append(encoded[0])
         return torch.tensor(ids).unsqueeze(0).expand(len(positions), -1)
 
     def run(self, source: Source) -> ProbeResult:
+        model = source.model
         positions = source.positions("steps" if source.trace is not None else "last_prompt")
         stack = source.cache.resid_stack(positions)
-        target_ids = self._target_ids(source, positions, stack)
-        stats = lens_pass(source.model, stack, lens=self.lens, target_ids=target_ids.clamp_min(0), stats=["target"])
-        prob = stats.target_prob.masked_fill((target_ids < 0).unsqueeze(0), float("nan"))
-        tokenizer = source.model.tokenizer
-        step_tokens = tokenizer.convert_ids_to_tokens(source.next_tokens(positions).tolist())
+        if self.targets == "candidates":  # one pass: late-layer top-1 ids and their probabilities together
+            layers = list(self.candidate_layers or late_layers(model.n_layers))
+            stats = lens_pass(model, stack, lens=self.lens, target_ids=source.next_tokens(positions).unsqueeze(1),
+                              stats=["candidates"], candidate_layers=layers)  # fmt: skip
+            target_ids, prob = stats.candidate_ids, stats.candidate_prob
+        else:
+            target_ids = self._named_ids(source, positions)
+            prob = lens_pass(model, stack, lens=self.lens, target_ids=target_ids, stats=["target"]).target_prob
+        step_tokens = model.tokenizer.convert_ids_to_tokens(source.next_tokens(positions).tolist())
+        return self._result(prob, target_ids, step_tokens, model.n_layers,
+                            self.provenance(source, **self.lens.describe(), targets=str(self.targets)), source.layout)  # fmt: skip
+
+    @classmethod
+    def from_lens_result(cls, lens: ProbeResult) -> ProbeResult:
+        """The candidate trajectory of a :class:`LogitLensProbe` run with ``candidates=...`` (nothing recomputed)."""
+        if "candidate_prob" not in lens.arrays:
+            raise ValueError("this lens result has no candidates: run LogitLensProbe(..., candidates=True)")
+        provenance = {**lens.provenance, "probe": cls.name, "targets": "candidates"}
+        return cls._result(lens["candidate_prob"], lens["candidate_ids"], lens.coords["target"],
+                           len(lens.coords["layer"]) - 1, provenance, lens.layout)  # fmt: skip
+
+    @classmethod
+    def _result(cls, prob, target_ids, step_tokens, n_layers, provenance, layout) -> ProbeResult:
         return ProbeResult(
-            self.name,
+            cls.name,
             {"prob": prob, "target_ids": target_ids},
             {"prob": ("layer", "step", "slot"), "target_ids": ("step", "slot")},
-            {"layer": layer_labels(source.model.n_layers), "step": step_tokens},
-            provenance=self.provenance(source, **self.lens.describe(), targets=str(self.targets)),
-            layout=source.layout,
+            {"layer": layer_labels(n_layers), "step": list(step_tokens)},
+            provenance=provenance,
+            layout=layout,
         )
 
 
@@ -168,7 +188,7 @@ class DistributionShift(Probe):
     name = "distribution_shift"
 
     def __init__(self, variant: Literal["correct", "paper"] = "correct", positions: str | Sequence[int] = "steps",
-                 lens: Lens | None = None, chunk_rows: int = 2048):  # fmt: skip
+                 lens: Lens | None = None, chunk_rows: int | None = None):  # fmt: skip
         self.variant = variant
         self.positions = positions
         self.lens = lens or LogitLens(variant)

@@ -137,6 +137,52 @@ def test_capture_during_generation_equals_one_cached_forward(tiny_family):
         model.trace_generation(inputs, max_new_tokens=3, names_filter=["blocks.0.attn.hook_pattern"], capture="generate")
 
 
+def test_plain_capture_puts_the_bridge_back_and_defers_to_user_hooks(tiny_llava, monkeypatch):
+    """Residual-only traces run through the unwrapped HF modules with sdpa; the wrappers, the attention setting and
+    the hook points are restored afterwards, also when generation raises, and active user hooks are honoured."""
+    model = tiny_llava.model
+    inputs = model.prepare(tiny_llava.image, PROMPT)
+
+    def tree():
+        return [(name, id(module)) for name, module in model.hf_model.named_modules()]
+
+    before, attention = tree(), model.hf_model.config._attn_implementation
+    seen = []
+    original_generate = model._generate
+
+    def spying_generate(*args, **kwargs):
+        seen.append((type(_layer0(model)).__name__, model.hf_model.config._attn_implementation))
+        return original_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_generate", spying_generate)
+    model.trace_generation(inputs, max_new_tokens=3)
+    assert seen[-1] == ("LlamaDecoderLayer", "sdpa")
+    assert tree() == before and model.hf_model.config._attn_implementation == attention
+
+    def failing_generate(*args, **kwargs):
+        raise RuntimeError("generation failure")
+
+    monkeypatch.setattr(model, "_generate", failing_generate)
+    with pytest.raises(RuntimeError, match="generation failure"):
+        model.trace_generation(inputs, max_new_tokens=3)
+    assert tree() == before and model.hf_model.config._attn_implementation == attention
+    monkeypatch.setattr(model, "_generate", spying_generate)
+
+    calls = []
+
+    def count(activation, hook):
+        calls.append(hook.name)
+        return activation
+
+    with model.hooks([("blocks.1.hook_resid_post", count)]):
+        model.trace_generation(inputs, max_new_tokens=3)
+    assert seen[-1][0] == "BlockBridge" and len(calls) == 3  # the bridge path: the user's hook fired each step
+
+
+def _layer0(model):
+    return model.hf_model.model.language_model.layers[0]
+
+
 def test_hooks_are_removed_when_a_hook_raises(tiny_llava):
     model = tiny_llava.model
     inputs = model.prepare(tiny_llava.image, PROMPT)

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import probes
+from probes.lens_probes import late_layers
 from probes import (
     ActivationPatching, CosineTrajectory, DistributionShift, FeatureProjection, LayerSkip, LogitLensProbe,
-    ProbeResult, TokenTrajectory, TunedLens, TunedLensProbe, lens_pass, patch_all_layers,
+    LogitLens, ProbeResult, TokenTrajectory, TunedLens, TunedLensProbe, lens_pass, patch_all_layers,
 )  # fmt: skip
 from vlm_lens import testing
 from vlm_lens.cache import resid_names
@@ -61,6 +62,23 @@ def test_token_trajectory_targets(llava_trace):
     ids = candidates["target_ids"]
     for step, token in enumerate(llava_trace.generated_ids.tolist()):
         assert token in ids[step].tolist()  # the emitted token is always a candidate
+    # the paper's definition, computed plainly: late-layer top-1 ids over full softmaxes, then the emitted token
+    model = llava_trace.cache.model
+    late = late_layers(model.n_layers)
+    stack = llava_trace.cache.resid_stack(llava_trace.step_positions)
+    probs = LogitLens().logits(model, stack, range(model.n_layers + 1)).double().softmax(-1)  # [layer, step, vocab]
+    for step, token in enumerate(llava_trace.generated_ids.tolist()):
+        expected = list(dict.fromkeys(probs[late, step].argmax(-1).tolist() + [token]))
+        assert [i for i in ids[step].tolist() if i >= 0] == expected
+        for slot, i in enumerate(expected):
+            assert torch.allclose(candidates["prob"][:, step, slot].double(), probs[:, step, i], atol=1e-6)
+        assert candidates["prob"][:, step, len(expected):].isnan().all()  # padding slots
+    # the same trajectory from the knowledge-evolution lens pass, without a second projection
+    shared = TokenTrajectory.from_lens_result(LogitLensProbe(top_k=1, candidates=True)(llava_trace))
+    assert torch.equal(shared["target_ids"], ids)
+    assert torch.allclose(shared["prob"], candidates["prob"], equal_nan=True)
+    with pytest.raises(ValueError, match="candidates=True"):
+        TokenTrajectory.from_lens_result(lens)
     named = TokenTrajectory(["red", "blue"])(llava_trace)
     assert named["prob"].shape[-1] == 2
     with pytest.raises(ValueError, match="single-token"):

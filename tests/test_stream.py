@@ -100,3 +100,38 @@ def test_lens_pass_rejects_bad_requests(tiny_llava):
         lens_pass(model, stack, layers=[0, 9])
     with pytest.raises(ValueError, match="full residual stack"):
         lens_pass(model, stack[:2])
+
+
+def test_blocked_row_dot_matches_a_float64_sum():
+    from probes.stream import _rowdot
+
+    torch.manual_seed(0)
+    for vocab in (48, 32000, 32003):  # one block, blocks of 128, no divisor in [16, 256] (plain sum)
+        a = torch.rand(3, 5, vocab)
+        b = torch.randn(3, 5, vocab)
+        expected = (a.double() * b.double()).sum(-1)
+        assert torch.allclose(_rowdot(a, b).double(), expected, rtol=1e-5, atol=1e-4 * vocab**0.5 / 100)
+        final = b[-1]
+        assert torch.allclose(_rowdot(a, final.expand_as(a)).double(), (a.double() * final.double()).sum(-1),
+                              rtol=1e-5, atol=1e-4)  # fmt: skip
+    with pytest.raises(ValueError, match="same-shaped"):
+        _rowdot(torch.ones(2, 3), torch.ones(3))
+
+
+def test_fused_js_keeps_small_divergences_and_underflow_finite():
+    from probes import metrics
+    from probes.stream import _js
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 500) * 4
+    near = logits + 0.03 * torch.randn_like(logits)  # JS ~ 1e-4: H(M) - mean H would be off by ~1 %
+    extreme = logits.clone()
+    extreme[..., 0] = 200.0  # every other probability underflows to 0 in float32
+    for variant in ("correct", "paper"):
+        for q_logits in (near, extreme):
+            lp, lq = logits.log_softmax(-1), q_logits.log_softmax(-1)
+            work = torch.empty((3,) + tuple(lp.shape))
+            got = _js(lp, lp.exp(), lq, lq.exp(), variant, work).double()
+            expected = metrics.js_divergence(logits.double(), q_logits.double(), variant)
+            assert torch.isfinite(got).all()
+            assert torch.allclose(got, expected, rtol=2e-3, atol=1e-9), (variant, got, expected)

@@ -28,6 +28,9 @@ class ModelSize:
     image_size: int = 32
     patch_size: int = 16
     max_positions: int = 256
+    # Text-model rotary base. Qwen's mRoPE gives the image-width axis the lowest frequencies: at 1e4 a one-column
+    # step rotates by < 0.004 rad, too little to read a column from (docs/zoo.md); the shapes-world Qwen uses 10.
+    rope_theta: float = 10000.0
 
     @property
     def head_dim(self) -> int:
@@ -63,6 +66,7 @@ def build_model(family: str, tokenizer, size: ModelSize, *, seed: int = 0):
         tie_word_embeddings=False,
     )
     if family == "llava":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": size.rope_theta}
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
         vision = CLIPVisionConfig(
@@ -94,7 +98,7 @@ def build_model(family: str, tokenizer, size: ModelSize, *, seed: int = 0):
         }
         text["rope_parameters"] = {
             "rope_type": "default",
-            "rope_theta": 10000.0,
+            "rope_theta": size.rope_theta,
             "mrope_section": _mrope_section(size.head_dim),
         }
         if family == "qwen2-vl":

@@ -69,10 +69,11 @@ class VLMCache(Mapping[str, Tensor]):
                 f"the residual stack needs {missing[0]!r} (and {len(missing) - 1} more); run with "
                 "names_filter=None or vlm_lens.cache.resid_names(model.n_layers)"
             )
-        stack = torch.stack([self._activations[n][0] for n in names])
-        if positions is not None:
-            index = _position_index(positions, stack.shape[1])
-            stack = stack[:, index]
+        rows = [self._activations[n][0] for n in names]
+        if positions is not None:  # select before stacking: copy only the requested positions
+            index = _position_index(positions, rows[0].shape[0]).to(rows[0].device)
+            rows = [row[index] for row in rows]
+        stack = torch.stack(rows)
         return (stack, self.resid_labels) if return_labels else stack
 
 

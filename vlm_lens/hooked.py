@@ -334,7 +334,13 @@ class HookedVLM:
 
             from functools import partial
 
-            with self.hooks([(n, partial(grab, key=n)) for n in names]):
+            if all(_PLAIN.match(n) for n in names) and not self._bridge_hooks_active():
+                # Only residual-stream values are wanted and no user hook must fire: generate through the plain HF
+                # modules (no wrapper dispatch, sdpa attention) and read them with torch hooks (docs/performance.md).
+                capture_context = self._plain_capture(names, store)
+            else:
+                capture_context = self.hooks([(n, partial(grab, key=n)) for n in names])
+            with capture_context:
                 generated, step_logits = self._generate(inputs, max_new_tokens, stop_at_eos, with_logits=True)
             processed = self.extend(inputs, generated[:-1])
             n_positions = processed.layout.n_positions
@@ -372,6 +378,45 @@ class HookedVLM:
             capture=capture,
         )
 
+    def _bridge_hooks_active(self) -> bool:
+        return any(point._forward_hooks or point._forward_pre_hooks for point in self.bridge.hook_dict.values())
+
+    @contextlib.contextmanager
+    def _plain_capture(self, names: Sequence[str], store: dict[str, list[Tensor]]):
+        """Within the block, the HF model runs as plain HF: every TransformerLens wrapper is swapped for the module it
+        wraps, attention is sdpa, and torch hooks append the residual-stream values of ``names`` to ``store``.
+        Everything is put back on exit, also when the block raises."""
+        layers = [_original(layer) for layer in _get_module(self.hf_model, self.adapter.layers)]
+        final_norm = self._final_norm
+        handles = []
+
+        def keep(key: str, value) -> None:
+            store[key].append((value[0] if isinstance(value, tuple) else value).detach())
+
+        swaps = _unwrap(self.hf_model)
+        previous = self.hf_model.config._attn_implementation
+        try:
+            self.hf_model.set_attn_implementation("sdpa")
+            for name in names:
+                if name == "ln_final.hook_normalized":
+                    handles.append(final_norm.register_forward_hook(lambda m, a, out, key=name: keep(key, out)))
+                    continue
+                index, kind = int(name.split(".")[1]), name.rsplit("_", 1)[1]
+                if kind == "post":
+                    handles.append(layers[index].register_forward_hook(lambda m, a, out, key=name: keep(key, out)))
+                else:
+                    handles.append(layers[index].register_forward_pre_hook(
+                        lambda m, args, kwargs, key=name: keep(key, args[0] if args else kwargs["hidden_states"]),
+                        with_kwargs=True,
+                    ))  # fmt: skip
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.hf_model.set_attn_implementation(previous)
+            for parent, child_name, wrapper in reversed(swaps):
+                parent._modules[child_name] = wrapper
+
     def _lens_agreement(self, cache, step_logits, step_positions, generated, stop_at_eos) -> Tensor:
         last = f"blocks.{self.n_layers - 1}.hook_resid_post"
         if last in cache:
@@ -382,6 +427,8 @@ class HookedVLM:
         return (scores.argmax(-1).cpu() == generated.cpu())
 
 
+# residual-stream names a plain-HF capture can read (decoder layer inputs/outputs, the final norm's output)
+_PLAIN = re.compile(r"^(blocks\.\d+\.hook_resid_(pre|post)|ln_final\.hook_normalized)$")
 _PER_POSITION = re.compile(
     r"^(hook_embed|embed\.hook_out|ln_final\.hook_(in|normalized|out)|"
     r"blocks\.\d+\.(hook_(in|out|resid_pre|resid_mid|resid_post|attn_out|mlp_out)|ln[12]\.hook_normalized))$"
@@ -507,6 +554,22 @@ def _get_module(model, dotted: str):
     for part in dotted.split("."):
         module = getattr(module, part)
     return module
+
+
+def _unwrap(root) -> list[tuple[Any, str, Any]]:
+    """Swap every TransformerLens wrapper under ``root`` for the HF module it wraps; returns what to put back."""
+    swaps = []
+    pending = [root]
+    while pending:
+        module = pending.pop()
+        for name, child in list(module._modules.items()):
+            original = _original(child) if child is not None else None
+            if original is not child:
+                swaps.append((module, name, child))
+                module._modules[name] = original
+            if original is not None:
+                pending.append(original)
+    return swaps
 
 
 def _original(module):

@@ -47,7 +47,9 @@ RECIPES = {
     ),
     "qwen2-vl": Recipe(
         "qwen2-vl",
-        ModelSize(**_TEXT, vision_width=128, vision_layers=3, vision_heads=4, image_size=48, patch_size=8),
+        ModelSize(
+            **_TEXT, vision_width=128, vision_layers=3, vision_heads=4, image_size=48, patch_size=8, rope_theta=10.0
+        ),
     ),
 }
 
@@ -198,11 +200,20 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
     start_step = 0
+    changes = {}
     if resume and (checkpoint / "train_state.json").exists():
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoConfig, AutoModelForImageTextToText
 
         processor = load_processor(checkpoint)
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+        rope = config.text_config.rope_parameters
+        if rope["rope_theta"] != recipe.size.rope_theta:
+            # The rotary frequencies are rebuilt from the config at load time, so a changed base takes effect here.
+            changes["rope_theta"] = [rope["rope_theta"], recipe.size.rope_theta]
+            rope["rope_theta"] = recipe.size.rope_theta
+        model = AutoModelForImageTextToText.from_pretrained(
+            checkpoint, config=config, local_files_only=True, dtype=torch.float32
+        )
         start_step = json.loads((checkpoint / "train_state.json").read_text())["step"]
     else:
         processor = build_processor(family, sw.vocabulary(), recipe.size, out / "processor")
@@ -214,6 +225,8 @@ def train(
     if start_step:
         _load_optimizer(optimizer, checkpoint)
     log = (out / "train_log.jsonl").open("a")
+    if changes:
+        log.write(json.dumps({"step": start_step, "resumed_with_changes": changes}) + "\n")
     bar = None
     if progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
