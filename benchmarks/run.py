@@ -33,13 +33,15 @@ PIPELINES = ("floor", "seed", "vlm_lens")
 
 def build(kind: str):
     """(plain HF model, HookedVLM over an identical copy, image, prompt, label)."""
+    import copy
+
     import vlm_lens
     from vlm_lens import testing
 
     if kind in ("tiny", "medium"):
-        plain, processor = testing.build("llava", kind)
-        twin, _ = testing.build("llava", kind)
-        hooked = vlm_lens.load(twin, processor=processor)
+        model, processor = testing.build("llava", kind)
+        plain = copy.deepcopy(model)  # the bridge rewires the model it wraps: the plain pipelines get an untouched copy
+        hooked = vlm_lens.load(model, processor=processor)
         size = testing.size_for("llava", kind).image_size
         from vlm_lens.zoo.samples import real_photos
 
@@ -163,7 +165,8 @@ def child(kind: str, pipeline: str, max_new_tokens: int) -> None:
 def memory(kind: str, max_new_tokens: int) -> dict:
     out = {}
     for name in PIPELINES:
-        proc = subprocess.run([sys.executable, __file__, "--child", kind, name, "--max-new-tokens", str(max_new_tokens)],
+        proc = subprocess.run([sys.executable, __file__, "--child", kind, name, "--max-new-tokens", str(max_new_tokens),
+                               "--threads", str(torch.get_num_threads())],
                               capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"memory child {name} failed:\n{proc.stderr[-2000:]}")
@@ -216,7 +219,8 @@ def write_docs(results: list[dict], command: str) -> None:
     path = ROOT / "docs" / "performance.md"
     text = path.read_text() if path.exists() else "# Performance\n\n<!-- bench:start -->\n<!-- bench:end -->\n"
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, float32, {time.strftime('%Y-%m-%d')}"
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}, "
+               f"float32, {time.strftime('%Y-%m-%d')}")  # fmt: skip
     block = f"{start}\nMeasured with `{command}` on {machine}.\n\n{table(results)}\n\n<details><summary>raw numbers</summary>\n\n```json\n{json.dumps(results, indent=1)}\n```\n</details>\n{end}"
     head, _, rest = text.partition(start)
     _, _, tail = rest.partition(end)
@@ -230,9 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/performance.md")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "PIPELINE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args.child[0], args.child[1], args.max_new_tokens)
         return

@@ -237,6 +237,7 @@ def zoo_train(
     threads: Optional[int] = typer.Option(None),
     eval_every: int = typer.Option(500),
     final_eval_per_task: int = typer.Option(100),
+    rewarm: bool = typer.Option(False, help="with --resume: restart the learning-rate schedule at the resumed step"),
 ) -> None:
     """Retrain an embedded shapes-world model from scratch (fixed seeds, checkpoints, held-out evaluation)."""
     from vlm_lens.zoo import train
@@ -244,7 +245,7 @@ def zoo_train(
     if family not in train.RECIPES:
         _fail(f"--family must be one of {sorted(train.RECIPES)}, got {family!r}")
     result = train.train(family, out, steps=steps, resume=resume, threads=threads, eval_every=eval_every,
-                         final_eval_per_task=final_eval_per_task)  # fmt: skip
+                         final_eval_per_task=final_eval_per_task, rewarm=rewarm)  # fmt: skip
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -31,6 +31,9 @@ class ModelSize:
     # Text-model rotary base. Qwen's mRoPE gives the image-width axis the lowest frequencies: at 1e4 a one-column
     # step rotates by < 0.004 rad, too little to read a column from (docs/zoo.md); the shapes-world Qwen uses 10.
     rope_theta: float = 10000.0
+    # Tied input/output embeddings: the lens at the embedding output then reads each token as itself instead of a
+    # learned prior over answers (docs/zoo.md: the untied shapes-llava put p > 0.1 on three answer words there).
+    tie_embeddings: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -63,7 +66,7 @@ def build_model(family: str, tokenizer, size: ModelSize, *, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=size.tie_embeddings,
     )
     if family == "llava":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": size.rope_theta}
@@ -86,7 +89,7 @@ def build_model(family: str, tokenizer, size: ModelSize, *, seed: int = 0):
             image_seq_length=n_image_tokens,
             vision_feature_layer=-1,
             vision_feature_select_strategy="default",
-            tie_word_embeddings=False,
+            tie_word_embeddings=size.tie_embeddings,
         )
         model = LlavaForConditionalGeneration(config)
     else:
@@ -114,7 +117,7 @@ def build_model(family: str, tokenizer, size: ModelSize, *, seed: int = 0):
                 spatial_merge_size=2,
                 temporal_patch_size=2,
             )
-            config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+            config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=size.tie_embeddings, **ids)
             model = Qwen2VLForConditionalGeneration(config)
         else:
             from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -131,7 +134,7 @@ def build_model(family: str, tokenizer, size: ModelSize, *, seed: int = 0):
                 window_size=size.patch_size * 4,
                 fullatt_block_indexes=[size.vision_layers - 1],
             )
-            config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+            config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=size.tie_embeddings, **ids)
             model = Qwen2_5_VLForConditionalGeneration(config)
     # TransformerLens and nnsight read the architecture name from the config.
     model.config.architectures = [type(model).__name__]

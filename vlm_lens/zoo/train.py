@@ -43,7 +43,9 @@ _TEXT = dict(d_model=128, n_layers=8, n_heads=4, d_mlp=512, max_positions=64)
 RECIPES = {
     "llava": Recipe(
         "llava",
-        ModelSize(**_TEXT, vision_width=128, vision_layers=3, vision_heads=4, image_size=48, patch_size=16),
+        ModelSize(
+            **_TEXT, vision_width=128, vision_layers=3, vision_heads=4, image_size=48, patch_size=16, tie_embeddings=True
+        ),
     ),
     "qwen2-vl": Recipe(
         "qwen2-vl",
@@ -184,8 +186,13 @@ def train(
     eval_per_task: int = 20,
     final_eval_per_task: int = 100,
     progress: bool = True,
+    rewarm: bool = False,
 ) -> dict:
-    """Train ``family`` into ``out``; returns the final held-out evaluation."""
+    """Train ``family`` into ``out``; returns the final held-out evaluation.
+
+    ``rewarm`` (with ``resume``): restart the warm-up and cosine schedule at the resumed step, for a second stage
+    after a recipe change (the change and the new schedule are written to ``train_log.jsonl``).
+    """
     import torch
 
     from vlm_lens.builders import build_model, build_processor
@@ -211,9 +218,16 @@ def train(
             # The rotary frequencies are rebuilt from the config at load time, so a changed base takes effect here.
             changes["rope_theta"] = [rope["rope_theta"], recipe.size.rope_theta]
             rope["rope_theta"] = recipe.size.rope_theta
+        if bool(config.tie_word_embeddings) != recipe.size.tie_embeddings:
+            # Tying on load makes lm_head share the input embedding matrix (the checkpoint's lm_head is dropped).
+            changes["tie_embeddings"] = [bool(config.tie_word_embeddings), recipe.size.tie_embeddings]
+            config.tie_word_embeddings = config.text_config.tie_word_embeddings = recipe.size.tie_embeddings
         model = AutoModelForImageTextToText.from_pretrained(
             checkpoint, config=config, local_files_only=True, dtype=torch.float32
         )
+        if changes.get("tie_embeddings") == [False, True]:
+            # transformers keeps a checkpoint's distinct lm_head; tie by hand (the head starts as the embeddings)
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
         start_step = json.loads((checkpoint / "train_state.json").read_text())["step"]
     else:
         processor = build_processor(family, sw.vocabulary(), recipe.size, out / "processor")
@@ -222,9 +236,12 @@ def train(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
     )
-    if start_step:
+    if start_step and "tie_embeddings" not in changes:  # tying removes a parameter: fresh moments then
         _load_optimizer(optimizer, checkpoint)
     log = (out / "train_log.jsonl").open("a")
+    origin = start_step if rewarm else 0
+    if rewarm:
+        changes["schedule"] = f"warm-up + cosine restarted over steps {start_step}..{recipe.steps}"
     if changes:
         log.write(json.dumps({"step": start_step, "resumed_with_changes": changes}) + "\n")
     bar = None
@@ -242,7 +259,7 @@ def train(
     try:
         for step in range(start_step, recipe.steps):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, recipe)
+                group["lr"] = learning_rate(step - origin, replace(recipe, steps=recipe.steps - origin))
             batch = training_batch(processor, step, recipe)
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
@@ -314,11 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-per-task", type=int, default=20)
     parser.add_argument("--final-eval-per-task", type=int, default=100)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--rewarm", action="store_true", help="with --resume: restart the lr schedule there")
     args = parser.parse_args(argv)
     result = train(
         args.family, args.out, steps=args.steps, resume=args.resume, threads=args.threads,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_per_task=args.eval_per_task,
-        final_eval_per_task=args.final_eval_per_task, progress=not args.no_progress,
+        final_eval_per_task=args.final_eval_per_task, progress=not args.no_progress, rewarm=args.rewarm,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
 
