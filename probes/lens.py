@@ -23,7 +23,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class Lens:
-    """Base class: ``logits(model, resid, layers)`` with ``resid`` ``[n, pos, d_model]`` for stack ``layers``."""
+    """Base class: ``logits(model, resid, layers)`` with ``resid`` ``[n, pos, d_model]`` for stack ``layers``.
+
+    ``logits`` must return a new tensor: :func:`probes.lens_pass` normalises it in place.
+    """
 
     name = "lens"
     variant = "correct"

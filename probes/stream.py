@@ -146,7 +146,7 @@ def lens_pass(
     for name, value in buffers.items():
         setattr(out, name, value)
     if candidate_rows:
-        width = max(len(ids) for ids, _ in candidates)
+        width = max((len(ids) for ids, _ in candidates), default=0)
         out.candidate_ids = torch.full((n_pos, width), -1, dtype=torch.long)
         out.candidate_prob = torch.full((L, n_pos, width), float("nan"))
         for pos, (ids, prob) in enumerate(candidates):

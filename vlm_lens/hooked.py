@@ -310,7 +310,11 @@ class HookedVLM:
 
         ``names_filter`` (a list of hook names) defaults to the residual stack plus ``ln_final.hook_normalized``.
         ``capture="generate"`` records them with hooks during HF generation itself (prefill, then one position per
-        decoding step; no second forward). ``"reforward"`` generates, then runs one cached forward over the same
+        decoding step; no second forward). When every name is a residual-stream value (``blocks.{i}.hook_resid_pre``
+        / ``hook_resid_post``, ``ln_final.hook_normalized``) and no hook of yours is active on the model, that
+        generation runs through the plain HF modules (wrappers swapped out, sdpa attention, torch hooks on the
+        decoder layers), ~1.3x faster; the bridge is restored afterwards. Otherwise it runs through the bridge so
+        that every hook fires. ``"reforward"`` generates, then runs one cached forward over the same
         positions: needed for hooks that are not one vector per position (attention patterns), and it also keeps
         the logits of every position. ``"auto"`` picks ``"generate"`` when every requested hook allows it.
         """
