@@ -238,14 +238,21 @@ def zoo_train(
     eval_every: int = typer.Option(500),
     final_eval_per_task: int = typer.Option(100),
     rewarm: bool = typer.Option(False, help="with --resume: restart the learning-rate schedule at the resumed step"),
+    rope_theta: Optional[float] = typer.Option(None, help="override the text model's rotary base"),
+    task_weights: Optional[str] = typer.Option(None, help="relative task frequencies, e.g. position=3 (others 1)"),
 ) -> None:
     """Retrain an embedded shapes-world model from scratch (fixed seeds, checkpoints, held-out evaluation)."""
     from vlm_lens.zoo import train
 
     if family not in train.RECIPES:
         _fail(f"--family must be one of {sorted(train.RECIPES)}, got {family!r}")
+    try:
+        weights = train.parse_task_weights(task_weights)
+    except ValueError as error:
+        _fail(str(error))
     result = train.train(family, out, steps=steps, resume=resume, threads=threads, eval_every=eval_every,
-                         final_eval_per_task=final_eval_per_task, rewarm=rewarm)  # fmt: skip
+                         final_eval_per_task=final_eval_per_task, rewarm=rewarm, rope_theta=rope_theta,
+                         task_weights=weights)  # fmt: skip
     typer.echo(json.dumps(result, indent=2))
 
 

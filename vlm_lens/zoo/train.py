@@ -37,6 +37,8 @@ class Recipe:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
+    # relative task frequencies, e.g. (("position", 3.0),); unnamed tasks weigh 1 and none means uniform
+    task_weights: tuple[tuple[str, float], ...] = ()
 
 
 _TEXT = dict(d_model=128, n_layers=8, n_heads=4, d_mlp=512, max_positions=64)
@@ -68,7 +70,7 @@ def training_batch(processor, step: int, recipe: Recipe):
 
     max_objects = 1 if step < recipe.single_shape_steps else 3
     seeds = range(step * recipe.batch_size, (step + 1) * recipe.batch_size)
-    examples = [sw.example(s, max_objects=max_objects) for s in seeds]
+    examples = [sw.example(s, task=_task_for(s, recipe), max_objects=max_objects) for s in seeds]
     texts = [f"{prompt_text(processor, e.question)} {e.answer} </s>" for e in examples]
     inputs = processor(images=[e.image for e in examples], text=texts, padding=True, return_tensors="pt")
     labels = torch.full_like(inputs["input_ids"], -100)
@@ -79,6 +81,21 @@ def training_batch(processor, step: int, recipe: Recipe):
         labels[row, end - n_answer : end] = inputs["input_ids"][row, end - n_answer : end]
     inputs["labels"] = labels
     return inputs
+
+
+def _task_for(seed: int, recipe: Recipe) -> str | None:
+    """The task of training seed ``seed`` under ``recipe.task_weights`` (None: the seed's own uniform choice)."""
+    if not recipe.task_weights:
+        return None
+    import numpy as np
+
+    weights = dict(recipe.task_weights)
+    unknown = set(weights) - set(sw.TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks in task_weights: {sorted(unknown)}; choose from {sw.TASKS}")
+    p = np.array([weights.get(task, 1.0) for task in sw.TASKS], dtype=float)
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the seed's image stays the same
+    return sw.TASKS[int(rng.choice(len(p), p=p / p.sum()))]
 
 
 def learning_rate(step: int, recipe: Recipe) -> float:
@@ -187,11 +204,14 @@ def train(
     final_eval_per_task: int = 100,
     progress: bool = True,
     rewarm: bool = False,
+    rope_theta: float | None = None,
+    task_weights: dict[str, float] | None = None,
 ) -> dict:
     """Train ``family`` into ``out``; returns the final held-out evaluation.
 
     ``rewarm`` (with ``resume``): restart the warm-up and cosine schedule at the resumed step, for a second stage
-    after a recipe change (the change and the new schedule are written to ``train_log.jsonl``).
+    after a recipe change (the change and the new schedule are written to ``train_log.jsonl``). ``rope_theta`` and
+    ``task_weights`` override the recipe (recorded in ``recipe.json``).
     """
     import torch
 
@@ -201,6 +221,11 @@ def train(
     if family not in RECIPES:
         raise ValueError(f"no recipe for family {family!r}; choose one of {sorted(RECIPES)}")
     recipe = RECIPES[family] if steps is None else replace(RECIPES[family], steps=steps)
+    if rope_theta is not None:
+        recipe = replace(recipe, size=replace(recipe.size, rope_theta=float(rope_theta)))
+    if task_weights:
+        recipe = replace(recipe, task_weights=tuple(sorted((k, float(v)) for k, v in task_weights.items())))
+        _task_for(0, recipe)  # validate the task names now
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -240,6 +265,8 @@ def train(
         _load_optimizer(optimizer, checkpoint)
     log = (out / "train_log.jsonl").open("a")
     origin = start_step if rewarm else 0
+    if start_step and recipe.task_weights:
+        changes["task_weights"] = dict(recipe.task_weights)
     if rewarm:
         changes["schedule"] = f"warm-up + cosine restarted over steps {start_step}..{recipe.steps}"
     if changes:
@@ -319,6 +346,19 @@ def export(run_dir: str | Path, name: str, *, source: str = "model") -> Path:
     return target
 
 
+def parse_task_weights(text: str | None) -> dict[str, float] | None:
+    """``"position=3,count=0.5"`` -> ``{"position": 3.0, "count": 0.5}``."""
+    if not text:
+        return None
+    weights = {}
+    for item in text.split(","):
+        task, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"task weights look like 'position=3,count=0.5', got {text!r}")
+        weights[task.strip()] = float(value)
+    return weights
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train an embedded shapes-world model from scratch.")
     parser.add_argument("--family", choices=sorted(RECIPES), required=True)
@@ -332,11 +372,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--final-eval-per-task", type=int, default=100)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--rewarm", action="store_true", help="with --resume: restart the lr schedule there")
+    parser.add_argument("--rope-theta", type=float, default=None, help="override the text rotary base")
+    parser.add_argument("--task-weights", default=None, help="e.g. position=3 (others weigh 1)")
     args = parser.parse_args(argv)
     result = train(
         args.family, args.out, steps=args.steps, resume=args.resume, threads=args.threads,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_per_task=args.eval_per_task,
         final_eval_per_task=args.final_eval_per_task, progress=not args.no_progress, rewarm=args.rewarm,
+        rope_theta=args.rope_theta, task_weights=parse_task_weights(args.task_weights),
     )  # fmt: skip
     print(json.dumps(result, indent=2))
 
