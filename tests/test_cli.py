@@ -72,3 +72,32 @@ def test_zoo_train_smoke(tmp_path):
                                   "--resume", "--final-eval-per-task", "1", "--threads", "1"])  # fmt: skip
     assert resumed.exit_code == 0, resumed.output
     assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 4  # continued at step 4
+    # a second stage: a changed rotary base, task weights and a restarted schedule, all recorded
+    staged = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "run"), "--steps", "5",
+                                 "--resume", "--rewarm", "--rope-theta", "10", "--task-weights", "position=3",
+                                 "--final-eval-per-task", "1", "--threads", "1"])  # fmt: skip
+    assert staged.exit_code == 0, staged.output
+    lines = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    changes = next(line["resumed_with_changes"] for line in lines if "resumed_with_changes" in line)
+    assert changes["rope_theta"] == [10000.0, 10.0] and changes["task_weights"] == {"position": 3.0}
+    assert "4..5" in changes["schedule"]
+    recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert recipe["size"]["rope_theta"] == 10.0 and recipe["task_weights"] == [["position", 3.0]]
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["text_config"]["rope_parameters"]["rope_theta"] == 10.0
+    bad = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "bad"), "--task-weights", "position"])
+    assert bad.exit_code != 0 and "position=3" in bad.output
+
+
+def test_task_weights_choose_tasks_deterministically():
+    from dataclasses import replace
+
+    from vlm_lens.zoo.train import RECIPES, _task_for
+
+    recipe = replace(RECIPES["llava"], task_weights=(("position", 3.0),))
+    tasks = [_task_for(seed, recipe) for seed in range(3500)]
+    assert tasks == [_task_for(seed, recipe) for seed in range(3500)]
+    assert 0.38 <= tasks.count("position") / len(tasks) <= 0.48  # 3 / 7 expected
+    assert _task_for(5, RECIPES["llava"]) is None  # no weights: the seed's own uniform choice
+    with pytest.raises(ValueError, match="unknown tasks"):
+        _task_for(0, replace(recipe, task_weights=(("smell", 1.0),)))
