@@ -139,11 +139,8 @@ def skip(
     traces = [s.trace for s in evolution["samples"]]
     answers = [s.answer for s in evolution["samples"]]
     if layers:
-        from probes import LayerSkip
-
         chosen = _parse_layers(layers, vlm.n_layers)
-        rows = [layer_skip._summary(LayerSkip(chosen)(t), a, vlm) for t, a in zip(traces, answers)]
-        result = {"sets": {"given": layer_skip._mean_rows(rows, chosen)}, "sweep": {}}
+        result = {"sets": {"given": layer_skip.skip_effect(traces, answers, chosen)}, "sweep": {}}
     else:
         stages = evolution["aggregate"]["correct"]["stages"]
         if stages is None:

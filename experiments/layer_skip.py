@@ -41,19 +41,22 @@ def _summary(result, answer: str | None, model) -> dict:
     }
 
 
+def skip_effect(traces: Sequence, answers: Sequence[str | None], layers: Sequence[int]) -> dict:
+    """Skip decoder ``layers`` on every trace; the effects averaged over traces (agreement, KL, answer
+    probability, accuracy where answers are given) and each skipped generation's text."""
+    model = traces[0].cache.model
+    layers = list(layers)
+    return _mean_rows([_summary(LayerSkip(layers)(t), a, model) for t, a in zip(traces, answers)], layers)
+
+
 def run(traces: Sequence, answers: Sequence[str | None], critical: int, mutation: int, sweep: bool = True) -> dict:
     """Apply skip.1/2/3 (and optionally the single-layer sweep) to every trace; average the effects."""
     model = traces[0].cache.model
     sets = {"none": [], **skip_sets(critical, mutation, model.n_layers)}
-    table = {}
-    for name, layers in sets.items():
-        rows = [_summary(LayerSkip(layers)(t), a, model) for t, a in zip(traces, answers)]
-        table[name] = _mean_rows(rows, layers)
+    table = {name: skip_effect(traces, answers, layers) for name, layers in sets.items()}
     sweep_table = {}
     if sweep:
-        for layer in range(model.n_layers):
-            rows = [_summary(LayerSkip([layer])(t), a, model) for t, a in zip(traces, answers)]
-            sweep_table[str(layer)] = _mean_rows(rows, [layer])
+        sweep_table = {str(layer): skip_effect(traces, answers, [layer]) for layer in range(model.n_layers)}
     return {"critical_layer": critical, "mutation_layer": mutation, "sets": table, "sweep": sweep_table}
 
 
