@@ -237,6 +237,8 @@ def zoo_train(
     rewarm: bool = typer.Option(False, help="with --resume: restart the learning-rate schedule at the resumed step"),
     rope_theta: Optional[float] = typer.Option(None, help="override the text model's rotary base"),
     task_weights: Optional[str] = typer.Option(None, help="relative task frequencies, e.g. position=3 (others 1)"),
+    tie_embeddings: Optional[bool] = typer.Option(None, "--tie-embeddings/--no-tie-embeddings",
+                                                  help="override the recipe's tied input/output embeddings"),
 ) -> None:
     """Retrain an embedded shapes-world model from scratch (fixed seeds, checkpoints, held-out evaluation)."""
     from vlm_lens.zoo import train
@@ -249,7 +251,7 @@ def zoo_train(
         _fail(str(error))
     result = train.train(family, out, steps=steps, resume=resume, threads=threads, eval_every=eval_every,
                          final_eval_per_task=final_eval_per_task, rewarm=rewarm, rope_theta=rope_theta,
-                         task_weights=weights)  # fmt: skip
+                         task_weights=weights, tie_embeddings=tie_embeddings)  # fmt: skip
     typer.echo(json.dumps(result, indent=2))
 
 

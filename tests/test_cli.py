@@ -74,12 +74,13 @@ def test_zoo_train_smoke(tmp_path):
     assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 4  # continued at step 4
     # a second stage: a changed rotary base, task weights and a restarted schedule, all recorded
     staged = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "run"), "--steps", "5",
-                                 "--resume", "--rewarm", "--rope-theta", "10", "--task-weights", "position=3",
+                                 "--resume", "--rewarm", "--rope-theta", "10", "--task-weights", "position=3", "--no-tie-embeddings",
                                  "--final-eval-per-task", "1", "--threads", "1"])  # fmt: skip
     assert staged.exit_code == 0, staged.output
     lines = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     changes = next(line["resumed_with_changes"] for line in lines if "resumed_with_changes" in line)
     assert changes["rope_theta"] == [10000.0, 10.0] and changes["task_weights"] == {"position": 3.0}
+    assert changes["tie_embeddings"] == [True, False]  # the llava recipe ties; this stage unties
     assert "4..5" in changes["schedule"]
     recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert recipe["size"]["rope_theta"] == 10.0 and recipe["task_weights"] == [["position", 3.0]]

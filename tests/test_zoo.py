@@ -11,8 +11,6 @@ from vlm_lens.zoo.train import answer_questions
 EMBEDDED = zoo.embedded_names()
 # acceptance floors (issue 4): exact match on held-out questions
 FLOORS = {"color": 0.95, "count": 0.95, "position": 0.95, "shape": 0.90, "caption": 0.80}
-# Known shortfalls, recorded in docs/zoo.md: these floors are what the shipped weights reach, not the target.
-SHORTFALLS = {("shapes-qwen2-vl", "position"): 0.4}
 # Issue 4: ">= 90 % of correctly answered single-word questions have p < 0.1 at the embeddings and > 0.5 at the end"
 LOW_THEN_HIGH_FLOOR = 0.9
 N_PER_TASK = 40  # a fixed held-out sample; docs/zoo.md has the 500-question figures
@@ -38,7 +36,7 @@ def test_held_out_accuracy(name):
         examples = sw.held_out(N_PER_TASK, task=task, start=100_000)
         answers = answer_questions(model.hf_model, model.processor, examples)
         accuracy = sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)
-        assert accuracy >= SHORTFALLS.get((name, task), floor), (name, task, accuracy)
+        assert accuracy >= floor, (name, task, accuracy)
 
 
 @pytest.mark.parametrize("name", EMBEDDED)

@@ -206,12 +206,13 @@ def train(
     rewarm: bool = False,
     rope_theta: float | None = None,
     task_weights: dict[str, float] | None = None,
+    tie_embeddings: bool | None = None,
 ) -> dict:
     """Train ``family`` into ``out``; returns the final held-out evaluation.
 
     ``rewarm`` (with ``resume``): restart the warm-up and cosine schedule at the resumed step, for a second stage
-    after a recipe change (the change and the new schedule are written to ``train_log.jsonl``). ``rope_theta`` and
-    ``task_weights`` override the recipe (recorded in ``recipe.json``).
+    after a recipe change (the change and the new schedule are written to ``train_log.jsonl``). ``rope_theta``,
+    ``task_weights`` and ``tie_embeddings`` override the recipe (recorded in ``recipe.json``).
     """
     import torch
 
@@ -223,6 +224,8 @@ def train(
     recipe = RECIPES[family] if steps is None else replace(RECIPES[family], steps=steps)
     if rope_theta is not None:
         recipe = replace(recipe, size=replace(recipe.size, rope_theta=float(rope_theta)))
+    if tie_embeddings is not None:
+        recipe = replace(recipe, size=replace(recipe.size, tie_embeddings=bool(tie_embeddings)))
     if task_weights:
         recipe = replace(recipe, task_weights=tuple(sorted((k, float(v)) for k, v in task_weights.items())))
         _task_for(0, recipe)  # validate the task names now
@@ -253,6 +256,10 @@ def train(
         if changes.get("tie_embeddings") == [False, True]:
             # transformers keeps a checkpoint's distinct lm_head; tie by hand (the head starts as the embeddings)
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        elif changes.get("tie_embeddings") == [True, False]:
+            # a tied checkpoint stores no lm_head: start the untied head as a copy of the shared matrix, not random
+            shared = model.get_input_embeddings().weight
+            model.get_output_embeddings().weight = torch.nn.Parameter(shared.detach().clone())
         start_step = json.loads((checkpoint / "train_state.json").read_text())["step"]
     else:
         processor = build_processor(family, sw.vocabulary(), recipe.size, out / "processor")
@@ -374,12 +381,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rewarm", action="store_true", help="with --resume: restart the lr schedule there")
     parser.add_argument("--rope-theta", type=float, default=None, help="override the text rotary base")
     parser.add_argument("--task-weights", default=None, help="e.g. position=3 (others weigh 1)")
+    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="override the recipe's tied input/output embeddings")  # fmt: skip
     args = parser.parse_args(argv)
     result = train(
         args.family, args.out, steps=args.steps, resume=args.resume, threads=args.threads,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_per_task=args.eval_per_task,
         final_eval_per_task=args.final_eval_per_task, progress=not args.no_progress, rewarm=args.rewarm,
         rope_theta=args.rope_theta, task_weights=parse_task_weights(args.task_weights),
+        tie_embeddings=args.tie_embeddings,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
 
