@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(results[-1:]), flush=True)
     print(table(results))
     if not args.no_write:
-        write_docs(results, "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        write_docs(results, " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]))
 
 
 if __name__ == "__main__":
