@@ -177,6 +177,12 @@ def test_plain_capture_puts_the_bridge_back_and_defers_to_user_hooks(tiny_llava,
     with model.hooks([("blocks.1.hook_resid_post", count)]):
         model.trace_generation(inputs, max_new_tokens=3)
     assert seen[-1][0] == "BlockBridge" and len(calls) == 3  # the bridge path: the user's hook fired each step
+    handle = _layer0(model).register_forward_hook(lambda module, args, out: calls.append("raw"))
+    try:  # a raw torch hook on a wrapper would be bypassed by unwrapping: the bridge path again
+        model.trace_generation(inputs, max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert seen[-1][0] == "BlockBridge" and calls.count("raw") == 3
 
 
 def _layer0(model):

@@ -338,7 +338,7 @@ class HookedVLM:
 
             from functools import partial
 
-            if all(_PLAIN.match(n) for n in names) and not self._bridge_hooks_active():
+            if all(_PLAIN.match(n) for n in names) and not self._wrapper_hooks_active():
                 # Only residual-stream values are wanted and no user hook must fire: generate through the plain HF
                 # modules (no wrapper dispatch, sdpa attention) and read them with torch hooks (docs/performance.md).
                 capture_context = self._plain_capture(names, store)
@@ -382,8 +382,25 @@ class HookedVLM:
             capture=capture,
         )
 
-    def _bridge_hooks_active(self) -> bool:
-        return any(point._forward_hooks or point._forward_pre_hooks for point in self.bridge.hook_dict.values())
+    def _wrapper_hooks_active(self) -> bool:
+        """Whether a user's forward hook sits where unwrapping would skip it: on a hook point, or on a
+        TransformerLens wrapper. Hooks on the HF modules themselves keep firing unwrapped, and the libraries' own
+        bookkeeping hooks (transformers' output capturing, the bridge's capture wiring) are not the user's."""
+        if any(point._forward_hooks or point._forward_pre_hooks for point in self.bridge.hook_dict.values()):
+            return True
+        swaps = _unwrap(self.hf_model)
+        try:
+            kept = {id(module) for module in self.hf_model.modules()}
+        finally:
+            for parent, child_name, wrapper in reversed(swaps):
+                parent._modules[child_name] = wrapper
+        for module in self.hf_model.modules():
+            if id(module) in kept:
+                continue
+            hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+            if any(not _is_library_hook(hook) for hook in hooks):
+                return True
+        return False
 
     @contextlib.contextmanager
     def _plain_capture(self, names: Sequence[str], store: dict[str, list[Tensor]]):
@@ -400,7 +417,10 @@ class HookedVLM:
         swaps = _unwrap(self.hf_model)
         previous = self.hf_model.config._attn_implementation
         try:
-            self.hf_model.set_attn_implementation("sdpa")
+            try:
+                self.hf_model.set_attn_implementation("sdpa")
+            except (ValueError, ImportError):  # an architecture without sdpa: keep its attention, still unwrapped
+                pass
             for name in names:
                 if name == "ln_final.hook_normalized":
                     handles.append(final_norm.register_forward_hook(lambda m, a, out, key=name: keep(key, out)))
@@ -558,6 +578,11 @@ def _get_module(model, dotted: str):
     for part in dotted.split("."):
         module = getattr(module, part)
     return module
+
+
+def _is_library_hook(hook) -> bool:
+    function = getattr(hook, "func", hook)
+    return (getattr(function, "__module__", None) or "").split(".")[0] in ("transformers", "transformer_lens")
 
 
 def _unwrap(root) -> list[tuple[Any, str, Any]]:
