@@ -388,12 +388,8 @@ class HookedVLM:
         bookkeeping hooks (transformers' output capturing, the bridge's capture wiring) are not the user's."""
         if any(point._forward_hooks or point._forward_pre_hooks for point in self.bridge.hook_dict.values()):
             return True
-        swaps = _unwrap(self.hf_model)
-        try:
+        with _unwrapped(self.hf_model):
             kept = {id(module) for module in self.hf_model.modules()}
-        finally:
-            for parent, child_name, wrapper in reversed(swaps):
-                parent._modules[child_name] = wrapper
         for module in self.hf_model.modules():
             if id(module) in kept:
                 continue
@@ -409,37 +405,31 @@ class HookedVLM:
         Everything is put back on exit, also when the block raises."""
         layers = [_original(layer) for layer in _get_module(self.hf_model, self.adapter.layers)]
         final_norm = self._final_norm
-        handles = []
 
         def keep(key: str, value) -> None:
             store[key].append((value[0] if isinstance(value, tuple) else value).detach())
 
-        swaps = _unwrap(self.hf_model)
         previous = self.hf_model.config._attn_implementation
-        try:
+        with _unwrapped(self.hf_model), contextlib.ExitStack() as cleanup:
             try:
                 self.hf_model.set_attn_implementation("sdpa")
+                cleanup.callback(self.hf_model.set_attn_implementation, previous)
             except (ValueError, ImportError):  # an architecture without sdpa: keep its attention, still unwrapped
                 pass
             for name in names:
                 if name == "ln_final.hook_normalized":
-                    handles.append(final_norm.register_forward_hook(lambda m, a, out, key=name: keep(key, out)))
-                    continue
-                index, kind = int(name.split(".")[1]), name.rsplit("_", 1)[1]
-                if kind == "post":
-                    handles.append(layers[index].register_forward_hook(lambda m, a, out, key=name: keep(key, out)))
-                else:
-                    handles.append(layers[index].register_forward_pre_hook(
+                    handle = final_norm.register_forward_hook(lambda m, a, out, key=name: keep(key, out))
+                elif name.endswith("_post"):
+                    layer = layers[int(name.split(".")[1])]
+                    handle = layer.register_forward_hook(lambda m, a, out, key=name: keep(key, out))
+                else:  # blocks.{i}.hook_resid_pre: the decoder layer's input
+                    layer = layers[int(name.split(".")[1])]
+                    handle = layer.register_forward_pre_hook(
                         lambda m, args, kwargs, key=name: keep(key, args[0] if args else kwargs["hidden_states"]),
                         with_kwargs=True,
-                    ))  # fmt: skip
+                    )
+                cleanup.callback(handle.remove)
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.hf_model.set_attn_implementation(previous)
-            for parent, child_name, wrapper in reversed(swaps):
-                parent._modules[child_name] = wrapper
 
     def _lens_agreement(self, cache, step_logits, step_positions, generated, stop_at_eos) -> Tensor:
         last = f"blocks.{self.n_layers - 1}.hook_resid_post"
@@ -585,20 +575,26 @@ def _is_library_hook(hook) -> bool:
     return (getattr(function, "__module__", None) or "").split(".")[0] in ("transformers", "transformer_lens")
 
 
-def _unwrap(root) -> list[tuple[Any, str, Any]]:
-    """Swap every TransformerLens wrapper under ``root`` for the HF module it wraps; returns what to put back."""
+@contextlib.contextmanager
+def _unwrapped(root):
+    """Within the block every TransformerLens wrapper under ``root`` is swapped for the HF module it wraps; the
+    wrappers are put back on exit, also when the block raises."""
     swaps = []
     pending = [root]
-    while pending:
-        module = pending.pop()
-        for name, child in list(module._modules.items()):
-            original = _original(child) if child is not None else None
-            if original is not child:
-                swaps.append((module, name, child))
-                module._modules[name] = original
-            if original is not None:
-                pending.append(original)
-    return swaps
+    try:
+        while pending:
+            module = pending.pop()
+            for name, child in list(module._modules.items()):
+                original = _original(child) if child is not None else None
+                if original is not child:
+                    swaps.append((module, name, child))
+                    module._modules[name] = original
+                if original is not None:
+                    pending.append(original)
+        yield
+    finally:
+        for parent, name, wrapper in reversed(swaps):
+            parent._modules[name] = wrapper
 
 
 def _original(module):
