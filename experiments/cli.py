@@ -245,8 +245,11 @@ def zoo_train(
 
     if family not in train.RECIPES:
         _fail(f"--family must be one of {sorted(train.RECIPES)}, got {family!r}")
-    try:
+    if rewarm and not resume:
+        _fail("--rewarm restarts the schedule at a resumed step: add --resume")
+    try:  # check every override before any training starts
         weights = train.parse_task_weights(task_weights)
+        train.recipe_for(family, steps=steps, rope_theta=rope_theta, task_weights=weights, tie_embeddings=tie_embeddings)
     except ValueError as error:
         _fail(str(error))
     result = train.train(family, out, steps=steps, resume=resume, threads=threads, eval_every=eval_every,

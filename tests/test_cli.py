@@ -86,8 +86,11 @@ def test_zoo_train_smoke(tmp_path):
     assert recipe["size"]["rope_theta"] == 10.0 and recipe["task_weights"] == [["position", 3.0]]
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["text_config"]["rope_parameters"]["rope_theta"] == 10.0
-    bad = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "bad"), "--task-weights", "position"])
-    assert bad.exit_code != 0 and "position=3" in bad.output
+    for args, message in ((["--task-weights", "position"], "position=3"), (["--task-weights", "position=-1"], ">= 0"),
+                          (["--rope-theta", "0"], "positive rotary base"), (["--rewarm"], "--resume")):
+        bad = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "bad"), *args])
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
+    assert not (tmp_path / "bad").exists()  # rejected before anything was written
 
 
 def test_task_weights_choose_tasks_deterministically():

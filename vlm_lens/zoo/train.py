@@ -94,6 +94,8 @@ def _task_for(seed: int, recipe: Recipe) -> str | None:
     if unknown:
         raise ValueError(f"unknown tasks in task_weights: {sorted(unknown)}; choose from {sw.TASKS}")
     p = np.array([weights.get(task, 1.0) for task in sw.TASKS], dtype=float)
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"task weights must be >= 0 with a positive total, got {dict(recipe.task_weights)}")
     rng = np.random.default_rng([seed, 1])  # a stream of its own: the seed's image stays the same
     return sw.TASKS[int(rng.choice(len(p), p=p / p.sum()))]
 
@@ -191,6 +193,35 @@ def save_checkpoint(model, processor, optimizer, step: int, out: Path, name: str
     return final
 
 
+def recipe_for(
+    family: str,
+    *,
+    steps: int | None = None,
+    rope_theta: float | None = None,
+    task_weights: dict[str, float] | None = None,
+    tie_embeddings: bool | None = None,
+) -> Recipe:
+    """``RECIPES[family]`` with the given overrides, checked (clear errors for an unknown family or task, a
+    non-positive rotary base or step count, negative task weights)."""
+    if family not in RECIPES:
+        raise ValueError(f"no recipe for family {family!r}; choose one of {sorted(RECIPES)}")
+    recipe = RECIPES[family]
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        recipe = replace(recipe, steps=steps)
+    if rope_theta is not None:
+        if not rope_theta > 0:
+            raise ValueError(f"rope_theta must be a positive rotary base (the recipes use 10 or 10000), got {rope_theta}")
+        recipe = replace(recipe, size=replace(recipe.size, rope_theta=float(rope_theta)))
+    if tie_embeddings is not None:
+        recipe = replace(recipe, size=replace(recipe.size, tie_embeddings=bool(tie_embeddings)))
+    if task_weights:
+        recipe = replace(recipe, task_weights=tuple(sorted((k, float(v)) for k, v in task_weights.items())))
+        _task_for(0, recipe)  # validate the task names and weights now
+    return recipe
+
+
 def train(
     family: str,
     out: str | Path,
@@ -219,16 +250,10 @@ def train(
     from vlm_lens.builders import build_model, build_processor
     from vlm_lens.processors import load_processor
 
-    if family not in RECIPES:
-        raise ValueError(f"no recipe for family {family!r}; choose one of {sorted(RECIPES)}")
-    recipe = RECIPES[family] if steps is None else replace(RECIPES[family], steps=steps)
-    if rope_theta is not None:
-        recipe = replace(recipe, size=replace(recipe.size, rope_theta=float(rope_theta)))
-    if tie_embeddings is not None:
-        recipe = replace(recipe, size=replace(recipe.size, tie_embeddings=bool(tie_embeddings)))
-    if task_weights:
-        recipe = replace(recipe, task_weights=tuple(sorted((k, float(v)) for k, v in task_weights.items())))
-        _task_for(0, recipe)  # validate the task names now
+    if rewarm and not resume:
+        raise ValueError("rewarm restarts the schedule at a resumed step: pass resume=True (--resume) with it")
+    recipe = recipe_for(family, steps=steps, rope_theta=rope_theta, task_weights=task_weights,
+                        tie_embeddings=tie_embeddings)  # fmt: skip
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
