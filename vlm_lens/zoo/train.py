@@ -299,7 +299,7 @@ def train(
     origin = start_step if rewarm else 0
     if start_step and recipe.task_weights:
         changes["task_weights"] = dict(recipe.task_weights)
-    if rewarm:
+    if rewarm and start_step:  # resume found no checkpoint: a fresh run, nothing restarted
         changes["schedule"] = f"warm-up + cosine restarted over steps {start_step}..{recipe.steps}"
     if changes:
         log.write(json.dumps({"step": start_step, "resumed_with_changes": changes}) + "\n")
