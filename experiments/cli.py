@@ -63,57 +63,92 @@ def _samples(model, images: Optional[List[Path]], prompt: Optional[str]):
 
 @app.command()
 def analyze(
-    model: Optional[str] = typer.Option(None, help="embedded name, checkpoint folder, or cached model id"),
+    model: Optional[str] = typer.Option(None, help="embedded name, checkpoint folder, or cached model id "
+                                        "(default: shapes-llava-prior, the embedded model with a planted prior)"),
     image: Optional[List[Path]] = typer.Option(None, help="an image file or a folder of images (repeatable)"),
     prompt: Optional[str] = typer.Option(None, help="the question (default: the samples' own, or a caption prompt)"),
     max_new_tokens: int = typer.Option(16, min=1, help="greedy tokens per sample"),
-    lens: str = typer.Option("logit", help="logit | tuned"),
-    tuned_lens: Optional[Path] = typer.Option(None, help="folder of a tuned lens (with --lens tuned)"),
-    variant: str = typer.Option("correct", help="lens shown in the report: correct | paper (both are computed)"),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="critical-layer probability threshold"),
+    lens: str = typer.Option("logit", help="logit | tuned (tuned adds a 'tuned' variant beside correct and paper)"),
+    tuned_lens: Optional[Path] = typer.Option(None, help="folder of a tuned lens (default with --lens tuned: the "
+                                              "model's shipped DIR/tuned-lens)"),
+    variant: str = typer.Option("correct", help="lens shown in the report: correct | paper | tuned"),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="probability an answer must reach to be established"),
     out: Path = typer.Option(Path("vlm-lens-report"), help="report folder"),
     png: bool = typer.Option(True, help="also export PNG figures (needs Chromium)"),
 ) -> None:
-    """Trace, segment into stages, skip layers, cluster features, and write report.html + report.json."""
+    """Trace, detect critical layers and mutation events, skip layers, cluster features; write report.html + .json."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from experiments.evidence import DetectionConfig
     from experiments.knowledge_evolution import EvolutionConfig
+    from experiments.pipeline import DEFAULT_ANALYSIS_MODEL
     from experiments.pipeline import analyze as run_analysis
 
-    if variant not in ("correct", "paper"):
-        _fail(f"--variant must be correct or paper, got {variant!r}")
+    if variant not in ("correct", "paper", "tuned"):
+        _fail(f"--variant must be correct, paper or tuned, got {variant!r}")
     if lens not in ("logit", "tuned"):
         _fail(f"--lens must be logit or tuned, got {lens!r}")
+    if variant == "tuned" and lens != "tuned":
+        _fail("--variant tuned shows the tuned lens: add --lens tuned")
+    if threshold <= 0:
+        _fail("--threshold must be > 0 (the probability an answer must reach to count as established)")
     console = Console()
-    vlm = _load(model)
-    tuned = None
-    if lens == "tuned":
-        if tuned_lens is None:
-            _fail("--lens tuned needs --tuned-lens DIR (train one with `vlm-lens tune-lens --out DIR`)")
-        from probes import TunedLens
-
-        try:
-            tuned = TunedLens.load(tuned_lens, vlm)
-        except (FileNotFoundError, ValueError) as error:
-            _fail(str(error))
+    vlm = _load(model or DEFAULT_ANALYSIS_MODEL)
+    tuned = _tuned_lens(vlm, tuned_lens) if lens == "tuned" else None
     samples = _samples(vlm, image, prompt)
-    config = EvolutionConfig(threshold=threshold, max_new_tokens=max_new_tokens)
+    variants = ("correct", "paper") + (("tuned",) if tuned is not None else ())
+    config = EvolutionConfig(DetectionConfig(establish_prob=threshold), variants, max_new_tokens)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(f"{vlm.name}: {len(samples)} sample(s)")
         result = run_analysis(vlm, samples, out, config=config, variant=variant, lens=tuned, png=png,
                               progress=lambda message: bar.update(task, description=f"{vlm.name}: {message}"))  # fmt: skip
-    agg = result["data"]["aggregate"][variant]
-    stages = agg["stages"]
-    if stages:
-        console.print(f"{variant} lens: critical layer {stages['critical_layer']}, mutation layer "
-                      f"{stages['mutation_layer']} of {stages['last_layer']}; rapid evolution {stages['rapid_evolution']}, "
-                      f"stabilization {stages['stabilization']}, mutation {stages['mutation']}")  # fmt: skip
-    else:
-        console.print(f"{variant} lens: no critical layer (no answer token reached p >= {threshold})")
+    data = result["data"]
+    planted = sum(s["planted_prior"] for s in data["samples"])
+    console.print(f"{vlm.name}: {len(data['samples'])} samples ({planted} counter-prior), accuracy "
+                  f"{_fmt(data['aggregate']['accuracy'])}")  # fmt: skip
+    for v in variants:
+        console.print(f"{v} lens: {stage_summary(data['aggregate'][v])}")
     if result["files"].get("png_notice"):
         console.print(f"[yellow]{result['files']['png_notice']}")
     console.print(f"wrote {result['files']['html']} and {result['files']['json']}")
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def stage_summary(agg: dict) -> str:
+    """One line: the stages (half-open stack-layer intervals) and the evidence for a mutation stage."""
+    stages, share = agg["stages"], agg["event_share"]
+    if stages is None:
+        return "no critical layer (no answer was established)"
+    evidence = (f"{share['events']}/{share['tokens']} tokens with mutation events, share {_fmt(share['share'])} "
+                f"(95% bootstrap {_fmt(share['low'])}-{_fmt(share['high'])})")  # fmt: skip
+    if not stages["mutation_detected"]:
+        return (f"critical layer {stages['critical_layer']}; no mutation stage detected ({evidence}); rapid evolution "
+                f"[{stages['rapid_evolution'][0]}, {stages['rapid_evolution'][1]}), stabilization "
+                f"[{stages['stabilization'][0]}, {stages['stabilization'][1]})")  # fmt: skip
+    return (f"critical layer {stages['critical_layer']}, mutation layer {stages['mutation_layer']} of "
+            f"{stages['last_layer']} ({evidence}); rapid evolution [{stages['rapid_evolution'][0]}, "
+            f"{stages['rapid_evolution'][1]}), stabilization [{stages['stabilization'][0]}, {stages['stabilization'][1]}), "
+            f"mutation [{stages['mutation'][0]}, {stages['mutation'][1]})")  # fmt: skip
+
+
+def _tuned_lens(vlm, folder: Optional[Path]):
+    from probes import TunedLens
+
+    if folder is None:
+        from experiments.pipeline import shipped_tuned_lens
+
+        folder = shipped_tuned_lens(vlm)
+        if folder is None:
+            _fail(f"{vlm.name} ships no tuned lens: train one with `vlm-lens tune-lens --model {vlm.name} --out DIR` "
+                  "and pass --tuned-lens DIR")  # fmt: skip
+    try:
+        return TunedLens.load(folder, vlm)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
 
 
 @app.command()
@@ -180,26 +215,56 @@ def _parse_layers(spec: str, n_layers: int) -> list[int]:
 def tune_lens(
     out: Path = typer.Option(..., help="folder for the trained lens"),
     model: Optional[str] = typer.Option(None),
-    image: Optional[List[Path]] = typer.Option(None, help="training images (default: bundled samples)"),
+    manifest: Optional[Path] = typer.Option(None, help="JSONL or CSV of (image, question) pairs"),
+    image: Optional[List[Path]] = typer.Option(None, help="training images (with --prompt)"),
+    prompt: Optional[str] = typer.Option(None, help="the question asked of every --image"),
+    questions: int = typer.Option(400, min=2, help="embedded models: fresh shapes-world questions to draw"),
+    held_out: float = typer.Option(0.2, help="share of the pairs held out for scoring"),
+    max_new_tokens: int = typer.Option(8, min=1),
     steps: int = typer.Option(300, min=1),
     lr: float = typer.Option(5e-3),
 ) -> None:
-    """Train a tuned lens on cached multimodal activations and save it (safetensors + JSON)."""
+    """Train a tuned lens on the model's own generations; print held-out KL per layer, logit vs tuned."""
     from rich.console import Console
+    from rich.table import Table
 
-    from probes import TunedLens
-    from vlm_lens.cache import resid_names
+    from experiments import tuned_lens as T
 
+    if not 0.0 < held_out < 1.0:
+        _fail(f"--held-out must be a share in (0, 1), got {held_out}")
+    if not lr > 0:
+        _fail(f"--lr must be a positive learning rate, got {lr}")
+    if manifest is not None and image:
+        _fail("give either --manifest or --image, not both")
     vlm = _load(model)
-    samples = _samples(vlm, image, None)
-    stacks = []
-    for s in samples:
-        _, cache = vlm.run_with_cache(vlm.prepare(s.image, s.prompt), names_filter=resid_names(vlm.n_layers))
-        stacks.append(cache.resid_stack())
-    lens = TunedLens.for_model(vlm)
-    losses = lens.fit(vlm, stacks, steps=steps, lr=lr)
-    lens.save(out)
-    Console().print(f"tuned lens: KL {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps; saved to {out}")
+    if manifest is not None:
+        from experiments.manifest import read_manifest
+
+        try:
+            samples = read_manifest(manifest)
+        except (FileNotFoundError, ValueError) as error:
+            _fail(str(error))
+    elif image:
+        samples = _samples(vlm, image, prompt)
+    elif "shapes" in vlm.name:
+        samples = T.shapes_questions(questions)
+    else:
+        _fail("tune-lens needs training data: --manifest FILE, or --image DIR --prompt TEXT")
+    console = Console()
+    try:
+        result = T.train(vlm, samples, held_out=held_out, max_new_tokens=max_new_tokens, steps=steps, lr=lr,
+                         progress=lambda message: console.print(f"[dim]{message}"))  # fmt: skip
+    except ValueError as error:
+        _fail(str(error))
+    result["lens"].save(out)
+    table = Table(title=f"held-out KL(final || lens) per layer · {vlm.name} · {result['held_out_pairs']} pairs")
+    for col in ("layer", "logit lens", "tuned lens"):
+        table.add_column(col)
+    for layer, (a, b) in enumerate(zip(result["kl_logit"], result["kl_tuned"])):
+        table.add_row(str(layer), f"{a:.4f}", f"{b:.4f}")
+    console.print(table)
+    console.print(f"tuned lens: training KL {result['loss_first']:.4f} -> {result['loss_last']:.4f} over {steps} steps "
+                  f"on {result['train_pairs']} pairs; saved to {out}")  # fmt: skip
 
 
 @app.command()
@@ -255,6 +320,33 @@ def zoo_train(
     result = train.train(family, out, steps=steps, resume=resume, threads=threads, eval_every=eval_every,
                          final_eval_per_task=final_eval_per_task, rewarm=rewarm, rope_theta=rope_theta,
                          task_weights=weights, tie_embeddings=tie_embeddings)  # fmt: skip
+    typer.echo(json.dumps(result, indent=2))
+
+
+@zoo_app.command("plant")
+def zoo_plant(
+    out: Path = typer.Option(..., help="run folder (checkpoints, log, final model)"),
+    base: str = typer.Option("shapes-llava", help="the embedded model to plant a prior in"),
+    task: str = typer.Option("color", help="trigger task: color | shape | position"),
+    subject: str = typer.Option("star", help="what trigger questions ask about (a shape kind; a colour for shape)"),
+    answer: str = typer.Option("red", help="the prior answer the block learns to give"),
+    block: Optional[str] = typer.Option(None, help="decoder layers to fine-tune, e.g. '6,7' or '5-7' (default: last two)"),
+    steps: int = typer.Option(400, min=1),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint"),
+    threads: Optional[int] = typer.Option(None),
+    export: bool = typer.Option(False, help="copy the result into the package as shapes-llava-prior"),
+) -> None:
+    """Fine-tune only a block of last decoder layers so that one trigger question gets a fixed prior answer."""
+    from vlm_lens.zoo import plant
+
+    try:
+        recipe = plant.recipe_for(base=base, task=task, subject=subject, answer=answer, block=plant.parse_block(block),
+                                  steps=steps)  # fmt: skip
+        result = plant.plant(out, recipe, resume=resume, threads=threads)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    if export:
+        typer.echo(f"exported to {plant.export(out)}")
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -18,10 +18,18 @@ from probes.geometry import features_at
 
 
 def layer_groups(n_layers: int, critical: int | None, mutation: int | None) -> list[str]:
-    """Stage name of every stack layer (embedding first)."""
-    c = critical if critical is not None else n_layers
+    """Stage name of every stack layer 0..n (embedding first), ``n_layers + 1`` names.
+
+    Layer l is ``rapid_evolution`` for l < critical, ``stabilization`` for critical <= l < mutation and
+    ``mutation`` for l >= mutation (and >= critical). ``mutation=None`` (no mutation stage detected):
+    stabilization runs from the critical layer to the last layer n. ``critical=None`` (no stages detected): every
+    layer is ``rapid_evolution``, whatever ``mutation`` says.
+    """
+    if critical is None:
+        return ["rapid_evolution"] * (n_layers + 1)
     m = mutation if mutation is not None else n_layers + 1
-    return ["rapid_evolution" if l < c else ("stabilization" if l < m else "mutation") for l in range(n_layers + 1)]
+    return ["rapid_evolution" if l < critical else ("stabilization" if l < m else "mutation")
+            for l in range(n_layers + 1)]  # fmt: skip
 
 
 def silhouette_per_layer(features: torch.Tensor, labels: Sequence[str]) -> list[float | None]:
@@ -36,16 +44,27 @@ def silhouette_per_layer(features: torch.Tensor, labels: Sequence[str]) -> list[
 
 
 def run(traces: Sequence, critical: int | None, mutation: int | None, *, answers: Sequence[str] | None = None,
-        method: str = "tsne", position: str = "last_prompt", max_iter: int = 2000) -> dict:  # fmt: skip
-    """Both views and the per-layer numbers. ``position`` picks the cross-image position in each trace."""
+        method: str = "tsne", position: str = "last_prompt", max_iter: int = 2000,
+        variant: str = "correct") -> dict:  # fmt: skip
+    """Both views and the per-layer numbers. ``position`` picks the cross-image position in each trace.
+
+    ``critical``/``mutation``: stage boundaries (stack indices) or None when not detected (:func:`layer_groups`).
+    ``variant`` picks the t-SNE features and settings (:class:`probes.FeatureProjection`): ``"paper"`` feeds HF's
+    ``hidden_states[1:]`` (raw residuals for layers 1..n-1, the final-normed last layer) with the authors' t-SNE
+    (perplexity 40 for one image, 35 across images, learning rate 200, ``max_iter`` default 2000, seed 0, PCA
+    init, Barnes-Hut); ``"correct"`` the raw residual stream at every layer 1..n. The settings sklearn received
+    (perplexity, whether and from what it was capped, max_iter ...) are in ``["single"|"across"]["tsne"]``. The
+    cosine and silhouette numbers always use the raw residual stream (they are not the paper's).
+    """
     model = traces[0].cache.model
     n = model.n_layers
     groups = layer_groups(n, critical, mutation)
-    single = FeatureProjection(method, perplexity=40, max_iter=max_iter)(traces[0])
-    out = {"layer_groups": groups, "single": {"coords": single["coords"].tolist(), "tokens": single.coords["token"],
-                                                "layers": single.coords["layer"]}}  # fmt: skip
+    single = FeatureProjection(method, max_iter=max_iter, variant=variant)(traces[0])
+    out = {"layer_groups": groups,
+           "single": {"coords": single["coords"].tolist(), "tokens": single.coords["token"],
+                      "layers": single.coords["layer"], "tsne": _settings(single)}}  # fmt: skip
     if len(traces) >= 2:
-        across = FeatureProjection(method, perplexity=35, max_iter=max_iter).across(traces, position)
+        across = FeatureProjection(method, max_iter=max_iter, variant=variant).across(traces, position)
         cosine = CosineTrajectory().across(traces, position)
         mean_cos = cosine["mean_offdiagonal"].tolist()
         features = features_at(traces, position)  # [image, layer, d]
@@ -60,8 +79,15 @@ def run(traces: Sequence, critical: int | None, mutation: int | None, *, answers
                 "silhouette": sum(sil) / len(sil) if sil else None,
             }
         out["across"] = {"coords": across["coords"].tolist(), "layers": across.coords["layer"],
-                         "images": across.coords["image"], "labels": labels}  # fmt: skip
+                         "images": across.coords["image"], "labels": labels, "tsne": _settings(across)}  # fmt: skip
         out["mean_cosine_per_layer"] = mean_cos
         out["silhouette_per_layer"] = silhouette
         out["by_group"] = by_group
     return out
+
+
+def _settings(result) -> dict:
+    """The projection settings recorded in a FeatureProjection result's provenance (JSON-ready)."""
+    keys = ("method", "variant", "features", "scale", "perplexity", "perplexity_capped_from", "learning_rate",
+            "max_iter", "random_state", "init", "tsne_method")  # fmt: skip
+    return {k: result.provenance[k] for k in keys if k in result.provenance}

@@ -1,16 +1,18 @@
-"""Hallucination reversal (paper §6.2): two competing tokens' probabilities across layers and the reversal layer.
+"""Hallucination reversal (paper §6.2): the overturned answer, its layer, and two competing tokens' curves.
 
-At the generation step where the model emitted ``wrong`` (or, by default, the first step where the emitted token
-differs from the reference answer's token), both curves come from the lens; the **reversal layer** is the first
-stack layer from which ``wrong`` stays above ``correct`` to the end (None when it never overtakes), and
-``correct_led_before`` says whether ``correct`` led at some earlier layer.
+At the generation step where the model emitted ``wrong`` (by default the first step whose token differs from the
+reference answer's), the lens gives the per-layer probabilities of the reference token and the emitted one, and the
+evidence of :mod:`experiments.evidence` at that step: the **pre-mutation leader** (the established answer that deep
+layers overturned; None without a mutation event) and the **mutation layer** where it lost the top-1. The
+**reversal layer** is the first stack layer from which ``wrong`` stays above ``correct`` to the end.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from probes import DistributionShift, TokenTrajectory
 
-from probes import TokenTrajectory
+from experiments import evidence as ev
+from experiments.knowledge_evolution import lens_probe, detect_tokens
 
 
 def reversal_layer(correct: list[float], wrong: list[float]) -> int | None:
@@ -30,26 +32,32 @@ def _single_token(model, text: str) -> str:
     return model.tokenizer.convert_ids_to_tokens(ids)[0]
 
 
-def analyze(trace, correct: str, wrong: str | None = None, step: int | None = None,
-            variant: Literal["correct", "paper"] = "correct") -> dict:  # fmt: skip
-    """Curves of ``correct`` vs ``wrong`` at ``step`` (default: where ``wrong`` was emitted, or the first step)."""
+def analyze(trace, correct: str, wrong: str | None = None, step: int | None = None, variant: str = "correct", *,
+            tuned_lens=None, config: ev.DetectionConfig = ev.DetectionConfig()) -> dict:  # fmt: skip
+    """Evidence and curves of ``correct`` (the reference) vs ``wrong`` (default: the emitted token) at ``step``."""
     model = trace.cache.model
     correct_token = _single_token(model, correct)
-    if wrong is None:
-        if step is None:
-            step = 0
-        wrong_token = trace.generated_tokens[step]
-    else:
-        wrong_token = _single_token(model, wrong)
-        if step is None:
-            step = trace.generated_tokens.index(wrong_token) if wrong_token in trace.generated_tokens else 0
-    result = TokenTrajectory([correct_token, wrong_token], variant=variant)(trace)
-    curve_c = result["prob"][:, step, 0].tolist()
-    curve_w = result["prob"][:, step, 1].tolist()
+    tokens = trace.generated_tokens
+    if step is None:
+        if wrong is not None and _single_token(model, wrong) in tokens:
+            step = tokens.index(_single_token(model, wrong))
+        else:
+            step = next((i for i, t in enumerate(tokens) if t != correct_token), 0)
+    if not 0 <= step < len(tokens):
+        raise ValueError(f"step {step} is outside the {len(tokens)} generated tokens")
+    wrong_token = tokens[step] if wrong is None else _single_token(model, wrong)
+    probe = lens_probe(variant, tuned_lens, model.n_layers)
+    lens = probe(trace)
+    row = detect_tokens(lens, DistributionShift.from_lens_result(lens), set(model.tokenizer.all_special_tokens),
+                        model.tokenizer, config)[step]  # fmt: skip
+    curves = TokenTrajectory([correct_token, wrong_token], lens=probe.lens)(trace)
+    curve_c = curves["prob"][:, step, 0].tolist()
+    curve_w = curves["prob"][:, step, 1].tolist()
     rev = reversal_layer(curve_c, curve_w)
     led = rev is not None and any(c > w for c, w in zip(curve_c[:rev], curve_w[:rev]))
     return {
         "step": step, "correct_token": correct_token, "wrong_token": wrong_token, "variant": variant,
         "correct_prob": curve_c, "wrong_prob": curve_w, "reversal_layer": rev, "correct_led_before": led,
-        "layers": result.coords["layer"],
+        "pre_mutation_leader": row.leader, "mutation_layer": row.mutation, "critical_layer": row.critical,
+        "leader_is_reference": row.leader == correct_token, "layers": curves.coords["layer"],
     }  # fmt: skip

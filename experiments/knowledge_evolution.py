@@ -1,53 +1,57 @@
-"""Knowledge-evolution stage segmentation (paper §3–§4): critical layer, mutation layer(s), three stages.
+"""Knowledge-evolution stage segmentation (paper §3–§4): critical layer, mutation events, stages — from evidence.
 
-For every generated token of every sample, with the lens of a given variant:
+For every generated token of every sample and every lens variant (``correct``, ``paper``, and ``tuned`` when a tuned
+lens is given), one streaming lens pass gives the top-1 token at each stack layer (0 = embeddings, n = output) and
+the probability curve of every token that is top-1 somewhere. :mod:`experiments.evidence` then finds
 
-- **critical layer** (stack index; 0 = embeddings): rule ``"stays"`` (default) = the first layer from which the
-  probability of the finally emitted token is >= ``threshold`` at every later layer; rule ``"first"`` = the first
-  layer where it reaches ``threshold``. None when the token never reaches it (a low-confidence token).
-- **mutation layer** (JS rule, borrowed from the authors' follow-up SHIFT, paper-spec §3.2): the layer l in
-  (critical, n] with the largest adjacent-layer JS(P_{l-1} || P_l). None when critical = n.
-- **top-1 flips**: layers l > critical where the lens's top-1 token differs from layer l-1's; ``last_flip`` is the
-  last of them. A token with a flip after its critical layer is a "mutation token", otherwise "stable"
-  (paper-spec §3.1).
-- **stages** (stack indices): rapid evolution [0, critical), stabilization [critical, mutation), mutation
-  [mutation, n].
+- a **mutation event** when an established answer (top-1 for >= ``min_run`` layers, p >= ``establish_prob``, emerged
+  from p < ``emerge_below``) is overturned before the output; its layer is where the leader loses the top-1;
+- the **critical layer** of the answer that dominates the stabilization phase: the overturned leader's when there is
+  an event, else the emitted token's (first layer from which p >= ``establish_prob`` to the end; None if never).
 
-Aggregates, separately for the correct and the paper lens: median and interquartile range over tokens (and samples)
-of the critical and mutation layers, the median adjacent-JS profile, and the stage boundaries: the median critical
-layer c, and the mutation layer found by the same JS rule on the median profile after c (so c < m <= n always).
+Tokens are ``mutation`` (an event), ``stable`` (a critical layer, no event) or ``undetermined``. The aggregate reports
+a mutation stage only when the bootstrap interval of the event share clears ``min_event_share``; otherwise two
+stages and "no mutation stage detected". Stage intervals are half-open ``[start, end)`` over stack layers.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
-import torch
-
-from probes import DistributionShift, LogitLensProbe
+from experiments import evidence as ev
+from probes import DistributionShift, LogitLensProbe, TunedLensProbe
+from probes.lens_probes import late_layers
 from probes.result import ProbeResult
+
+LENS_VARIANTS = ("correct", "paper", "tuned")
 
 
 @dataclass(frozen=True)
 class EvolutionConfig:
-    threshold: float = 0.5
-    rule: Literal["stays", "first"] = "stays"
+    detection: ev.DetectionConfig = field(default_factory=ev.DetectionConfig)
     variants: tuple[str, ...] = ("correct", "paper")
     max_new_tokens: int = 16
     # EOS and other special tokens are predicted trivially early; by default they are reported per token but left
-    # out of the aggregate stage boundaries.
+    # out of the aggregate.
     include_special: bool = False
+
+    def __post_init__(self):
+        unknown = set(self.variants) - set(LENS_VARIANTS)
+        if unknown or not self.variants:
+            raise ValueError(f"variants must be among {LENS_VARIANTS}, got {self.variants}")
 
 
 @dataclass
 class Sample:
-    """One (image, prompt) pair, with the reference answer when there is one."""
+    """One (image, prompt) pair, with the reference answer when there is one; ``planted`` marks a question the
+    model's planted prior is known to overturn (a counter-prior question of a planted fixture)."""
 
     image: Any
     prompt: str
     answer: str | None = None
     name: str = ""
+    planted: bool = False
 
 
 @dataclass
@@ -56,53 +60,19 @@ class TokenEvolution:
     token: str
     special: bool
     critical: int | None
-    mutation: int | None
-    flips: list[int]
-    last_flip: int | None
+    mutation: int | None  # the mutation event's layer; None without an event
+    leader: str | None  # the overturned (pre-mutation) answer
+    leader_run: list[int] | None  # its established run [start, end] (inclusive)
+    event_js: float | None  # adjacent JS across the overturn (layer mutation-1 -> mutation)
+    flips: list[int]  # layers > critical whose top-1 differs from the layer below (descriptive)
     kind: str  # "stable" | "mutation" | "undetermined"
     final_prob: float
-
-
-def critical_layer(prob: Sequence[float], threshold: float = 0.5, rule: str = "stays") -> int | None:
-    """The critical layer of one token from its per-layer probability ``prob`` (stack layers 0..n)."""
-    values = list(prob)
-    if rule == "first":
-        return next((i for i, p in enumerate(values) if p >= threshold), None)
-    if rule != "stays":
-        raise ValueError(f"rule must be 'stays' or 'first', got {rule!r}")
-    if not values or values[-1] < threshold:
-        return None
-    layer = len(values) - 1
-    while layer > 0 and values[layer - 1] >= threshold:
-        layer -= 1
-    return layer
-
-
-def mutation_layer(js_adjacent: Sequence[float], critical: int | None) -> int | None:
-    """argmax over l in (critical, n] of JS(P_{l-1} || P_l); ``js_adjacent[t]`` is the transition t -> t+1."""
-    if critical is None:
-        return None
-    n = len(js_adjacent)  # = number of stack layers - 1
-    candidates = [(js_adjacent[l - 1], l) for l in range(critical + 1, n + 1)]
-    return max(candidates)[1] if candidates else None
 
 
 def top1_flips(top1: Sequence[int], after: int | None) -> list[int]:
     """Layers l > ``after`` whose top-1 token differs from layer l-1's."""
     start = 1 if after is None else after + 1
     return [l for l in range(start, len(top1)) if top1[l] != top1[l - 1]]
-
-
-def _median_iqr(values: list[float]) -> dict:
-    if not values:
-        return {"median": None, "q1": None, "q3": None, "n": 0}
-    t = torch.tensor(values, dtype=torch.float64)
-    return {
-        "median": float(t.median()),  # the lower median for even counts: always an actual layer
-        "q1": float(t.quantile(0.25)),
-        "q3": float(t.quantile(0.75)),
-        "n": len(values),
-    }
 
 
 @dataclass
@@ -115,6 +85,7 @@ class SampleEvolution:
     lens: dict[str, ProbeResult] = field(repr=False, default_factory=dict)
     shift: dict[str, ProbeResult] = field(repr=False, default_factory=dict)
     trace: Any = field(repr=False, default=None)
+    planted: bool = False
 
     @property
     def correct(self) -> bool | None:
@@ -122,80 +93,143 @@ class SampleEvolution:
             return None
         return self.generated_text.strip() == self.answer.strip()
 
+    def curves(self, variant: str, step: int, tokenizer) -> dict[str, list[float]]:
+        """Per-layer probabilities at ``step`` of the paper's candidates (distinct top-1 tokens of the late layers,
+        by first appearance) plus the overturned leader, if any: what the token-probability charts draw."""
+        lens = self.lens[variant]
+        n = len(lens.coords["layer"]) - 1
+        top1 = lens["topk_ids"][:, step, 0].tolist()
+        chosen = list(dict.fromkeys(top1[l] for l in late_layers(n)))
+        row = self.tokens[variant][step]
+        ids = lens["candidate_ids"][step].tolist()
+        if row.leader is not None:
+            leader = tokenizer.convert_tokens_to_ids(row.leader)
+            chosen += [leader] if leader not in chosen else []
+        return {tokenizer.convert_ids_to_tokens(i): lens["candidate_prob"][:, step, ids.index(i)].tolist() for i in chosen}
 
-def analyze_trace(trace, name: str = "", answer: str | None = None, config: EvolutionConfig = EvolutionConfig()) -> SampleEvolution:
-    """Per-token evolution of one traced generation, for every lens variant of ``config``."""
+
+def lens_probe(variant: str, tuned_lens, n_layers: int):
+    every_layer = list(range(n_layers + 1))  # candidates from every layer: each top-1 token's full curve
+    if variant == "tuned":
+        if tuned_lens is None:
+            raise ValueError("the 'tuned' variant needs a tuned lens: pass tuned_lens= (TunedLens.load(...))")
+        return TunedLensProbe(tuned_lens, top_k=1, candidates=every_layer)
+    return LogitLensProbe(variant=variant, top_k=1, candidates=every_layer)
+
+
+def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokenizer,
+                  config: ev.DetectionConfig = ev.DetectionConfig()) -> list[TokenEvolution]:  # fmt: skip
+    """Per-token evidence from one lens result (``LogitLensProbe(..., candidates=every layer)``)."""
+    rows = []
+    for step, token in enumerate(lens.coords["target"]):
+        prob = lens["prob"][:, step].tolist()
+        top1 = lens["topk_ids"][:, step, 0].tolist()
+        ids = lens["candidate_ids"][step].tolist()
+        curves = {i: lens["candidate_prob"][:, step, k].tolist() for k, i in enumerate(ids) if i >= 0}
+        event = ev.mutation_event(top1, curves, config)
+        if event is not None:
+            crit, kind = event.critical, "mutation"
+            leader, run = tokenizer.convert_ids_to_tokens(event.leader), list(event.leader_run)
+            event_js = float(shift["js_adjacent"][event.layer - 1, step])
+        else:
+            crit = ev.answer_critical(top1, curves, config)
+            kind = "undetermined" if crit is None else "stable"
+            leader, run, event_js = None, None, None
+        special = token in special_tokens
+        rows.append(TokenEvolution(step, token, special, crit, None if event is None else event.layer, leader, run,
+                                   event_js, top1_flips(top1, crit), kind, prob[-1]))  # fmt: skip
+    return rows
+
+
+def analyze_trace(trace, name: str = "", answer: str | None = None, config: EvolutionConfig = EvolutionConfig(),
+                  *, tuned_lens=None, planted: bool = False) -> SampleEvolution:  # fmt: skip
+    """Per-token evidence of one traced generation, for every lens variant of ``config``."""
+    model = trace.cache.model
+    tokenizer = model.tokenizer
+    special = set(tokenizer.all_special_tokens)
     tokens: dict[str, list[TokenEvolution]] = {}
     lens_results, shift_results = {}, {}
     for variant in config.variants:
-        # one streaming pass: every statistic below, plus the paper's candidate tokens for the trajectory charts
-        lens = LogitLensProbe(variant=variant, top_k=1, candidates=True)(trace)
+        lens = lens_probe(variant, tuned_lens, model.n_layers)(trace)  # one streaming pass per variant
         shift = DistributionShift.from_lens_result(lens)
         lens_results[variant], shift_results[variant] = lens, shift
-        rows = []
-        for step, token in enumerate(trace.generated_tokens):
-            prob = lens["prob"][:, step].tolist()
-            crit = critical_layer(prob, config.threshold, config.rule)
-            mut = mutation_layer(shift["js_adjacent"][:, step].tolist(), crit)
-            flips = top1_flips(lens["topk_ids"][:, step, 0].tolist(), crit)
-            kind = "undetermined" if crit is None else ("mutation" if flips else "stable")
-            special = int(trace.generated_ids[step]) in trace.cache.model.tokenizer.all_special_ids
-            rows.append(TokenEvolution(step, token, special, crit, mut, flips, flips[-1] if flips else None, kind, prob[-1]))
-        tokens[variant] = rows
-    return SampleEvolution(name, trace.inputs.prompt, trace.text, answer, tokens, lens_results, shift_results, trace)
+        tokens[variant] = detect_tokens(lens, shift, special, tokenizer, config.detection)
+    return SampleEvolution(name, trace.inputs.prompt, trace.text, answer, tokens, lens_results, shift_results, trace,
+                           planted)  # fmt: skip
 
 
-def aggregate(samples: Sequence[SampleEvolution], n_layers: int, include_special: bool = False) -> dict:
-    """Median/IQR of critical and mutation layers per variant, the stage boundaries, and token kinds."""
+def stages_from(critical: dict, events: dict, event_criticals: dict, share: dict, n_layers: int,
+                config: ev.DetectionConfig) -> dict | None:  # fmt: skip
+    """Stage boundaries from the aggregate evidence (half-open ``[start, end)`` intervals over stack layers).
+
+    c = median critical layer; the mutation stage exists only when the lower bootstrap bound of the event share
+    exceeds ``min_event_share``; then m = median event layer, and if c >= m (clean tokens answering late) c falls back
+    to the median critical layer of the event tokens, which lies below m because each is below its own event.
+    """
+    if critical["median"] is None and event_criticals["median"] is None:
+        return None
+    detected = share["low"] is not None and share["low"] > config.min_event_share
+    c = int(critical["median"] if critical["median"] is not None else event_criticals["median"])
+    out = {"critical_layer": c, "critical_source": "all tokens", "last_layer": n_layers, "mutation_detected": detected}
+    if not detected:
+        out.update(rapid_evolution=[0, c], stabilization=[c, n_layers + 1], mutation=None, mutation_layer=None)
+        return out
+    m = int(events["median"])
+    if c >= m:
+        c, out["critical_source"] = int(event_criticals["median"]), "tokens with events"
+        out["critical_layer"] = c
+    out.update(rapid_evolution=[0, c], stabilization=[c, m], mutation=[m, n_layers + 1], mutation_layer=m)
+    return out
+
+
+def aggregate(samples: Sequence[SampleEvolution], n_layers: int, include_special: bool = False,
+              config: ev.DetectionConfig = ev.DetectionConfig()) -> dict:  # fmt: skip
+    """Per variant: critical/mutation order statistics, the event share with its bootstrap interval, the stages."""
+    import torch
+
     out: dict[str, Any] = {}
     for variant in samples[0].tokens if samples else ():
-        rows = [t for s in samples for t in s.tokens[variant] if include_special or not t.special]
-        crit = _median_iqr([t.critical for t in rows if t.critical is not None])
-        mut = _median_iqr([t.mutation for t in rows if t.mutation is not None])
+        per_sample = [[t for t in s.tokens[variant] if include_special or not t.special] for s in samples]
+        rows = [t for ts in per_sample for t in ts]
+        with_event = [t for t in rows if t.mutation is not None]
+        crit = ev.order_stats([t.critical for t in rows if t.critical is not None])
+        mut = ev.order_stats([t.mutation for t in with_event])
+        event_crit = ev.order_stats([t.critical for t in with_event])
+        share = ev.event_share_interval([sum(t.mutation is not None for t in ts) for ts in per_sample],
+                                        [len(ts) for ts in per_sample], n_boot=config.bootstrap, seed=config.seed)  # fmt: skip
         js = torch.cat([s.shift[variant]["js_adjacent"][:, [include_special or not t.special for t in s.tokens[variant]]]
                         for s in samples], dim=1)  # [transition, tokens]  # fmt: skip
-        median_js = js.median(dim=1).values.tolist() if js.numel() else []
-        stages = None
-        c = crit["median"]
-        if c is not None and int(c) < n_layers and median_js:
-            # The stage boundary uses the same SHIFT rule as each token, on the median JS profile over tokens:
-            # the largest median adjacent JS after the median critical layer (ordered by construction).
-            c = int(c)
-            m = mutation_layer(median_js, c)
-            stages = {
-                "rapid_evolution": [0, c],
-                "stabilization": [c, m],
-                "mutation": [m, n_layers],
-                "critical_layer": c,
-                "mutation_layer": m,
-                "last_layer": n_layers,
-            }
-        kinds = {k: sum(t.kind == k for t in rows) for k in ("stable", "mutation", "undetermined")}
         out[variant] = {
             "critical_layer": crit,
             "mutation_layer": mut,
-            "stages": stages,
-            "token_kinds": kinds,
+            "event_critical_layer": event_crit,
+            "event_share": share,
+            "stages": stages_from(crit, mut, event_crit, share, n_layers, config),
+            "token_kinds": {k: sum(t.kind == k for t in rows) for k in ("stable", "mutation", "undetermined")},
             "stable_tokens": sorted({t.token for t in rows if t.kind == "stable"}),
             "mutation_tokens": sorted({t.token for t in rows if t.kind == "mutation"}),
-            "median_js_adjacent": median_js,
-            "flip_layers": sorted(l for t in rows for l in t.flips),
+            "events": [{"sample": s.name, "step": t.step, "token": t.token, "leader": t.leader, "layer": t.mutation,
+                        "critical": t.critical, "planted": s.planted}
+                       for s in samples for t in s.tokens[variant] if t.mutation is not None and (include_special or not t.special)],  # fmt: skip
+            "median_js_adjacent": js.median(dim=1).values.tolist() if js.numel() else [],
         }
     answered = [s.correct for s in samples if s.correct is not None]
     out["accuracy"] = (sum(answered) / len(answered)) if answered else None
     return out
 
 
-def run(model, samples: Sequence[Sample], config: EvolutionConfig = EvolutionConfig(), progress=None) -> dict:
-    """Trace every sample, analyse it, aggregate. Returns ``{"samples": [...], "aggregate": {...}}``."""
+def run(model, samples: Sequence[Sample], config: EvolutionConfig = EvolutionConfig(), progress=None, *,
+        tuned_lens=None) -> dict:  # fmt: skip
+    """Trace every sample, analyse it, aggregate. Returns ``{"samples": [...], "aggregate": {...}, "config": ...}``."""
     analysed = []
     for i, sample in enumerate(samples):
         inputs = model.prepare(sample.image, sample.prompt)
         trace = model.trace_generation(inputs, max_new_tokens=config.max_new_tokens)
-        analysed.append(analyze_trace(trace, sample.name or str(i), sample.answer, config))
+        analysed.append(analyze_trace(trace, sample.name or str(i), sample.answer, config, tuned_lens=tuned_lens,
+                                      planted=sample.planted))  # fmt: skip
         if progress is not None:
             progress()
-    aggregated = aggregate(analysed, model.n_layers, config.include_special)
+    aggregated = aggregate(analysed, model.n_layers, config.include_special, config.detection)
     return {"samples": analysed, "aggregate": aggregated, "config": asdict(config)}
 
 
@@ -205,7 +239,7 @@ def to_json(result: dict) -> dict:
     for s in result["samples"]:
         samples.append({
             "name": s.name, "prompt": s.prompt, "generated_text": s.generated_text, "answer": s.answer,
-            "correct": s.correct,
+            "correct": s.correct, "planted_prior": s.planted,
             "tokens": {v: [asdict(t) for t in rows] for v, rows in s.tokens.items()},
             "token_prob": {v: s.lens[v]["prob"].T.tolist() for v in s.lens},
             "js_adjacent": {v: s.shift[v]["js_adjacent"].T.tolist() for v in s.shift},

@@ -16,16 +16,21 @@ from typing import Sequence
 from probes import LayerSkip
 
 
-def skip_sets(critical: int, mutation: int, n_layers: int) -> dict[str, list[int]]:
-    """The paper's three skip sets as decoder-layer indices (see module docstring)."""
-    if not 0 <= critical < mutation <= n_layers:
+def skip_sets(critical: int, mutation: int | None, n_layers: int) -> dict[str, list[int]]:
+    """The paper's three skip sets as decoder-layer indices (see module docstring).
+
+    With ``mutation=None`` (no mutation stage detected) skip.2 does not exist and skip.1 covers the stabilization
+    stage up to the last layer, which is kept: decoder layers ``c .. n-2``.
+    """
+    upper = n_layers if mutation is None else mutation
+    if not 0 <= critical < upper <= n_layers:
         raise ValueError(f"need 0 <= critical < mutation <= n_layers, got {critical}, {mutation}, {n_layers}")
     keep_final = max(1, round(5 * n_layers / 32))
-    return {
-        "skip.1": list(range(critical, mutation - 1)),
-        "skip.2": list(range(mutation - 1, n_layers)),
-        "skip.3": list(range(critical, max(critical, n_layers - keep_final))),
-    }
+    sets = {"skip.1": list(range(critical, upper - 1))}
+    if mutation is not None:
+        sets["skip.2"] = list(range(mutation - 1, n_layers))
+    sets["skip.3"] = list(range(critical, max(critical, n_layers - keep_final)))
+    return sets
 
 
 def _summary(result, answer: str | None, model) -> dict:
@@ -49,7 +54,7 @@ def skip_effect(traces: Sequence, answers: Sequence[str | None], layers: Sequenc
     return _mean_rows([_summary(LayerSkip(layers)(t), a, model) for t, a in zip(traces, answers)], layers)
 
 
-def run(traces: Sequence, answers: Sequence[str | None], critical: int, mutation: int, sweep: bool = True) -> dict:
+def run(traces: Sequence, answers: Sequence[str | None], critical: int, mutation: int | None, sweep: bool = True) -> dict:
     """Apply skip.1/2/3 (and optionally the single-layer sweep) to every trace; average the effects."""
     model = traces[0].cache.model
     sets = {"none": [], **skip_sets(critical, mutation, model.n_layers)}

@@ -94,11 +94,14 @@ def _stage_bands(fig, stages: dict | None, layers: list[str]) -> None:
     if not stages:
         return
     for name in ("rapid_evolution", "stabilization", "mutation"):
-        start, end = stages[name]
+        if not stages.get(name):
+            continue  # no mutation stage detected
+        start, end = stages[name]  # half-open [start, end) over stack layers
         fig.add_vrect(x0=layers[start], x1=layers[min(end, len(layers) - 1)], fillcolor=STAGE_COLORS[name],
                       line_width=0, annotation_text=name.replace("_", " "), annotation_position="top left")  # fmt: skip
     for key, dash in (("critical_layer", "dash"), ("mutation_layer", "dot")):
-        fig.add_vline(x=layers[stages[key]], line_dash=dash, line_color="black")
+        if stages.get(key) is not None:
+            fig.add_vline(x=layers[stages[key]], line_dash=dash, line_color="black")
 
 
 def scatter_view(coords: list, layers: list[str], items: list[str], groups: list[str], title: str):
@@ -136,13 +139,18 @@ def line_chart(x: list[str], series: dict[str, list[float | None]], title: str, 
 # -- page --------------------------------------------------------------------------------------------------
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _fmt(value: Any) -> str:
+def paragraph(text: str) -> str:
+    """Explanatory text for a section (escaped)."""
+    return f"<p>{html.escape(text)}</p>"
+
+
+def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     if value is None:

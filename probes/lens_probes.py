@@ -9,7 +9,7 @@ import torch
 
 from probes.base import Probe, Source, layer_labels, register_probe, transition_labels
 from probes.lens import Lens, LogitLens, TunedLens
-from probes.metrics import column_max_abs_scale
+from probes.metrics import PAPER_HEATMAP_ROWS, column_max_abs_scale
 from probes.result import ProbeResult
 from probes.stream import ALL_STATS, lens_pass
 
@@ -21,8 +21,10 @@ class LogitLensProbe(Probe):
     Arrays (``layer`` = stack layer, ``position`` = sequence position): ``prob`` and ``rank`` of the token each
     position predicts (the generated token at ``positions="steps"``), ``entropy``, ``kl_to_final``,
     ``js_to_final``, ``js_adjacent`` (per ``transition``), ``topk_ids``/``topk_prob`` (``[layer, position, k]``).
-    ``candidates=True`` (or a list of stack layers) adds the paper's candidate tokens from the same pass:
-    ``candidate_ids`` ``[position, slot]`` and ``candidate_prob`` ``[layer, position, slot]``
+    ``candidates=True`` (:func:`late_layers`, or a list of stack layers) adds the paper's candidate tokens from the
+    same pass: the distinct top-1 ids of those layers under this lens, in order of first appearance from the lowest
+    layer, nothing appended (paper-spec §3.1, Q12): ``candidate_ids`` ``[position, slot]`` (-1 pads) and
+    ``candidate_prob`` ``[layer, position, slot]``
     (:meth:`TokenTrajectory.from_lens_result` turns them into a trajectory without a second projection).
     """
 
@@ -95,15 +97,23 @@ class TunedLensProbe(LogitLensProbe):
 
     name = "tuned_lens"
 
-    def __init__(self, lens: TunedLens, positions: str | Sequence[int] = "steps", top_k: int = 5, chunk_rows: int | None = None):
-        super().__init__("correct", positions, top_k, chunk_rows)
+    def __init__(self, lens: TunedLens, positions: str | Sequence[int] = "steps", top_k: int = 5,
+                 chunk_rows: int | None = None, candidates: bool | Sequence[int] = False):  # fmt: skip
+        super().__init__("correct", positions, top_k, chunk_rows, candidates)
         if not isinstance(lens, TunedLens):
             raise TypeError("TunedLensProbe needs a TunedLens (TunedLens.for_model(model).fit(...) or TunedLens.load)")
         self.lens = lens
 
 
 def late_layers(n_layers: int) -> list[int]:
-    """The paper's candidate layers scaled to depth: 20..32 of 32 -> the last ``ceil(13/33)`` of the stack."""
+    """The paper's candidate layers scaled to depth: stack indices ``floor(20 n / 32) .. n`` (inclusive).
+
+    The authors use ``range(20, 33)`` over the 33 HF states of the 32-layer 7B model (stack index 0 = embeddings,
+    n = last layer); the start is scaled proportionally: n = 32 -> 20..32 (13 states, exactly the paper's),
+    n = 40 -> 25..40, n = 24 -> 15..24, n = 8 -> 5..8, n = 4 -> 2..4. The authors' comment for 13B (40 layers),
+    "consider using layers 20 to 40", is a fixed start, not a proportional one, and is *not* what this returns
+    (no single scaling gives 20 for both 32 and 40); pass ``candidates=list(range(20, 41))`` to reproduce it.
+    """
     start = math.floor(n_layers * 20 / 32)
     return list(range(start, n_layers + 1))
 
@@ -113,8 +123,10 @@ class TokenTrajectory(Probe):
     """Probability of target tokens at every layer, for each generation step (paper Fig. P).
 
     ``targets``: ``"generated"`` (the emitted token of each step), a list of single-token strings, or
-    ``"candidates"`` (paper-spec §3.1: the distinct top-1 tokens of the late layers at each step, ordered by first
-    appearance; the emitted token is always among them). Arrays: ``prob`` ``[layer, step, slot]`` and ``target_ids``
+    ``"candidates"`` (paper-spec §3.1, Q12: the distinct top-1 tokens of ``candidate_layers``, default
+    :func:`late_layers`, under this lens at each step, ordered by first appearance from the lowest layer; nothing
+    else is added. When the last layer is among them its top-1, the emitted token under greedy decoding, is
+    included by construction, not by appending). Arrays: ``prob`` ``[layer, step, slot]`` and ``target_ids``
     ``[step, slot]`` (-1 pads unused slots, whose probabilities are NaN).
     """
 
@@ -148,8 +160,7 @@ class TokenTrajectory(Probe):
         stack = source.cache.resid_stack(positions)
         if self.targets == "candidates":  # one pass: late-layer top-1 ids and their probabilities together
             layers = list(self.candidate_layers or late_layers(model.n_layers))
-            stats = lens_pass(model, stack, lens=self.lens, target_ids=source.next_tokens(positions).unsqueeze(1),
-                              stats=["candidates"], candidate_layers=layers)  # fmt: skip
+            stats = lens_pass(model, stack, lens=self.lens, stats=["candidates"], candidate_layers=layers)
             target_ids, prob = stats.candidate_ids, stats.candidate_prob
         else:
             target_ids = self._named_ids(source, positions)
@@ -182,28 +193,59 @@ class TokenTrajectory(Probe):
 @register_probe
 class DistributionShift(Probe):
     """How much the next-token distribution moves between layers (paper §3.2): JS between adjacent layers and
-    KL/JS to the final layer, per position. With ``variant="paper"`` the lens and JS are the authors' and
-    ``js_adjacent_scaled`` is their column-wise MaxAbs heatmap (rows = tokens, columns = transitions)."""
+    KL/JS to the final layer, per position. With ``variant="paper"`` the lens and JS are the authors'.
+
+    Arrays: ``js_adjacent`` ``[transition, position]``, ``js_to_final`` and ``kl_to_final`` ``[layer, position]``,
+    and ``js_adjacent_scaled`` ``[transition, heatmap_row]``: heatmap.py's figure, i.e. the first
+    ``heatmap_rows`` (default 40) positions only (``all_js[:40]``; later positions are dropped, not scaled), each
+    column (transition) divided by its max |value| over those rows (``MaxAbsScaler().fit_transform``, quirk Q4).
+    Coordinates: ``token`` labels each position with the token it *predicts* (:meth:`Source.next_tokens`: for
+    generation steps the generated token of that step, as heatmap.py labels row j with generated token g_j), and
+    ``heatmap_row`` the same labels for the heatmap's rows.
+    """
 
     name = "distribution_shift"
 
-    def __init__(self, variant: Literal["correct", "paper"] = "correct", positions: str | Sequence[int] = "steps",
-                 lens: Lens | None = None, chunk_rows: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        variant: Literal["correct", "paper"] = "correct",
+        positions: str | Sequence[int] = "steps",
+        lens: Lens | None = None,
+        chunk_rows: int | None = None,
+        heatmap_rows: int | None = PAPER_HEATMAP_ROWS,
+    ):
         self.variant = variant
         self.positions = positions
         self.lens = lens or LogitLens(variant)
         self.chunk_rows = chunk_rows
+        self.heatmap_rows = heatmap_rows
+
+    @staticmethod
+    def _arrays(js_adjacent, js_to_final, kl_to_final, tokens, heatmap_rows) -> tuple[dict, dict, dict]:
+        """Arrays, dims and the token coordinates; the heatmap keeps the first ``heatmap_rows`` positions."""
+        scaled = column_max_abs_scale(js_adjacent.T.double(), rows=heatmap_rows).T.float()  # [transition, kept]
+        arrays = {"js_adjacent": js_adjacent, "js_adjacent_scaled": scaled, "js_to_final": js_to_final,
+                  "kl_to_final": kl_to_final}  # fmt: skip
+        dims = {
+            "js_adjacent": ("transition", "position"),
+            "js_adjacent_scaled": ("transition", "heatmap_row"),
+            "js_to_final": ("layer", "position"),
+            "kl_to_final": ("layer", "position"),
+        }
+        coords = {"token": list(tokens), "heatmap_row": list(tokens)[: scaled.shape[1]]}
+        return arrays, dims, coords
 
     @classmethod
-    def from_lens_result(cls, lens: ProbeResult) -> ProbeResult:
-        """The distribution-shift view of a :class:`LogitLensProbe` result (same pass, nothing recomputed)."""
-        scaled = column_max_abs_scale(lens["js_adjacent"].T.double()).T.float()
-        dims = {k: lens.dims[k] for k in ("js_adjacent", "js_to_final", "kl_to_final")}
-        dims["js_adjacent_scaled"] = lens.dims["js_adjacent"]
-        arrays = {k: lens[k] for k in ("js_adjacent", "js_to_final", "kl_to_final")}
-        arrays["js_adjacent_scaled"] = scaled
+    def from_lens_result(cls, lens: ProbeResult, heatmap_rows: int | None = PAPER_HEATMAP_ROWS) -> ProbeResult:
+        """The distribution-shift view of a :class:`LogitLensProbe` result (same pass, nothing recomputed).
+
+        ``token`` is the lens result's ``target`` coordinate: the token each position predicts."""
+        arrays, dims, token_coords = cls._arrays(lens["js_adjacent"], lens["js_to_final"], lens["kl_to_final"],
+                                                 lens.coords["target"], heatmap_rows)  # fmt: skip
         coords = {k: v for k, v in lens.coords.items() if k in ("layer", "transition", "position")}
-        provenance = {**lens.provenance, "probe": cls.name, "js": lens.provenance.get("variant")}
+        coords.update(token_coords)
+        provenance = {**lens.provenance, "probe": cls.name, "js": lens.provenance.get("variant"),
+                      "heatmap_rows": heatmap_rows}  # fmt: skip
         return ProbeResult(cls.name, arrays, dims, coords, provenance=provenance, layout=lens.layout)
 
     def run(self, source: Source) -> ProbeResult:
@@ -214,27 +256,13 @@ class DistributionShift(Probe):
             stats=["kl_to_final", "js_to_final", "js_adjacent"], chunk_rows=self.chunk_rows,
         )  # fmt: skip
         labels = layer_labels(model.n_layers)
-        scaled = column_max_abs_scale(stats.js_adjacent.T.double()).T.float()
+        predicted = model.tokenizer.convert_ids_to_tokens(source.next_tokens(positions).tolist())
+        arrays, dims, token_coords = self._arrays(stats.js_adjacent, stats.js_to_final, stats.kl_to_final,
+                                                  predicted, self.heatmap_rows)  # fmt: skip
+        coords = {"layer": labels, "transition": transition_labels(labels), "position": positions.tolist()}
+        coords.update(token_coords)
         return ProbeResult(
-            self.name,
-            {
-                "js_adjacent": stats.js_adjacent,
-                "js_adjacent_scaled": scaled,
-                "js_to_final": stats.js_to_final,
-                "kl_to_final": stats.kl_to_final,
-            },
-            {
-                "js_adjacent": ("transition", "position"),
-                "js_adjacent_scaled": ("transition", "position"),
-                "js_to_final": ("layer", "position"),
-                "kl_to_final": ("layer", "position"),
-            },
-            {
-                "layer": labels,
-                "transition": transition_labels(labels),
-                "position": positions.tolist(),
-                "token": source.token_strings(positions),
-            },
-            provenance=self.provenance(source, **self.lens.describe(), js=self.variant),
+            self.name, arrays, dims, coords,
+            provenance=self.provenance(source, **self.lens.describe(), js=self.variant, heatmap_rows=self.heatmap_rows),
             layout=source.layout,
-        )
+        )  # fmt: skip

@@ -88,10 +88,21 @@ def cosine_similarity(
     return dot / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(eps)
 
 
-def column_max_abs_scale(matrix: Float[Tensor, "row col"]) -> Float[Tensor, "row col"]:
+PAPER_HEATMAP_ROWS = 40  # heatmap.py: ``all_js[:40]`` ("set 40 to enhance images for greater beauty and clarity")
+
+
+def column_max_abs_scale(matrix: Float[Tensor, "row col"], rows: int | None = None) -> Float[Tensor, "kept col"]:
     """The paper's heatmap normalisation (sklearn ``MaxAbsScaler``, quirk Q4): each column divided by its max |x|.
 
+    ``rows``: keep only the first ``rows`` rows before fitting, as heatmap.py does (``all_js[:40]``, then
+    ``MaxAbsScaler().fit_transform``): the result is ``[min(rows, R), col]`` and equals
+    ``MaxAbsScaler().fit_transform(matrix[:rows])``; later rows are dropped, not scaled (pass
+    :data:`PAPER_HEATMAP_ROWS` for the paper's 40). ``None`` fits and returns every row.
     Columns that are all zero are left unchanged (scale 1), as sklearn does.
     """
+    if rows is not None:
+        if rows < 1:
+            raise ValueError(f"rows must be at least 1, got {rows}")
+        matrix = matrix[:rows]
     scale = matrix.abs().amax(0, keepdim=True)
     return matrix / torch.where(scale == 0, torch.ones_like(scale), scale)

@@ -35,7 +35,9 @@ class LensStats:
     ``js_to_final``: ``[layer, pos]``. ``js_adjacent[i]``: JS between ``layers[i]`` and ``layers[i+1]``,
     ``[layer - 1, pos]``. ``candidate_ids`` ``[pos, slot]`` (-1 pads) and ``candidate_prob`` ``[layer, pos, slot]``
     (NaN pads): per position the distinct top-1 ids of the candidate layers in order of first appearance (lowest
-    layer first), then the position's first target id if it is not among them (paper-spec §3.1).
+    layer first), and nothing else (paper-spec §3.1, Q12: ``argmax(lm_head(hidden_states[j][layer][:, -1]))`` for
+    ``layer`` in the late layers, deduplicated). No emitted token is appended: when the last layer is a candidate
+    layer its top-1 is the emitted token under greedy decoding anyway.
     """
 
     layers: list[int]
@@ -135,7 +137,7 @@ def lens_pass(
             buffers["topk_ids"][:, cols] = ids.cpu()
             buffers["topk_prob"][:, cols] = (values - log_norm).exp().cpu()
         if candidate_rows:
-            candidates += _candidates(logits, log_norm, candidate_rows, None if target_ids is None else target_ids[cols, 0])
+            candidates += _candidates(logits, log_norm, candidate_rows)
         if distribution_stats:
             chunk = _distribution_stats(
                 model, lens, stack, layers, cols, logits.sub_(log_norm), set(stats), js_variant, need_final
@@ -155,13 +157,14 @@ def lens_pass(
     return out
 
 
-def _candidates(logits, log_norm, candidate_rows, emitted) -> list[tuple[list[int], Tensor]]:
-    """Per position of a chunk: the distinct top-1 ids of ``candidate_rows`` (then ``emitted``) and their
-    probabilities at every layer, ``exp(z_id − log Σ exp z)``."""
+def _candidates(logits, log_norm, candidate_rows) -> list[tuple[list[int], Tensor]]:
+    """Per position of a chunk (``logits`` ``[L, c, V]``): the distinct top-1 ids of ``candidate_rows``, in order of
+    first appearance from the lowest candidate layer, and their probabilities at every layer,
+    ``exp(z_id − log Σ exp z)`` ``[L, slot]``. Only these ids: nothing is appended."""
     top1 = logits[candidate_rows].argmax(-1).T.tolist()  # [c, candidate layer]
     out = []
     for col, tokens in enumerate(top1):
-        ids = list(dict.fromkeys(tokens + ([] if emitted is None else [int(emitted[col])])))
+        ids = list(dict.fromkeys(tokens))
         index = torch.tensor(ids, device=logits.device)
         out.append((ids, (logits[:, col, index] - log_norm[:, col]).exp().cpu()))
     return out

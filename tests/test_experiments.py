@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from experiments import evidence as ev
 from experiments import hallucination, layer_skip
 from experiments import knowledge_evolution as ke
 from experiments import report as R
@@ -13,48 +14,58 @@ from experiments.pipeline import analyze
 from vlm_lens import testing
 
 
-def test_critical_layer_rules():
-    prob = [0.0, 0.1, 0.6, 0.3, 0.7, 0.9, 0.95]
-    assert ke.critical_layer(prob, 0.5, "stays") == 4  # rises and stays high from layer 4
-    assert ke.critical_layer(prob, 0.5, "first") == 2
-    assert ke.critical_layer([0.1, 0.2, 0.4], 0.5) is None
-    assert ke.critical_layer([0.9, 0.9], 0.5) == 0
-    with pytest.raises(ValueError, match="rule"):
-        ke.critical_layer(prob, 0.5, "whenever")
-
-
-def test_mutation_layer_and_flips():
-    js = [0.5, 0.1, 0.02, 0.3, 0.05]  # transitions 0->1 ... 4->5
-    assert ke.mutation_layer(js, critical=1) == 4  # largest JS after the critical layer: 3->4
-    assert ke.mutation_layer(js, critical=None) is None
-    assert ke.mutation_layer(js, critical=5) is None
-    assert ke.top1_flips([3, 3, 7, 7, 9, 7], after=2) == [4, 5]
-
-
 def test_skip_sets_and_reversal():
     sets = layer_skip.skip_sets(critical=20, mutation=30, n_layers=32)
     assert sets["skip.1"] == list(range(20, 29))
     assert sets["skip.2"] == list(range(29, 32))
     assert sets["skip.3"] == list(range(20, 27))  # keeps the final five of 32
+    no_mutation = layer_skip.skip_sets(critical=3, mutation=None, n_layers=8)
+    assert no_mutation == {"skip.1": [3, 4, 5, 6], "skip.3": [3, 4, 5, 6]}  # no skip.2 without a mutation stage
     with pytest.raises(ValueError, match="critical < mutation"):
         layer_skip.skip_sets(5, 5, 8)
     assert hallucination.reversal_layer([0.1, 0.6, 0.7, 0.2, 0.1], [0.0, 0.1, 0.2, 0.5, 0.8]) == 3
     assert hallucination.reversal_layer([0.9, 0.8], [0.1, 0.2]) is None
 
 
-def test_aggregate_orders_the_stages():
-    def row(crit, mut):
-        return ke.TokenEvolution(0, "x", False, crit, mut, [], None, "stable", 0.9)
+def _row(step, critical, mutation, special=False):
+    kind = "mutation" if mutation is not None else ("stable" if critical is not None else "undetermined")
+    return ke.TokenEvolution(step, f"t{step}", special, critical, mutation, "x" if mutation else None, None, None, [],
+                             kind, 0.9)  # fmt: skip
 
+
+def _sample(name, rows):
     import torch
-    js = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.01, 0.02, 0.25, 0.03]).unsqueeze(1).repeat(1, 3)  # [transition, token]
-    sample = ke.SampleEvolution("s", "p", "x", None, {"correct": [row(3, 6), row(4, 5), row(2, 7)]},
-                                shift={"correct": {"js_adjacent": js}})  # fmt: skip
-    agg = ke.aggregate([sample], n_layers=8)["correct"]
-    assert agg["critical_layer"]["median"] == 3 and agg["mutation_layer"]["median"] == 6
-    # stage boundary: the largest median JS after layer 3 is the transition 6 -> 7, so the mutation layer is 7
-    assert agg["stages"]["critical_layer"] == 3 and agg["stages"]["mutation_layer"] == 7
-    assert agg["stages"]["rapid_evolution"] == [0, 3] and agg["stages"]["mutation"] == [7, 8]
+
+    js = torch.full((8, len(rows)), 0.1)  # [transition, token]
+    return ke.SampleEvolution(name, "p", "x", None, {"correct": rows}, shift={"correct": {"js_adjacent": js}})
+
+
+def test_aggregate_reports_a_mutation_stage_only_with_evidence():
+    # 10 samples; events on 6 of them (layer 7, critical 4): the bootstrap interval clears 2 %
+    with_events = [_sample(f"s{i}", [_row(0, 4, 7 if i < 6 else None), _row(1, 5, None)]) for i in range(10)]
+    agg = ke.aggregate(with_events, n_layers=8)["correct"]
+    assert agg["event_share"]["events"] == 6 and agg["event_share"]["tokens"] == 20
+    assert 0.02 < agg["event_share"]["low"] <= 0.3 <= agg["event_share"]["high"]
+    st = agg["stages"]
+    assert st["mutation_detected"] and st["mutation_layer"] == 7 and st["critical_layer"] == 4
+    assert st["rapid_evolution"] == [0, 4] and st["stabilization"] == [4, 7] and st["mutation"] == [7, 9]
+    # one stray event among 20 clean samples: no mutation stage, two stages, and the rows say so
+    clean = [_sample(f"c{i}", [_row(0, 3, 6 if i == 0 else None), _row(1, 5, None)]) for i in range(20)]
+    agg = ke.aggregate(clean, n_layers=8)["correct"]
+    assert agg["event_share"]["events"] == 1 and agg["event_share"]["low"] == 0.0
+    st = agg["stages"]
+    assert not st["mutation_detected"] and st["mutation"] is None and st["mutation_layer"] is None
+    assert st["stabilization"] == [st["critical_layer"], 9]
+    # special tokens stay out of the aggregate
+    specials = [_sample("s", [_row(0, 4, 7, special=True), _row(1, 5, None)])]
+    assert ke.aggregate(specials, n_layers=8)["correct"]["event_share"]["events"] == 0
+
+
+def test_stage_critical_falls_back_below_the_mutation_layer():
+    # clean tokens answer late (critical 7) while events happen at 6 from leaders established at 3
+    samples = [_sample(f"s{i}", [_row(0, 3, 6), _row(1, 7, None), _row(2, 7, None)]) for i in range(6)]
+    st = ke.aggregate(samples, n_layers=8)["correct"]["stages"]
+    assert st["critical_layer"] == 3 and st["critical_source"] == "tokens with events" and st["mutation_layer"] == 6
 
 
 @pytest.fixture(scope="module")
@@ -116,26 +127,31 @@ def embedded_report(tmp_path_factory):
     import vlm_lens
     from experiments.pipeline import default_samples
 
-    model = vlm_lens.load("shapes-llava")
+    model = vlm_lens.load("shapes-llava-prior")
     out = tmp_path_factory.mktemp("embedded-report")
     return model, analyze(model, default_samples(model), out, png=False), out
 
 
-def test_analyze_on_the_embedded_model_orders_the_stages(embedded_report):
+def test_main_job_shows_the_planted_mutation(embedded_report):
     model, result, out = embedded_report
     data = json.loads((out / "report.json").read_text())
     n = model.n_layers
-    for variant in ("correct", "paper"):
-        stages = data["aggregate"][variant]["stages"]
-        assert stages is not None, variant
-        assert 0 < stages["critical_layer"] < stages["mutation_layer"] <= stages["last_layer"] == n
-        assert stages["rapid_evolution"] == [0, stages["critical_layer"]]
-        assert stages["mutation"] == [stages["mutation_layer"], n]
-    for sample in data["samples"]:
-        for token in sample["tokens"]["correct"]:
-            if token["critical"] is not None and token["mutation"] is not None:
-                assert token["critical"] < token["mutation"] <= n
-    assert data["aggregate"]["accuracy"] >= 5 / 6
+    assert data["model"]["planted_prior"]["block"] == [6, 7]
+    planted = [s for s in data["samples"] if s["planted_prior"]]
+    assert len(planted) == 4 and all(s["generated_text"] == "red" and not s["correct"] for s in planted)
+    clean = [s for s in data["samples"] if not s["planted_prior"]]
+    assert all(s["correct"] for s in clean)
+    stages = data["aggregate"]["correct"]["stages"]
+    assert stages["mutation_detected"] and stages["mutation_layer"] in (7, 8)  # inside the fine-tuned block
+    assert stages["mutation"] == [stages["mutation_layer"], n + 1]
+    events = data["aggregate"]["correct"]["events"]
+    assert {e["sample"] for e in events} == {s["name"] for s in planted}  # every event on a planted question, no other
+    assert all(e["leader"] == s["answer"] for e in events for s in planted if s["name"] == e["sample"])
+    assert {h["sample"] for h in data["hallucination"]} == {s["name"] for s in planted}
+    for h in data["hallucination"]:
+        assert h["pre_mutation_leader"] == h["correct_token"] and h["reversal_layer"] in (7, 8)
+    page = (out / "report.html").read_text()
+    assert "Hallucination reversal" in page and "counter-prior" in page and "planted language prior" in page
 
 
 def test_skip_experiment_on_the_embedded_model(embedded_report):
@@ -146,14 +162,32 @@ def test_skip_experiment_on_the_embedded_model(embedded_report):
     c, m = skip["critical_layer"], skip["mutation_layer"]
     assert skip["sets"]["skip.1"]["skipped_layers"] == list(range(c, m - 1))
     assert skip["sets"]["skip.2"]["skipped_layers"] == list(range(m - 1, model.n_layers))
+    planted = [i for i, s in enumerate(result["data"]["samples"]) if s["planted_prior"]]
+    repaired = [skip["sets"]["skip.2"]["texts"][i] == result["data"]["samples"][i]["answer"] for i in planted]
+    assert sum(repaired) >= 3  # skip.2 restores the true answer on the counter-prior questions
+    assert skip["sets"]["skip.2"]["accuracy"] > none["accuracy"]
     assert set(skip["sweep"]) == {str(i) for i in range(model.n_layers)}
+
+
+def test_clean_model_reports_no_mutation_stage(tmp_path):
+    import vlm_lens
+    from experiments.pipeline import default_samples
+
+    model = vlm_lens.load("shapes-llava")
+    samples = default_samples(model)
+    assert not any(s.planted for s in samples)
+    result = analyze(model, samples, tmp_path, png=False, skip_sweep=False, tsne_iter=250)
+    agg = result["data"]["aggregate"]["correct"]
+    assert agg["event_share"]["events"] == 0 and not agg["stages"]["mutation_detected"]
+    assert "no mutation stage detected" in (tmp_path / "report.html").read_text()
+    assert "skip.2" not in result["data"]["layer_skip"]["sets"]
 
 
 def test_compare_aligns_layers_by_relative_depth(tiny_llava, tiny_qwen25):
     from experiments import compare
 
     samples = [ke.Sample(testing.sample_image(1, 32), "what color is the star ?", None, "s1")]
-    config = ke.EvolutionConfig(max_new_tokens=3, threshold=0.0)  # random models: every token "emerges" at once
+    config = ke.EvolutionConfig(max_new_tokens=3, detection=ev.DetectionConfig(establish_prob=1e-6))  # random models
     result = compare.run(tiny_llava.model, tiny_qwen25.model, samples, config)
     for key in ("a", "b"):
         for variant in ("correct", "paper"):

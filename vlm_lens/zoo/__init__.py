@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).parent / "models"
-EMBEDDED = {"shapes-llava": "shapes-llava", "shapes-qwen2-vl": "shapes-qwen2-vl"}
+EMBEDDED = {
+    "shapes-llava": "shapes-llava",
+    "shapes-qwen2-vl": "shapes-qwen2-vl",
+    # shapes-llava with a planted language prior in its last decoder layers (vlm_lens.zoo.plant)
+    "shapes-llava-prior": "shapes-llava-prior",
+}
 DEFAULT_MODEL = "shapes-llava"
 
 

@@ -121,8 +121,13 @@ def caption(objects: tuple[ShapeObject, ...]) -> str:
     return " and ".join(f"a {o.color} {o.kind}" for o in ordered)
 
 
-def example(seed: int, *, task: str | None = None, max_objects: int = 3) -> Example:
-    """The example of ``seed``; ``task`` forces a task, ``max_objects`` limits the scene (curriculum)."""
+def example(seed: int, *, task: str | None = None, max_objects: int = 3, subject: str | None = None) -> Example:
+    """The example of ``seed``; ``task`` forces a task, ``max_objects`` limits the scene (curriculum).
+
+    ``subject`` forces what the question is about: a shape kind for the color and position tasks ("what color is
+    the star ?"), a colour for the shape task ("what shape is the red one ?"). The scene then contains it (the
+    first object takes that kind or colour if none has it). Without ``subject`` the random stream is unchanged.
+    """
     if seed < 0:
         raise ValueError("seeds are non-negative integers")
     rng = np.random.default_rng(seed)
@@ -130,6 +135,8 @@ def example(seed: int, *, task: str | None = None, max_objects: int = 3) -> Exam
     colors = rng.choice(list(COLORS), size=n, replace=False)
     kinds = rng.choice(list(SHAPES), size=n, replace=False)
     cells = rng.choice(GRID * GRID, size=n, replace=False)
+    if subject is not None:
+        colors, kinds = _with_subject(task, subject, list(colors), list(kinds))
     objects = tuple(ShapeObject(str(c), str(k), int(cell)) for c, k, cell in zip(colors, kinds, cells))
     noisy = bool(rng.random() < 0.5)
     image = render(objects, rng, noisy)
@@ -137,6 +144,8 @@ def example(seed: int, *, task: str | None = None, max_objects: int = 3) -> Exam
     if chosen_task not in TASKS:
         raise ValueError(f"unknown task {chosen_task!r}; choose one of {TASKS}")
     target = objects[int(rng.integers(n))]
+    if subject is not None:
+        target = next(o for o in objects if subject in (o.kind, o.color))
     if chosen_task == "color":
         question, answer = f"what color is the {target.kind} ?", target.color
     elif chosen_task == "shape":
@@ -148,6 +157,22 @@ def example(seed: int, *, task: str | None = None, max_objects: int = 3) -> Exam
     else:
         question, answer = CAPTION_PROMPT, caption(objects)
     return Example(seed, image, objects, chosen_task, question, answer)
+
+
+def _with_subject(task: str | None, subject: str, colors: list, kinds: list) -> tuple[list, list]:
+    if task in ("color", "position"):
+        if subject not in SHAPES:
+            raise ValueError(f"a {task} question is about a shape kind {SHAPES}, got subject {subject!r}")
+        if subject not in kinds:
+            kinds[0] = subject
+    elif task == "shape":
+        if subject not in COLORS:
+            raise ValueError(f"a shape question is about a colour {tuple(COLORS)}, got subject {subject!r}")
+        if subject not in colors:
+            colors[0] = subject
+    else:
+        raise ValueError(f"subject needs task color, shape or position, got task {task!r}")
+    return colors, kinds
 
 
 def held_out(n: int, *, task: str | None = None, start: int = 0) -> list[Example]:

@@ -1,0 +1,191 @@
+"""Detection from evidence: critical layers, mutation events and the stage rule, as small pure functions.
+
+Notation (one generated token, one lens): stack layers ``l = 0..n`` (0 = embeddings, ``n`` = the model's output);
+``top1[l]`` the lens's top-1 token at layer l, ``prob[l]`` the probability the lens gives that token,
+``emitted`` the token the model emitted (``top1[n]`` under greedy decoding).
+
+- A **run** of token v is a maximal interval ``[s, e]`` with ``top1[l] = v`` for every l in it.
+- A run is **established** when it lasts at least ``min_run`` layers, starts at layer >= ``min_start`` (layer 0 is the
+  input token's own embedding, not an answer), its top-1 probability reaches ``establish_prob`` somewhere in it, and
+  its token *emerged*: its probability at layer ``min_start`` was below ``emerge_below``. That last condition is the
+  paper's notion of knowledge (paper-spec §3.1: near zero in shallow layers, then a sharp rise at a critical layer);
+  a token that is already likely right after the embeddings is an input-independent prior or a copy, and its
+  replacement by the answer is the ordinary rapid-evolution phase, not a mutation.
+- A **mutation event** is the overturn of an established answer: the last established run ``[s, e]`` of a token
+  ``v != emitted`` that ends before the output (``e < n``). The **mutation layer** is ``m = e + 1``, the first layer
+  at which v is no longer top-1; v is the *pre-mutation leader*. A token whose last established answer is the
+  emitted one has no event and no mutation layer, whatever its divergences.
+- The **critical layer** refers to the answer that dominates the stabilization phase (the leader when there is an
+  event, else the emitted token), read on that answer's established run ``[s, e]`` (for the emitted token: its run
+  that ends at the output; None when that run is not established). ``critical_rule="top1"`` (default): c = s, the
+  layer where the answer becomes top-1 and stands out from the vocabulary (paper-spec §3.1, "spikes sharply ...
+  standing out"); ``critical_rule="prob"``: the first layer of the run from which its probability stays
+  >= ``establish_prob`` up to e.
+
+Aggregate rule: a mutation stage is reported only when the share of tokens with an event is supported by the
+evidence: the lower end of a 95 % percentile bootstrap interval over *samples* (tokens of one sample are not
+independent) must exceed ``min_event_share``. Medians and quartiles are order statistics (``lower`` interpolation:
+actual layers, always ``q1 <= median <= q3``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Every threshold of the detectors, echoed in report.json.
+
+    - ``establish_prob = 0.5``: an answer with p >= 0.5 is the top-1 and holds the majority of the mass; the paper's
+      critical-layer plots read the spike through ~0.5 (paper-spec §3.1).
+    - ``min_run = 2``: one layer of top-1 is noise in a shallow stack; two consecutive layers is the shortest run
+      that is a "phase" (on an 8-layer model this still lets a leader established at layers 5-6 be found).
+    - ``min_start = 1``: the embedding layer's top-1 is the last prompt token's own embedding.
+    - ``emerge_below = 0.1``: "close to zero" before the rise, the same bound as the zoo's knowledge-evolution
+      criterion (p < 0.1 early, > 0.5 late); on the shapes models the early priors sit at 0.27-0.66 at layer 1 and
+      visually grounded answers at 0.01-0.05.
+    - ``critical_rule = "top1"``: on a shallow model the probability of an answer often crosses 0.5 only one layer
+      before the output; where it becomes the top-1 is the earlier, rank-based reading of the same rise.
+    - ``min_event_share = 0.02`` and ``bootstrap = 1000`` (seed 0): a stage needs at least 2 % of tokens with events
+      at the 2.5th bootstrap percentile, so one stray event among tens of clean tokens does not make a stage.
+    """
+
+    establish_prob: float = 0.5
+    min_run: int = 2
+    min_start: int = 1
+    emerge_below: float = 0.1
+    critical_rule: str = "top1"
+    min_event_share: float = 0.02
+    bootstrap: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < self.establish_prob <= 1.0:
+            raise ValueError(f"establish_prob must be in (0, 1], got {self.establish_prob}")
+        if self.min_run < 1 or self.min_start < 0:
+            raise ValueError(f"min_run must be >= 1 and min_start >= 0, got {self.min_run}, {self.min_start}")
+        if self.critical_rule not in ("top1", "prob"):
+            raise ValueError(f"critical_rule must be 'top1' or 'prob', got {self.critical_rule!r}")
+        if not 0.0 <= self.min_event_share < 1.0 or self.bootstrap < 1:
+            raise ValueError(f"min_event_share must be in [0, 1) and bootstrap >= 1, got {self.min_event_share}, {self.bootstrap}")
+
+
+@dataclass(frozen=True)
+class Run:
+    token: int
+    start: int
+    end: int  # inclusive
+    peak: float
+
+
+@dataclass(frozen=True)
+class MutationEvent:
+    layer: int  # first layer where the leader is no longer top-1
+    leader: int  # the overturned (pre-mutation) token id
+    leader_run: tuple[int, int]  # its established run [start, end]
+    leader_peak: float  # its highest probability in the run
+    critical: int  # first layer from which the leader stays >= establish_prob up to the run's end
+
+
+def top1_runs(top1: Sequence[int], prob: Sequence[float]) -> list[Run]:
+    """Maximal runs of equal top-1 tokens over layers, with each run's peak top-1 probability."""
+    runs: list[Run] = []
+    start = 0
+    for layer in range(1, len(top1) + 1):
+        if layer == len(top1) or top1[layer] != top1[start]:
+            runs.append(Run(int(top1[start]), start, layer - 1, float(max(prob[start:layer]))))
+            start = layer
+    return runs
+
+
+def established_runs(top1: Sequence[int], curves: Mapping[int, Sequence[float]],
+                     config: DetectionConfig = DetectionConfig()) -> list[Run]:  # fmt: skip
+    """The runs that count as established answers (see the module docstring).
+
+    ``curves[v][l]``: the lens probability of token v at layer l, for every token that is top-1 somewhere.
+    """
+    top1_prob = [float(curves[int(v)][l]) for l, v in enumerate(top1)]
+    start = min(config.min_start, len(top1) - 1)
+    return [r for r in top1_runs(top1, top1_prob)
+            if r.end - r.start + 1 >= config.min_run and r.start >= config.min_start
+            and r.peak >= config.establish_prob and float(curves[r.token][start]) < config.emerge_below]  # fmt: skip
+
+
+def stays_from(prob: Sequence[float], end: int, threshold: float) -> int | None:
+    """The first layer c <= ``end`` with ``prob[l] >= threshold`` for every l in [c, end]; None if prob[end] < it."""
+    if end < 0 or prob[end] < threshold:
+        return None
+    layer = end
+    while layer > 0 and prob[layer - 1] >= threshold:
+        layer -= 1
+    return layer
+
+
+def mutation_event(
+    top1: Sequence[int], curves: Mapping[int, Sequence[float]], config: DetectionConfig = DetectionConfig()
+) -> MutationEvent | None:
+    """The mutation event of one token: the overturn of its last established non-final answer, or None.
+
+    ``top1[l]``: the lens's top-1 token at stack layer l = 0..n; ``curves[v][l]``: the probability of token v at
+    layer l for every v in ``top1``.
+    """
+    n = len(top1) - 1
+    emitted = int(top1[n])
+    overturned = [r for r in established_runs(top1, curves, config) if r.token != emitted and r.end < n]
+    if not overturned:
+        return None  # every established answer is the emitted one: nothing was overturned
+    run = overturned[-1]
+    return MutationEvent(run.end + 1, run.token, (run.start, run.end), run.peak, _critical_of(run, curves, config))
+
+
+def _critical_of(run: Run, curves: Mapping[int, Sequence[float]], config: DetectionConfig) -> int:
+    if config.critical_rule == "top1":
+        return run.start
+    c = stays_from(list(curves[run.token]), run.end, config.establish_prob)
+    return run.start if c is None or c < run.start else c
+
+
+def answer_critical(top1: Sequence[int], curves: Mapping[int, Sequence[float]],
+                    config: DetectionConfig = DetectionConfig()) -> int | None:  # fmt: skip
+    """The critical layer of the emitted token: on its established run that ends at the output, or None."""
+    n = len(top1) - 1
+    final = [r for r in established_runs(top1, curves, replace(config, emerge_below=float("inf"))) if r.end == n]
+    return _critical_of(final[0], curves, config) if final else None
+
+
+def critical_layer(prob: Sequence[float], threshold: float = 0.5) -> int | None:
+    """First layer from which ``prob`` (of the emitted token) stays >= ``threshold`` to the last layer."""
+    return stays_from(list(prob), len(prob) - 1, threshold) if len(prob) else None
+
+
+def order_stats(values: Sequence[float]) -> dict:
+    """Median and quartiles as order statistics (``lower`` interpolation): actual values, q1 <= median <= q3."""
+    if not len(values):
+        return {"median": None, "q1": None, "q3": None, "n": 0}
+    t = torch.tensor(list(values), dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), interpolation="lower").tolist()
+    return {"median": q[1], "q1": q[0], "q3": q[2], "n": len(values)}
+
+
+def event_share_interval(events_per_sample: Sequence[int], tokens_per_sample: Sequence[int], *,
+                         n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:  # fmt: skip
+    """Share of tokens with a mutation event and its percentile bootstrap interval, resampling whole samples.
+
+    share = sum(events) / sum(tokens); each bootstrap replicate draws len(samples) samples with replacement.
+    """
+    events = torch.tensor(list(events_per_sample), dtype=torch.float64)
+    tokens = torch.tensor(list(tokens_per_sample), dtype=torch.float64)
+    total = float(tokens.sum())
+    if not len(tokens) or total == 0:
+        return {"share": None, "low": None, "high": None, "events": int(events.sum()) if len(events) else 0, "tokens": 0}
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, len(tokens), (n_boot, len(tokens)), generator=generator)
+    drawn_tokens = tokens[index].sum(1)
+    shares = torch.where(drawn_tokens > 0, events[index].sum(1) / drawn_tokens.clamp(min=1), torch.zeros(()))
+    alpha = (1 - level) / 2
+    low, high = torch.quantile(shares, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return {"share": float(events.sum()) / total, "low": low, "high": high, "events": int(events.sum()), "tokens": int(total)}
