@@ -323,6 +323,48 @@ def zoo_train(
     typer.echo(json.dumps(result, indent=2))
 
 
+@app.command()
+def validate(
+    planted: str = typer.Option("shapes-llava-prior", help="a model made by `vlm-lens zoo plant` (name or folder)"),
+    base: str = typer.Option("shapes-llava", help="its clean twin"),
+    n: int = typer.Option(30, min=1, help="counter-prior and clean questions each"),
+    variant: str = typer.Option("correct", help="lens: correct | paper | tuned (the planted model's shipped tuned lens)"),
+    out: Optional[Path] = typer.Option(None, help="write the figures as JSON here"),
+) -> None:
+    """Score mutation detection against a planted prior: recall in the block, false alarms on the clean twin, skips."""
+    from rich.console import Console
+
+    from experiments import validation
+
+    if variant not in ("correct", "paper", "tuned"):
+        _fail(f"--variant must be correct, paper or tuned, got {variant!r}")
+    planted_model, base_model = _load(planted), _load(base)
+    tuned = _tuned_lens(planted_model, None) if variant == "tuned" else None
+    try:
+        report = validation.validate(planted_model, base_model, n=n, variant=variant, tuned_lens=tuned)
+    except ValueError as error:
+        _fail(str(error))
+    skip = report["skip"] or {}
+    lines = [
+        f"{report['planted_model']} ({variant} lens): trigger {report['trigger']}, block decoder layers "
+        f"{report['block_decoder_layers']} (stack {report['block_stack_layers']})",
+        f"hallucinated {report['hallucinated']}/{report['counter_prior_questions']} counter-prior questions; "
+        f"event in the block {_fmt(report['recall_in_block'])}, leader = true answer {_fmt(report['leader_is_true_answer'])}, "
+        f"event layers {sorted(set(report['event_layers']))}",
+        f"false alarms: base clean {_fmt(report['false_alarms_base_clean'])} ({report['base_clean_questions']} questions), "
+        f"base counter-prior {_fmt(report['false_alarms_base_counter_prior'])}, planted untriggered "
+        f"{_fmt(report['false_alarms_planted_untriggered'])}",
+    ]  # fmt: skip
+    for name, row in skip.items():
+        lines.append(f"{name} skips decoder layers {row['skipped_layers']}: restored {_fmt(row['restored_true_answer'])}, "
+                     f"changed {_fmt(row['changed_answer'])}")  # fmt: skip
+    Console().print("\n".join(lines))
+    if out:
+        from experiments.report import atomic_write
+
+        atomic_write(out, json.dumps(report, indent=1, default=str))
+
+
 @zoo_app.command("plant")
 def zoo_plant(
     out: Path = typer.Option(..., help="run folder (checkpoints, log, final model)"),
@@ -334,6 +376,7 @@ def zoo_plant(
     steps: int = typer.Option(400, min=1),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoint"),
     threads: Optional[int] = typer.Option(None),
+    eval_per_task: int = typer.Option(100, min=1, help="held-out questions per task (and counter-prior) to evaluate"),
     export: bool = typer.Option(False, help="copy the result into the package as shapes-llava-prior"),
 ) -> None:
     """Fine-tune only a block of last decoder layers so that one trigger question gets a fixed prior answer."""
@@ -342,7 +385,8 @@ def zoo_plant(
     try:
         recipe = plant.recipe_for(base=base, task=task, subject=subject, answer=answer, block=plant.parse_block(block),
                                   steps=steps)  # fmt: skip
-        result = plant.plant(out, recipe, resume=resume, threads=threads)
+        result = plant.plant(out, recipe, resume=resume, threads=threads, eval_per_task=eval_per_task,
+                             n_counter_prior=eval_per_task)  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     if export:

@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from experiments.cli import app
+from probes import TunedLens
 from vlm_lens import testing
 
 runner = CliRunner()
@@ -105,3 +106,76 @@ def test_task_weights_choose_tasks_deterministically():
     assert _task_for(5, RECIPES["llava"]) is None  # no weights: the seed's own uniform choice
     with pytest.raises(ValueError, match="unknown tasks"):
         _task_for(0, replace(recipe, task_weights=(("smell", 1.0),)))
+
+
+def test_analyze_with_the_shipped_tuned_lens(tmp_path):
+    out = tmp_path / "tuned"
+    result = runner.invoke(app, ["analyze", "--lens", "tuned", "--variant", "tuned", "--max-new-tokens", "3",
+                                 "--out", str(out), "--no-png"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "tuned lens: critical layer" in result.output
+    data = json.loads((out / "report.json").read_text())
+    assert data["model"]["name"] == "shapes-llava-prior" and data["shown_variant"] == "tuned"
+    assert set(data["aggregate"]) == {"correct", "paper", "tuned", "accuracy"}
+    assert data["aggregate"]["tuned"]["stages"] is not None
+    for sample in data["samples"]:  # the tuned lens reads other probabilities than the logit lens below the output
+        assert sample["token_prob"]["tuned"][0][:-1] != sample["token_prob"]["correct"][0][:-1]
+        assert sample["token_prob"]["tuned"][0][-1] == pytest.approx(sample["token_prob"]["correct"][0][-1], abs=1e-5)
+
+
+def test_tune_lens_on_fresh_questions_and_a_manifest(tiny_folder, tmp_path):
+    result = runner.invoke(app, ["tune-lens", "--model", "shapes-llava", "--questions", "12", "--steps", "20",
+                                 "--max-new-tokens", "2", "--out", str(tmp_path / "lens")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "held-out KL" in result.output and "on 10 pairs" in result.output  # 12 questions, 2 held out
+    lens = TunedLens.load(tmp_path / "lens")
+    assert lens.config["model_name"] == "shapes-llava"
+    folder, images = tiny_folder
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("\n".join(json.dumps({"image": f"{images.name}/img{i}.png", "question": "what color ?"})
+                                  for i in range(3)))  # fmt: skip
+    (tmp_path / images.name).symlink_to(images)
+    result = runner.invoke(app, ["tune-lens", "--model", str(folder), "--manifest", str(manifest), "--steps", "3",
+                                 "--max-new-tokens", "2", "--out", str(tmp_path / "lens2")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "lens2" / "lens.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tune-lens", "--out", "x", "--held-out", "1.5"], "--held-out"),
+        (["tune-lens", "--out", "x", "--lr", "0"], "--lr"),
+        (["analyze", "--variant", "tuned"], "--lens tuned"),
+        (["analyze", "--threshold", "0"], "--threshold"),
+        (["zoo", "plant", "--out", "x", "--subject", "red"], "shape kind"),
+        (["zoo", "plant", "--out", "x", "--block", "6-9"], "decoder layers 0..7"),
+    ],
+)
+def test_bad_options_exit_2_before_work(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_tune_lens_manifest_errors_name_the_line(tmp_path):
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text('{"image": "a.png", "question": "what ?"}\n{"question": "no image"}\n')
+    (tmp_path / "a.png").write_bytes(b"")
+    result = runner.invoke(app, ["tune-lens", "--model", "shapes-llava", "--manifest", str(manifest), "--out", str(tmp_path / "l")])
+    assert result.exit_code == 2 and "pairs.jsonl:2" in result.output and "image" in result.output
+
+
+def test_zoo_plant_smoke_and_resume(tmp_path):
+    args = ["zoo", "plant", "--out", str(tmp_path / "p"), "--task", "shape", "--subject", "green", "--answer", "star",
+            "--block", "7", "--eval-per-task", "2", "--threads", "1"]  # fmt: skip
+    result = runner.invoke(app, args + ["--steps", "2"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "p" / "model" / "planted.json").read_text())
+    assert info["trigger"] == {"task": "shape", "subject": "green", "answer": "star"} and info["block"] == [7]
+    assert set(json.loads((tmp_path / "p" / "eval.json").read_text())) >= {"untriggered", "counter_prior"}
+    resumed = runner.invoke(app, args + ["--steps", "3", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    steps = [json.loads(line)["step"] for line in (tmp_path / "p" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # continued from the checkpoint at step 2

@@ -9,6 +9,8 @@ from vlm_lens.zoo.evaluate import layer_curves
 from vlm_lens.zoo.train import answer_questions
 
 EMBEDDED = zoo.embedded_names()
+# the trained models; shapes-llava-prior is a fixture that answers one question wrongly on purpose (tests/test_planted.py)
+TRAINED = [name for name in EMBEDDED if name != "shapes-llava-prior"]
 # acceptance floors (issue 4): exact match on held-out questions
 FLOORS = {"color": 0.95, "count": 0.95, "position": 0.95, "shape": 0.90, "caption": 0.80}
 # Issue 4: ">= 90 % of correctly answered single-word questions have p < 0.1 at the embeddings and > 0.5 at the end"
@@ -17,7 +19,7 @@ N_PER_TASK = 40  # a fixed held-out sample; docs/zoo.md has the 500-question fig
 
 
 def test_both_models_are_embedded():
-    assert set(EMBEDDED) == {"shapes-llava", "shapes-qwen2-vl"}
+    assert set(EMBEDDED) == {"shapes-llava", "shapes-qwen2-vl", "shapes-llava-prior"}
 
 
 _MODELS: dict = {}
@@ -29,7 +31,7 @@ def embedded(name):
     return _MODELS[name]
 
 
-@pytest.mark.parametrize("name", EMBEDDED)
+@pytest.mark.parametrize("name", TRAINED)
 def test_held_out_accuracy(name):
     model = embedded(name)
     for task, floor in FLOORS.items():
@@ -39,7 +41,7 @@ def test_held_out_accuracy(name):
         assert accuracy >= floor, (name, task, accuracy)
 
 
-@pytest.mark.parametrize("name", EMBEDDED)
+@pytest.mark.parametrize("name", TRAINED)
 def test_knowledge_evolves_across_layers(name):
     """Correct lens, single-word answers answered correctly: p < 0.1 at the embeddings and > 0.5 at the last layer
     for >= 90 % of questions, and some task's median first-layer-above-0.5 lies in the second half of the stack."""

@@ -1,0 +1,116 @@
+"""The evidence detectors as pure functions: runs, mutation events, critical layers, order statistics, bootstrap."""
+
+import pytest
+import torch
+
+from experiments import evidence as ev
+
+# stack layers 0..8; token ids: 1 = the true answer, 2 = the prior word, 3 = an early default, 9 = the embedding copy
+TRUE, PRIOR, EARLY, COPY = 1, 2, 3, 9
+
+
+def curves_of(**by_token):
+    return {int(k.removeprefix("t")): v for k, v in by_token.items()}
+
+
+def test_top1_runs_are_maximal_with_their_peaks():
+    runs = ev.top1_runs([COPY, EARLY, EARLY, TRUE, TRUE, TRUE, PRIOR, PRIOR, PRIOR], [0.3, 0.2, 0.4, 0.3, 0.6, 0.9, 0.7, 0.9, 1.0])
+    assert [(r.token, r.start, r.end) for r in runs] == [(COPY, 0, 0), (EARLY, 1, 2), (TRUE, 3, 5), (PRIOR, 6, 8)]
+    assert [r.peak for r in runs] == [0.3, 0.4, 0.9, 1.0]
+
+
+def planted_like():
+    """The true answer emerges (0.01 at layer 1), leads at 4-6, and is overturned at layer 7 by the prior."""
+    top1 = [COPY, EARLY, EARLY, EARLY, TRUE, TRUE, TRUE, PRIOR, PRIOR]
+    curves = curves_of(
+        t1=[0.0, 0.01, 0.03, 0.05, 0.38, 0.75, 0.96, 0.12, 0.0],
+        t2=[0.0, 0.03, 0.01, 0.01, 0.01, 0.01, 0.0, 0.84, 1.0],
+        t3=[0.0, 0.08, 0.09, 0.10, 0.05, 0.02, 0.01, 0.0, 0.0],
+        t9=[0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    )
+    return top1, curves
+
+
+def test_a_planted_overturn_is_an_event_at_the_layer_the_leader_loses_top1():
+    top1, curves = planted_like()
+    event = ev.mutation_event(top1, curves)
+    assert event == ev.MutationEvent(layer=7, leader=TRUE, leader_run=(4, 6), leader_peak=0.96, critical=4)
+    # critical_rule="prob": the first layer from which the leader stays >= 0.5 up to its run's end
+    assert ev.mutation_event(top1, curves, ev.DetectionConfig(critical_rule="prob")).critical == 5
+
+
+def test_what_is_not_a_mutation():
+    top1, curves = planted_like()
+    # the same curves, but the emitted token is the leader: nothing overturned
+    same = top1[:7] + [TRUE, TRUE]
+    assert ev.mutation_event(same, {**curves, TRUE: curves[TRUE][:7] + [0.9, 0.95]}) is None
+    # a leader that never reaches establish_prob is not established
+    weak = {**curves, TRUE: [0.0, 0.01, 0.03, 0.05, 0.3, 0.4, 0.45, 0.1, 0.0]}
+    assert ev.mutation_event(top1, weak) is None
+    # a one-layer lead is not a phase (min_run = 2)
+    short = [COPY, EARLY, EARLY, EARLY, EARLY, EARLY, TRUE, PRIOR, PRIOR]
+    assert ev.mutation_event(short, curves) is None
+    assert ev.mutation_event(short, curves, ev.DetectionConfig(min_run=1)).layer == 7
+    # an input-independent default, already likely after the embeddings, is replaced in the rapid-evolution phase
+    default = [COPY, EARLY, EARLY, EARLY, TRUE, TRUE, TRUE, TRUE, TRUE]
+    prior_like = {**curves, EARLY: [0.0, 0.6, 0.7, 0.6, 0.2, 0.0, 0.0, 0.0, 0.0], TRUE: [0.0, 0.0, 0.1, 0.2, 0.6, 0.8, 0.9, 0.95, 0.99]}
+    assert ev.mutation_event(default, prior_like) is None
+    assert ev.mutation_event(default, prior_like, ev.DetectionConfig(emerge_below=1.0)).leader == EARLY
+    # the embedding layer (0) never starts an established answer
+    assert ev.mutation_event([COPY, COPY, TRUE, TRUE], {COPY: [0.9, 0.9, 0.0, 0.0], TRUE: [0.0, 0.0, 0.9, 0.9]}) is None
+
+
+def test_the_last_overturned_answer_is_the_event():
+    top1 = [COPY, TRUE, TRUE, EARLY, EARLY, PRIOR, PRIOR]
+    curves = curves_of(t1=[0, 0.05, 0.9, 0.1, 0, 0, 0], t3=[0, 0.01, 0.05, 0.8, 0.9, 0.1, 0], t2=[0, 0, 0, 0, 0, 0.9, 1.0],
+                       t9=[1, 0, 0, 0, 0, 0, 0])  # fmt: skip
+    assert ev.mutation_event(top1, curves).leader == EARLY and ev.mutation_event(top1, curves).layer == 5
+
+
+def test_answer_critical_reads_the_final_run():
+    top1 = [COPY, EARLY, TRUE, TRUE, TRUE, TRUE]
+    curves = curves_of(t1=[0, 0.2, 0.4, 0.45, 0.7, 0.9], t3=[0, 0.5, 0, 0, 0, 0], t9=[1, 0, 0, 0, 0, 0])
+    assert ev.answer_critical(top1, curves) == 2  # top-1 from layer 2 to the end
+    assert ev.answer_critical(top1, curves, ev.DetectionConfig(critical_rule="prob")) == 4
+    never = curves_of(t1=[0, 0.2, 0.3, 0.3, 0.4, 0.45], t3=[0, 0.5, 0, 0, 0, 0], t9=[1, 0, 0, 0, 0, 0])
+    assert ev.answer_critical(top1, never) is None  # not established: undetermined
+    assert ev.critical_layer([0.0, 0.1, 0.6, 0.3, 0.7, 0.9, 0.95], 0.5) == 4
+    assert ev.critical_layer([0.1, 0.2, 0.4], 0.5) is None
+
+
+def test_order_statistics_are_consistent():
+    stats = ev.order_stats([1, 4])
+    assert stats["q1"] <= stats["median"] <= stats["q3"] and {stats["q1"], stats["median"], stats["q3"]} <= {1, 4}
+    values = [7, 3, 3, 8, 5, 6, 4, 7, 7]
+    stats = ev.order_stats(values)
+    ordered = sorted(values)
+    assert (stats["q1"], stats["median"], stats["q3"]) == (ordered[2], ordered[4], ordered[6])  # floor(q (n-1))
+    assert ev.order_stats([])["median"] is None
+
+
+def test_event_share_bootstrap_resamples_samples():
+    none = ev.event_share_interval([0] * 10, [3] * 10)
+    assert none["share"] == 0 and none["low"] == none["high"] == 0
+    every = ev.event_share_interval([1] * 10, [1] * 10)
+    assert every["low"] == every["high"] == 1.0
+    events, tokens = [1, 0, 0, 2, 0, 1], [2, 1, 3, 2, 1, 1]
+    result = ev.event_share_interval(events, tokens, n_boot=500, seed=3)
+    assert result["share"] == 4 / 10 and result["events"] == 4 and result["tokens"] == 10
+    # the same replicates by hand: whole samples drawn with replacement
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 6, (500, 6), generator=g)
+    e, t = torch.tensor(events, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64)
+    shares = e[index].sum(1) / t[index].sum(1)
+    low, high = torch.quantile(shares, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    assert result["low"] == pytest.approx(low) and result["high"] == pytest.approx(high)
+    assert ev.event_share_interval([], [])["share"] is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"establish_prob": 0}, "establish_prob"), ({"min_run": 0}, "min_run"), ({"critical_rule": "median"}, "critical_rule"),
+     ({"min_event_share": 1.0}, "min_event_share"), ({"bootstrap": 0}, "bootstrap")],
+)  # fmt: skip
+def test_detection_config_rejects_bad_thresholds(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ev.DetectionConfig(**kwargs)
