@@ -179,3 +179,13 @@ def test_zoo_plant_smoke_and_resume(tmp_path):
     assert resumed.exit_code == 0, resumed.output
     steps = [json.loads(line)["step"] for line in (tmp_path / "p" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]  # continued from the checkpoint at step 2
+
+
+def test_validate_scores_the_shipped_fixture(tmp_path):
+    result = runner.invoke(app, ["validate", "--n", "10", "--out", str(tmp_path / "v.json")])
+    assert result.exit_code == 0, result.output
+    assert "event in the block" in result.output and "skip.2 skips decoder layers [6, 7]" in result.output
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["recall_in_block"] >= 0.9 and report["false_alarms_base_clean"] <= 0.1
+    bad = runner.invoke(app, ["validate", "--planted", "shapes-llava"])
+    assert bad.exit_code == 2 and "vlm-lens zoo plant" in bad.output
