@@ -111,7 +111,9 @@ def analyze(
         console.print(f"{v} lens: {stage_summary(data['aggregate'][v])}")
     if result["files"].get("png_notice"):
         console.print(f"[yellow]{result['files']['png_notice']}")
-    console.print(f"wrote {result['files']['html']} and {result['files']['json']}")
+    pngs = result["files"].get("png") or []
+    console.print(f"wrote {result['files']['html']} and {result['files']['json']}"
+                  + (f" and {len(pngs)} PNG figures ({Path(pngs[0]).name} ...)" if pngs else ""))  # fmt: skip
 
 
 def _fmt(value) -> str:

@@ -11,7 +11,6 @@ import html
 import json
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -206,15 +205,7 @@ def write_report(out_dir: Path, title: str, sections: list[tuple[str, list]], da
 
 
 def export_pngs(out_dir: Path, figures: list) -> tuple[list[str], str | None]:
-    """PNG files of ``figures`` via kaleido when a Chromium is installed; else a one-line notice."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        return [], "PNG export skipped: kaleido needs Chromium (Debian: apt-get install -y chromium)"
-    try:
-        import plotly.io as pio
+    """PNG files of ``figures`` (offline browser, bounded in time; :mod:`experiments.png_export`), or a notice."""
+    from experiments.png_export import export_pngs as export
 
-        paths = [str(out_dir / f"figure_{i + 1:02d}.png") for i in range(len(figures))]
-        pio.write_images(figures, paths)
-        return paths, None
-    except Exception as error:  # kaleido/browser problems must not lose the HTML report
-        return [], f"PNG export skipped: {type(error).__name__}: {error}".splitlines()[0]
+    return export(out_dir, figures)

@@ -1,0 +1,170 @@
+"""PNG export of plotly figures through kaleido, with the browser kept offline, bounded in time and always shut down.
+
+kaleido 1.x drives a headless Chromium (through choreographer). Left alone, Chromium's background services (DNS
+prefetch, component and safe-browsing updates, variations, metrics, optimization hints) open outbound connections,
+and when the browser fails to start kaleido's threads can keep the Python process alive. So the export
+
+- runs in a **child process** (``python -m experiments.png_export``) in a session of its own: whatever happens to the
+  browser there, this process only waits for the child, with a deadline, and then kills its whole process group;
+- launches Chromium through a small **wrapper script** that adds :data:`OFFLINE_FLAGS` (background networking off,
+  every host name resolved to "not found" inside the browser and every request sent to a closed loopback proxy, so
+  no DNS query and no TCP connection is attempted; no component updates, pings or metrics), runs it in a new network
+  namespace where one can be made (``unshare -rn``: no device but a loopback that is down), and records the
+  browser's process group, which is killed when the export ends, also after a crash or a hang. What stock Chromium
+  cannot switch off is its IPv6 reachability probe: a UDP ``connect()`` to 2001:4860:4860::8888 that sends no
+  packet (inside the namespace it fails with ENETUNREACH);
+- never raises: the caller gets the PNG paths, or none and a one-line notice saying why.
+
+``VLM_LENS_BROWSER`` names the browser executable (default: ``chromium``, ``chromium-browser`` or
+``google-chrome`` on PATH).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+OFFLINE_FLAGS = (
+    "--disable-background-networking",
+    "--host-resolver-rules=MAP * ~NOTFOUND",  # no DNS, no connection to any host name
+    # every request the browser's own services still make (sign-in account list, update checks, search-engine
+    # preconnect) goes to a proxy on a closed loopback port: refused at once, and no host name is resolved, so no
+    # DNS query and no IPv6 reachability probe leave the machine
+    "--proxy-server=http://127.0.0.1:9",
+    "--proxy-bypass-list=<-loopback>",
+    "--dns-prefetch-disable",
+    "--disable-component-update",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--disable-default-apps",
+    "--disable-sync",
+    "--no-pings",
+    "--no-first-run",
+    "--metrics-recording-only",
+    "--disable-breakpad",
+    "--disable-features=OptimizationHints,MediaRouter,DialMediaRouteProvider,Translate,NetworkTimeServiceQuerying,"
+    "CertificateTransparencyComponentUpdater,AutofillServerCommunication,InterestFeedContentSuggestions,"
+    "PreconnectToSearch,SearchPrefetchServicePrefetching,SigninInterception",
+)
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def find_browser() -> str | None:
+    """The browser kaleido will drive: ``VLM_LENS_BROWSER`` or a Chromium on PATH."""
+    chosen = os.environ.get("VLM_LENS_BROWSER")
+    if chosen:
+        return chosen if Path(chosen).is_file() else None
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def network_namespace_prefix() -> list[str]:
+    """``["unshare", "-rn"]`` where a process may enter a new user + network namespace (only a loopback device that
+    is down: nothing can leave the machine), else ``[]``. ``VLM_LENS_BROWSER_NETNS=0`` turns it off."""
+    if os.environ.get("VLM_LENS_BROWSER_NETNS", "1") == "0":
+        return []
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return []
+    try:
+        ok = subprocess.run([unshare, "-rn", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return [unshare, "-rn"] if ok else []
+
+
+def _wrapper(folder: Path, browser: str) -> Path:
+    """A script that records its process group and execs the browser, isolated and with the offline flags."""
+    script = folder / "browser"
+    command = " ".join(shlex.quote(part) for part in [*network_namespace_prefix(), browser, *OFFLINE_FLAGS])
+    script.write_text(f'#!/bin/sh\necho $$ > {shlex.quote(str(folder / "browser.pid"))}\nexec {command} "$@"\n')
+    script.chmod(0o700)
+    return script
+
+
+def _kill_group_of(pid_file: Path) -> None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass  # never started, or already gone
+
+
+def export_pngs(out_dir: Path, figures: list, names: list[str] | None = None,
+                timeout: float = DEFAULT_TIMEOUT_S) -> tuple[list[str], str | None]:  # fmt: skip
+    """PNG files of ``figures`` in ``out_dir`` (``names`` without suffix; default ``figure_01`` ...).
+
+    Returns ``(paths, None)``, or ``([], notice)`` with the reason when no PNG was written; never raises and never
+    leaves a browser or thread behind.
+    """
+    browser = find_browser()
+    if browser is None:
+        return [], "PNG export skipped: kaleido needs Chromium (Debian: apt-get install -y chromium)"
+    if not figures:
+        return [], None
+    out_dir = Path(out_dir)
+    names = names or [f"figure_{i + 1:02d}" for i in range(len(figures))]
+    paths = [out_dir / f"{name}.png" for name in names]
+    with tempfile.TemporaryDirectory(prefix="vlm-lens-png-") as tmp:
+        folder = Path(tmp)
+        job = {"browser": str(_wrapper(folder, browser)), "figures": [], "paths": [str(p) for p in paths]}
+        for i, figure in enumerate(figures):
+            spec = folder / f"fig{i}.json"
+            spec.write_text(figure.to_json())
+            job["figures"].append(str(spec))
+        (folder / "job.json").write_text(json.dumps(job))
+        child = subprocess.Popen(
+            [sys.executable, "-m", "experiments.png_export", str(folder / "job.json")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        try:
+            _, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            return [], f"PNG export skipped: the browser did not finish within {timeout:.0f} s"
+        finally:
+            _kill_group_of(folder / "browser.pid")
+        if child.returncode != 0:
+            reason = (err or b"").decode(errors="replace").strip().splitlines()
+            return [], f"PNG export skipped: {reason[-1] if reason else f'exit status {child.returncode}'}"
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        return [], f"PNG export skipped: {len(missing)} of {len(paths)} files were not written"
+    return [str(p) for p in paths], None
+
+
+def _run(job_file: str) -> None:
+    """Child process: write the PNGs (each to a temporary name, then renamed into place)."""
+    import plotly.io as pio
+
+    job = json.loads(Path(job_file).read_text())
+    figures = [pio.from_json(Path(spec).read_text()) for spec in job["figures"]]
+    finals = [Path(p) for p in job["paths"]]
+    staging = Path(tempfile.mkdtemp(prefix=".png-", dir=finals[0].parent))  # same file system: renames are atomic
+    try:
+        import kaleido
+
+        # mathjax=False: kaleido would otherwise load MathJax from a CDN; plotly.js comes from the installed plotly
+        specs = [{"fig": fig.to_dict(), "path": staging / final.name,
+                  "opts": {"format": "png", "width": fig.layout.width or 1000, "height": fig.layout.height or 500,
+                           "scale": 2}}
+                 for fig, final in zip(figures, finals)]  # fmt: skip
+        kaleido.write_fig_from_object_sync(specs, kopts={"path": job["browser"], "mathjax": False, "enable_extensions": False})
+        for final in finals:
+            os.replace(staging / final.name, final)
+    except BaseException as error:
+        print(f"{type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
+        raise SystemExit(1)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through export_pngs in a child process
+    _run(sys.argv[1])
