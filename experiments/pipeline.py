@@ -8,7 +8,6 @@ from typing import Callable, Sequence
 from experiments import feature_clusters, hallucination, layer_skip
 from experiments import knowledge_evolution as ke
 from experiments import report as R
-from probes.base import layer_labels, transition_labels
 
 
 DEFAULT_ANALYSIS_MODEL = "shapes-llava-prior"  # the main job: a planted prior, so mutations have a ground truth
@@ -116,8 +115,8 @@ def analyze(
 
 def _sections(model, analysed, data, variant, stages):
     n = model.n_layers
-    layers = layer_labels(n)
-    transitions = transition_labels(layers)
+    layers = [str(l) for l in range(n + 1)]  # stack indices: 0 = embeddings, l = after decoder layer l-1
+    transitions = [f"{l}→{l + 1}" for l in range(n)]
     agg = data["aggregate"]
     variants = [v for v in agg if v != "accuracy"]
     first = analysed[0]
@@ -166,8 +165,8 @@ def _sections(model, analysed, data, variant, stages):
     charts = []
     shown = [s for s in analysed if s.planted][:2] + [s for s in analysed if not s.planted][:2]
     for s in shown:
-        for step in range(min(2, s.trace.n_steps)):
-            row = s.tokens[variant][step]
+        for row in [t for t in s.tokens[variant] if not t.special][:2]:
+            step = row.step
             note = f", {row.leader} overturned at layer {row.mutation}" if row.mutation is not None else ""
             charts.append(R.token_probability_chart(layers, s.curves(variant, step, model.tokenizer),
                                                     f"{s.name} · step {step} ({row.token}{note})", stages))  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 
 STAGE_COLORS = {"rapid_evolution": "rgba(255,99,71,0.15)", "stabilization": "rgba(60,179,113,0.15)",
                 "mutation": "rgba(147,112,219,0.2)"}  # fmt: skip
-GROUP_COLORS = {"rapid_evolution": "#3CB371", "stabilization": "#4682B4", "mutation": "#9370DB"}
+GROUP_COLORS = {"rapid_evolution": "#FF6347", "stabilization": "#3CB371", "mutation": "#9370DB"}  # the bands' hues
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -67,40 +67,56 @@ def js_heatmap(js: list[list[float]], tokens: list[str], transitions: list[str],
     return fig
 
 
+LAYER_AXIS = "stack layer (0 = embeddings, l = after decoder layer l-1)"
+
+
 def token_probability_chart(layers: list[str], curves: dict[str, list[float]], title: str, stages: dict | None):
-    """Paper Fig. P: one filled area per candidate token, overlapping (not stacked)."""
+    """Paper Fig. P: one filled area per candidate token, overlapping (not stacked); x = stack layer index."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
+    x = list(range(len(layers)))
     for token, probs in curves.items():
-        fig.add_trace(go.Scatter(x=layers, y=probs, name=_label(token), fill="tozeroy", mode="lines", opacity=0.6))
-    _stage_bands(fig, stages, layers)
-    fig.update_layout(title=_label(title), xaxis_title="layer", yaxis_title="probability", yaxis_range=[0, 1], height=360)
+        fig.add_trace(go.Scatter(x=x, y=probs, name=_label(token), fill="tozeroy", mode="lines", opacity=0.6))
+    _stage_bands(fig, stages, len(layers) - 1, 1.0)
+    fig.update_layout(title=_label(title), xaxis_title=LAYER_AXIS, yaxis_title="probability", yaxis_range=[0, 1.05],
+                      height=380, xaxis=dict(tickmode="linear", dtick=1))  # fmt: skip
     return fig
 
 
 def stage_profile(layers: list[str], transitions: list[str], median_js: list[float], stages: dict | None, title: str):
+    """Median adjacent-layer JS plotted at the layer each transition leads into (1..n), with the stage bands."""
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Scatter(x=layers[1:], y=median_js, mode="lines+markers", name="median adjacent JS",
-                               text=transitions))  # fmt: skip
-    _stage_bands(fig, stages, layers)
-    fig.update_layout(title=title, xaxis_title="layer (transition into it)", yaxis_title="JS (nats)", height=360)
+    x = list(range(1, len(layers)))
+    fig = go.Figure(go.Scatter(x=x, y=median_js, mode="lines+markers", name="median adjacent JS",
+                               text=[f"{l - 1}→{l}" for l in x]))  # fmt: skip
+    _stage_bands(fig, stages, len(layers) - 1, max(median_js, default=1.0))
+    fig.update_layout(title=title, xaxis_title=f"{LAYER_AXIS}; JS of the transition into it", yaxis_title="JS (nats)",
+                      height=380, xaxis=dict(tickmode="linear", dtick=1))  # fmt: skip
     return fig
 
 
-def _stage_bands(fig, stages: dict | None, layers: list[str]) -> None:
+def _stage_bands(fig, stages: dict | None, n_layers: int, y_top: float) -> None:
+    """Stage bands over stack layers (a half-open [start, end) covers x in [start - 0.5, end - 0.5]) and the
+    critical / mutation layers as dashed / dotted lines with legend entries."""
+    import plotly.graph_objects as go
+
     if not stages:
         return
     for name in ("rapid_evolution", "stabilization", "mutation"):
         if not stages.get(name):
             continue  # no mutation stage detected
-        start, end = stages[name]  # half-open [start, end) over stack layers
-        fig.add_vrect(x0=layers[start], x1=layers[min(end, len(layers) - 1)], fillcolor=STAGE_COLORS[name],
-                      line_width=0, annotation_text=name.replace("_", " "), annotation_position="top left")  # fmt: skip
+        start, end = stages[name]
+        fig.add_vrect(x0=start - 0.5, x1=min(end, n_layers + 1) - 0.5, fillcolor=STAGE_COLORS[name], line_width=0,
+                      layer="below")  # fmt: skip
+        fig.add_annotation(x=(start + min(end, n_layers + 1) - 1) / 2, y=1.0, yref="paper", yanchor="bottom",
+                           text=name.replace("_", " "), showarrow=False, font=dict(size=11))  # fmt: skip
     for key, dash in (("critical_layer", "dash"), ("mutation_layer", "dot")):
         if stages.get(key) is not None:
-            fig.add_vline(x=layers[stages[key]], line_dash=dash, line_color="black")
+            layer = stages[key]
+            fig.add_trace(go.Scatter(x=[layer, layer], y=[0, y_top], mode="lines", name=f"{key.replace('_', ' ')} {layer}",
+                                     line=dict(color="black", dash=dash, width=1.5)))  # fmt: skip
 
 
 def scatter_view(coords: list, layers: list[str], items: list[str], groups: list[str], title: str):
@@ -126,12 +142,14 @@ def scatter_view(coords: list, layers: list[str], items: list[str], groups: list
 
 
 def line_chart(x: list[str], series: dict[str, list[float | None]], title: str, y_title: str):
+    """Per-layer series; x = stack layer index (``x`` gives the number of layers)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for name, values in series.items():
-        fig.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=_label(name)))
-    fig.update_layout(title=_label(title), xaxis_title="layer", yaxis_title=y_title, height=340)
+        fig.add_trace(go.Scatter(x=list(range(len(values))), y=values, mode="lines+markers", name=_label(name)))
+    fig.update_layout(title=_label(title), xaxis_title=LAYER_AXIS, yaxis_title=y_title, height=340,
+                      xaxis=dict(tickmode="linear", dtick=1))  # fmt: skip
     return fig
 
 

@@ -1,6 +1,7 @@
 """Experiments on tiny models: detection rules, skip sets, reports (JSON, HTML rendered in headless Chromium)."""
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -152,6 +153,15 @@ def test_main_job_shows_the_planted_mutation(embedded_report):
         assert h["pre_mutation_leader"] == h["correct_token"] and h["reversal_layer"] in (7, 8)
     page = (out / "report.html").read_text()
     assert "Hallucination reversal" in page and "counter-prior" in page and "planted language prior" in page
+    # every critical/mutation marker drawn lands on the layer report.json names (numeric stack-layer axis)
+    decoder, markers = json.JSONDecoder(), []
+    for start in [m.end() for m in re.finditer(r"Plotly\.newPlot\('fig\d+', ", page)]:
+        traces, _ = decoder.raw_decode(page, start)
+        markers += [t for t in traces if str(t.get("name", "")).startswith(("critical layer", "mutation layer"))]
+    assert len(markers) >= 2
+    for t in markers:
+        key = "critical_layer" if t["name"].startswith("critical") else "mutation_layer"
+        assert t["x"] == [stages[key], stages[key]] and t["name"].endswith(str(stages[key])), t
 
 
 def test_skip_experiment_on_the_embedded_model(embedded_report):
