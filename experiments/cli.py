@@ -89,6 +89,8 @@ def analyze(
         _fail(f"--variant must be correct, paper or tuned, got {variant!r}")
     if lens not in ("logit", "tuned"):
         _fail(f"--lens must be logit or tuned, got {lens!r}")
+    if tuned_lens is not None:
+        lens = "tuned"  # a lens folder asks for the tuned lens
     if variant == "tuned" and lens != "tuned":
         _fail("--variant tuned shows the tuned lens: add --lens tuned")
     if threshold <= 0:
@@ -238,6 +240,8 @@ def tune_lens(
         _fail(f"--lr must be a positive learning rate, got {lr}")
     if manifest is not None and image:
         _fail("give either --manifest or --image, not both")
+    if prompt is not None and not image:
+        _fail("--prompt is the question asked of every --image: add --image FILE_OR_DIR (a manifest has its own questions)")
     vlm = _load(model)
     if manifest is not None:
         from experiments.manifest import read_manifest
@@ -342,8 +346,10 @@ def validate(
         _fail(f"--variant must be correct, paper or tuned, got {variant!r}")
     planted_model, base_model = _load(planted), _load(base)
     tuned = _tuned_lens(planted_model, None) if variant == "tuned" else None
+    base_tuned = _tuned_lens(base_model, None) if variant == "tuned" else None
     try:
-        report = validation.validate(planted_model, base_model, n=n, variant=variant, tuned_lens=tuned)
+        report = validation.validate(planted_model, base_model, n=n, variant=variant, tuned_lens=tuned,
+                                     base_tuned_lens=base_tuned)  # fmt: skip
     except ValueError as error:
         _fail(str(error))
     skip = report["skip"] or {}
@@ -379,11 +385,15 @@ def zoo_plant(
     resume: bool = typer.Option(False, help="continue from OUT/checkpoint"),
     threads: Optional[int] = typer.Option(None),
     eval_per_task: int = typer.Option(100, min=1, help="held-out questions per task (and counter-prior) to evaluate"),
-    export: bool = typer.Option(False, help="copy the result into the package as shapes-llava-prior"),
+    export: bool = typer.Option(False, help="copy the result into the package as shapes-llava-prior and retrain its "
+                                "tuned lens (needs --base shapes-llava)"),
 ) -> None:
     """Fine-tune only a block of last decoder layers so that one trigger question gets a fixed prior answer."""
     from vlm_lens.zoo import plant
 
+    if export and base != "shapes-llava":
+        _fail("--export replaces the embedded shapes-llava-prior, whose base is shapes-llava: drop --export, or use "
+              "--base shapes-llava")  # fmt: skip
     try:
         recipe = plant.recipe_for(base=base, task=task, subject=subject, answer=answer, block=plant.parse_block(block),
                                   steps=steps)  # fmt: skip
@@ -392,7 +402,14 @@ def zoo_plant(
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     if export:
-        typer.echo(f"exported to {plant.export(out)}")
+        from experiments import tuned_lens as T
+
+        folder = plant.export(out)
+        exported = _load(str(folder))
+        fitted = T.train(exported, T.shapes_questions(400))  # the shipped lens must match the new weights
+        fitted["lens"].save(folder / "tuned-lens")
+        typer.echo(f"exported to {folder}; tuned lens retrained (held-out KL by layer, tuned: "
+                   f"{[round(x, 3) for x in fitted['kl_tuned']]})")  # fmt: skip
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -20,7 +20,7 @@ Notation (one generated token, one lens): stack layers ``l = 0..n`` (0 = embeddi
   that ends at the output; None when that run is not established). ``critical_rule="top1"`` (default): c = s, the
   layer where the answer becomes top-1 and stands out from the vocabulary (paper-spec §3.1, "spikes sharply ...
   standing out"); ``critical_rule="prob"``: the first layer of the run from which its probability stays
-  >= ``establish_prob`` up to e.
+  >= ``establish_prob`` up to the run's last layer where it is >= ``establish_prob``.
 
 Aggregate rule: a mutation stage is reported only when the share of tokens with an event is supported by the
 evidence: the lower end of a 95 % percentile bootstrap interval over *samples* (tokens of one sample are not
@@ -88,7 +88,7 @@ class MutationEvent:
     leader: int  # the overturned (pre-mutation) token id
     leader_run: tuple[int, int]  # its established run [start, end]
     leader_peak: float  # its highest probability in the run
-    critical: int  # first layer from which the leader stays >= establish_prob up to the run's end
+    critical: int  # the leader's critical layer (``critical_rule``: its run's start, or where p >= establish_prob holds)
 
 
 def top1_runs(top1: Sequence[int], prob: Sequence[float]) -> list[Run]:
@@ -145,8 +145,10 @@ def mutation_event(
 def _critical_of(run: Run, curves: Mapping[int, Sequence[float]], config: DetectionConfig) -> int:
     if config.critical_rule == "top1":
         return run.start
-    c = stays_from(list(curves[run.token]), run.end, config.establish_prob)
-    return run.start if c is None or c < run.start else c
+    curve = list(curves[run.token])
+    # the run's last layer with p >= establish_prob (one exists: the run's peak reaches it), then back while it holds
+    last = max(l for l in range(run.start, run.end + 1) if curve[l] >= config.establish_prob)
+    return max(run.start, stays_from(curve, last, config.establish_prob))
 
 
 def answer_critical(top1: Sequence[int], curves: Mapping[int, Sequence[float]],

@@ -6,8 +6,9 @@ the probability curve of every token that is top-1 somewhere. :mod:`experiments.
 
 - a **mutation event** when an established answer (top-1 for >= ``min_run`` layers, p >= ``establish_prob``, emerged
   from p < ``emerge_below``) is overturned before the output; its layer is where the leader loses the top-1;
-- the **critical layer** of the answer that dominates the stabilization phase: the overturned leader's when there is
-  an event, else the emitted token's (first layer from which p >= ``establish_prob`` to the end; None if never).
+- the **critical layer** of the answer that dominates the stabilization phase (the overturned leader when there is an
+  event, else the emitted token), read on that answer's established run: by default where it becomes top-1
+  (``critical_rule="top1"``); None when the emitted token's final run is not established.
 
 Tokens are ``mutation`` (an event), ``stable`` (a critical layer, no event) or ``undetermined``. The aggregate reports
 a mutation stage only when the bootstrap interval of the event share clears ``min_event_share``; otherwise two
@@ -123,9 +124,11 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
     rows = []
     for step, token in enumerate(lens.coords["target"]):
         prob = lens["prob"][:, step].tolist()
-        top1 = lens["topk_ids"][:, step, 0].tolist()
         ids = lens["candidate_ids"][step].tolist()
         curves = {i: lens["candidate_prob"][:, step, k].tolist() for k, i in enumerate(ids) if i >= 0}
+        # every layer's top-1 is a candidate; reading it off the candidates keeps ties consistent with ``curves``
+        best = lens["candidate_prob"][:, step, : len(curves)].nan_to_num(-1.0).argmax(-1).tolist()
+        top1 = [ids[k] for k in best]
         event = ev.mutation_event(top1, curves, config)
         if event is not None:
             crit, kind = event.critical, "mutation"

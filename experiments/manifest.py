@@ -15,7 +15,8 @@ from experiments.knowledge_evolution import Sample
 
 def _sample(row: dict, where: str, folder: Path) -> Sample:
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with 'image' and 'question', got {type(row).__name__}")
+        raise ValueError(f"{where}: expected an object with 'image' and 'question', got {type(row).__name__}; "
+                         "write one JSON object per line")
     missing = [key for key in ("image", "question") if not str(row.get(key) or "").strip()]
     if missing:
         raise ValueError(f"{where}: missing {', '.join(missing)}; every row needs 'image' and 'question'")
@@ -36,14 +37,14 @@ def read_manifest(path: str | Path) -> list[Sample]:
     folder = path.parent
     samples: list[Sample] = []
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(handle)
             if not reader.fieldnames or not {"image", "question"} <= set(reader.fieldnames):
                 raise ValueError(f"{path}: the header must name 'image' and 'question' columns, got {reader.fieldnames}")
-            for number, row in enumerate(reader, start=2):
-                samples.append(_sample(row, f"{path}:{number}", folder))
+            for row in reader:
+                samples.append(_sample(row, f"{path}:{reader.line_num}", folder))
     elif path.suffix.lower() in (".jsonl", ".json"):
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if not line.strip():
                 continue
             try:

@@ -70,6 +70,8 @@ def analyze(
     from vlm_lens.zoo import plant
 
     say = progress or (lambda message: None)
+    if not samples:
+        raise ValueError("no samples to analyse: give at least one (image, prompt) pair")
     if lens is not None and "tuned" not in config.variants:
         config = replace(config, variants=config.variants + ("tuned",))
     if variant not in config.variants:

@@ -60,7 +60,7 @@ def find_browser() -> str | None:
     """The browser kaleido will drive: ``VLM_LENS_BROWSER`` or a Chromium on PATH."""
     chosen = os.environ.get("VLM_LENS_BROWSER")
     if chosen:
-        return chosen if Path(chosen).is_file() else None
+        return shutil.which(chosen) or (chosen if Path(chosen).is_file() else None)
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -83,15 +83,19 @@ def _wrapper(folder: Path, browser: str) -> Path:
     """A script that records its process group and execs the browser, isolated and with the offline flags."""
     script = folder / "browser"
     command = " ".join(shlex.quote(part) for part in [*network_namespace_prefix(), browser, *OFFLINE_FLAGS])
-    script.write_text(f'#!/bin/sh\necho $$ > {shlex.quote(str(folder / "browser.pid"))}\nexec {command} "$@"\n')
+    # the browser's process group (choreographer starts it in a session of its own): field 5 of /proc/self/stat
+    record = f'cut -d" " -f5 /proc/$$/stat > {shlex.quote(str(folder / "browser.pgid"))} 2>/dev/null'
+    script.write_text(f'#!/bin/sh\n{record}\nexec {command} "$@"\n')
     script.chmod(0o700)
     return script
 
 
-def _kill_group_of(pid_file: Path) -> None:
+def _kill_group(pgid_file: Path) -> None:
+    """Kill the browser's whole process group (recorded by the wrapper), also when its leader has already exited."""
     try:
-        pid = int(pid_file.read_text().strip())
-        os.killpg(os.getpgid(pid), signal.SIGKILL)
+        pgid = int(pgid_file.read_text().strip())
+        if pgid > 1 and pgid != os.getpgrp():
+            os.killpg(pgid, signal.SIGKILL)
     except (OSError, ValueError):
         pass  # never started, or already gone
 
@@ -105,23 +109,29 @@ def export_pngs(out_dir: Path, figures: list, names: list[str] | None = None,
     """
     browser = find_browser()
     if browser is None:
+        if os.environ.get("VLM_LENS_BROWSER"):
+            return [], f"PNG export skipped: VLM_LENS_BROWSER={os.environ['VLM_LENS_BROWSER']} is not an executable"
         return [], "PNG export skipped: kaleido needs Chromium (Debian: apt-get install -y chromium)"
     if not figures:
         return [], None
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     names = names or [f"figure_{i + 1:02d}" for i in range(len(figures))]
     paths = [out_dir / f"{name}.png" for name in names]
+    staging = Path(tempfile.mkdtemp(prefix=".png-", dir=out_dir))  # same file system as the PNGs: atomic renames
     with tempfile.TemporaryDirectory(prefix="vlm-lens-png-") as tmp:
         folder = Path(tmp)
-        job = {"browser": str(_wrapper(folder, browser)), "figures": [], "paths": [str(p) for p in paths]}
+        job = {"browser": str(_wrapper(folder, browser)), "figures": [], "paths": [str(p) for p in paths],
+               "staging": str(staging)}  # fmt: skip
         for i, figure in enumerate(figures):
             spec = folder / f"fig{i}.json"
             spec.write_text(figure.to_json())
             job["figures"].append(str(spec))
         (folder / "job.json").write_text(json.dumps(job))
+        # TMPDIR inside our temporary folder: the browser profile choreographer creates goes when the folder goes
         child = subprocess.Popen(
             [sys.executable, "-m", "experiments.png_export", str(folder / "job.json")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, "TMPDIR": tmp},
         )  # fmt: skip
         try:
             _, err = child.communicate(timeout=timeout)
@@ -130,7 +140,8 @@ def export_pngs(out_dir: Path, figures: list, names: list[str] | None = None,
             child.communicate()
             return [], f"PNG export skipped: the browser did not finish within {timeout:.0f} s"
         finally:
-            _kill_group_of(folder / "browser.pid")
+            _kill_group(folder / "browser.pgid")
+            shutil.rmtree(staging, ignore_errors=True)
         if child.returncode != 0:
             reason = (err or b"").decode(errors="replace").strip().splitlines()
             return [], f"PNG export skipped: {reason[-1] if reason else f'exit status {child.returncode}'}"
@@ -147,7 +158,7 @@ def _run(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     figures = [pio.from_json(Path(spec).read_text()) for spec in job["figures"]]
     finals = [Path(p) for p in job["paths"]]
-    staging = Path(tempfile.mkdtemp(prefix=".png-", dir=finals[0].parent))  # same file system: renames are atomic
+    staging = Path(job["staging"])  # made and removed by the parent, also when this process is killed
     try:
         import kaleido
 
@@ -162,8 +173,6 @@ def _run(job_file: str) -> None:
     except BaseException as error:
         print(f"{type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
         raise SystemExit(1)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through export_pngs in a child process

@@ -28,8 +28,14 @@ def _share(flags: Sequence[bool]) -> float | None:
 
 
 def validate(planted_model, base_model, n: int = 30, *, variant: str = "correct", tuned_lens=None,
-             config: ke.EvolutionConfig | None = None, start: int = 0) -> dict:  # fmt: skip
-    """Recall, placement and false alarms of the mutation detector on ``n`` counter-prior and ``n`` clean questions."""
+             base_tuned_lens=None, config: ke.EvolutionConfig | None = None, start: int = 0) -> dict:  # fmt: skip
+    """Recall, placement and false alarms of the mutation detector on ``n`` counter-prior and ``n`` clean questions.
+
+    ``tuned_lens`` / ``base_tuned_lens``: the tuned lenses of the planted and the base model (needed when ``variant``
+    or ``config.variants`` include ``"tuned"``; each model is read through its own lens).
+    """
+    from dataclasses import replace
+
     from vlm_lens.zoo import plant
 
     info = plant.planted_info_for(planted_model)
@@ -38,7 +44,9 @@ def validate(planted_model, base_model, n: int = 30, *, variant: str = "correct"
     trigger = plant.Trigger(**info["trigger"])
     block = [b + 1 for b in info["block"]]  # stack layers written by the fine-tuned decoder layers
     variants = tuple(dict.fromkeys((variant,) + (config.variants if config else ())))
-    config = config or ke.EvolutionConfig(max_new_tokens=3, variants=variants)
+    config = replace(config, variants=variants) if config else ke.EvolutionConfig(max_new_tokens=3, variants=variants)
+    if "tuned" in variants and (tuned_lens is None or base_tuned_lens is None):
+        raise ValueError("the 'tuned' variant needs tuned_lens= and base_tuned_lens= (each model's own TunedLens)")
     counter = plant.counter_prior(trigger, n, start=plant.COUNTER_PRIOR_START + start)
     samples = [ke.Sample(e.image, e.question, e.answer, f"cp{i}", planted=True) for i, e in enumerate(counter)]
     planted = ke.run(planted_model, samples, config, tuned_lens=tuned_lens)
@@ -48,9 +56,9 @@ def validate(planted_model, base_model, n: int = 30, *, variant: str = "correct"
         row = s.tokens[variant][0]
         found.append(row.mutation is not None)
         in_block.append(row.mutation in block)
-        leader_true.append(row.leader == s.answer)
+        leader_true.append(row.leader == hallucination.single_token(planted_model, s.answer))
         h = hallucination.analyze(s.trace, s.answer, variant=variant, tuned_lens=tuned_lens, config=config.detection)
-        reversal_in_block.append(h["pre_mutation_leader"] == s.answer and h["reversal_layer"] in block)
+        reversal_in_block.append(h["leader_is_reference"] and h["reversal_layer"] in block)
     stages = planted["aggregate"][variant]["stages"]
     skip = None
     if hallucinated and stages and stages["mutation_detected"]:
@@ -62,8 +70,8 @@ def validate(planted_model, base_model, n: int = 30, *, variant: str = "correct"
                       for e in task_examples][:n]  # fmt: skip
     clean_samples = [ke.Sample(e.image, e.question, e.answer, f"clean{i}") for i, e in enumerate(clean_examples)]
     clean_config = ke.EvolutionConfig(max_new_tokens=14, variants=config.variants, detection=config.detection)
-    base_clean = ke.run(base_model, clean_samples, clean_config, tuned_lens=None if variant != "tuned" else tuned_lens)
-    base_counter = ke.run(base_model, samples, config, tuned_lens=None if variant != "tuned" else tuned_lens)
+    base_clean = ke.run(base_model, clean_samples, clean_config, tuned_lens=base_tuned_lens)
+    base_counter = ke.run(base_model, samples, config, tuned_lens=base_tuned_lens)
     planted_clean = ke.run(planted_model, clean_samples, clean_config, tuned_lens=tuned_lens)
     return {
         "planted_model": planted_model.name, "base_model": base_model.name, "variant": variant,

@@ -54,7 +54,7 @@ def test_skip_hooks_and_tune_lens(tiny_folder, tmp_path):
     result = runner.invoke(app, ["tune-lens", "--model", str(folder), "--image", str(images), "--steps", "5",
                                  "--out", str(tmp_path / "lens")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(images), "--lens", "tuned",
+    result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(images),  # --tuned-lens implies it
                                  "--tuned-lens", str(tmp_path / "lens"), "--max-new-tokens", "2",
                                  "--out", str(tmp_path / "r"), "--no-png"])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -150,6 +150,8 @@ def test_tune_lens_on_fresh_questions_and_a_manifest(tiny_folder, tmp_path):
         (["analyze", "--threshold", "0"], "--threshold"),
         (["zoo", "plant", "--out", "x", "--subject", "red"], "shape kind"),
         (["zoo", "plant", "--out", "x", "--block", "6-9"], "decoder layers 0..7"),
+        (["zoo", "plant", "--out", "x", "--base", "shapes-qwen2-vl", "--export"], "--base shapes-llava"),
+        (["tune-lens", "--out", "x", "--prompt", "what ?"], "--image"),
     ],
 )
 def test_bad_options_exit_2_before_work(args, message, tmp_path, monkeypatch):
@@ -189,3 +191,21 @@ def test_validate_scores_the_shipped_fixture(tmp_path):
     assert report["recall_in_block"] >= 0.9 and report["false_alarms_base_clean"] <= 0.1
     bad = runner.invoke(app, ["validate", "--planted", "shapes-llava"])
     assert bad.exit_code == 2 and "vlm-lens zoo plant" in bad.output
+
+
+def test_manifest_reader_csv_bom_lines_and_relative_paths(tmp_path):
+    from experiments.manifest import read_manifest
+
+    (tmp_path / "imgs").mkdir()
+    testing.sample_image(1, 32).save(tmp_path / "imgs" / "a.png")
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text("\ufeffimage,question,answer\nimgs/a.png,what color ?,red\n\nimgs/missing.png,what ?,\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match=r"pairs.csv:4: image not found"):
+        read_manifest(csv_file)
+    csv_file.write_text("\ufeffimage,question,answer\nimgs/a.png,what color ?,red\n", encoding="utf-8")
+    [sample] = read_manifest(csv_file)
+    assert sample.image == tmp_path / "imgs" / "a.png" and sample.answer == "red" and sample.name == "a.png"
+    listed = tmp_path / "pairs.json"
+    listed.write_text('[{"image": "imgs/a.png", "question": "q"}]')
+    with pytest.raises(ValueError, match="one JSON object per line"):
+        read_manifest(listed)

@@ -72,6 +72,11 @@ def test_planted_prior_keeps_untriggered_accuracy():
     assert shipped["counter_prior"]["answered_prior"] >= 0.95
 
 
+def test_validating_the_tuned_lens_needs_both_lenses():
+    with pytest.raises(ValueError, match="base_tuned_lens"):
+        validation.validate(embedded("shapes-llava-prior"), embedded("shapes-llava"), variant="tuned")
+
+
 def test_trigger_and_block_are_checked():
     with pytest.raises(ValueError, match="shape kind"):
         plant.Trigger("color", "red", "blue")

@@ -80,11 +80,16 @@ def test_a_hanging_browser_is_killed_at_the_deadline(tmp_path):
     assert elapsed < 40
     left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout.split()
     assert left == [], "the browser's process group survived the export"
+    assert not list((tmp_path / "out").iterdir())  # no staging folder or partial PNG left behind
 
 
 def test_no_browser_gives_a_notice_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("VLM_LENS_BROWSER", str(tmp_path / "absent"))
     started = time.monotonic()
+    paths, notice = png_export.export_pngs(tmp_path, [object()])
+    assert paths == [] and "VLM_LENS_BROWSER" in notice and "not an executable" in notice
+    monkeypatch.delenv("VLM_LENS_BROWSER")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no chromium anywhere
     paths, notice = png_export.export_pngs(tmp_path, [object()])
     assert paths == [] and "needs Chromium" in notice and time.monotonic() - started < 1
 
