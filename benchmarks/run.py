@@ -61,8 +61,8 @@ def build(kind: str):
 
 
 def pipelines(plain, hooked, inputs, max_new_tokens: int):
-    from experiments import knowledge_evolution as ke
-    from probes import TokenTrajectory
+    from vlm_lens.experiments import knowledge_evolution as ke
+    from vlm_lens.probes import TokenTrajectory
 
     tok = hooked.tokenizer
     # no EOS: every pipeline generates exactly max_new_tokens tokens, so all three do the same work
@@ -214,7 +214,7 @@ def table(results: list[dict]) -> str:
 
 
 def write_docs(results: list[dict], command: str) -> None:
-    from experiments.report import atomic_write
+    from vlm_lens.experiments.report import atomic_write
 
     path = ROOT / "docs" / "performance.md"
     text = path.read_text() if path.exists() else "# Performance\n\n<!-- bench:start -->\n<!-- bench:end -->\n"

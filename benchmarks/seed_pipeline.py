@@ -56,7 +56,7 @@ def run(hf_model, model_inputs: dict, max_new_tokens: int, eos_token_id: int, pa
         for step in hidden[:40]:
             distribution = torch.cat([lm_head(h) for h in step], dim=0)[:, -1, :]  # whole sequence, then slice
             heat.append([authors_js(distribution[i], distribution[i + 1]).item() for i in range(n_states - 1)])
-    from probes.metrics import column_max_abs_scale
+    from vlm_lens.probes.metrics import column_max_abs_scale
 
     heatmap = column_max_abs_scale(torch.tensor(heat, dtype=torch.float64))
     generated = out.sequences[0, model_inputs["input_ids"].shape[1] :]

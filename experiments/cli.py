@@ -37,8 +37,8 @@ def _load(model: Optional[str]):
 
 
 def _samples(model, images: Optional[List[Path]], prompt: Optional[str]):
-    from experiments.knowledge_evolution import Sample
-    from experiments.pipeline import default_samples
+    from vlm_lens.experiments.knowledge_evolution import Sample
+    from vlm_lens.experiments.pipeline import default_samples
 
     if not images:
         samples = default_samples(model)
@@ -80,10 +80,10 @@ def analyze(
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from experiments.evidence import DetectionConfig
-    from experiments.knowledge_evolution import EvolutionConfig
-    from experiments.pipeline import DEFAULT_ANALYSIS_MODEL
-    from experiments.pipeline import analyze as run_analysis
+    from vlm_lens.experiments.evidence import DetectionConfig
+    from vlm_lens.experiments.knowledge_evolution import EvolutionConfig
+    from vlm_lens.experiments.pipeline import DEFAULT_ANALYSIS_MODEL
+    from vlm_lens.experiments.pipeline import analyze as run_analysis
 
     if variant not in ("correct", "paper", "tuned"):
         _fail(f"--variant must be correct, paper or tuned, got {variant!r}")
@@ -140,10 +140,10 @@ def stage_summary(agg: dict) -> str:
 
 
 def _tuned_lens(vlm, folder: Optional[Path]):
-    from probes import TunedLens
+    from vlm_lens.probes import TunedLens
 
     if folder is None:
-        from experiments.pipeline import shipped_tuned_lens
+        from vlm_lens.experiments.pipeline import shipped_tuned_lens
 
         folder = shipped_tuned_lens(vlm)
         if folder is None:
@@ -168,8 +168,8 @@ def skip(
     from rich.console import Console
     from rich.table import Table
 
-    from experiments import knowledge_evolution as ke
-    from experiments import layer_skip
+    from vlm_lens.experiments import knowledge_evolution as ke
+    from vlm_lens.experiments import layer_skip
 
     console = Console()
     vlm = _load(model)
@@ -193,7 +193,7 @@ def skip(
         table.add_row(name, str(row["skipped_layers"]), f"{row['generation_agreement']:.2f}", f"{row['mean_kl']:.3f}", acc)
     console.print(table)
     if out:
-        from experiments.report import atomic_write
+        from vlm_lens.experiments.report import atomic_write
 
         atomic_write(out, json.dumps(result, indent=1))
 
@@ -232,7 +232,7 @@ def tune_lens(
     from rich.console import Console
     from rich.table import Table
 
-    from experiments import tuned_lens as T
+    from vlm_lens.experiments import tuned_lens as T
 
     if not 0.0 < held_out < 1.0:
         _fail(f"--held-out must be a share in (0, 1), got {held_out}")
@@ -244,7 +244,7 @@ def tune_lens(
         _fail("--prompt is the question asked of every --image: add --image FILE_OR_DIR (a manifest has its own questions)")
     vlm = _load(model)
     if manifest is not None:
-        from experiments.manifest import read_manifest
+        from vlm_lens.experiments.manifest import read_manifest
 
         try:
             samples = read_manifest(manifest)
@@ -340,7 +340,7 @@ def validate(
     """Score mutation detection against a planted prior: recall in the block, false alarms on the clean twin, skips."""
     from rich.console import Console
 
-    from experiments import validation
+    from vlm_lens.experiments import validation
 
     if variant not in ("correct", "paper", "tuned"):
         _fail(f"--variant must be correct, paper or tuned, got {variant!r}")
@@ -368,7 +368,7 @@ def validate(
                      f"changed {_fmt(row['changed_answer'])}")  # fmt: skip
     Console().print("\n".join(lines))
     if out:
-        from experiments.report import atomic_write
+        from vlm_lens.experiments.report import atomic_write
 
         atomic_write(out, json.dumps(report, indent=1, default=str))
 
@@ -402,7 +402,7 @@ def zoo_plant(
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     if export:
-        from experiments import tuned_lens as T
+        from vlm_lens.experiments import tuned_lens as T
 
         folder = plant.export(out)
         exported = _load(str(folder))

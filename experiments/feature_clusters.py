@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from probes import CosineTrajectory, FeatureProjection
-from probes.geometry import features_at
+from vlm_lens.probes import CosineTrajectory, FeatureProjection
+from vlm_lens.probes.geometry import features_at
 
 
 def layer_groups(n_layers: int, critical: int | None, mutation: int | None) -> list[str]:
@@ -49,7 +49,7 @@ def run(traces: Sequence, critical: int | None, mutation: int | None, *, answers
     """Both views and the per-layer numbers. ``position`` picks the cross-image position in each trace.
 
     ``critical``/``mutation``: stage boundaries (stack indices) or None when not detected (:func:`layer_groups`).
-    ``variant`` picks the t-SNE features and settings (:class:`probes.FeatureProjection`): ``"paper"`` feeds HF's
+    ``variant`` picks the t-SNE features and settings (:class:`vlm_lens.probes.FeatureProjection`): ``"paper"`` feeds HF's
     ``hidden_states[1:]`` (raw residuals for layers 1..n-1, the final-normed last layer) with the authors' t-SNE
     (perplexity 40 for one image, 35 across images, learning rate 200, ``max_iter`` default 2000, seed 0, PCA
     init, Barnes-Hut); ``"correct"`` the raw residual stream at every layer 1..n. The settings sklearn received

@@ -2,17 +2,17 @@
 
 At the generation step where the model emitted ``wrong`` (by default the first step whose token differs from the
 reference answer's), the lens gives the per-layer probabilities of the reference token and the emitted one, and the
-evidence of :mod:`experiments.evidence` at that step: the **pre-mutation leader** (the established answer that deep
+evidence of :mod:`vlm_lens.experiments.evidence` at that step: the **pre-mutation leader** (the established answer that deep
 layers overturned; None without a mutation event) and the **mutation layer** where it lost the top-1. The
 **reversal layer** is the first stack layer from which ``wrong`` stays above ``correct`` to the end.
 """
 
 from __future__ import annotations
 
-from probes import DistributionShift, TokenTrajectory
+from vlm_lens.probes import DistributionShift, TokenTrajectory
 
-from experiments import evidence as ev
-from experiments.knowledge_evolution import lens_probe, detect_tokens
+from vlm_lens.experiments import evidence as ev
+from vlm_lens.experiments.knowledge_evolution import lens_probe, detect_tokens
 
 
 def reversal_layer(correct: list[float], wrong: list[float]) -> int | None:

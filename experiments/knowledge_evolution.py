@@ -2,7 +2,7 @@
 
 For every generated token of every sample and every lens variant (``correct``, ``paper``, and ``tuned`` when a tuned
 lens is given), one streaming lens pass gives the top-1 token at each stack layer (0 = embeddings, n = output) and
-the probability curve of every token that is top-1 somewhere. :mod:`experiments.evidence` then finds
+the probability curve of every token that is top-1 somewhere. :mod:`vlm_lens.experiments.evidence` then finds
 
 - a **mutation event** when an established answer (top-1 for >= ``min_run`` layers, p >= ``establish_prob``, emerged
   from p < ``emerge_below``) is overturned before the output; its layer is where the leader loses the top-1;
@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from experiments import evidence as ev
-from probes import DistributionShift, LogitLensProbe, TunedLensProbe
-from probes.lens_probes import late_layers
-from probes.result import ProbeResult
+from vlm_lens.experiments import evidence as ev
+from vlm_lens.probes import DistributionShift, LogitLensProbe, TunedLensProbe
+from vlm_lens.probes.lens_probes import late_layers
+from vlm_lens.probes.result import ProbeResult
 
 LENS_VARIANTS = ("correct", "paper", "tuned")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from probes import LayerSkip
+from vlm_lens.probes import LayerSkip
 
 
 def skip_sets(critical: int, mutation: int | None, n_layers: int) -> dict[str, list[int]]:

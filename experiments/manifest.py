@@ -10,7 +10,7 @@ import csv
 import json
 from pathlib import Path
 
-from experiments.knowledge_evolution import Sample
+from vlm_lens.experiments.knowledge_evolution import Sample
 
 
 def _sample(row: dict, where: str, folder: Path) -> Sample:

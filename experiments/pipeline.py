@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from experiments import feature_clusters, hallucination, layer_skip
-from experiments import knowledge_evolution as ke
-from experiments import report as R
+from vlm_lens.experiments import feature_clusters, hallucination, layer_skip
+from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.experiments import report as R
 
 
 DEFAULT_ANALYSIS_MODEL = "shapes-llava-prior"  # the main job: a planted prior, so mutations have a ground truth
@@ -63,7 +63,7 @@ def analyze(
 ) -> dict:
     """Run every experiment on ``samples`` and write ``report.html`` / ``report.json`` into ``out_dir``.
 
-    ``lens``: a :class:`~probes.TunedLens`; the ``tuned`` variant is then analysed beside the others.
+    ``lens``: a :class:`~vlm_lens.probes.TunedLens`; the ``tuned`` variant is then analysed beside the others.
     """
     from dataclasses import replace
 

@@ -223,7 +223,7 @@ def write_report(out_dir: Path, title: str, sections: list[tuple[str, list]], da
 
 
 def export_pngs(out_dir: Path, figures: list) -> tuple[list[str], str | None]:
-    """PNG files of ``figures`` (offline browser, bounded in time; :mod:`experiments.png_export`), or a notice."""
-    from experiments.png_export import export_pngs as export
+    """PNG files of ``figures`` (offline browser, bounded in time; :mod:`vlm_lens.experiments.png_export`), or a notice."""
+    from vlm_lens.experiments.png_export import export_pngs as export
 
     return export(out_dir, figures)

@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from experiments.knowledge_evolution import Sample
-from probes import LogitLensProbe, TunedLens, TunedLensProbe
+from vlm_lens.experiments.knowledge_evolution import Sample
+from vlm_lens.probes import LogitLensProbe, TunedLens, TunedLensProbe
 
 SHAPES_TRAIN_SEED_START = 7_000_000  # training seeds (< HELD_OUT_START), away from the recipes' ranges
 

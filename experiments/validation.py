@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Sequence
 
-from experiments import hallucination, layer_skip
-from experiments import knowledge_evolution as ke
+from vlm_lens.experiments import hallucination, layer_skip
+from vlm_lens.experiments import knowledge_evolution as ke
 
 
 def _events(result: dict, variant: str) -> list[bool]:
@@ -92,7 +92,7 @@ def validate(planted_model, base_model, n: int = 30, *, variant: str = "correct"
 
 def _skip_scores(traces, answers, layers) -> dict:
     """Share of hallucinated answers restored to the true answer / changed at all when ``layers`` are skipped."""
-    from probes import LayerSkip
+    from vlm_lens.probes import LayerSkip
 
     restored, changed = [], []
     for trace, answer in zip(traces, answers):

@@ -1,17 +1,17 @@
 """Composable probes over cached activations of a :class:`vlm_lens.HookedVLM`.
 
-Metrics (:mod:`probes.metrics`) are pure functions; lenses (:mod:`probes.lens`) map residuals to logits; the
-streaming pass (:mod:`probes.stream`) reduces every distribution statistic in one projection; probe classes return
+Metrics (:mod:`vlm_lens.probes.metrics`) are pure functions; lenses (:mod:`vlm_lens.probes.lens`) map residuals to logits; the
+streaming pass (:mod:`vlm_lens.probes.stream`) reduces every distribution statistic in one projection; probe classes return
 :class:`ProbeResult` objects. Importing this package does not import transformers, TransformerLens or sklearn.
 """
 
-from probes.base import PROBES, Probe, Source, as_source, register_probe
-from probes.geometry import CosineTrajectory, FeatureProjection, cross_image_cosine
-from probes.interventions import ActivationPatching, LayerSkip, patch_all_layers, skip_layer_hooks
-from probes.lens import Lens, LogitLens, TunedLens
-from probes.lens_probes import DistributionShift, LogitLensProbe, TokenTrajectory, TunedLensProbe
-from probes.result import ProbeResult
-from probes.stream import LensStats, lens_pass
+from vlm_lens.probes.base import PROBES, Probe, Source, as_source, register_probe
+from vlm_lens.probes.geometry import CosineTrajectory, FeatureProjection, cross_image_cosine
+from vlm_lens.probes.interventions import ActivationPatching, LayerSkip, patch_all_layers, skip_layer_hooks
+from vlm_lens.probes.lens import Lens, LogitLens, TunedLens
+from vlm_lens.probes.lens_probes import DistributionShift, LogitLensProbe, TokenTrajectory, TunedLensProbe
+from vlm_lens.probes.result import ProbeResult
+from vlm_lens.probes.stream import LensStats, lens_pass
 
 __all__ = [
     "PROBES", "ActivationPatching", "CosineTrajectory", "DistributionShift", "FeatureProjection", "LayerSkip",

@@ -3,7 +3,7 @@
 A probe is a small class: parameters in ``__init__``, the computation in ``run(source) -> ProbeResult``. Calling a
 probe on a :class:`~vlm_lens.hooked.GenerationTrace` or a :class:`~vlm_lens.cache.VLMCache` normalises it to a
 :class:`Source`. Register a new probe with ``@register_probe`` to make it discoverable by name
-(``probes.PROBES["my_probe"]``); see docs/extending.md.
+(``vlm_lens.probes.PROBES["my_probe"]``); see docs/extending.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from probes.result import ProbeResult
+from vlm_lens.probes.result import ProbeResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.cache import VLMCache
@@ -53,7 +53,11 @@ class Source:
 
     @property
     def input_ids(self) -> Int[Tensor, " pos"] | None:
-        return None if self.trace is None else self.trace.inputs.input_ids[0].cpu()
+        """The token sequence the cache holds (a trace's cache includes the last emitted token), when known."""
+        ids = getattr(self.cache, "input_ids", None)
+        if ids is None and self.trace is not None:
+            ids = torch.cat([self.trace.inputs.input_ids[0].cpu(), self.trace.generated_ids[-1:].cpu()])
+        return ids
 
     def positions(self, which: str | Sequence[int] | Tensor) -> Int[Tensor, " n"]:
         """Sequence positions: ``"steps"`` (the positions predicting each generated token, a trace is needed),
@@ -80,7 +84,8 @@ class Source:
         return self.model.tokenizer.convert_ids_to_tokens(ids[positions].tolist())
 
     def next_tokens(self, positions: Tensor) -> Int[Tensor, " n"]:
-        """The token each position predicts: the next input token, or for the last position the model's top-1."""
+        """The token each position predicts: the next token of the sequence (for a trace's step positions, the
+        generated token), or the model's top-1 where the sequence ends or is unknown."""
         ids = self.input_ids
         final = self.cache.resid_stack(positions)[-1]
         top1 = self.model.unembed(final).argmax(-1).cpu()

@@ -8,9 +8,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from probes.base import Probe, Source, as_source, layer_labels, register_probe, transition_labels
-from probes.metrics import cosine_similarity
-from probes.result import ProbeResult
+from vlm_lens.probes.base import Probe, Source, as_source, layer_labels, register_probe, transition_labels
+from vlm_lens.probes.metrics import cosine_similarity
+from vlm_lens.probes.result import ProbeResult
 
 
 def cross_image_cosine(features: Float[Tensor, "image layer d_model"]) -> Float[Tensor, "layer image image"]:

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from probes.base import Probe, Source, as_source, register_probe
-from probes.metrics import kl_divergence
-from probes.result import ProbeResult
+from vlm_lens.probes.base import Probe, Source, as_source, register_probe
+from vlm_lens.probes.metrics import kl_divergence
+from vlm_lens.probes.result import ProbeResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.hooked import HookedVLM, VLMInputs

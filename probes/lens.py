@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class Lens:
     """Base class: ``logits(model, resid, layers)`` with ``resid`` ``[n, pos, d_model]`` for stack ``layers``.
 
-    ``logits`` must return a new tensor: :func:`probes.lens_pass` normalises it in place.
+    ``logits`` must return a new tensor: :func:`vlm_lens.probes.lens_pass` normalises it in place.
     """
 
     name = "lens"

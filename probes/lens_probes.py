@@ -7,11 +7,11 @@ from typing import Literal, Sequence
 
 import torch
 
-from probes.base import Probe, Source, layer_labels, register_probe, transition_labels
-from probes.lens import Lens, LogitLens, TunedLens
-from probes.metrics import PAPER_HEATMAP_ROWS, column_max_abs_scale
-from probes.result import ProbeResult
-from probes.stream import ALL_STATS, lens_pass
+from vlm_lens.probes.base import Probe, Source, layer_labels, register_probe, transition_labels
+from vlm_lens.probes.lens import Lens, LogitLens, TunedLens
+from vlm_lens.probes.metrics import PAPER_HEATMAP_ROWS, column_max_abs_scale
+from vlm_lens.probes.result import ProbeResult
+from vlm_lens.probes.stream import ALL_STATS, lens_pass
 
 
 @register_probe
@@ -93,7 +93,7 @@ class LogitLensProbe(Probe):
 
 @register_probe
 class TunedLensProbe(LogitLensProbe):
-    """:class:`LogitLensProbe` read through a trained :class:`~probes.lens.TunedLens`."""
+    """:class:`LogitLensProbe` read through a trained :class:`~vlm_lens.probes.lens.TunedLens`."""
 
     name = "tuned_lens"
 

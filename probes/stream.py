@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from probes.lens import Lens, LogitLens
+from vlm_lens.probes.lens import Lens, LogitLens
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.hooked import HookedVLM
@@ -212,7 +212,7 @@ def _js(
     variant: str,
     work: Float[Tensor, "3 ..."],
 ) -> Float[Tensor, "*batch"]:
-    """JS between P and Q in the direct form of :func:`probes.metrics.js_from_logprobs` (sums of terms that vanish
+    """JS between P and Q in the direct form of :func:`vlm_lens.probes.metrics.js_from_logprobs` (sums of terms that vanish
     as P → Q, so small divergences keep their relative precision), with ``work`` as scratch instead of temporaries.
 
     ``correct``: ½ Σ P (log P − log M) + ½ Σ Q (log Q − log M), M = ½ (P + Q).
@@ -239,7 +239,7 @@ def _distribution_stats(model, lens, stack, layers, cols, logp, stats, js_varian
 
     One ``exp`` for all statistics, sums over the vocabulary as blocked matrix products (:func:`_rowdot`) and
     scratch slabs reused across statistics: H(P) = −Σ P log P, KL(F ‖ P) = Σ F (log F − log P), JS as in
-    :func:`_js`. Values equal :mod:`probes.metrics` up to float32 rounding (tests/test_stream.py).
+    :func:`_js`. Values equal :mod:`vlm_lens.probes.metrics` up to float32 rounding (tests/test_stream.py).
     """
     n = model.n_layers
     probs = logp.exp()

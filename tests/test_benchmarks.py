@@ -3,7 +3,7 @@
 import torch
 
 from benchmarks import run, seed_pipeline
-from probes.metrics import js_divergence
+from vlm_lens.probes.metrics import js_divergence
 
 
 def test_benchmark_smoke(capsys):

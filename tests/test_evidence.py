@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from experiments import evidence as ev
+from vlm_lens.experiments import evidence as ev
 
 # stack layers 0..8; token ids: 1 = the true answer, 2 = the prior word, 3 = an early default, 9 = the embedding copy
 TRUE, PRIOR, EARLY, COPY = 1, 2, 3, 9

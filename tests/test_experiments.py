@@ -7,11 +7,11 @@ import subprocess
 
 import pytest
 
-from experiments import evidence as ev
-from experiments import hallucination, layer_skip
-from experiments import knowledge_evolution as ke
-from experiments import report as R
-from experiments.pipeline import analyze
+from vlm_lens.experiments import evidence as ev
+from vlm_lens.experiments import hallucination, layer_skip
+from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.experiments import report as R
+from vlm_lens.experiments.pipeline import analyze
 from vlm_lens import testing
 
 
@@ -126,7 +126,7 @@ def test_png_export_batches_or_explains(tmp_path):
 @pytest.fixture(scope="module")
 def embedded_report(tmp_path_factory):
     import vlm_lens
-    from experiments.pipeline import default_samples
+    from vlm_lens.experiments.pipeline import default_samples
 
     model = vlm_lens.load("shapes-llava-prior")
     out = tmp_path_factory.mktemp("embedded-report")
@@ -181,7 +181,7 @@ def test_skip_experiment_on_the_embedded_model(embedded_report):
 
 def test_clean_model_reports_no_mutation_stage(tmp_path):
     import vlm_lens
-    from experiments.pipeline import default_samples
+    from vlm_lens.experiments.pipeline import default_samples
 
     model = vlm_lens.load("shapes-llava")
     samples = default_samples(model)
@@ -194,7 +194,7 @@ def test_clean_model_reports_no_mutation_stage(tmp_path):
 
 
 def test_compare_aligns_layers_by_relative_depth(tiny_llava, tiny_qwen25):
-    from experiments import compare
+    from vlm_lens.experiments import compare
 
     samples = [ke.Sample(testing.sample_image(1, 32), "what color is the star ?", None, "s1")]
     config = ke.EvolutionConfig(max_new_tokens=3, detection=ev.DetectionConfig(establish_prob=1e-6))  # random models

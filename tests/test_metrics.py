@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probes import metrics
+from vlm_lens.probes import metrics
 
 LN2 = math.log(2)
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import feature_clusters
-from probes import DistributionShift, FeatureProjection, LogitLensProbe, TokenTrajectory
-from probes.base import as_source
-from probes.lens_probes import late_layers
-from probes.metrics import column_max_abs_scale
+from vlm_lens.experiments import feature_clusters
+from vlm_lens.probes import DistributionShift, FeatureProjection, LogitLensProbe, TokenTrajectory
+from vlm_lens.probes.base import as_source
+from vlm_lens.probes.lens_probes import late_layers
+from vlm_lens.probes.metrics import column_max_abs_scale
 from vlm_lens import testing
 from vlm_lens.cache import resid_names
 

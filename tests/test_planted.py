@@ -9,9 +9,9 @@ import json
 import pytest
 
 import vlm_lens
-from experiments import validation
-from experiments.tuned_lens import kl_per_layer
-from probes import TunedLens
+from vlm_lens.experiments import validation
+from vlm_lens.experiments.tuned_lens import kl_per_layer
+from vlm_lens.probes import TunedLens
 from vlm_lens import zoo
 from vlm_lens.zoo import plant
 from vlm_lens.zoo import shapes_world as sw

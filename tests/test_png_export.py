@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from experiments import png_export
+from vlm_lens.experiments import png_export
 
 EXPORT_ONE = textwrap.dedent(
     """
     import sys, plotly.graph_objects as go
     from pathlib import Path
-    from experiments.png_export import export_pngs
+    from vlm_lens.experiments.png_export import export_pngs
     paths, notice = export_pngs(Path(sys.argv[1]), [go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))], timeout=float(sys.argv[2]))
     print("PATHS", paths)
     print("NOTICE", notice)
@@ -102,7 +102,7 @@ def test_analyze_exits_with_the_report_when_the_browser_fails(tmp_path):
     browser = fake_browser(tmp_path, "exit 3")
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "analyze", "--model", str(folder), "--image", str(tmp_path / "img.png"),
+        [sys.executable, "-m", "vlm_lens.experiments.cli", "analyze", "--model", str(folder), "--image", str(tmp_path / "img.png"),
          "--prompt", "what color ?", "--max-new-tokens", "2", "--out", str(tmp_path / "report")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "VLM_LENS_BROWSER": browser},
     )  # fmt: skip

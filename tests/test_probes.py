@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import probes
-from probes.lens_probes import late_layers
-from probes import (
+from vlm_lens import probes
+from vlm_lens.probes.lens_probes import late_layers
+from vlm_lens.probes import (
     ActivationPatching, CosineTrajectory, DistributionShift, FeatureProjection, LayerSkip, LogitLensProbe,
     LogitLens, ProbeResult, TokenTrajectory, TunedLens, TunedLensProbe, lens_pass, patch_all_layers,
 )  # fmt: skip
@@ -209,3 +209,25 @@ def test_distribution_shift_from_a_lens_result_equals_its_own_pass(llava_trace):
         derived = DistributionShift.from_lens_result(LogitLensProbe(variant)(llava_trace))
         for name in own.arrays:
             assert torch.allclose(own[name], derived[name], atol=1e-7), (variant, name)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
+def test_a_cache_and_a_trace_of_the_same_input_give_the_same_numbers(family):
+    from conftest import tiny
+
+    model = tiny(family).model
+    trace = model.trace_generation(model.prepare(tiny(family).image, "what color is the star ?"), max_new_tokens=4)
+    _, cache = model.run_with_cache(trace.inputs, names_filter=resid_names(model.n_layers))
+    assert cache.input_ids.tolist() == trace.inputs.input_ids[0].tolist()  # the cache knows its tokens
+    n = trace.inputs.layout.n_positions
+    probes_both = [LogitLensProbe(positions="all", top_k=3), DistributionShift(positions="all"),
+                   CosineTrajectory(positions="all"), LogitLensProbe(positions=list(range(n - 3, n)))]  # fmt: skip
+    for probe in probes_both:
+        a, b = probe(trace), probe(cache)
+        assert set(a.arrays) == set(b.arrays), probe.name
+        for key in a.arrays:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=f"{probe.name}.{key}")
+        for coord in ("target", "token"):
+            assert a.coords.get(coord) == b.coords.get(coord), (probe.name, coord)
+    steps = LogitLensProbe()(trace)  # the positions predicting generated tokens: exactly the generated tokens
+    assert steps.coords["target"] == trace.generated_tokens

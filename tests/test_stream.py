@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from probes.lens import LogitLens
-from probes.stream import lens_pass
+from vlm_lens.probes.lens import LogitLens
+from vlm_lens.probes.stream import lens_pass
 from vlm_lens.cache import resid_names
 
 def reference_lens_stats(
@@ -18,7 +18,7 @@ def reference_lens_stats(
     js_variant: str = "correct",
 ) -> dict[str, Tensor]:
     """The same statistics computed plainly over the whole ``[layer, pos, vocab]`` tensor (for tests only)."""
-    from probes import metrics
+    from vlm_lens.probes import metrics
 
     lens = lens or LogitLens()
     n = model.n_layers
@@ -103,7 +103,7 @@ def test_lens_pass_rejects_bad_requests(tiny_llava):
 
 
 def test_blocked_row_dot_matches_a_float64_sum():
-    from probes.stream import _rowdot
+    from vlm_lens.probes.stream import _rowdot
 
     torch.manual_seed(0)
     for vocab in (48, 32000, 32003):  # one block, blocks of 128, no divisor in [16, 256] (plain sum)
@@ -119,8 +119,8 @@ def test_blocked_row_dot_matches_a_float64_sum():
 
 
 def test_fused_js_keeps_small_divergences_and_underflow_finite():
-    from probes import metrics
-    from probes.stream import _js
+    from vlm_lens.probes import metrics
+    from vlm_lens.probes.stream import _js
 
     torch.manual_seed(1)
     logits = torch.randn(2, 4, 500) * 4

@@ -27,10 +27,15 @@ class VLMCache(Mapping[str, Tensor]):
     HF's ``hidden_states[-1]``, which transformers returns after the final norm).
     """
 
-    def __init__(self, activations: Mapping[str, Tensor], layout: TokenLayout, model: "HookedVLM"):
+    def __init__(self, activations: Mapping[str, Tensor], layout: TokenLayout, model: "HookedVLM",
+                 input_ids: Tensor | None = None):  # fmt: skip
+        """``input_ids`` ``[seq]``: the token sequence the cached positions read, so that probes know the token each
+        position predicts (position p predicts ``input_ids[p + 1]``; a generation trace's cache also holds the last
+        emitted token)."""
         self._activations = dict(activations)
         self.layout = layout
         self.model = model
+        self.input_ids = None if input_ids is None else input_ids.reshape(-1).cpu()
 
     def __getitem__(self, name: str) -> Tensor:
         try:

@@ -186,7 +186,7 @@ class HookedVLM:
             self._check_names([names_filter])
         with torch.set_grad_enabled(grad):
             logits, cache = self.bridge.run_with_cache(input_ids, names_filter=names_filter, **kwargs)
-        return logits, VLMCache(dict(cache.items()), inputs.layout, self)
+        return logits, VLMCache(dict(cache.items()), inputs.layout, self, inputs.input_ids)
 
     def run_with_hooks(
         self, inputs: VLMInputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *, grad: bool = False
@@ -355,6 +355,8 @@ class HookedVLM:
             processed = self.extend(inputs, generated[:-1])
             logits, cache = self.run_with_cache(processed, names_filter=names)
             step_logits = None
+        # the sequence the cache reads plus the last emitted token: every step position predicts its generated token
+        cache.input_ids = torch.cat([processed.input_ids[0].cpu(), generated[-1:].cpu()])
         n_prompt = inputs.layout.n_prompt
         step_positions = torch.arange(generated.shape[0]) + n_prompt - 1
         if logits is not None:
