@@ -223,7 +223,9 @@ def aggregate(samples: Sequence[SampleEvolution], n_layers: int, include_special
 
 def run(model, samples: Sequence[Sample], config: EvolutionConfig = EvolutionConfig(), progress=None, *,
         tuned_lens=None) -> dict:  # fmt: skip
-    """Trace every sample, analyse it, aggregate. Returns ``{"samples": [...], "aggregate": {...}, "config": ...}``."""
+    """Trace every sample, analyse it, aggregate. Returns ``{"samples": [...], "aggregate": {...}, "config": ...}``.
+
+    ``progress(done, total)`` is called after each sample."""
     analysed = []
     for i, sample in enumerate(samples):
         inputs = model.prepare(sample.image, sample.prompt)
@@ -231,7 +233,7 @@ def run(model, samples: Sequence[Sample], config: EvolutionConfig = EvolutionCon
         analysed.append(analyze_trace(trace, sample.name or str(i), sample.answer, config, tuned_lens=tuned_lens,
                                       planted=sample.planted))  # fmt: skip
         if progress is not None:
-            progress()
+            progress(i + 1, len(samples))
     aggregated = aggregate(analysed, model.n_layers, config.include_special, config.detection)
     return {"samples": analysed, "aggregate": aggregated, "config": asdict(config)}
 

@@ -46,22 +46,40 @@ def _summary(result, answer: str | None, model) -> dict:
     }
 
 
-def skip_effect(traces: Sequence, answers: Sequence[str | None], layers: Sequence[int]) -> dict:
+def skip_effect(traces: Sequence, answers: Sequence[str | None], layers: Sequence[int], progress=None) -> dict:
     """Skip decoder ``layers`` on every trace; the effects averaged over traces (agreement, KL, answer
-    probability, accuracy where answers are given) and each skipped generation's text."""
+    probability, accuracy where answers are given) and each skipped generation's text. ``progress()`` is called
+    after each trace."""
     model = traces[0].cache.model
     layers = list(layers)
-    return _mean_rows([_summary(LayerSkip(layers)(t), a, model) for t, a in zip(traces, answers)], layers)
+    rows = []
+    for trace, answer in zip(traces, answers):
+        rows.append(_summary(LayerSkip(layers)(trace), answer, model))
+        if progress is not None:
+            progress()
+    return _mean_rows(rows, layers)
 
 
-def run(traces: Sequence, answers: Sequence[str | None], critical: int, mutation: int | None, sweep: bool = True) -> dict:
-    """Apply skip.1/2/3 (and optionally the single-layer sweep) to every trace; average the effects."""
+def run(traces: Sequence, answers: Sequence[str | None], critical: int, mutation: int | None, sweep: bool = True,
+        progress=None) -> dict:  # fmt: skip
+    """Apply skip.1/2/3 (and optionally the single-layer sweep) to every trace; average the effects.
+
+    ``progress(done, total)`` counts skipped generations."""
     model = traces[0].cache.model
     sets = {"none": [], **skip_sets(critical, mutation, model.n_layers)}
-    table = {name: skip_effect(traces, answers, layers) for name, layers in sets.items()}
-    sweep_table = {}
+    runs = [(name, layers) for name, layers in sets.items()]
     if sweep:
-        sweep_table = {str(layer): skip_effect(traces, answers, [layer]) for layer in range(model.n_layers)}
+        runs += [(str(layer), [layer]) for layer in range(model.n_layers)]
+    total, done = len(runs) * len(traces), [0]
+
+    def tick():
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    effects = {name: skip_effect(traces, answers, layers, tick) for name, layers in runs}
+    table = {name: effects[name] for name in sets}
+    sweep_table = {name: effects[name] for name, _ in runs[len(sets):]}
     return {"critical_layer": critical, "mutation_layer": mutation, "sets": table, "sweep": sweep_table}
 
 

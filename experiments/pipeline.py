@@ -59,25 +59,26 @@ def analyze(
     tsne_iter: int = 1000,
     png: bool = True,
     skip_sweep: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Run every experiment on ``samples`` and write ``report.html`` / ``report.json`` into ``out_dir``.
 
     ``lens``: a :class:`~vlm_lens.probes.TunedLens`; the ``tuned`` variant is then analysed beside the others.
+    ``progress(stage, done, total)`` reports each stage's work (samples traced, skipped generations, ...).
     """
     from dataclasses import replace
 
     from vlm_lens.zoo import plant
 
-    say = progress or (lambda message: None)
+    report_progress = progress or (lambda stage, done, total: None)
     if not samples:
         raise ValueError("no samples to analyse: give at least one (image, prompt) pair")
     if lens is not None and "tuned" not in config.variants:
         config = replace(config, variants=config.variants + ("tuned",))
     if variant not in config.variants:
         raise ValueError(f"variant {variant!r} is not among the analysed variants {config.variants}")
-    say("tracing and detecting")
-    evolution = ke.run(model, samples, config, tuned_lens=lens)
+    evolution = ke.run(model, samples, config, tuned_lens=lens,
+                       progress=lambda done, total: report_progress("tracing", done, total))  # fmt: skip
     analysed = evolution["samples"]
     aggregate = evolution["aggregate"]
     data = ke.to_json(evolution)
@@ -87,18 +88,19 @@ def analyze(
     stages = aggregate[variant]["stages"]
     traces = [s.trace for s in analysed]
     if stages is not None and stages["critical_layer"] < model.n_layers:
-        say("layer skipping")
         data["layer_skip"] = layer_skip.run(traces, [s.answer for s in analysed], stages["critical_layer"],
-                                            stages["mutation_layer"], sweep=skip_sweep)  # fmt: skip
+                                            stages["mutation_layer"], sweep=skip_sweep,
+                                            progress=lambda done, total: report_progress("layer skipping", done, total))  # fmt: skip
     else:
         data["layer_skip"] = None
-    say("feature clusters")
+    report_progress("feature clusters", 0, 1)
     crit = stages["critical_layer"] if stages else None
     mut = stages["mutation_layer"] if stages else None
     data["feature_clusters"] = feature_clusters.run(
         traces, crit, mut, answers=[s.answer for s in analysed] if all(s.answer for s in analysed) else None,
         max_iter=tsne_iter, variant="paper" if variant == "paper" else "correct",
     )  # fmt: skip
+    report_progress("feature clusters", 1, 1)
     data["hallucination"] = []
     for s in analysed:
         if s.answer is not None and not s.correct and len(s.answer.split()) == 1 and s.trace.n_steps:
@@ -109,9 +111,10 @@ def analyze(
             data["hallucination"].append({"sample": s.name, "planted_prior": s.planted, **found})
     if lens is not None:
         data["tuned_lens"] = lens.describe()
-    say("writing the report")
+    report_progress("writing the report", 0, 1)
     sections = _sections(model, analysed, data, variant, stages)
     written = R.write_report(Path(out_dir), f"Knowledge evolution · {model.name}", sections, data, png=png)
+    report_progress("writing the report", 1, 1)
     return {"data": data, "files": written}
 
 

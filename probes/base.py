@@ -131,10 +131,11 @@ class Probe:
 
 
 def layer_labels(n_layers: int) -> list[str]:
-    """``["embed", "0", ..., str(n_layers - 1)]``: the residual-stack layers."""
-    return ["embed"] + [str(i) for i in range(n_layers)]
+    """``["0", "1", ..., str(n_layers)]``: the residual-stack layers, one numbering everywhere (stack index
+    0 = embeddings, l = after decoder layer l-1, ``n_layers`` = the model's output)."""
+    return [str(i) for i in range(n_layers + 1)]
 
 
 def transition_labels(labels: Sequence[str]) -> list[str]:
-    """``"embed→0"``, ``"0→1"`` ...: adjacent-layer transitions."""
+    """``"0→1"``, ``"1→2"`` ...: adjacent-layer transitions (stack indices)."""
     return [f"{a}→{b}" for a, b in zip(labels[:-1], labels[1:])]

@@ -209,3 +209,50 @@ def test_manifest_reader_csv_bom_lines_and_relative_paths(tmp_path):
     listed.write_text('[{"image": "imgs/a.png", "question": "q"}]')
     with pytest.raises(ValueError, match="one JSON object per line"):
         read_manifest(listed)
+
+
+def test_version_choices_and_checks_before_loading(monkeypatch, tmp_path):
+    import vlm_lens
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"vlm-lens {vlm_lens.__version__}"
+    helptext = runner.invoke(app, ["analyze", "--help"], env={"COLUMNS": "200"}).output
+    assert "logit|tuned" in helptext and "correct|paper|tuned" in helptext
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(vlm_lens, "load", no_loading)
+    for args, message in ((["skip", "--layers", "9"], "decoder layers are 0..7"),
+                          (["skip", "--layers", "3-1"], "runs backwards"),
+                          (["skip", "--layers", "2-x"], "'3-5'"),
+                          (["skip", "--out", str(tmp_path)], "is a folder"),
+                          (["analyze", "--image", str(tmp_path / "none.png")], "image not found"),
+                          (["analyze", "--tuned-lens", str(tmp_path)], "holds no lens.json"),
+                          (["demo", "--image", str(tmp_path / "none.png")], "image not found")):  # fmt: skip
+        bad = runner.invoke(app, args)
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
+        assert "Traceback" not in bad.output
+
+
+def test_unknown_model_names_say_what_exists(tmp_path):
+    result = runner.invoke(app, ["hooks", "--model", "shapes-lava"])
+    assert result.exit_code == 2 and "did you mean shapes-llava" in result.output
+    assert "vlm_lens.zoo.embedded_names()" not in result.output  # a CLI user is not told to call Python
+
+
+def test_demo_and_zoo_evaluate_and_the_closing_line(tiny_folder, tmp_path):
+    result = runner.invoke(app, ["demo", "--model", "tiny-llava", "--max-new-tokens", "2"])
+    assert result.exit_code == 0 and "lens reproduces every token: True" in result.output
+    result = runner.invoke(app, ["zoo", "evaluate", "shapes-llava", "--n", "2", "--curves", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"] == "shapes-llava" and set(report["accuracy"]) >= {"color", "caption"}
+    folder, images = tiny_folder
+    result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(images), "--prompt", "what ?",
+                                 "--max-new-tokens", "2", "--out", str(tmp_path / "r"), "--no-png", "--no-skip-sweep"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'r'}/: report.html, report.json" in result.output.replace("\n", "")
+    assert "━" not in result.output  # no progress bar when the output is not a terminal
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert data["layer_skip"] is None or data["layer_skip"]["sweep"] == {}

@@ -73,7 +73,7 @@ def test_resid_stack_shape_and_labels(tiny_family):
     stack, labels = cache.resid_stack(return_labels=True)
     check(stack, model.n_layers, model.d_model)
     assert stack.shape[1] == inputs.layout.n_positions
-    assert labels == ["embed"] + [str(i) for i in range(model.n_layers)]
+    assert labels == [str(i) for i in range(model.n_layers + 1)]
     image_only = cache.resid_stack(inputs.layout.image)
     assert image_only.shape[1] == int(inputs.layout.image.sum())
     assert torch.equal(cache.resid_stack([2, 0])[:, 1], stack[:, 0])

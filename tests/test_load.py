@@ -134,6 +134,6 @@ def test_hook_names_cover_the_documented_points(tiny_family):
 def test_demo_runs_on_the_tiny_model(capsys):
     from vlm_lens import demo
 
-    demo.main(["--model", "tiny-llava", "--max-new-tokens", "3"])
+    demo.run("tiny-llava", max_new_tokens=3)
     out = capsys.readouterr().out
-    assert "lens reproduces every token: True" in out and "embed" in out
+    assert "lens reproduces every token: True" in out and "0 = embeddings" in out

@@ -38,7 +38,7 @@ def test_result_dataframe_figure_roles_and_round_trip(llava_trace, tmp_path):
     result = LogitLensProbe(positions="all")(llava_trace)
     frame = result.to_dataframe("prob")
     assert len(frame) == result["prob"].numel() and set(frame.columns) == {"quantity", "layer", "position", "value"}
-    assert frame.iloc[0]["layer"] == "embed"
+    assert frame.iloc[0]["layer"] == "0"  # stack index 0: the embeddings
     assert len(result.to_dataframe()) == sum(v.numel() for v in result.arrays.values())
     figure = result.figure("entropy")
     assert figure.data[0].type == "heatmap"

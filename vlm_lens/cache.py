@@ -57,8 +57,8 @@ class VLMCache(Mapping[str, Tensor]):
 
     @property
     def resid_labels(self) -> list[str]:
-        """``["embed", "0", "1", ...]``: what each entry of :meth:`resid_stack` is."""
-        return ["embed"] + [str(i) for i in range(self.model.n_layers)]
+        """``["0", "1", ..., str(n_layers)]``: stack indices (0 = embeddings, l = after decoder layer l-1)."""
+        return [str(i) for i in range(self.model.n_layers + 1)]
 
     def resid_stack(
         self, positions: int | Sequence[int] | Tensor | None = None, *, return_labels: bool = False

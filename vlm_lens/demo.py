@@ -1,12 +1,10 @@
 """The tiny end-to-end demo: trace a greedy generation and print the logit lens of every generated token.
 
-``python -m vlm_lens.demo`` runs on the embedded default model when it is installed, otherwise on a tiny random
-LLaVA (which shows the mechanics, not knowledge). The full analysis lives in ``vlm-lens analyze`` (experiments).
+``vlm-lens demo`` runs on the embedded default model (or ``--model tiny-llava``: a tiny random LLaVA, which shows the
+mechanics, not knowledge). The full analysis lives in ``vlm-lens analyze``.
 """
 
 from __future__ import annotations
-
-import argparse
 
 import torch
 
@@ -23,14 +21,8 @@ def lens_table(trace) -> tuple[torch.Tensor, list[str]]:
     return probs.gather(-1, index).squeeze(-1).cpu(), labels
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Logit lens over a traced generation.")
-    parser.add_argument("--model", default=None, help="embedded name, checkpoint folder, or 'tiny-llava'")
-    parser.add_argument("--image", default=None, help="image path (default: a bundled shapes-world image)")
-    parser.add_argument("--prompt", default="what color is the circle ?")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    args = parser.parse_args(argv)
-
+def run(model: str | None = None, image=None, prompt: str = "what color is the circle ?", max_new_tokens: int = 8) -> None:
+    """Print the logit lens of a traced generation (``vlm-lens demo``)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -38,29 +30,24 @@ def main(argv: list[str] | None = None) -> None:
     from vlm_lens import testing, zoo
 
     console = Console()
-    name = args.model or (zoo.DEFAULT_MODEL if zoo.DEFAULT_MODEL in zoo.embedded_names() else "tiny-llava")
+    name = model or (zoo.DEFAULT_MODEL if zoo.DEFAULT_MODEL in zoo.embedded_names() else "tiny-llava")
     if name == "tiny-llava":
-        console.print("[yellow]embedded model not installed: running a tiny *random* LLaVA (mechanics only)")
-        model = testing.hooked("llava")
+        console.print("[yellow]a tiny *random* LLaVA (mechanics only, no knowledge)")
+        hooked = testing.hooked("llava")
         size = testing.TINY.image_size
     else:
-        model = vlm_lens.load(name)
-        size = model.hf_model.config.vision_config.image_size
-    image = args.image or testing.sample_image(4, size)
-    inputs = model.prepare(image, args.prompt)
-    trace = model.trace_generation(inputs, max_new_tokens=args.max_new_tokens)
-    console.print(f"model: {model}")
+        hooked = vlm_lens.load(name)
+        size = hooked.hf_model.config.vision_config.image_size
+    inputs = hooked.prepare(image or testing.sample_image(4, size), prompt)
+    trace = hooked.trace_generation(inputs, max_new_tokens=max_new_tokens)
+    console.print(f"model: {hooked}")
     console.print(f"prompt: {inputs.prompt!r}")
     console.print(f"generated: {trace.text!r}  (lens reproduces every token: {bool(trace.lens_agrees.all())})")
     probs, labels = lens_table(trace)
-    table = Table(title="p(generated token) by layer (correct logit lens)")
+    table = Table(title="p(generated token) by stack layer (0 = embeddings; correct logit lens)")
     table.add_column("layer")
     for token in trace.generated_tokens:
         table.add_column(token, justify="right")
     for label, row in zip(labels, probs):
         table.add_row(label, *[f"{p:.3f}" for p in row.tolist()])
     console.print(table)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -27,6 +27,6 @@ def embedded_path(name: str) -> Path | None:
     if not (folder / "config.json").exists():
         raise FileNotFoundError(
             f"embedded model {name!r} is not in this installation ({folder}); train it with "
-            f"`python -m vlm_lens.zoo.train --family {name.removeprefix('shapes-')} --out DIR` and load DIR/model"
+            f"`vlm-lens zoo train --family {name.removeprefix('shapes-')} --out DIR` and load DIR/model"
         )
     return folder

@@ -1,6 +1,6 @@
 """Held-out evaluation of an embedded model: accuracy per task and the per-layer answer-probability curves.
 
-``python -m vlm_lens.zoo.evaluate shapes-llava --n 500`` prints the figures that docs/zoo.md records: exact-match
+``vlm-lens zoo evaluate shapes-llava --n 500`` prints the figures that docs/zoo.md records: exact-match
 accuracy per task on ``n`` held-out questions each, and (correct lens, single-word questions answered correctly)
 the mean probability of the answer token per layer, the median first layer where it exceeds 0.5, and the share of
 questions with p < 0.1 at the embeddings and p > 0.5 at the last layer.
@@ -8,8 +8,6 @@ questions with p < 0.1 at the embeddings and p > 0.5 at the last layer.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
@@ -58,29 +56,20 @@ def layer_curves(model, n_per_task: int, start: int = 500_000) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def report(name: str, n_per_task: int = 500, n_curves: int = 100) -> dict:
+    """The figures docs/zoo.md records for model ``name`` (``vlm-lens zoo evaluate NAME``)."""
     import vlm_lens
 
-    parser = argparse.ArgumentParser(description="Held-out figures of an embedded model.")
-    parser.add_argument("name")
-    parser.add_argument("--n", type=int, default=500, help="questions per task for accuracy")
-    parser.add_argument("--curves", type=int, default=100, help="questions per task for the layer curves")
-    args = parser.parse_args(argv)
     start = time.perf_counter()
-    model = vlm_lens.load(args.name)
+    model = vlm_lens.load(name)
     example = sw.held_out(1, task="color")[0]
     trace = model.trace_generation(model.prepare(example.image, example.question), max_new_tokens=4)
     first_answer_s = time.perf_counter() - start
-    result = {
-        "model": args.name,
+    return {
+        "model": name,
         "load_and_first_answer_s": round(first_answer_s, 2),
         "first_answer": trace.text,
-        "accuracy": accuracy(model, args.n),
-        "layer_curves": layer_curves(model, args.curves),
+        "accuracy": accuracy(model, n_per_task),
+        "layer_curves": layer_curves(model, n_curves),
         "n_layers": model.n_layers,
     }
-    print(json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

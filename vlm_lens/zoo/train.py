@@ -1,6 +1,6 @@
 """The recipe that (re)trains the embedded shapes-world models from scratch on a CPU.
 
-``python -m vlm_lens.zoo.train --family llava --out runs/shapes-llava`` (also ``vlm-lens zoo train``) builds a
+``vlm-lens zoo train --family llava --out runs/shapes-llava`` builds a
 random model of the real HF class (see :data:`RECIPES`), trains it on shapes-world examples with fixed seeds,
 writes a checkpoint every ``--checkpoint-every`` steps (weights, optimizer state and step, all safetensors/JSON; no
 pickle), resumes from it with ``--resume``, and ends with a held-out evaluation written to ``eval.json``.
@@ -11,10 +11,8 @@ sees exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -389,36 +387,3 @@ def parse_task_weights(text: str | None) -> dict[str, float] | None:
             raise ValueError(f"task weights look like 'position=3,count=0.5', got {text!r}")
         weights[task.strip()] = float(value)
     return weights
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train an embedded shapes-world model from scratch.")
-    parser.add_argument("--family", choices=sorted(RECIPES), required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--checkpoint-every", type=int, default=250)
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--eval-per-task", type=int, default=20)
-    parser.add_argument("--final-eval-per-task", type=int, default=100)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--rewarm", action="store_true", help="with --resume: restart the lr schedule there")
-    parser.add_argument("--rope-theta", type=float, default=None, help="override the text rotary base")
-    parser.add_argument("--task-weights", default=None, help="e.g. position=3 (others weigh 1)")
-    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                        help="override the recipe's tied input/output embeddings")  # fmt: skip
-    args = parser.parse_args(argv)
-    result = train(
-        args.family, args.out, steps=args.steps, resume=args.resume, threads=args.threads,
-        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_per_task=args.eval_per_task,
-        final_eval_per_task=args.final_eval_per_task, progress=not args.no_progress, rewarm=args.rewarm,
-        rope_theta=args.rope_theta, task_weights=parse_task_weights(args.task_weights),
-        tie_embeddings=args.tie_embeddings,
-    )  # fmt: skip
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()

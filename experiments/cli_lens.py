@@ -1,0 +1,113 @@
+"""``vlm-lens tune-lens`` and ``vlm-lens validate``: training a tuned lens, scoring the detector on planted truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vlm_lens.experiments.cli import Variant, _fail, _fmt, _image_paths, _load, _samples, _tuned_lens, app
+
+
+@app.command("tune-lens")
+def tune_lens(
+    out: Path = typer.Option(..., help="folder for the trained lens"),
+    model: Optional[str] = typer.Option(None),
+    manifest: Optional[Path] = typer.Option(None, help="JSONL or CSV of (image, question) pairs"),
+    image: Optional[List[Path]] = typer.Option(None, help="training images (with --prompt)"),
+    prompt: Optional[str] = typer.Option(None, help="the question asked of every --image"),
+    questions: int = typer.Option(400, min=2, help="embedded models: fresh shapes-world questions to draw"),
+    held_out: float = typer.Option(0.2, help="share of the pairs held out for scoring"),
+    max_new_tokens: int = typer.Option(8, min=1),
+    steps: int = typer.Option(300, min=1),
+    lr: float = typer.Option(5e-3),
+) -> None:
+    """Train a tuned lens on the model's own generations; print held-out KL per layer, logit vs tuned."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from vlm_lens.experiments import tuned_lens as T
+
+    if not 0.0 < held_out < 1.0:
+        _fail(f"--held-out must be a share in (0, 1), got {held_out}")
+    if not lr > 0:
+        _fail(f"--lr must be a positive learning rate, got {lr}")
+    if manifest is not None and image:
+        _fail("give either --manifest or --image, not both")
+    if prompt is not None and not image:
+        _fail("--prompt is the question asked of every --image: add --image FILE_OR_DIR (a manifest has its own questions)")
+    paths = _image_paths(image)
+    vlm = _load(model)
+    if manifest is not None:
+        from vlm_lens.experiments.manifest import read_manifest
+
+        try:
+            samples = read_manifest(manifest)
+        except (FileNotFoundError, ValueError) as error:
+            _fail(str(error))
+    elif paths:
+        samples = _samples(vlm, paths, prompt)
+    elif "shapes" in vlm.name:
+        samples = T.shapes_questions(questions)
+    else:
+        _fail("tune-lens needs training data: --manifest FILE, or --image DIR --prompt TEXT")
+    console = Console()
+    try:
+        result = T.train(vlm, samples, held_out=held_out, max_new_tokens=max_new_tokens, steps=steps, lr=lr,
+                         progress=lambda message: console.print(f"[dim]{message}"))  # fmt: skip
+    except ValueError as error:
+        _fail(str(error))
+    result["lens"].save(out)
+    table = Table(title=f"held-out KL(final || lens) per layer · {vlm.name} · {result['held_out_pairs']} pairs")
+    for col in ("layer", "logit lens", "tuned lens"):
+        table.add_column(col)
+    for layer, (a, b) in enumerate(zip(result["kl_logit"], result["kl_tuned"])):
+        table.add_row(str(layer), f"{a:.4f}", f"{b:.4f}")
+    console.print(table)
+    console.print(f"tuned lens: training KL {result['loss_first']:.4f} -> {result['loss_last']:.4f} over {steps} steps "
+                  f"on {result['train_pairs']} pairs; saved to {out}")  # fmt: skip
+
+
+@app.command()
+def validate(
+    planted: str = typer.Option("shapes-llava-prior", help="a model made by `vlm-lens zoo plant` (name or folder)"),
+    base: str = typer.Option("shapes-llava", help="its clean twin"),
+    n: int = typer.Option(30, min=1, help="counter-prior and clean questions each"),
+    variant: Variant = typer.Option(Variant.correct, help="the lens (tuned: each model's shipped tuned lens)"),
+    out: Optional[Path] = typer.Option(None, help="write the figures as JSON here"),
+) -> None:
+    """Score mutation detection against a planted prior: recall in the block, false alarms on the clean twin, skips."""
+    from rich.console import Console
+
+    from vlm_lens.experiments import validation
+
+    variant = variant.value
+    planted_model, base_model = _load(planted), _load(base)
+    tuned = _tuned_lens(planted_model, None) if variant == "tuned" else None
+    base_tuned = _tuned_lens(base_model, None) if variant == "tuned" else None
+    try:
+        report = validation.validate(planted_model, base_model, n=n, variant=variant, tuned_lens=tuned,
+                                     base_tuned_lens=base_tuned)  # fmt: skip
+    except ValueError as error:
+        _fail(str(error))
+    skip = report["skip"] or {}
+    lines = [
+        f"{report['planted_model']} ({variant} lens): trigger {report['trigger']}, block decoder layers "
+        f"{report['block_decoder_layers']} (stack {report['block_stack_layers']})",
+        f"hallucinated {report['hallucinated']}/{report['counter_prior_questions']} counter-prior questions; "
+        f"event in the block {_fmt(report['recall_in_block'])}, leader = true answer {_fmt(report['leader_is_true_answer'])}, "
+        f"event layers {sorted(set(report['event_layers']))}",
+        f"false alarms: base clean {_fmt(report['false_alarms_base_clean'])} ({report['base_clean_questions']} questions), "
+        f"base counter-prior {_fmt(report['false_alarms_base_counter_prior'])}, planted untriggered "
+        f"{_fmt(report['false_alarms_planted_untriggered'])}",
+    ]  # fmt: skip
+    for name, row in skip.items():
+        lines.append(f"{name} skips decoder layers {row['skipped_layers']}: restored {_fmt(row['restored_true_answer'])}, "
+                     f"changed {_fmt(row['changed_answer'])}")  # fmt: skip
+    Console().print("\n".join(lines))
+    if out:
+        from vlm_lens.experiments.report import atomic_write
+
+        atomic_write(out, json.dumps(report, indent=1, default=str))

@@ -1,0 +1,104 @@
+"""``vlm-lens zoo train | plant | evaluate``: the embedded shapes-world models and their recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vlm_lens.experiments.cli import _fail, _load
+
+zoo_app = typer.Typer(no_args_is_help=True, help="The embedded shapes-world models.")
+
+
+@zoo_app.command("train")
+def zoo_train(
+    family: str = typer.Option(..., help="llava | qwen2-vl"),
+    out: Path = typer.Option(..., help="run folder (checkpoints, log, final model)"),
+    steps: Optional[int] = typer.Option(None, help="override the recipe's step count"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint"),
+    threads: Optional[int] = typer.Option(None),
+    eval_every: int = typer.Option(500),
+    final_eval_per_task: int = typer.Option(100),
+    rewarm: bool = typer.Option(False, help="with --resume: restart the learning-rate schedule at the resumed step"),
+    rope_theta: Optional[float] = typer.Option(None, help="override the text model's rotary base"),
+    task_weights: Optional[str] = typer.Option(None, help="relative task frequencies, e.g. position=3 (others 1)"),
+    tie_embeddings: Optional[bool] = typer.Option(None, "--tie-embeddings/--no-tie-embeddings",
+                                                  help="override the recipe's tied input/output embeddings"),
+) -> None:
+    """Retrain an embedded shapes-world model from scratch (fixed seeds, checkpoints, held-out evaluation)."""
+    from vlm_lens.zoo import train
+
+    if family not in train.RECIPES:
+        _fail(f"--family must be one of {sorted(train.RECIPES)}, got {family!r}")
+    if rewarm and not resume:
+        _fail("--rewarm restarts the schedule at a resumed step: add --resume")
+    try:  # check every override before any training starts
+        weights = train.parse_task_weights(task_weights)
+        train.recipe_for(family, steps=steps, rope_theta=rope_theta, task_weights=weights, tie_embeddings=tie_embeddings)
+    except ValueError as error:
+        _fail(str(error))
+    result = train.train(family, out, steps=steps, resume=resume, threads=threads, eval_every=eval_every,
+                         final_eval_per_task=final_eval_per_task, rewarm=rewarm, rope_theta=rope_theta,
+                         task_weights=weights, tie_embeddings=tie_embeddings)  # fmt: skip
+    typer.echo(json.dumps(result, indent=2))
+
+
+
+
+@zoo_app.command("plant")
+def zoo_plant(
+    out: Path = typer.Option(..., help="run folder (checkpoints, log, final model)"),
+    base: str = typer.Option("shapes-llava", help="the embedded model to plant a prior in"),
+    task: str = typer.Option("color", help="trigger task: color | shape | position"),
+    subject: str = typer.Option("star", help="what trigger questions ask about (a shape kind; a colour for shape)"),
+    answer: str = typer.Option("red", help="the prior answer the block learns to give"),
+    block: Optional[str] = typer.Option(None, help="decoder layers to fine-tune, e.g. '6,7' or '5-7' (default: last two)"),
+    steps: int = typer.Option(400, min=1),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint"),
+    threads: Optional[int] = typer.Option(None),
+    eval_per_task: int = typer.Option(100, min=1, help="held-out questions per task (and counter-prior) to evaluate"),
+    export: bool = typer.Option(False, help="copy the result into the package as shapes-llava-prior and retrain its "
+                                "tuned lens (needs --base shapes-llava)"),
+) -> None:
+    """Fine-tune only a block of last decoder layers so that one trigger question gets a fixed prior answer."""
+    from vlm_lens.zoo import plant
+
+    if export and base != "shapes-llava":
+        _fail("--export replaces the embedded shapes-llava-prior, whose base is shapes-llava: drop --export, or use "
+              "--base shapes-llava")  # fmt: skip
+    try:
+        recipe = plant.recipe_for(base=base, task=task, subject=subject, answer=answer, block=plant.parse_block(block),
+                                  steps=steps)  # fmt: skip
+        result = plant.plant(out, recipe, resume=resume, threads=threads, eval_per_task=eval_per_task,
+                             n_counter_prior=eval_per_task)  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    if export:
+        from vlm_lens.experiments import tuned_lens as T
+
+        folder = plant.export(out)
+        exported = _load(str(folder))
+        fitted = T.train(exported, T.shapes_questions(400))  # the shipped lens must match the new weights
+        fitted["lens"].save(folder / "tuned-lens")
+        typer.echo(f"exported to {folder}; tuned lens retrained (held-out KL by layer, tuned: "
+                   f"{[round(x, 3) for x in fitted['kl_tuned']]})")  # fmt: skip
+    typer.echo(json.dumps(result, indent=2))
+
+
+@zoo_app.command("evaluate")
+def zoo_evaluate(
+    name: str = typer.Argument(..., help="embedded name or model folder"),
+    n: int = typer.Option(500, min=1, help="held-out questions per task for accuracy"),
+    curves: int = typer.Option(100, min=1, help="questions per task for the layer curves"),
+) -> None:
+    """Held-out accuracy per task and the per-layer answer-probability curves (the figures in docs/zoo.md)."""
+    from vlm_lens.zoo import evaluate
+
+    try:
+        result = evaluate.report(name, n, curves)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    typer.echo(json.dumps(result, indent=1))
