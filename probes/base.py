@@ -108,6 +108,8 @@ def as_source(source: Any) -> Source:
     if isinstance(source, GenerationTrace):
         return Source(source.cache.model, source.cache, source.layout, source)
     if isinstance(source, VLMCache):
+        if source.layouts is not None:
+            raise ValueError("this cache holds a batch: a probe reads one sample, e.g. probe(cache.sample(0))")
         return Source(source.model, source, source.layout, None)
     raise TypeError(
         f"a probe reads a GenerationTrace (model.trace_generation) or a VLMCache (model.run_with_cache), "

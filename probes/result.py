@@ -115,10 +115,24 @@ class ProbeResult:
             fig.update_layout(title=title, xaxis_title=dims[0], yaxis_title=key)
             return fig
         rows = self.coords.get(dims[0], list(range(array.shape[0])))
-        cols = self.coords.get(dims[1], list(range(array.shape[1])))
-        fig = go.Figure(go.Heatmap(z=array.T.tolist(), x=[str(v) for v in rows], y=[f"{i}:{v}" for i, v in enumerate(cols)]))
-        fig.update_layout(title=title, xaxis_title=dims[0], yaxis_title=dims[1])
+        fig = go.Figure(go.Heatmap(z=array.T.tolist(), x=[str(v) for v in rows], y=self._axis_labels(dims[1], array.shape[1])))
+        fig.update_layout(title=title, xaxis_title=dims[0], yaxis_title=dims[1], yaxis_autorange="reversed")
         return fig
+
+    def _axis_labels(self, dim: str, size: int) -> list[str]:
+        """Readable tick labels: a position with the token it predicts (``12 → red``) or holds, a step with its
+        token; escaped, because plotly renders a subset of HTML (``</s>`` would vanish)."""
+        import html
+
+        values = self.coords.get(dim, list(range(size)))
+        tokens = None
+        if dim in ("position", "heatmap_row"):
+            tokens = self.coords.get("target") or self.coords.get("token")
+        if tokens is not None and len(tokens) >= size and dim == "position":
+            labels = [f"{p} → {t}" for p, t in zip(values, tokens)]
+        else:
+            labels = [str(v) for v in values]
+        return [html.escape(label, quote=False) for label in labels]
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -57,7 +57,7 @@ def test_knowledge_evolves_across_layers(name):
 
 def test_embedded_name_errors_name_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="vlm_lens.zoo.train"):
+    with pytest.raises(FileNotFoundError, match="vlm-lens zoo train"):
         zoo.embedded_path("shapes-llava")
     assert zoo.embedded_path("not-embedded") is None
 

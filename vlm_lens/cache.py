@@ -35,9 +35,15 @@ class VLMCache(Mapping[str, Tensor]):
         self._activations = dict(activations)
         self.layout = layout
         self.model = model
-        self.input_ids = None if input_ids is None else input_ids.reshape(-1).cpu()
+        if input_ids is not None:
+            input_ids = input_ids.cpu() if input_ids.dim() == 2 and input_ids.shape[0] > 1 else input_ids.reshape(-1).cpu()
+        self.input_ids = input_ids  # [seq], or [batch, seq] for a batched forward (then ``layouts`` is set)
+        self.layouts: list[TokenLayout] | None = None
 
-    def __getitem__(self, name: str) -> Tensor:
+    def __getitem__(self, name: str | tuple[str, int]) -> Tensor:
+        """``cache["blocks.3.hook_resid_post"]`` or, as in TransformerLens, ``cache["resid_post", 3]``."""
+        if isinstance(name, tuple):
+            name = act_name(*name)
         try:
             return self._activations[name]
         except KeyError:
@@ -80,6 +86,95 @@ class VLMCache(Mapping[str, Tensor]):
             rows = [row[index] for row in rows]
         stack = torch.stack(rows)
         return (stack, self.resid_labels) if return_labels else stack
+
+
+    def sample(self, index: int) -> "VLMCache":
+        """The cache of sample ``index`` of a batched forward (``model.prepare(images, [q1, q2, ...])``): its
+        positions only (right padding removed), with its layout and token ids. Activations that are not one
+        vector per position of the language sequence (vision encoder, ...) are left out."""
+        layouts = getattr(self, "layouts", None)
+        if layouts is None:
+            raise ValueError("this cache holds one sample; sample() splits the cache of a batched forward")
+        layout = layouts[index]
+        n, padded = layout.n_positions, self.input_ids.shape[-1]
+        views = {}
+        for name, value in self._activations.items():
+            if value.dim() >= 2 and value.shape[0] == len(layouts) and value.shape[1] == padded:
+                views[name] = value[index : index + 1, :n]
+            elif value.dim() == 4 and value.shape[0] == len(layouts) and value.shape[2] == value.shape[3] == padded:
+                views[name] = value[index : index + 1, :, :n, :n]  # attention patterns [batch, head, query, key]
+        return VLMCache(views, layout, self.model, self.input_ids[index, :n])
+
+    def accumulated_resid(
+        self, layer: int | None = None, *, apply_ln: bool = False, return_labels: bool = False
+    ) -> Float[Tensor, "layer batch pos d_model"] | tuple[Tensor, list[str]]:
+        """The residual stream before each layer, TransformerLens style: ``[component, batch, pos, d_model]``.
+
+        Stack index 0 (embeddings) up to ``layer`` exclusive (``layer=None``: every layer and the final output, i.e.
+        :meth:`resid_stack` with the batch dimension). ``apply_ln`` applies the final norm to each vector, as the logit
+        lens does (:meth:`apply_ln_to_stack`).
+        """
+        names = resid_names(self.model.n_layers)
+        if layer is not None:
+            if not 0 <= layer <= self.model.n_layers:
+                raise IndexError(f"layer {layer} out of range: 0..{self.model.n_layers}")
+            names = names[:layer]
+        missing = [n for n in names if n not in self._activations]
+        if missing:
+            raise KeyError(f"accumulated_resid needs {missing[0]!r}: run with names_filter=resid_names(model.n_layers)")
+        stack = torch.stack([self._activations[n] for n in names])
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack)
+        labels = [str(i) for i in range(len(names))]
+        return (stack, labels) if return_labels else stack
+
+    def apply_ln_to_stack(self, stack: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The model's final norm applied to every vector of ``stack`` (what the logit lens unembeds).
+
+        Unlike TransformerLens's ``apply_ln_to_stack(..., layer=None)``, which divides by the cached scale of the
+        final residual (linear, for direct logit attribution), each vector is normalised by its own scale.
+        """
+        norm = self.model._final_norm
+        with torch.no_grad():
+            return norm(stack.to(next(norm.parameters()).dtype))
+
+    def decompose_resid(
+        self, *, return_labels: bool = False
+    ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
+        """The final residual as a sum of its writers: ``[embed, attn_out 0, mlp_out 0, ..., mlp_out n-1]``.
+
+        Needs ``hook_attn_out`` and ``hook_mlp_out`` of every block (run with ``names_filter=None``). The components
+        sum to the last block's ``hook_resid_post`` (families without extra residual writes, e.g. not deepstack).
+        """
+        names = ["blocks.0.hook_resid_pre"]
+        labels = ["embed"]
+        for i in range(self.model.n_layers):
+            names += [f"blocks.{i}.hook_attn_out", f"blocks.{i}.hook_mlp_out"]
+            labels += [f"{i}_attn_out", f"{i}_mlp_out"]
+        missing = [n for n in names if n not in self._activations]
+        if missing:
+            raise KeyError(f"decompose_resid needs {missing[0]!r}: run_with_cache with names_filter=None")
+        stack = torch.stack([self._activations[n] for n in names])
+        return (stack, labels) if return_labels else stack
+
+
+# TransformerLens' short activation names (transformer_lens.utils.get_act_name) -> this cache's hook names
+_ATTN_INTERNAL = {"q", "k", "v", "z", "rot_q", "rot_k", "pattern", "attn_scores", "result"}
+_MLP_INTERNAL = {"pre", "post", "pre_linear"}
+
+
+def act_name(name: str, layer: int | None = None) -> str:
+    """``("resid_post", 3)`` -> ``"blocks.3.hook_resid_post"``; ``("pattern", 0)`` -> ``"blocks.0.attn.hook_pattern"``.
+
+    A name that is already a full hook name is returned unchanged."""
+    if layer is None or name.startswith("blocks."):
+        return name
+    short = name.removeprefix("hook_")
+    if short in _ATTN_INTERNAL:
+        return f"blocks.{layer}.attn.hook_{short}"
+    if short in _MLP_INTERNAL:
+        return f"blocks.{layer}.mlp.hook_{short}"
+    return f"blocks.{layer}.hook_{short}"
 
 
 def _position_index(positions, n_positions: int) -> Tensor:

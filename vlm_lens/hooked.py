@@ -24,6 +24,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from vlm_lens.adapters import AdapterSpec, adapter_for
+from vlm_lens.conventions import TransformerLensNames
+from vlm_lens.batch import VLMBatch
 from vlm_lens.cache import VLMCache, resid_names
 from vlm_lens.layout import TokenLayout
 
@@ -43,6 +45,11 @@ class VLMInputs:
     @property
     def input_ids(self) -> Int[Tensor, "1 pos"]:
         return self.model_inputs["input_ids"]
+
+    def __repr__(self) -> str:
+        layout = self.layout
+        return (f"VLMInputs({layout.n_positions} positions: {int(layout.image.sum())} image, {int(layout.text.sum())} "
+                f"text, {int(layout.generated.sum())} generated; {self.n_images} image(s); prompt={self.prompt[-60:]!r})")
 
 
 @dataclass
@@ -76,8 +83,12 @@ class GenerationTrace:
     def n_steps(self) -> int:
         return int(self.generated_ids.shape[0])
 
+    def __repr__(self) -> str:
+        return (f"GenerationTrace(text={self.text!r}, steps={self.n_steps}, positions={self.layout.n_positions}, "
+                f"cached={len(self.cache)} hooks, capture={self.capture!r}, lens_agrees={bool(self.lens_agrees.all())})")
 
-class HookedVLM:
+
+class HookedVLM(TransformerLensNames):
     """A vision-language model with TransformerLens hook points (``blocks.{i}.hook_resid_post`` ...).
 
     Build one with :func:`vlm_lens.load`. ``hf_model`` is the HF model (mutated in place by the bridge: wrapped
@@ -128,12 +139,18 @@ class HookedVLM:
         return list(self.bridge.hook_dict)
 
     # -- inputs ---------------------------------------------------------------------------------------------
-    def prepare(self, images: Any, prompt: str) -> VLMInputs:
+    def prepare(self, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMBatch:
         """Model inputs for ``images`` (PIL images or paths; one, a list, or none) and ``prompt``.
 
         ``prompt`` is the user's question: the chat template with one image placeholder per image is applied.
         A raw string that already contains the processor's image token is used as it is.
+
+        A list of prompts gives a :class:`~vlm_lens.batch.VLMBatch` (one padded forward, per-sample layouts):
+        ``images`` is then one entry per prompt (an image, a list of images, or None), or a single image shared by
+        all of them.
         """
+        if isinstance(prompt, (list, tuple)):
+            return self._prepare_batch(images, list(prompt))
         image_list = _load_images(images)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: pass the question to ask about the image(s), e.g. 'what is this ?'")
@@ -164,12 +181,40 @@ class HookedVLM:
         if model_inputs["input_ids"].shape[0] != 1:
             raise ValueError("prepare() builds one sample; call it once per sample")
         layout = TokenLayout.from_ids(model_inputs["input_ids"][0].cpu(), self.image_token_id)
+        self._warn_unknown_words(prompt, model_inputs["input_ids"])
         if image_list and not layout.image.any():
             raise ValueError("the processor produced no image tokens; check that the prompt template keeps them")
         return VLMInputs(model_inputs, layout, text, len(image_list))
 
-    def _forward_args(self, inputs: VLMInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        if not isinstance(inputs, VLMInputs):
+    def _warn_unknown_words(self, prompt: str, input_ids: Tensor) -> None:
+        """Warn, naming the words, when part of the prompt becomes the unknown token (the model never saw it)."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None or not bool((input_ids == unk).any()):
+            return
+        try:
+            encoded = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+            words = [prompt[a:b] for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk]
+        except (NotImplementedError, TypeError, KeyError):  # slow tokenizers have no offsets
+            words = []
+        warnings.warn(
+            f"{self.name}: {', '.join(repr(w) for w in words) or 'part of the prompt'} not in the vocabulary, read as "
+            f"{self.tokenizer.unk_token}; rephrase with words the model knows",
+            stacklevel=3,
+        )
+
+    def _prepare_batch(self, images: Any, prompts: list[str]) -> VLMBatch:
+        if not prompts:
+            raise ValueError("the prompt list is empty: pass one question per sample")
+        per_sample = isinstance(images, (list, tuple)) and len(images) == len(prompts)
+        if isinstance(images, (list, tuple)) and not per_sample:
+            raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts: pass one entry per prompt (an "
+                             "image, a list of images, or None), or one image for all")  # fmt: skip
+        samples = [self.prepare(images[i] if per_sample else images, p) for i, p in enumerate(prompts)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return VLMBatch.pad(samples, int(pad or 0))
+
+    def _forward_args(self, inputs: VLMInputs | VLMBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        if not isinstance(inputs, (VLMInputs, VLMBatch)):
             raise TypeError(f"expected VLMInputs from model.prepare(images, prompt), got {type(inputs).__name__}")
         kwargs = dict(inputs.model_inputs)
         return kwargs.pop("input_ids"), kwargs
@@ -186,6 +231,10 @@ class HookedVLM:
             self._check_names([names_filter])
         with torch.set_grad_enabled(grad):
             logits, cache = self.bridge.run_with_cache(input_ids, names_filter=names_filter, **kwargs)
+        if isinstance(inputs, VLMBatch):
+            batched = VLMCache(dict(cache.items()), inputs.layouts[0], self, inputs.input_ids)
+            batched.layouts = inputs.layouts  # split per sample with cache.sample(i)
+            return logits, batched
         return logits, VLMCache(dict(cache.items()), inputs.layout, self, inputs.input_ids)
 
     def run_with_hooks(
@@ -217,21 +266,22 @@ class HookedVLM:
 
     # -- lens -----------------------------------------------------------------------------------------------
     def unembed(
-        self, resid: Float[Tensor, "... d_model"], layer: int | None = None, *, normed: bool = False
+        self, resid: Float[Tensor, "... d_model"], layer: int | None = None, *, normed: bool = False, grad: bool = False
     ) -> Float[Tensor, "... vocab"]:
         """Logits (float32) of residual-stream vectors: final norm, then ``lm_head``.
 
         ``layer`` is the index in :meth:`VLMCache.resid_stack` the vectors came from (0 = embeddings,
         ``n_layers`` = last block); it is range-checked. ``normed=True`` skips the norm, for vectors that are
         already normed (HF's ``hidden_states[-1]``, ``ln_final.hook_normalized``) or to reproduce the paper's
-        no-norm lens.
+        no-norm lens. ``grad=True`` keeps the autograd graph (gradients flow to ``resid`` and, if they require
+        them, to the norm and ``lm_head``); by default nothing is recorded.
         """
         if layer is not None and not 0 <= layer <= self.n_layers:
             raise IndexError(f"layer {layer} out of range: the residual stack has layers 0..{self.n_layers}")
         if resid.shape[-1] != self.d_model:
             raise ValueError(f"expected residual vectors of size d_model={self.d_model}, got {resid.shape[-1]}")
         dtype = self._lm_head.weight.dtype
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             h = resid.to(device=self.device, dtype=dtype)
             if not normed:
                 h = self._final_norm(h)
@@ -318,6 +368,8 @@ class HookedVLM:
         positions: needed for hooks that are not one vector per position (attention patterns), and it also keeps
         the logits of every position. ``"auto"`` picks ``"generate"`` when every requested hook allows it.
         """
+        if isinstance(inputs, VLMBatch):
+            raise ValueError("trace_generation follows one sample: call it per sample (batch[i]); run_with_cache takes batches")
         names = list(resid_names(self.n_layers) + ["ln_final.hook_normalized"] if names_filter is None else
                      ([names_filter] if isinstance(names_filter, str) else names_filter))  # fmt: skip
         if capture == "auto":

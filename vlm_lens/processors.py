@@ -48,8 +48,21 @@ def chat_template(image_placeholder: str) -> str:
     return _CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", image_placeholder)
 
 
+# punctuation that becomes its own token ("circle?" -> "circle ?"); hyphens stay inside words ("top-left")
+WORD_PUNCTUATION = r"[?.,!;:]"
+
+
+def word_pre_tokenizer():
+    """Whitespace split, then punctuation isolated: ordinary questions tokenise as the training data did."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(WORD_PUNCTUATION), behavior="isolated")]
+    )
+
+
 def build_word_tokenizer(words: Iterable[str], special_tokens: Sequence[str] = LLAVA_SPECIAL_TOKENS):
-    """A lower-cased, whitespace-split WordLevel tokenizer over ``special_tokens + sorted(set(words | CHAT_WORDS))``.
+    """A lower-cased WordLevel tokenizer (whitespace split, punctuation isolated) over ``special_tokens + sorted(set(words | CHAT_WORDS))``.
 
     Ids are deterministic: specials first in the given order, then the words sorted. ``<pad>`` is id 0. The chat
     template's own words (``user``, ``assistant``, ``:``) are always included.
@@ -62,7 +75,7 @@ def build_word_tokenizer(words: Iterable[str], special_tokens: Sequence[str] = L
         vocab.setdefault(token, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.pre_tokenizer = word_pre_tokenizer()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",

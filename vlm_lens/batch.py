@@ -1,0 +1,63 @@
+"""Batches of prepared samples: one padded forward, per-sample layouts.
+
+``model.prepare(images, ["q1", "q2"])`` returns a :class:`VLMBatch`; ``run_with_cache`` / ``run_with_hooks`` / calling
+the model accept it, and ``cache.sample(i)`` gives sample i's cache (its positions, layout and token ids), equal to a
+forward of that sample alone. Sequences are padded on the right, so every sample keeps its own positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vlm_lens.layout import TokenLayout
+
+# inputs with one entry per sequence position: padded on the right (value), everything else is concatenated
+_PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
+
+
+@dataclass
+class VLMBatch:
+    """Prepared samples (``samples[i]`` is what ``prepare`` returns for one) and their padded model inputs."""
+
+    samples: list
+    model_inputs: dict[str, Tensor]
+
+    @classmethod
+    def pad(cls, samples: list, pad_id: int) -> "VLMBatch":
+        if not samples:
+            raise ValueError("a batch needs at least one sample")
+        length = max(s.input_ids.shape[1] for s in samples)
+        inputs: dict[str, Tensor] = {}
+        for key in samples[0].model_inputs:
+            values = [s.model_inputs[key] for s in samples]
+            if key in _PER_POSITION_PAD:
+                fill = pad_id if _PER_POSITION_PAD[key] is None else _PER_POSITION_PAD[key]
+                inputs[key] = torch.cat([torch.nn.functional.pad(v, (0, length - v.shape[1]), value=fill) for v in values])
+            else:
+                inputs[key] = torch.cat(values)  # pixel_values, image_grid_thw: one row per image (or patch)
+        if "attention_mask" not in inputs:
+            inputs["attention_mask"] = torch.stack(
+                [torch.arange(length, device=samples[0].input_ids.device) < s.input_ids.shape[1] for s in samples]
+            ).long()
+        return cls(list(samples), inputs)
+
+    @property
+    def input_ids(self) -> Tensor:
+        return self.model_inputs["input_ids"]
+
+    @property
+    def layouts(self) -> list[TokenLayout]:
+        return [s.layout for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.samples[index]
+
+    def __repr__(self) -> str:
+        lengths = [s.layout.n_positions for s in self.samples]
+        return f"VLMBatch({len(self)} samples, positions {lengths}, padded to {self.input_ids.shape[1]})"

@@ -1,0 +1,72 @@
+"""TransformerLens conventions on :class:`~vlm_lens.hooked.HookedVLM`: the names a TransformerLens user reaches for.
+
+==========================  ===================================================================================
+TransformerLens             vlm-lens
+==========================  ===================================================================================
+``model(tokens)``           ``model(inputs)``: logits ``[batch, pos, vocab]`` of prepared inputs (a plain forward)
+``model.cfg``               the bridge's TransformerLens config (``n_layers``, ``d_model``, ``d_vocab`` ...)
+``model.W_U``               ``lm_head`` weight as ``[d_model, d_vocab]`` (shared with the model, not a copy)
+``model.to_str_tokens``     token strings of prepared inputs, of a string, or of ids
+``model.to_single_token``   the id of a string that is exactly one token (ValueError naming the count otherwise)
+``model.to_tokens``         ids of a string (no special tokens, no chat template)
+==========================  ===================================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+class TransformerLensNames:
+    """Mixin for :class:`HookedVLM` (which provides ``bridge``, ``tokenizer``, ``_lm_head``, ``_forward_args``)."""
+
+    @property
+    def cfg(self):
+        """The TransformerLens config of the bridge (``cfg.n_layers``, ``cfg.d_model``, ...)."""
+        return self.bridge.cfg
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding as TransformerLens lays it out, ``[d_model, d_vocab]`` (a view of ``lm_head.weight``)."""
+        return self._lm_head.weight.T
+
+    def __call__(self, inputs, *, grad: bool = False) -> Float[Tensor, "batch pos vocab"]:
+        """Logits of prepared inputs (``model.prepare(...)``), through the hooked model; no cache kept."""
+        input_ids, kwargs = self._forward_args(inputs)
+        with torch.set_grad_enabled(grad):
+            return self.bridge(input_ids, **kwargs)
+
+    def to_tokens(self, text: str) -> Int[Tensor, " pos"]:
+        """Token ids of ``text`` as the tokenizer encodes it (no special tokens, no chat template)."""
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def to_str_tokens(self, value: Any) -> list[str]:
+        """Token strings of prepared inputs (one sample), of a string, or of a sequence / tensor of ids."""
+        from vlm_lens.hooked import VLMInputs
+
+        if isinstance(value, VLMInputs):
+            ids = value.input_ids[0].tolist()
+        elif isinstance(value, str):
+            ids = self.to_tokens(value).tolist()
+        elif isinstance(value, Tensor):
+            ids = value.reshape(-1).tolist()
+        elif isinstance(value, Sequence):
+            ids = [int(i) for i in value]
+        else:
+            raise TypeError(f"to_str_tokens takes VLMInputs, a string or token ids, got {type(value).__name__}")
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
+    def to_single_token(self, text: str) -> int:
+        """The id of ``text`` when it is exactly one token."""
+        ids = self.to_tokens(text).tolist()
+        if len(ids) != 1:
+            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            raise ValueError(f"{text!r} is {len(ids)} tokens {pieces}, not one: pass a single-token string")
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and ids[0] == unk and text != self.tokenizer.unk_token:
+            raise ValueError(f"{text!r} is not in this model's vocabulary (it encodes to {self.tokenizer.unk_token})")
+        return ids[0]
