@@ -87,6 +87,7 @@ class SampleEvolution:
     shift: dict[str, ProbeResult] = field(repr=False, default_factory=dict)
     trace: Any = field(repr=False, default=None)
     planted: bool = False
+    image: Any = field(repr=False, default=None)  # the input image (path or PIL), for the report
 
     @property
     def correct(self) -> bool | None:
@@ -114,8 +115,8 @@ def lens_probe(variant: str, tuned_lens, n_layers: int):
     if variant == "tuned":
         if tuned_lens is None:
             raise ValueError("the 'tuned' variant needs a tuned lens: pass tuned_lens= (TunedLens.load(...))")
-        return TunedLensProbe(tuned_lens, top_k=1, candidates=every_layer)
-    return LogitLensProbe(variant=variant, top_k=1, candidates=every_layer)
+        return TunedLensProbe(tuned_lens, top_k=5, candidates=every_layer)
+    return LogitLensProbe(variant=variant, top_k=5, candidates=every_layer)  # top-5 for the report's token grid
 
 
 def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokenizer,
@@ -232,6 +233,7 @@ def run(model, samples: Sequence[Sample], config: EvolutionConfig = EvolutionCon
         trace = model.trace_generation(inputs, max_new_tokens=config.max_new_tokens)
         analysed.append(analyze_trace(trace, sample.name or str(i), sample.answer, config, tuned_lens=tuned_lens,
                                       planted=sample.planted))  # fmt: skip
+        analysed[-1].image = sample.image
         if progress is not None:
             progress(i + 1, len(samples))
     aggregated = aggregate(analysed, model.n_layers, config.include_special, config.detection)

@@ -70,6 +70,103 @@ def js_heatmap(js: list[list[float]], tokens: list[str], transitions: list[str],
 LAYER_AXIS = "stack layer (0 = embeddings, l = after decoder layer l-1)"
 
 
+def named(fig, name: str):
+    """Give ``fig`` the file name its PNG gets (``stages_median_js`` -> ``stages_median_js.png``)."""
+    fig.layout.meta = {"png_name": name}
+    return fig
+
+
+def png_names(figures: list) -> list[str]:
+    """File stems for ``figures``: their given names (made unique and file-safe) or ``figure_NN``."""
+    import re
+
+    names, seen = [], set()
+    for i, fig in enumerate(figures):
+        meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
+        raw = re.sub(r"\.(png|jpe?g|bmp|webp)\b", "", str(meta.get("png_name") or f"figure_{i + 1:02d}"), flags=re.I)
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", raw).strip("_") or "figure"
+        candidate, k = stem, 2
+        while candidate in seen:
+            candidate, k = f"{stem}_{k}", k + 1
+        seen.add(candidate)
+        names.append(candidate)
+    return names
+
+
+def image_card(image, rows: list[tuple[str, Any]], width: int = 144) -> str:
+    """An inline (base64 PNG) thumbnail of a sample's input image beside its prompt and answers."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    picture = Image.open(image).convert("RGB") if not isinstance(image, Image.Image) else image.convert("RGB")
+    scale = max(1, width // max(picture.size))
+    if scale > 1:  # tiny shapes-world images: enlarge without blurring
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    else:
+        picture.thumbnail((width, width))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(fmt(v))}</td></tr>" for k, v in rows)
+    return (f"<div class='card'><img alt='input image' src='data:image/png;base64,{data}' "
+            f"style='image-rendering:pixelated;width:{width}px'><table>{cells}</table></div>")  # fmt: skip
+
+
+def prob_heatmap(probs: list[list[float]], tokens: list[str], title: str):
+    """P(emitted token) per stack layer (x) and generated token (y): where each answer appears."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=probs, x=list(range(len(probs[0]) if probs else 0)),
+                               y=[_label(f"{i}: {t}") for i, t in enumerate(tokens)], colorscale="Viridis", zmin=0, zmax=1,
+                               colorbar=dict(title="p")))  # fmt: skip
+    fig.update_layout(title=_label(title), xaxis_title=LAYER_AXIS, yaxis_title="generated token", yaxis_autorange="reversed",
+                      height=max(260, 28 * len(tokens) + 150), xaxis=dict(tickmode="linear", dtick=1))  # fmt: skip
+    return fig
+
+
+def top1_grid(top_tokens: list[list[list[str]]], top_probs: list[list[list[float]]], tokens: list[str], title: str):
+    """The lens's top-1 token at every (generated token, layer), coloured by its probability; top-5 on hover.
+
+    ``top_tokens[step][layer][k]`` / ``top_probs[step][layer][k]``."""
+    import plotly.graph_objects as go
+
+    text = [[_label(cell[0]) for cell in row] for row in top_tokens]
+    hover = [["<br>".join(f"{_label(t)}: {p:.3f}" for t, p in zip(cells, probs)) for cells, probs in zip(row, prow)]
+             for row, prow in zip(top_tokens, top_probs)]  # fmt: skip
+    fig = go.Figure(go.Heatmap(z=[[probs[0] for probs in prow] for prow in top_probs], text=text, texttemplate="%{text}",
+                               hovertext=hover, hoverinfo="text", colorscale="Blues", zmin=0, zmax=1,
+                               x=list(range(len(top_tokens[0]) if top_tokens else 0)),
+                               y=[_label(f"{i}: {t}") for i, t in enumerate(tokens)], colorbar=dict(title="top-1 p")))  # fmt: skip
+    fig.update_layout(title=_label(title), xaxis_title=LAYER_AXIS, yaxis_title="generated token", yaxis_autorange="reversed",
+                      height=max(260, 32 * len(tokens) + 150), xaxis=dict(tickmode="linear", dtick=1))  # fmt: skip
+    return fig
+
+
+def skip_chart(sets: dict, sweep: dict, title: str):
+    """Layer skipping: accuracy and generation agreement per skip set (bars) and per single skipped layer (lines)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
+                        subplot_titles=("skip sets", "single decoder layer skipped"))  # fmt: skip
+    names = list(sets)
+    for key, colour in (("accuracy", "#9370DB"), ("generation_agreement", "#3CB371")):
+        values = [sets[n][key] for n in names]
+        if any(v is not None for v in values):
+            fig.add_trace(go.Bar(x=names, y=values, name=key.replace("_", " "), marker_color=colour,
+                                 legendgroup=key), row=1, col=1)  # fmt: skip
+            if sweep:
+                fig.add_trace(go.Scatter(x=[int(k) for k in sweep], y=[sweep[k][key] for k in sweep], mode="lines+markers",
+                                         name=f"{key.replace('_', ' ')} (sweep)", line=dict(color=colour),
+                                         legendgroup=key, showlegend=False), row=1, col=2)  # fmt: skip
+    fig.update_yaxes(range=[0, 1.05])
+    fig.update_xaxes(title_text="decoder layer", row=1, col=2, tickmode="linear", dtick=1)
+    fig.update_layout(title=_label(title), height=380, barmode="group")
+    return fig
+
+
 def token_probability_chart(layers: list[str], curves: dict[str, list[float]], title: str, stages: dict | None):
     """Paper Fig. P: one filled area per candidate token, overlapping (not stacked); x = stack layer index."""
     import plotly.graph_objects as go
@@ -84,15 +181,24 @@ def token_probability_chart(layers: list[str], curves: dict[str, list[float]], t
     return fig
 
 
-def stage_profile(layers: list[str], transitions: list[str], median_js: list[float], stages: dict | None, title: str):
+def stage_profile(layers: list[str], transitions: list[str], median_js: list[float], stages: dict | None, title: str,
+                  spread: dict | None = None):
     """Median adjacent-layer JS plotted at the layer each transition leads into (1..n), with the stage bands."""
     import plotly.graph_objects as go
 
     x = list(range(1, len(layers)))
     fig = go.Figure(go.Scatter(x=x, y=median_js, mode="lines+markers", name="median adjacent JS",
                                text=[f"{l - 1}→{l}" for l in x]))  # fmt: skip
+    positive = sorted(v for v in median_js if v > 0)
+    log = len(positive) > 2 and positive[-1] > 20 * positive[len(positive) // 2]  # one transition dwarfs the rest
     _stage_bands(fig, stages, len(layers) - 1, max(median_js, default=1.0))
-    fig.update_layout(title=title, xaxis_title=f"{LAYER_AXIS}; JS of the transition into it", yaxis_title="JS (nats)",
+    if spread is not None and spread.get("q1") is not None:
+        fig.add_vrect(x0=spread["q1"] - 0.5, x1=spread["q3"] + 0.5, fillcolor="rgba(0,0,0,0)", line_width=1,
+                      line_dash="dash", line_color="grey")  # fmt: skip
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="grey", dash="dash"),
+                                 name=f"critical layers q1-q3 ({spread['q1']:g}-{spread['q3']:g})"))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title=f"{LAYER_AXIS}; JS of the transition into it",
+                      yaxis_title="JS (nats, log scale)" if log else "JS (nats)", yaxis_type="log" if log else "linear",
                       height=380, xaxis=dict(tickmode="linear", dtick=1))  # fmt: skip
     return fig
 
@@ -196,7 +302,9 @@ def render_html(title: str, sections: list[tuple[str, list]]) -> str:
                 )
     style = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
-             "th{background:#f3f0fa}h2{border-bottom:2px solid #9370DB;padding-bottom:4px}")  # fmt: skip
+             "th{background:#f3f0fa}h2{border-bottom:2px solid #9370DB;padding-bottom:4px}"
+             ".cards{display:flex;flex-wrap:wrap;gap:12px}.card{display:flex;gap:8px;align-items:flex-start;"
+             "border:1px solid #ddd;padding:6px;border-radius:4px}.card table{margin:0}")  # fmt: skip
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style>"
@@ -219,11 +327,13 @@ def write_report(out_dir: Path, title: str, sections: list[tuple[str, list]], da
     if png:
         written["png"], written["png_notice"] = export_pngs(out_dir, [f for _, items in sections for f in items
                                                                       if not isinstance(f, str)])  # fmt: skip
+        written["png"] = written["png"] or []
     return written
 
 
 def export_pngs(out_dir: Path, figures: list) -> tuple[list[str], str | None]:
-    """PNG files of ``figures`` (offline browser, bounded in time; :mod:`vlm_lens.experiments.png_export`), or a notice."""
+    """PNG files of ``figures`` named by :func:`png_names` (offline browser, bounded in time;
+    :mod:`vlm_lens.experiments.png_export`), or a notice."""
     from vlm_lens.experiments.png_export import export_pngs as export
 
-    return export(out_dir, figures)
+    return export(out_dir, figures, png_names(figures))

@@ -157,8 +157,14 @@ def test_main_job_shows_the_planted_mutation(embedded_report):
     decoder, markers = json.JSONDecoder(), []
     for start in [m.end() for m in re.finditer(r"Plotly\.newPlot\('fig\d+', ", page)]:
         traces, _ = decoder.raw_decode(page, start)
-        markers += [t for t in traces if str(t.get("name", "")).startswith(("critical layer", "mutation layer"))]
+        markers += [t for t in traces if re.match(r"(critical|mutation) layer \d+$", str(t.get("name", "")))]
     assert len(markers) >= 2
+    assert page.count("<img alt='input image' src='data:image/png;base64,") == len(data["samples"])  # every input, inline
+    assert "the lens&#x27;s top-1 token by layer" in page or "the lens's top-1 token by layer" in page
+    assert "P(generated token) by layer" in page and "layer skipping: accuracy and agreement" in page
+    grids = [t for start in [m.end() for m in re.finditer(r"Plotly\.newPlot\('fig\d+', ", page)]
+             for t in decoder.raw_decode(page, start)[0] if t.get("texttemplate") == "%{text}"]
+    assert grids and all(cell.count("<br>") == 4 for t in grids for row in t["hovertext"] for cell in row)  # top-5 on hover
     for t in markers:
         key = "critical_layer" if t["name"].startswith("critical") else "mutation_layer"
         assert t["x"] == [stages[key], stages[key]] and t["name"].endswith(str(stages[key])), t
@@ -206,3 +212,12 @@ def test_compare_aligns_layers_by_relative_depth(tiny_llava, tiny_qwen25):
     assert result["difference"]["correct"]["critical_depth"] == (
         result["b"]["variants"]["correct"]["critical_depth"] - result["a"]["variants"]["correct"]["critical_depth"]
     )
+
+
+def test_png_names_say_what_the_figures_are():
+    import plotly.graph_objects as go
+
+    figures = [R.named(go.Figure(), "stages_median_js"), R.named(go.Figure(), "p_by_layer_shapes_color_1.png"),
+               R.named(go.Figure(), "p_by_layer_shapes_color_1.png"), go.Figure(), R.named(go.Figure(), "a/b <c>")]
+    assert R.png_names(figures) == ["stages_median_js", "p_by_layer_shapes_color_1", "p_by_layer_shapes_color_1_2",
+                                    "figure_04", "a_b_c"]
