@@ -231,3 +231,13 @@ def test_a_cache_and_a_trace_of_the_same_input_give_the_same_numbers(family):
             assert a.coords.get(coord) == b.coords.get(coord), (probe.name, coord)
     steps = LogitLensProbe()(trace)  # the positions predicting generated tokens: exactly the generated tokens
     assert steps.coords["target"] == trace.generated_tokens
+    lens = TunedLens.for_model(model)
+    with torch.no_grad():
+        lens.weight.normal_(0, 0.02)
+    a, b = TunedLensProbe(lens, positions="all")(trace), TunedLensProbe(lens, positions="all")(cache)
+    torch.testing.assert_close(a["prob"], b["prob"], atol=1e-4, rtol=1e-4)
+    a, b = FeatureProjection("pca", positions="all")(trace), FeatureProjection("pca", positions="all")(cache)
+    torch.testing.assert_close(a["coords"], b["coords"], atol=1e-4, rtol=1e-4)
+    # TokenTrajectory reads the step positions of a trace and the last prompt position of a cache: step 0 is that one
+    a, b = TokenTrajectory(["red", "blue"])(trace), TokenTrajectory(["red", "blue"])(cache)
+    torch.testing.assert_close(a["prob"][:, :1], b["prob"], atol=1e-4, rtol=1e-4)
