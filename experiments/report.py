@@ -83,7 +83,8 @@ def png_names(figures: list) -> list[str]:
     names, seen = [], set()
     for i, fig in enumerate(figures):
         meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
-        raw = re.sub(r"\.(png|jpe?g|bmp|webp)\b", "", str(meta.get("png_name") or f"figure_{i + 1:02d}"), flags=re.I)
+        raw = re.sub(r"\.(png|jpe?g|bmp|webp)(?![A-Za-z0-9])", "", str(meta.get("png_name") or f"figure_{i + 1:02d}"),
+                     flags=re.I)  # fmt: skip
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", raw).strip("_") or "figure"
         candidate, k = stem, 2
         while candidate in seen:

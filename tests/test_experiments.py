@@ -218,6 +218,7 @@ def test_png_names_say_what_the_figures_are():
     import plotly.graph_objects as go
 
     figures = [R.named(go.Figure(), "stages_median_js"), R.named(go.Figure(), "p_by_layer_shapes_color_1.png"),
-               R.named(go.Figure(), "p_by_layer_shapes_color_1.png"), go.Figure(), R.named(go.Figure(), "a/b <c>")]
+               R.named(go.Figure(), "p_by_layer_shapes_color_1.png"), go.Figure(), R.named(go.Figure(), "a/b <c>"),
+               R.named(go.Figure(), "token_probs_shapes_caption_6.png_step0")]
     assert R.png_names(figures) == ["stages_median_js", "p_by_layer_shapes_color_1", "p_by_layer_shapes_color_1_2",
-                                    "figure_04", "a_b_c"]
+                                    "figure_04", "a_b_c", "token_probs_shapes_caption_6_step0"]
