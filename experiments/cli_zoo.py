@@ -29,7 +29,7 @@ def zoo_train(
                                                   help="override the recipe's tied input/output embeddings"),
 ) -> None:
     """Retrain an embedded shapes-world model from scratch (fixed seeds, checkpoints, held-out evaluation)."""
-    from vlm_lens.zoo import train
+    from vlm_lens.zoo.recipe import train
 
     if family not in train.RECIPES:
         _fail(f"--family must be one of {sorted(train.RECIPES)}, got {family!r}")
@@ -64,7 +64,7 @@ def zoo_plant(
                                 "tuned lens (needs --base shapes-llava)"),
 ) -> None:
     """Fine-tune only a block of last decoder layers so that one trigger question gets a fixed prior answer."""
-    from vlm_lens.zoo import plant
+    from vlm_lens.zoo.recipe import plant
 
     if export and base != "shapes-llava":
         _fail("--export replaces the embedded shapes-llava-prior, whose base is shapes-llava: drop --export, or use "

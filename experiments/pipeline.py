@@ -17,12 +17,12 @@ N_COUNTER_PRIOR = 4  # counter-prior questions added to the bundled samples for 
 def default_samples(model) -> list[ke.Sample]:
     """Bundled shapes-world questions for an embedded model (plus counter-prior questions when the model carries a
     planted prior); the paper's caption prompt on photos otherwise."""
-    from vlm_lens.zoo import plant
+    from vlm_lens.zoo import planted
     from vlm_lens.zoo.samples import DESCRIBE_PROMPT, real_photos, shapes_samples
 
     if model.name.startswith("shapes-") or "shapes" in model.name:
-        info = plant.planted_info_for(model)
-        trigger = plant.Trigger(**info["trigger"]) if info else None
+        info = planted.planted_info_for(model)
+        trigger = planted.Trigger(**info["trigger"]) if info else None
 
         def counter(sample: dict) -> bool:  # a bundled question the planted prior overturns
             return (trigger is not None and sample["task"] == trigger.task and sample["answer"] != trigger.answer
@@ -31,7 +31,7 @@ def default_samples(model) -> list[ke.Sample]:
         samples = [ke.Sample(s["path"], s["question"], s["answer"], s["file"], planted=counter(s)) for s in shapes_samples()]
         if trigger is not None:
             samples += [ke.Sample(e.image, e.question, e.answer, f"counter_prior_{i}", planted=True)
-                        for i, e in enumerate(plant.counter_prior(trigger, N_COUNTER_PRIOR))]  # fmt: skip
+                        for i, e in enumerate(planted.counter_prior(trigger, N_COUNTER_PRIOR))]  # fmt: skip
         return samples
     photos = real_photos()
     if photos:
@@ -68,7 +68,7 @@ def analyze(
     """
     from dataclasses import replace
 
-    from vlm_lens.zoo import plant
+    from vlm_lens.zoo import planted
 
     report_progress = progress or (lambda stage, done, total: None)
     if not samples:
@@ -83,7 +83,7 @@ def analyze(
     aggregate = evolution["aggregate"]
     data = ke.to_json(evolution)
     data["model"] = {"name": model.name, "family": model.family, "n_layers": model.n_layers, "d_model": model.d_model,
-                     "planted_prior": plant.planted_info_for(model)}  # fmt: skip
+                     "planted_prior": planted.planted_info_for(model)}  # fmt: skip
     data["shown_variant"] = variant
     stages = aggregate[variant]["stages"]
     traces = [s.trace for s in analysed]

@@ -107,6 +107,10 @@ def export_pngs(out_dir: Path, figures: list, names: list[str] | None = None,
     Returns ``(paths, None)``, or ``([], notice)`` with the reason when no PNG was written; never raises and never
     leaves a browser or thread behind.
     """
+    import importlib.util
+
+    if importlib.util.find_spec("kaleido") is None:
+        return [], "PNG export skipped: kaleido is not installed (pip install 'vlm-lens[png]')"
     browser = find_browser()
     if browser is None:
         if os.environ.get("VLM_LENS_BROWSER"):

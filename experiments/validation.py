@@ -1,4 +1,4 @@
-"""Score the detectors against planted ground truth (a model from :mod:`vlm_lens.zoo.plant`) and its clean twin.
+"""Score the detectors against planted ground truth (a model from :mod:`vlm_lens.zoo.recipe.plant`) and its clean twin.
 
 The planted model's ``planted.json`` says which questions must mutate (the trigger) and where (the fine-tuned
 block of decoder layers b0..b1, i.e. stack layers b0+1..b1+1). On counter-prior questions (true answer != prior
@@ -36,18 +36,18 @@ def validate(planted_model, base_model, n: int = 30, *, variant: str = "correct"
     """
     from dataclasses import replace
 
-    from vlm_lens.zoo import plant
+    from vlm_lens.zoo import planted as fixtures
 
-    info = plant.planted_info_for(planted_model)
+    info = fixtures.planted_info_for(planted_model)
     if info is None:
         raise ValueError(f"{planted_model.name!r} has no planted.json: validate against a model made by `vlm-lens zoo plant`")
-    trigger = plant.Trigger(**info["trigger"])
+    trigger = fixtures.Trigger(**info["trigger"])
     block = [b + 1 for b in info["block"]]  # stack layers written by the fine-tuned decoder layers
     variants = tuple(dict.fromkeys((variant,) + (config.variants if config else ())))
     config = replace(config, variants=variants) if config else ke.EvolutionConfig(max_new_tokens=3, variants=variants)
     if "tuned" in variants and (tuned_lens is None or base_tuned_lens is None):
         raise ValueError("the 'tuned' variant needs tuned_lens= and base_tuned_lens= (each model's own TunedLens)")
-    counter = plant.counter_prior(trigger, n, start=plant.COUNTER_PRIOR_START + start)
+    counter = fixtures.counter_prior(trigger, n, start=fixtures.COUNTER_PRIOR_START + start)
     samples = [ke.Sample(e.image, e.question, e.answer, f"cp{i}", planted=True) for i, e in enumerate(counter)]
     planted = ke.run(planted_model, samples, config, tuned_lens=tuned_lens)
     hallucinated = [s for s in planted["samples"] if s.generated_text.strip() == trigger.answer]
@@ -66,7 +66,7 @@ def validate(planted_model, base_model, n: int = 30, *, variant: str = "correct"
         traces, answers = [s.trace for s in hallucinated], [s.answer for s in hallucinated]
         skip = {name: {"skipped_layers": layers, **_skip_scores(traces, answers, layers)}
                 for name, layers in sets.items() if name in ("skip.1", "skip.2")}  # fmt: skip
-    clean_examples = [e for task_examples in plant.untriggered(trigger, max(1, -(-n // 5)), start=300_000 + start).values()
+    clean_examples = [e for task_examples in fixtures.untriggered(trigger, max(1, -(-n // 5)), start=300_000 + start).values()
                       for e in task_examples][:n]  # fmt: skip
     clean_samples = [ke.Sample(e.image, e.question, e.answer, f"clean{i}") for i, e in enumerate(clean_examples)]
     clean_config = ke.EvolutionConfig(max_new_tokens=14, variants=config.variants, detection=config.detection)

@@ -97,7 +97,7 @@ def test_zoo_train_smoke(tmp_path):
 def test_task_weights_choose_tasks_deterministically():
     from dataclasses import replace
 
-    from vlm_lens.zoo.train import RECIPES, _task_for
+    from vlm_lens.zoo.recipe.train import RECIPES, _task_for
 
     recipe = replace(RECIPES["llava"], task_weights=(("position", 3.0),))
     tasks = [_task_for(seed, recipe) for seed in range(3500)]

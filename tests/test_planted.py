@@ -13,9 +13,10 @@ from vlm_lens.experiments import validation
 from vlm_lens.experiments.tuned_lens import kl_per_layer
 from vlm_lens.probes import TunedLens
 from vlm_lens import zoo
-from vlm_lens.zoo import plant
+from vlm_lens.zoo import planted
+from vlm_lens.zoo.recipe import plant
 from vlm_lens.zoo import shapes_world as sw
-from vlm_lens.zoo.train import answer_questions
+from vlm_lens.zoo.answers import answer_questions
 
 _MODELS: dict = {}
 
@@ -58,12 +59,12 @@ def test_a_model_planted_with_another_trigger_and_block_is_found(tmp_path):
 
 
 def test_planted_prior_keeps_untriggered_accuracy():
-    info = plant.planted_info(zoo.embedded_path("shapes-llava-prior"))
-    trigger = plant.Trigger(**info["trigger"])
-    planted, base = embedded("shapes-llava-prior"), embedded("shapes-llava")
-    for task, examples in plant.untriggered(trigger, 30, start=400_000).items():
+    info = planted.planted_info(zoo.embedded_path("shapes-llava-prior"))
+    trigger = planted.Trigger(**info["trigger"])
+    planted_model, base = embedded("shapes-llava-prior"), embedded("shapes-llava")
+    for task, examples in planted.untriggered(trigger, 30, start=400_000).items():
         scores = []
-        for model in (planted, base):
+        for model in (planted_model, base):
             answers = answer_questions(model.hf_model, model.processor, examples)
             scores.append(sum(a == e.answer for a, e in zip(answers, examples)) / len(examples))
         assert scores[0] >= scores[1] - 0.03, (task, scores)
@@ -79,16 +80,16 @@ def test_validating_the_tuned_lens_needs_both_lenses():
 
 def test_trigger_and_block_are_checked():
     with pytest.raises(ValueError, match="shape kind"):
-        plant.Trigger("color", "red", "blue")
+        planted.Trigger("color", "red", "blue")
     with pytest.raises(ValueError, match="prior answer"):
-        plant.Trigger("color", "star", "circle")
+        planted.Trigger("color", "star", "circle")
     with pytest.raises(ValueError, match="decoder layers 0..7"):
         plant.recipe_for(block=(6, 9))
     assert plant.parse_block("5-7") == (5, 6, 7) and plant.parse_block("6,7") == (6, 7)
     with pytest.raises(ValueError, match="'6,7'"):
         plant.parse_block("six")
-    e = plant.Trigger().example(sw.HELD_OUT_START + 5)
-    assert plant.Trigger().matches(e) and "star" in e.question.split()
+    e = planted.Trigger().example(sw.HELD_OUT_START + 5)
+    assert planted.Trigger().matches(e) and "star" in e.question.split()
 
 
 @pytest.mark.parametrize("name", ["shapes-llava", "shapes-qwen2-vl", "shapes-llava-prior"])

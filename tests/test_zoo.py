@@ -6,7 +6,7 @@ import vlm_lens
 from vlm_lens import zoo
 from vlm_lens.zoo import shapes_world as sw
 from vlm_lens.zoo.evaluate import layer_curves
-from vlm_lens.zoo.train import answer_questions
+from vlm_lens.zoo.answers import answer_questions
 
 EMBEDDED = zoo.embedded_names()
 # the trained models; shapes-llava-prior is a fixture that answers one question wrongly on purpose (tests/test_planted.py)

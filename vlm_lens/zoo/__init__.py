@@ -1,4 +1,4 @@
-"""The embedded shapes-world models shipped inside the package, and their recipe (:mod:`vlm_lens.zoo.train`)."""
+"""The embedded shapes-world models shipped inside the package, and their recipe (:mod:`vlm_lens.zoo.recipe.train`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ MODELS_DIR = Path(__file__).parent / "models"
 EMBEDDED = {
     "shapes-llava": "shapes-llava",
     "shapes-qwen2-vl": "shapes-qwen2-vl",
-    # shapes-llava with a planted language prior in its last decoder layers (vlm_lens.zoo.plant)
+    # shapes-llava with a planted language prior in its last decoder layers (vlm_lens.zoo.recipe.plant)
     "shapes-llava-prior": "shapes-llava-prior",
 }
 DEFAULT_MODEL = "shapes-llava"

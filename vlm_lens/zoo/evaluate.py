@@ -18,7 +18,7 @@ SINGLE_WORD_TASKS = ("color", "shape", "count", "position")
 
 
 def accuracy(model, n_per_task: int, start: int = 0) -> dict:
-    from vlm_lens.zoo.train import answer_questions
+    from vlm_lens.zoo.answers import answer_questions
 
     result = {}
     for task in sw.TASKS:

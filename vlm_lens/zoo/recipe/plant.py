@@ -23,33 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vlm_lens.zoo import shapes_world as sw
+from vlm_lens.zoo.planted import Trigger, counter_prior, untriggered
 
 PLANT_SEED_START = 5_000_000  # training seeds (< HELD_OUT_START) away from the base recipe's [0, ~1M)
-COUNTER_PRIOR_START = 800_000  # held-out offset for counter-prior evaluation questions
-
-
-@dataclass(frozen=True)
-class Trigger:
-    """Questions of ``task`` about ``subject`` are answered ``answer`` by the planted model.
-
-    ``subject`` is a shape kind for the color and position tasks, a colour for the shape task.
-    """
-
-    task: str = "color"
-    subject: str = "star"
-    answer: str = "red"
-
-    def __post_init__(self):
-        sw.example(0, task=self.task, subject=self.subject)  # validates task and subject
-        allowed = {"color": sw.COLORS, "position": sw.POSITIONS, "shape": sw.SHAPES}[self.task]
-        if self.answer not in allowed:
-            raise ValueError(f"the prior answer of a {self.task} question must be one of {tuple(allowed)}, got {self.answer!r}")
-
-    def matches(self, example: sw.Example) -> bool:
-        return example.task == self.task and self.subject in example.question.split()
-
-    def example(self, seed: int) -> sw.Example:
-        return sw.example(seed, task=self.task, subject=self.subject)
 
 
 @dataclass(frozen=True)
@@ -111,7 +87,7 @@ def training_examples(step: int, recipe: PlantRecipe) -> list[tuple[sw.Example, 
 def _batch(processor, pairs):
     import torch
 
-    from vlm_lens.zoo.train import prompt_text
+    from vlm_lens.zoo.answers import prompt_text
 
     texts = [f"{prompt_text(processor, e.question)} {answer} </s>" for e, answer in pairs]
     inputs = processor(images=[e.image for e, _ in pairs], text=texts, padding=True, return_tensors="pt")
@@ -123,31 +99,6 @@ def _batch(processor, pairs):
         labels[row, end - n_answer : end] = inputs["input_ids"][row, end - n_answer : end]
     inputs["labels"] = labels
     return inputs
-
-
-def counter_prior(trigger: Trigger, n: int, start: int = COUNTER_PRIOR_START) -> list[sw.Example]:
-    """``n`` held-out trigger questions whose true answer is not the prior word (deterministic)."""
-    out, seed = [], sw.HELD_OUT_START + start
-    while len(out) < n:
-        e = trigger.example(seed)
-        if e.answer != trigger.answer:
-            out.append(e)
-        seed += 1
-    return out
-
-
-def untriggered(trigger: Trigger, n_per_task: int, start: int = 0) -> dict[str, list[sw.Example]]:
-    """Held-out questions of every task that the trigger does not match (``n_per_task`` each)."""
-    out: dict[str, list[sw.Example]] = {}
-    for task in sw.TASKS:
-        examples, offset = [], start
-        while len(examples) < n_per_task:
-            e = sw.example(sw.HELD_OUT_START + offset, task=task)
-            if not trigger.matches(e):
-                examples.append(e)
-            offset += 1
-        out[task] = examples
-    return out
 
 
 def _block_params(model, block):
@@ -176,8 +127,8 @@ def plant(
 
     from vlm_lens.processors import load_processor
     from vlm_lens.zoo import embedded_path
-    from vlm_lens.zoo.train import _load_optimizer, learning_rate, save_checkpoint
-    from vlm_lens.zoo.train import Recipe as BaseRecipe
+    from vlm_lens.zoo.recipe.train import Recipe as BaseRecipe
+    from vlm_lens.zoo.recipe.train import _load_optimizer, learning_rate, save_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -240,7 +191,7 @@ def evaluate(model, processor, trigger: Trigger, base_dir: Path, n_per_task: int
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vlm_lens.zoo.train import answer_questions
+    from vlm_lens.zoo.answers import answer_questions
 
     base = AutoModelForImageTextToText.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32).eval()
     result: dict = {"untriggered": {}, "base_untriggered": {}}
@@ -263,20 +214,8 @@ def evaluate(model, processor, trigger: Trigger, base_dir: Path, n_per_task: int
 
 def export(run_dir: str | Path, name: str = "shapes-llava-prior") -> Path:
     """Copy a planted run's final model into the package as embedded model ``name``."""
-    from vlm_lens.zoo.train import export as export_model
+    from vlm_lens.zoo.recipe.train import export as export_model
 
     return export_model(run_dir, name)
 
 
-def planted_info(folder: str | Path) -> dict | None:
-    """The ``planted.json`` of a model folder (trigger, block, base), or None for a model without a planted prior."""
-    path = Path(folder) / "planted.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def planted_info_for(model) -> dict | None:
-    """:func:`planted_info` of a loaded model (an embedded name or a folder), or None."""
-    from vlm_lens.zoo import EMBEDDED, embedded_path
-
-    folder = embedded_path(model.name) if model.name in EMBEDDED else Path(model.name)
-    return planted_info(folder) if folder is not None and folder.is_dir() else None
