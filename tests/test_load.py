@@ -137,3 +137,38 @@ def test_demo_runs_on_the_tiny_model(capsys):
     demo.run("tiny-llava", max_new_tokens=3)
     out = capsys.readouterr().out
     assert "lens reproduces every token: True" in out and "0 = embeddings" in out
+
+
+def test_an_in_memory_processor_is_kept_even_when_it_cannot_round_trip():
+    """Qwen processors subclassed in a notebook cannot be saved and reloaded by class name; load() keeps them."""
+    import torch
+
+    from vlm_lens import load, testing
+
+    model, processor = testing.build("qwen2.5-vl")
+    reference, _ = testing.build("qwen2.5-vl")
+    reference.set_attn_implementation("eager")
+    processor.__class__ = type("NotebookProcessor", (type(processor),), {})  # unknown to AutoProcessor
+    processor.tokenizer.name_or_path = ""  # in memory: TransformerLens needs a folder for it
+    hooked = load(model, processor=processor)
+    assert hooked.processor is processor
+    inputs = hooked.prepare(testing.sample_image(1, testing.size_for("qwen2.5-vl").image_size), "what color ?")
+    with torch.no_grad():
+        expected = reference(**inputs.model_inputs).logits
+    torch.testing.assert_close(hooked(inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tokenizer_that_cannot_round_trip_gets_a_clear_error(monkeypatch):
+    import pytest
+
+    from vlm_lens import load, testing
+
+    model, processor = testing.build("llava")
+    processor.tokenizer.name_or_path = ""
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(processor.tokenizer), "save_pretrained", broken)
+    with pytest.raises(ValueError, match="does not survive save_pretrained"):
+        load(model, processor=processor)

@@ -551,16 +551,20 @@ def load(
         hf_model = source.to(dtype=dtype)
         spec = adapter_for(type(hf_model).__name__)
         name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
-    if not getattr(processor.tokenizer, "name_or_path", ""):
-        # TransformerLens cannot boot on an in-memory tokenizer: give it a folder to come from.
-        from vlm_lens.processors import save_and_reload
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise TypeError(f"processor must be a multimodal processor with a .tokenizer, got {type(processor).__name__}")
+    if not getattr(tokenizer, "name_or_path", ""):
+        # TransformerLens cannot boot on an in-memory tokenizer: give the bridge a copy that comes from a folder. The
+        # user's processor stays the one they passed (it need not survive save_pretrained -> from_pretrained).
+        from vlm_lens.processors import tokenizer_from_folder
 
-        keepalive = tempfile.TemporaryDirectory(prefix="vlm-lens-processor-")
-        processor = save_and_reload(processor, keepalive.name)
+        keepalive = tempfile.TemporaryDirectory(prefix="vlm-lens-tokenizer-")
+        tokenizer = tokenizer_from_folder(tokenizer, keepalive.name)
     hf_model = hf_model.to(device).eval()
     from vlm_lens._boot import boot_bridge
 
-    bridge = boot_bridge(hf_model, processor.tokenizer, spec, name, str(device))
+    bridge = boot_bridge(hf_model, tokenizer, spec, name, str(device))
     return HookedVLM(hf_model, processor, spec, bridge, name=name, keepalive=keepalive)
 
 

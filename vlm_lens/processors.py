@@ -172,6 +172,22 @@ def save_and_reload(processor, folder: str | Path):
     return load_processor(folder)
 
 
+def tokenizer_from_folder(tokenizer, folder: str | Path):
+    """A copy of an in-memory ``tokenizer`` saved to ``folder`` and loaded back (so it has a ``name_or_path``)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    try:
+        tokenizer.save_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as error:  # any failure of the round trip gets one clear message
+        raise ValueError(
+            f"this processor's tokenizer ({type(tokenizer).__name__}) does not survive save_pretrained -> "
+            f"from_pretrained ({type(error).__name__}: {error}); save the processor to a folder and pass "
+            "vlm_lens.load(model, processor=...) a processor loaded from there, or load the checkpoint folder itself"
+        ) from error
+
+
 def load_processor(folder: str | Path):
     """Load a processor saved by this module (or any local HF processor folder) without network access."""
     from transformers import AutoProcessor
