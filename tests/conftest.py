@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl")
+FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 
 class TinyFamily:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlm_lens.batch import VLMBatch
-from vlm_lens.cache import act_name, resid_names
+from vlm_lens.cache import act_name
 
 QUESTIONS = ["what color ?", "where is the star in this picture ?"]
 
@@ -51,13 +51,14 @@ def test_cache_indexing_accumulated_and_decomposed(tiny_family):
     normed = cache.accumulated_resid(apply_ln=True)
     torch.testing.assert_close(model.unembed(normed[-1], normed=True), logits.float(), atol=1e-4, rtol=1e-4)
     parts, names = cache.decompose_resid(return_labels=True)
-    assert names[:3] == ["embed", "0_attn_out", "0_mlp_out"] and parts.shape[0] == 2 * model.n_layers + 1
+    injected = model.n_layers - 1 if model.family == "qwen3-vl" else 0  # deepstack: what is added between blocks
+    assert names[:3] == ["embed", "0_attn_out", "0_mlp_out"] and parts.shape[0] == 2 * model.n_layers + 1 + injected
     torch.testing.assert_close(parts.sum(0), cache["resid_post", model.n_layers - 1], atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_flow_through_the_lens_when_asked(tiny_llava):
     model = tiny_llava.model
-    _, cache = model.run_with_cache(model.prepare(tiny_llava.image, QUESTIONS[0]), names_filter=resid_names(model.n_layers))
+    _, cache = model.run_with_cache(model.prepare(tiny_llava.image, QUESTIONS[0]), names_filter=model.resid_names)
     resid = cache.resid_stack()[:, -1].clone().requires_grad_(True)
     assert not model.unembed(resid).requires_grad  # the default records nothing
     logits = model.unembed(resid, grad=True)
@@ -75,10 +76,10 @@ def test_batched_prepare_equals_one_sample_at_a_time(tiny_family):
     model = tiny_family.model
     batch = model.prepare(tiny_family.image, QUESTIONS)
     assert isinstance(batch, VLMBatch) and len(batch) == 2 and "padded to" in repr(batch)
-    logits, cache = model.run_with_cache(batch, names_filter=resid_names(model.n_layers))
+    logits, cache = model.run_with_cache(batch, names_filter=model.resid_names)
     for i, question in enumerate(QUESTIONS):
         single_logits, single = model.run_with_cache(model.prepare(tiny_family.image, question),
-                                                     names_filter=resid_names(model.n_layers))  # fmt: skip
+                                                     names_filter=model.resid_names)  # fmt: skip
         view = cache.sample(i)
         n = view.layout.n_positions
         assert n == single.layout.n_positions and torch.equal(view.layout.image, single.layout.image)

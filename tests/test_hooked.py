@@ -6,7 +6,6 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 from beartype import beartype
 
-from vlm_lens.cache import resid_names
 
 PROMPT = "what color is the star ?"
 
@@ -27,7 +26,8 @@ def reference_forward(fam, inputs):
 def test_resid_post_equals_hf_hidden_states(tiny_family):
     model = tiny_family.model
     inputs = model.prepare(tiny_family.image, PROMPT)
-    _, cache = model.run_with_cache(inputs, names_filter=resid_names(model.n_layers) + ["ln_final.hook_normalized"])
+    posts = [f"blocks.{i}.hook_resid_post" for i in range(model.n_layers)]
+    _, cache = model.run_with_cache(inputs, names_filter=sorted(set(model.resid_names + posts)) + ["ln_final.hook_normalized"])
     ref, raw_last = reference_forward(tiny_family, inputs)
     hidden = ref.hidden_states
     assert len(hidden) == model.n_layers + 1
@@ -38,6 +38,32 @@ def test_resid_post_equals_hf_hidden_states(tiny_family):
     last = model.n_layers - 1
     assert (cache[f"blocks.{last}.hook_resid_post"] - raw_last).abs().max() <= 1e-5
     assert (cache["ln_final.hook_normalized"] - hidden[-1]).abs().max() <= 1e-5
+
+
+def test_resid_stack_is_what_each_decoder_layer_reads(tiny_family):
+    """Stack index l (1 <= l < n) equals the HF input of decoder layer l; for Qwen3-VL that includes the deepstack
+    visual features added after the first layers (so there it differs from the previous layer's output)."""
+    model, reference = tiny_family.model, tiny_family.reference
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    _, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
+    seen = []
+    handles = [layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
+                                               with_kwargs=True) for layer in reference.model.language_model.layers]  # fmt: skip
+    try:
+        with torch.no_grad():
+            reference(**inputs.model_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stack = cache.resid_stack()
+    for layer in range(model.n_layers):
+        assert (stack[layer] - seen[layer][0]).abs().max() <= 1e-5, layer
+    if model.family == "qwen3-vl":
+        post = model.run_with_cache(inputs, names_filter="blocks.0.hook_resid_post")[1]["blocks.0.hook_resid_post"][0]
+        image = inputs.layout.image
+        assert (stack[1][image] - post[image]).abs().max() > 1e-3  # deepstack features were added at image positions
+        assert (stack[1][~image] - post[~image]).abs().max() <= 1e-6  # and nowhere else
+        assert model.resid_names[1] == "blocks.1.hook_resid_pre"
 
 
 def test_logits_equal_plain_hf_forward(tiny_family):
@@ -53,7 +79,7 @@ def test_logits_equal_plain_hf_forward(tiny_family):
 def test_unembed_of_last_layer_equals_logits(tiny_family):
     model = tiny_family.model
     inputs = model.prepare(tiny_family.image, PROMPT)
-    logits, cache = model.run_with_cache(inputs, names_filter=resid_names(model.n_layers))
+    logits, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
     stack = cache.resid_stack()
     assert (model.unembed(stack[-1], model.n_layers) - logits[0]).abs().max() <= 1e-4
     # the HF convention: hidden_states[-1] is normed already, so the norm must not be applied twice
@@ -64,7 +90,7 @@ def test_unembed_of_last_layer_equals_logits(tiny_family):
 def test_resid_stack_shape_and_labels(tiny_family):
     model = tiny_family.model
     inputs = model.prepare(tiny_family.image, PROMPT)
-    _, cache = model.run_with_cache(inputs, names_filter=resid_names(model.n_layers))
+    _, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
 
     @jaxtyped(typechecker=beartype)
     def check(stack: Float[Tensor, "layer pos d_model"], n_layers: int, d_model: int) -> None:

@@ -15,7 +15,6 @@ from vlm_lens.probes.base import as_source
 from vlm_lens.probes.lens_probes import late_layers
 from vlm_lens.probes.metrics import column_max_abs_scale
 from vlm_lens import testing
-from vlm_lens.cache import resid_names
 
 PROMPT = "what color is the star ?"
 MAX_NEW = 50  # the tiny llava generates 46 tokens: more than the heatmap's 40 rows and than t-SNE's perplexity 40
@@ -108,7 +107,7 @@ def test_paper_tsne_features_across_images(tiny_llava, tsne_stub):
     caches, expected = [], []
     for seed in range(3):
         inputs = model.prepare(testing.sample_image(seed, 32), PROMPT)
-        caches.append(model.run_with_cache(inputs, names_filter=resid_names(model.n_layers))[1])
+        caches.append(model.run_with_cache(inputs, names_filter=model.resid_names)[1])
         with torch.no_grad():
             hs = tiny_llava.reference(**inputs.model_inputs, output_hidden_states=True).hidden_states
         expected.append(torch.stack([h[0, -1] for h in hs])[1:].double().numpy())

@@ -10,7 +10,6 @@ from vlm_lens.probes import (
     LogitLens, ProbeResult, TokenTrajectory, TunedLens, TunedLensProbe, lens_pass, patch_all_layers,
 )  # fmt: skip
 from vlm_lens import testing
-from vlm_lens.cache import resid_names
 
 QUESTIONS = ["what color is the star ?", "where is the circle ?", "how many shapes are there ?",
              "what shape is the red one ?", "describe the image ."]  # fmt: skip
@@ -98,7 +97,7 @@ def test_cosine_and_projection(tiny_llava, llava_trace):
     assert torch.allclose(cos["final"][-1], torch.ones(llava_trace.n_steps), atol=1e-5)
     model = tiny_llava.model
     sources = [model.run_with_cache(model.prepare(testing.sample_image(s, 32), QUESTIONS[0]),
-                                    names_filter=resid_names(model.n_layers))[1] for s in range(4)]  # fmt: skip
+                                    names_filter=model.resid_names)[1] for s in range(4)]  # fmt: skip
     across = CosineTrajectory().across(sources)
     assert across["pairwise"].shape == (model.n_layers + 1, 4, 4)
     assert torch.allclose(torch.diagonal(across["pairwise"], dim1=1, dim2=2), torch.ones(model.n_layers + 1, 4), atol=1e-5)
@@ -110,7 +109,7 @@ def test_cosine_and_projection(tiny_llava, llava_trace):
 
 def test_tuned_lens_beats_logit_lens_and_round_trips(tiny_llava, tmp_path):
     model = tiny_llava.model
-    names = resid_names(model.n_layers)
+    names = model.resid_names
 
     def stacks(seeds, questions):
         out = []
@@ -217,7 +216,7 @@ def test_a_cache_and_a_trace_of_the_same_input_give_the_same_numbers(family):
 
     model = tiny(family).model
     trace = model.trace_generation(model.prepare(tiny(family).image, "what color is the star ?"), max_new_tokens=4)
-    _, cache = model.run_with_cache(trace.inputs, names_filter=resid_names(model.n_layers))
+    _, cache = model.run_with_cache(trace.inputs, names_filter=model.resid_names)
     assert cache.input_ids.tolist() == trace.inputs.input_ids[0].tolist()  # the cache knows its tokens
     n = trace.inputs.layout.n_positions
     probes_both = [LogitLensProbe(positions="all", top_k=3), DistributionShift(positions="all"),

@@ -6,7 +6,6 @@ from torch import Tensor
 
 from vlm_lens.probes.lens import LogitLens
 from vlm_lens.probes.stream import lens_pass
-from vlm_lens.cache import resid_names
 
 def reference_lens_stats(
     model,
@@ -68,7 +67,7 @@ def test_streaming_pass_equals_reference(tiny_family, variant):
 def test_logit_lens_last_layer_is_the_next_token_distribution(tiny_family):
     model = tiny_family.model
     inputs = model.prepare(tiny_family.image, "what color is the star ?")
-    logits, cache = model.run_with_cache(inputs, names_filter=resid_names(model.n_layers))
+    logits, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
     stats = lens_pass(model, cache.resid_stack(), stats=["topk", "kl_to_final"], top_k=1)
     model_probs = logits[0].float().softmax(-1)
     assert torch.allclose(stats.topk_prob[-1, :, 0], model_probs.max(-1).values, atol=1e-5)
@@ -82,7 +81,7 @@ def test_logit_lens_last_layer_is_the_next_token_distribution(tiny_family):
 
 def test_paper_lens_skips_the_norm_below_the_last_layer(tiny_llava):
     model = tiny_llava.model
-    _, cache = model.run_with_cache(model.prepare(tiny_llava.image, "what ?"), names_filter=resid_names(model.n_layers))
+    _, cache = model.run_with_cache(model.prepare(tiny_llava.image, "what ?"), names_filter=model.resid_names)
     stack = cache.resid_stack()
     paper = LogitLens("paper").logits(model, stack[[1]], [1])[0]
     with torch.no_grad():
@@ -92,7 +91,7 @@ def test_paper_lens_skips_the_norm_below_the_last_layer(tiny_llava):
 
 def test_lens_pass_rejects_bad_requests(tiny_llava):
     model = tiny_llava.model
-    _, cache = model.run_with_cache(model.prepare(tiny_llava.image, "what ?"), names_filter=resid_names(model.n_layers))
+    _, cache = model.run_with_cache(model.prepare(tiny_llava.image, "what ?"), names_filter=model.resid_names)
     stack = cache.resid_stack()
     with pytest.raises(ValueError, match="unknown statistics"):
         lens_pass(model, stack, stats=["entropy", "vibes"])

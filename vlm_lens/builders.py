@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl")
+FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,25 @@ def build_model(family: str, tokenizer, size: ModelSize, *, seed: int = 0):
             )
             config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=size.tie_embeddings, **ids)
             model = Qwen2VLForConditionalGeneration(config)
+        elif family == "qwen3-vl":
+            from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+            text["head_dim"] = size.head_dim
+            text["rope_parameters"]["mrope_interleaved"] = True
+            vision = dict(
+                depth=size.vision_layers,
+                hidden_size=size.vision_width,
+                intermediate_size=size.vision_width * 2,
+                num_heads=size.vision_heads,
+                patch_size=size.patch_size,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                out_hidden_size=size.d_model,
+                num_position_embeddings=max(4, (size.image_size // size.patch_size) ** 2),
+                deepstack_visual_indexes=list(range(min(2, size.vision_layers))),  # adds to decoder layers 0 and 1
+            )
+            config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=size.tie_embeddings, **ids)
+            model = Qwen3VLForConditionalGeneration(config)
         else:
             from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -151,7 +170,7 @@ def build_processor(family: str, words: Iterable[str], size: ModelSize, folder: 
     if family == "llava":
         tokenizer = P.build_word_tokenizer(words, P.LLAVA_SPECIAL_TOKENS)
         processor = P.build_llava_processor(tokenizer, image_size=size.image_size, patch_size=size.patch_size)
-    elif family in ("qwen2-vl", "qwen2.5-vl"):
+    elif family in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
         tokenizer = P.build_word_tokenizer(words, P.QWEN_SPECIAL_TOKENS)
         processor = P.build_qwen2_vl_processor(tokenizer, image_size=size.image_size, patch_size=size.patch_size)
     else:

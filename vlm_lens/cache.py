@@ -14,8 +14,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.hooked import HookedVLM
 
 
-def resid_names(n_layers: int) -> list[str]:
-    """Hook names of the residual stack: the embeddings (``blocks.0.hook_resid_pre``), then every block's output."""
+def resid_names(n_layers: int, read: str = "output") -> list[str]:
+    """Hook names of the residual stack: the embeddings (``blocks.0.hook_resid_pre``), then every block's output
+    (``read="output"``), or every later block's input and the last block's output (``read="input"``, for families
+    that add to the residual between layers; see ``AdapterSpec.resid_read``). ``model.resid_names`` picks the right one."""
+    if read == "input":
+        return [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    if read != "output":
+        raise ValueError(f"read must be 'output' or 'input', got {read!r}")
     return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
 
 
@@ -73,12 +79,12 @@ class VLMCache(Mapping[str, Tensor]):
 
         ``positions``: an index, a sequence of indices or a boolean mask over positions (default: all).
         """
-        names = resid_names(self.model.n_layers)
+        names = self.model.resid_names
         missing = [n for n in names if n not in self._activations]
         if missing:
             raise KeyError(
                 f"the residual stack needs {missing[0]!r} (and {len(missing) - 1} more); run with "
-                "names_filter=None or vlm_lens.cache.resid_names(model.n_layers)"
+                "names_filter=None or names_filter=model.resid_names"
             )
         rows = [self._activations[n][0] for n in names]
         if positions is not None:  # select before stacking: copy only the requested positions
@@ -114,14 +120,14 @@ class VLMCache(Mapping[str, Tensor]):
         :meth:`resid_stack` with the batch dimension). ``apply_ln`` applies the final norm to each vector, as the logit
         lens does (:meth:`apply_ln_to_stack`).
         """
-        names = resid_names(self.model.n_layers)
+        names = self.model.resid_names
         if layer is not None:
             if not 0 <= layer <= self.model.n_layers:
                 raise IndexError(f"layer {layer} out of range: 0..{self.model.n_layers}")
             names = names[:layer]
         missing = [n for n in names if n not in self._activations]
         if missing:
-            raise KeyError(f"accumulated_resid needs {missing[0]!r}: run with names_filter=resid_names(model.n_layers)")
+            raise KeyError(f"accumulated_resid needs {missing[0]!r}: run with names_filter=model.resid_names")
         stack = torch.stack([self._activations[n] for n in names])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack)
@@ -144,17 +150,29 @@ class VLMCache(Mapping[str, Tensor]):
         """The final residual as a sum of its writers: ``[embed, attn_out 0, mlp_out 0, ..., mlp_out n-1]``.
 
         Needs ``hook_attn_out`` and ``hook_mlp_out`` of every block (run with ``names_filter=None``). The components
-        sum to the last block's ``hook_resid_post`` (families without extra residual writes, e.g. not deepstack).
+        sum to the last block's ``hook_resid_post``. For families that add to the residual between layers
+        (``resid_read="input"``: Qwen3-VL's deepstack) an ``{i}_injected`` component after block i holds what was
+        added (``resid_pre`` of block i+1 minus ``resid_post`` of block i).
         """
+        n = self.model.n_layers
+        between = getattr(getattr(self.model, "adapter", None), "resid_read", "output") == "input"
         names = ["blocks.0.hook_resid_pre"]
-        labels = ["embed"]
-        for i in range(self.model.n_layers):
+        for i in range(n):
             names += [f"blocks.{i}.hook_attn_out", f"blocks.{i}.hook_mlp_out"]
-            labels += [f"{i}_attn_out", f"{i}_mlp_out"]
-        missing = [n for n in names if n not in self._activations]
+            if between and i < n - 1:
+                names += [f"blocks.{i}.hook_resid_post", f"blocks.{i + 1}.hook_resid_pre"]
+        missing = [name for name in names if name not in self._activations]
         if missing:
             raise KeyError(f"decompose_resid needs {missing[0]!r}: run_with_cache with names_filter=None")
-        stack = torch.stack([self._activations[n] for n in names])
+        act = self._activations
+        parts, labels = [act["blocks.0.hook_resid_pre"]], ["embed"]
+        for i in range(n):
+            parts += [act[f"blocks.{i}.hook_attn_out"], act[f"blocks.{i}.hook_mlp_out"]]
+            labels += [f"{i}_attn_out", f"{i}_mlp_out"]
+            if between and i < n - 1:
+                parts.append(act[f"blocks.{i + 1}.hook_resid_pre"] - act[f"blocks.{i}.hook_resid_post"])
+                labels.append(f"{i}_injected")
+        stack = torch.stack(parts)
         return (stack, labels) if return_labels else stack
 
 

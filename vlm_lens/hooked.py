@@ -131,6 +131,11 @@ class HookedVLM(TransformerLensNames):
     def family(self) -> str:
         return self.adapter.family
 
+    @property
+    def resid_names(self) -> list[str]:
+        """The hook names of the residual stack for this family (``names_filter=model.resid_names``)."""
+        return resid_names(self.n_layers, self.adapter.resid_read)
+
     def __repr__(self) -> str:
         return f"HookedVLM({self.name!r}, family={self.family}, n_layers={self.n_layers}, d_model={self.d_model})"
 
@@ -370,7 +375,7 @@ class HookedVLM(TransformerLensNames):
         """
         if isinstance(inputs, VLMBatch):
             raise ValueError("trace_generation follows one sample: call it per sample (batch[i]); run_with_cache takes batches")
-        names = list(resid_names(self.n_layers) + ["ln_final.hook_normalized"] if names_filter is None else
+        names = list(self.resid_names + ["ln_final.hook_normalized"] if names_filter is None else
                      ([names_filter] if isinstance(names_filter, str) else names_filter))  # fmt: skip
         if capture == "auto":
             capture = "generate" if all(_PER_POSITION.match(n) for n in names) else "reforward"

@@ -8,8 +8,9 @@ from __future__ import annotations
 from vlm_lens.adapters.base import AdapterSpec
 from vlm_lens.adapters.llava import ADAPTER as LLAVA
 from vlm_lens.adapters.qwen2_vl import QWEN2_5_VL, QWEN2_VL
+from vlm_lens.adapters.qwen3_vl import QWEN3_VL
 
-ADAPTERS: tuple[AdapterSpec, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL)
+ADAPTERS: tuple[AdapterSpec, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
 _BY_CLASS = {cls: spec for spec in ADAPTERS for cls in spec.hf_classes}
 
 

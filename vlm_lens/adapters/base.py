@@ -16,6 +16,10 @@ class AdapterSpec:
     ``derive_inputs`` fills extra inputs a processor may not return (e.g. ``mm_token_type_ids``).
     ``tl_adapter`` returns a TransformerLens adapter class to register for ``hf_classes`` when TransformerLens
     has none (or a fixed one); ``None`` uses TransformerLens's own.
+    ``resid_read``: where the residual stack reads stack index l (1 <= l < n): ``"output"`` = the output of decoder
+    layer l-1 (``hook_resid_post``), ``"input"`` = the input of decoder layer l (``hook_resid_pre``). They differ for
+    families that add to the residual between layers (Qwen3-VL's deepstack visual features), where the input is the
+    residual the next layer actually reads.
     """
 
     family: str
@@ -32,6 +36,7 @@ class AdapterSpec:
     last_hidden_state_normed: bool = True
     derive_inputs: Callable[[dict, int], dict] | None = field(default=None, compare=False)
     tl_adapter: Callable[[], type] | None = field(default=None, compare=False)
+    resid_read: str = "output"
 
     def image_token_id(self, config) -> int:
         """The image placeholder id, read from ``config`` (top level first, then ``text_config``)."""

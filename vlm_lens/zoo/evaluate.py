@@ -29,15 +29,13 @@ def accuracy(model, n_per_task: int, start: int = 0) -> dict:
 
 
 def layer_curves(model, n_per_task: int, start: int = 500_000) -> dict:
-    from vlm_lens.cache import resid_names
-
     n = model.n_layers
     out = {}
     for task in SINGLE_WORD_TASKS:
         curves, firsts, clean = [], [], []
         for example in sw.held_out(n_per_task, task=task, start=start):
             inputs = model.prepare(example.image, example.question)
-            logits, cache = model.run_with_cache(inputs, names_filter=resid_names(n))
+            logits, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
             answer = model.tokenizer.convert_tokens_to_ids(example.answer)
             if int(logits[0, -1].argmax()) != answer:
                 continue

@@ -1,0 +1,52 @@
+"""Qwen3-VL: ``Qwen3VLForConditionalGeneration``.
+
+HF module tree::
+
+    Qwen3VLForConditionalGeneration
+    ├── model: Qwen3VLModel
+    │   ├── visual: vision transformer
+    │   │   ├── patch_embed, pos_embed (learned, interpolated)
+    │   │   ├── blocks[i]
+    │   │   ├── merger                              (2 x 2 spatial merge -> d_model)
+    │   │   └── deepstack_merger_list[k]            (features of vision blocks deepstack_visual_indexes[k])
+    │   └── language_model: Qwen3 decoder (embed_tokens, layers[i], norm), interleaved 3-section mRoPE
+    └── lm_head
+
+Quirks:
+- **DeepStack**: after decoder layer k (k < len(deepstack_visual_indexes)) the k-th deepstack visual features are
+  *added* to the residual at the image positions. So the output of layer k is not the input of layer k+1, and HF's
+  ``hidden_states[k+1]`` is the output before that addition. The residual stack therefore reads every layer's
+  *input* (``blocks.{l}.hook_resid_pre``; ``resid_read="input"``): stack index l is what decoder layer l reads.
+  Patching ``resid_post`` of an early layer does not reach the next layer's input at image positions; patch
+  ``resid_pre``.
+- ``mm_token_type_ids`` and ``image_grid_thw`` as for Qwen2.5-VL (derived from ``input_ids`` when missing).
+- TransformerLens 4.3 has an adapter; it declares a ``torchvision`` requirement that the PIL image processors do not
+  need, dropped here.
+"""
+
+from __future__ import annotations
+
+from vlm_lens.adapters.base import AdapterSpec
+from vlm_lens.adapters.qwen2_vl import derive_mm_token_type_ids
+
+
+def qwen3_vl_tl_adapter() -> type:
+    """TransformerLens's Qwen3-VL adapter without its ``torchvision`` requirement."""
+    from transformer_lens.model_bridge.supported_architectures.qwen3_vl import Qwen3VLArchitectureAdapter
+
+    class Qwen3VLAdapter(Qwen3VLArchitectureAdapter):
+        required_libraries: list[str] = []
+
+    return Qwen3VLAdapter
+
+
+QWEN3_VL = AdapterSpec(
+    family="qwen3-vl",
+    hf_classes=("Qwen3VLForConditionalGeneration",),
+    vision_tower="model.visual",
+    projector="model.visual.merger",
+    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    derive_inputs=derive_mm_token_type_ids,
+    tl_adapter=qwen3_vl_tl_adapter,
+    resid_read="input",
+)
