@@ -47,6 +47,20 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * spatial, spatial, spatial]
 
 
+def _qwen_vision(size: ModelSize) -> dict:
+    """Vision settings shared by the Qwen2.5-VL and Qwen3-VL towers (2 x 2 merge to ``d_model``)."""
+    return dict(
+        depth=size.vision_layers,
+        hidden_size=size.vision_width,
+        out_hidden_size=size.d_model,
+        intermediate_size=size.vision_width * 2,
+        num_heads=size.vision_heads,
+        patch_size=size.patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
 def build_model(family: str, tokenizer, size: ModelSize, *, seed: int = 0):
     """A randomly initialised model of ``family`` whose vocabulary and special ids come from ``tokenizer``."""
     import torch
@@ -125,14 +139,7 @@ def build_model(family: str, tokenizer, size: ModelSize, *, seed: int = 0):
             text["head_dim"] = size.head_dim
             text["rope_parameters"]["mrope_interleaved"] = True
             vision = dict(
-                depth=size.vision_layers,
-                hidden_size=size.vision_width,
-                intermediate_size=size.vision_width * 2,
-                num_heads=size.vision_heads,
-                patch_size=size.patch_size,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                out_hidden_size=size.d_model,
+                _qwen_vision(size),
                 num_position_embeddings=max(4, (size.image_size // size.patch_size) ** 2),
                 deepstack_visual_indexes=list(range(min(2, size.vision_layers))),  # adds to decoder layers 0 and 1
             )
@@ -142,16 +149,7 @@ def build_model(family: str, tokenizer, size: ModelSize, *, seed: int = 0):
             from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
             vision = dict(
-                depth=size.vision_layers,
-                hidden_size=size.vision_width,
-                out_hidden_size=size.d_model,
-                intermediate_size=size.vision_width * 2,
-                num_heads=size.vision_heads,
-                patch_size=size.patch_size,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                window_size=size.patch_size * 4,
-                fullatt_block_indexes=[size.vision_layers - 1],
+                _qwen_vision(size), window_size=size.patch_size * 4, fullatt_block_indexes=[size.vision_layers - 1]
             )
             config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=size.tie_embeddings, **ids)
             model = Qwen2_5_VLForConditionalGeneration(config)
