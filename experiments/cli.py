@@ -94,6 +94,14 @@ def _image_paths(images: Optional[List[Path]]) -> list[Path]:
             paths.append(path)
         else:
             _fail(f"image not found: {path}")
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path) as picture:
+                picture.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            _fail(f"{path} is not a readable image ({type(error).__name__}); pass PNG/JPEG files or a folder of them")
     return paths
 
 
@@ -169,9 +177,12 @@ def analyze(
     variants = ("correct", "paper") + (("tuned",) if tuned is not None else ())
     config = EvolutionConfig(DetectionConfig(establish_prob=threshold), variants, max_new_tokens)
     bar, update = _progress(console)
-    with bar:
-        result = run_analysis(vlm, samples, out, config=config, variant=variant.value, lens=tuned, png=png,
-                              skip_sweep=skip_sweep, progress=update)  # fmt: skip
+    try:
+        with bar:
+            result = run_analysis(vlm, samples, out, config=config, variant=variant.value, lens=tuned, png=png,
+                                  skip_sweep=skip_sweep, progress=update)  # fmt: skip
+    except ValueError as error:  # bad input found while preparing a sample (e.g. a prompt the processor refuses)
+        _fail(str(error))
     data = result["data"]
     planted = sum(s["planted_prior"] for s in data["samples"])
     console.print(f"{vlm.name}: {len(data['samples'])} samples ({planted} counter-prior), accuracy "
@@ -242,12 +253,12 @@ def skip(
     if out is not None and out.is_dir():
         _fail(f"--out {out} is a folder: name the JSON file to write, e.g. {out / 'skip.json'}")
     depth = _n_layers_before_loading(model)
-    if layers and depth is not None:
+    if layers is not None and depth is not None:
         _parse_layers(layers, depth)  # a bad range fails before the model loads
     paths = _image_paths(image)
     console = Console()
     vlm = _load(model)
-    chosen = _parse_layers(layers, vlm.n_layers) if layers else None
+    chosen = _parse_layers(layers, vlm.n_layers) if layers is not None else None
     samples = _samples(vlm, paths, prompt)
     bar, update = _progress(console)
     with bar:

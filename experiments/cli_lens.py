@@ -18,7 +18,8 @@ def tune_lens(
     manifest: Optional[Path] = typer.Option(None, help="JSONL or CSV of (image, question) pairs"),
     image: Optional[List[Path]] = typer.Option(None, help="training images (with --prompt)"),
     prompt: Optional[str] = typer.Option(None, help="the question asked of every --image"),
-    questions: int = typer.Option(400, min=2, help="embedded models: fresh shapes-world questions to draw"),
+    questions: Optional[int] = typer.Option(None, min=2, help="embedded models: fresh shapes-world questions to draw "
+                                            "(default 400)"),
     held_out: float = typer.Option(0.2, help="share of the pairs held out for scoring"),
     max_new_tokens: int = typer.Option(8, min=1),
     steps: int = typer.Option(300, min=1),
@@ -36,6 +37,8 @@ def tune_lens(
         _fail(f"--lr must be a positive learning rate, got {lr}")
     if manifest is not None and image:
         _fail("give either --manifest or --image, not both")
+    if questions is not None and (manifest is not None or image):
+        _fail("--questions draws shapes-world questions; with --manifest or --image the pairs are yours: drop --questions")
     if prompt is not None and not image:
         _fail("--prompt is the question asked of every --image: add --image FILE_OR_DIR (a manifest has its own questions)")
     paths = _image_paths(image)
@@ -50,7 +53,7 @@ def tune_lens(
     elif paths:
         samples = _samples(vlm, paths, prompt)
     elif "shapes" in vlm.name:
-        samples = T.shapes_questions(questions)
+        samples = T.shapes_questions(questions or 400)
     else:
         _fail("tune-lens needs training data: --manifest FILE, or --image DIR --prompt TEXT")
     console = Console()

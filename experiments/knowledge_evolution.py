@@ -88,6 +88,7 @@ class SampleEvolution:
     trace: Any = field(repr=False, default=None)
     planted: bool = False
     image: Any = field(repr=False, default=None)  # the input image (path or PIL), for the report
+    question: str = ""  # the user's question (``prompt`` is the chat-templated text)
 
     @property
     def correct(self) -> bool | None:
@@ -233,7 +234,7 @@ def run(model, samples: Sequence[Sample], config: EvolutionConfig = EvolutionCon
         trace = model.trace_generation(inputs, max_new_tokens=config.max_new_tokens)
         analysed.append(analyze_trace(trace, sample.name or str(i), sample.answer, config, tuned_lens=tuned_lens,
                                       planted=sample.planted))  # fmt: skip
-        analysed[-1].image = sample.image
+        analysed[-1].image, analysed[-1].question = sample.image, sample.prompt
         if progress is not None:
             progress(i + 1, len(samples))
     aggregated = aggregate(analysed, model.n_layers, config.include_special, config.detection)

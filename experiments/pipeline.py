@@ -129,7 +129,7 @@ def _sections(model, analysed, data, variant, stages, show_special: bool = False
     sections = [("Summary", _summary(model, analysed, data, variants, planted))]
 
     cards = [R.image_card(s.image, [("sample", s.name), ("kind", "counter-prior" if s.planted else "clean"),
-                                    ("question", s.prompt.split("<image>")[-1].removesuffix("assistant :").strip()),
+                                    ("question", s.question or s.prompt),
                                     ("generated", s.generated_text), ("reference", s.answer), ("correct", s.correct)])
              for s in analysed[:24] if s.image is not None]  # fmt: skip
     sections.append(("Samples", [R.paragraph("The input images and questions, with what the model generated. "

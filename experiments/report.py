@@ -192,7 +192,8 @@ def stage_profile(layers: list[str], transitions: list[str], median_js: list[flo
                                text=[f"{l - 1}→{l}" for l in x]))  # fmt: skip
     positive = sorted(v for v in median_js if v > 0)
     log = len(positive) > 2 and positive[-1] > 20 * positive[len(positive) // 2]  # one transition dwarfs the rest
-    _stage_bands(fig, stages, len(layers) - 1, max(median_js, default=1.0))
+    # a log axis cannot show 0: there the marker lines start below the smallest positive value
+    _stage_bands(fig, stages, len(layers) - 1, max(median_js, default=1.0), positive[0] / 2 if log else 0.0)
     if spread is not None and spread.get("q1") is not None:
         fig.add_vrect(x0=spread["q1"] - 0.5, x1=spread["q3"] + 0.5, fillcolor="rgba(0,0,0,0)", line_width=1,
                       line_dash="dash", line_color="grey")  # fmt: skip
@@ -204,7 +205,7 @@ def stage_profile(layers: list[str], transitions: list[str], median_js: list[flo
     return fig
 
 
-def _stage_bands(fig, stages: dict | None, n_layers: int, y_top: float) -> None:
+def _stage_bands(fig, stages: dict | None, n_layers: int, y_top: float, y_bottom: float = 0.0) -> None:
     """Stage bands over stack layers (a half-open [start, end) covers x in [start - 0.5, end - 0.5]) and the
     critical / mutation layers as dashed / dotted lines with legend entries."""
     import plotly.graph_objects as go
@@ -222,7 +223,7 @@ def _stage_bands(fig, stages: dict | None, n_layers: int, y_top: float) -> None:
     for key, dash in (("critical_layer", "dash"), ("mutation_layer", "dot")):
         if stages.get(key) is not None:
             layer = stages[key]
-            fig.add_trace(go.Scatter(x=[layer, layer], y=[0, y_top], mode="lines", name=f"{key.replace('_', ' ')} {layer}",
+            fig.add_trace(go.Scatter(x=[layer, layer], y=[y_bottom, y_top], mode="lines", name=f"{key.replace('_', ' ')} {layer}",
                                      line=dict(color="black", dash=dash, width=1.5)))  # fmt: skip
 
 

@@ -130,8 +130,10 @@ class ProbeResult:
             tokens = self.coords.get("target") or self.coords.get("token")
         if tokens is not None and len(tokens) >= size and dim == "position":
             labels = [f"{p} → {t}" for p, t in zip(values, tokens)]
-        else:
+        elif all(isinstance(v, int) for v in values):
             labels = [str(v) for v in values]
+        else:  # token strings repeat ("the", "</s>"): keep rows apart, plotly merges equal category labels
+            labels = [f"{i}:{v}" for i, v in enumerate(values)]
         return [html.escape(label, quote=False) for label in labels]
 
     # -- persistence ----------------------------------------------------------------------------------------

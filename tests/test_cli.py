@@ -223,13 +223,19 @@ def test_version_choices_and_checks_before_loading(monkeypatch, tmp_path):
         raise AssertionError("the model was loaded before the options were checked")
 
     monkeypatch.setattr(vlm_lens, "load", no_loading)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
     for args, message in ((["skip", "--layers", "9"], "decoder layers are 0..7"),
                           (["skip", "--layers", "3-1"], "runs backwards"),
                           (["skip", "--layers", "2-x"], "'3-5'"),
                           (["skip", "--out", str(tmp_path)], "is a folder"),
                           (["analyze", "--image", str(tmp_path / "none.png")], "image not found"),
                           (["analyze", "--tuned-lens", str(tmp_path)], "holds no lens.json"),
-                          (["demo", "--image", str(tmp_path / "none.png")], "image not found")):  # fmt: skip
+                          (["demo", "--image", str(tmp_path / "none.png")], "image not found"),
+                          (["analyze", "--image", str(notes)], "not a readable image"),
+                          (["skip", "--layers", ""], "names no layer"),
+                          (["tune-lens", "--out", "x", "--questions", "5", "--image", str(notes)], "drop --questions"),
+                          (["zoo", "plant", "--out", "x", "--block", "3,7-5"], "runs backwards")):  # fmt: skip
         bad = runner.invoke(app, args)
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
         assert "Traceback" not in bad.output

@@ -47,7 +47,10 @@ def test_cache_indexing_accumulated_and_decomposed(tiny_family):
     stack, labels = cache.accumulated_resid(return_labels=True)
     assert stack.shape == (model.n_layers + 1, 1, cache.layout.n_positions, model.d_model) and labels[0] == "0"
     torch.testing.assert_close(stack[:, 0], cache.resid_stack())
-    assert cache.accumulated_resid(layer=2).shape[0] == 2  # stack indices 0 and 1: before layer 2
+    assert cache.accumulated_resid(layer=2).shape[0] == 3  # TransformerLens: up to the residual entering layer 2
+    assert cache.accumulated_resid(layer=0).shape[0] == 1 and cache.accumulated_resid(layer=-1).shape[0] == stack.shape[0]
+    assert torch.equal(cache["resid_post", -1], cache[f"blocks.{model.n_layers - 1}.hook_resid_post"])
+    assert act_name("attn", 1) == "blocks.1.attn.hook_pattern"
     normed = cache.accumulated_resid(apply_ln=True)
     torch.testing.assert_close(model.unembed(normed[-1], normed=True), logits.float(), atol=1e-4, rtol=1e-4)
     parts, names = cache.decompose_resid(return_labels=True)
@@ -85,6 +88,12 @@ def test_batched_prepare_equals_one_sample_at_a_time(tiny_family):
         assert n == single.layout.n_positions and torch.equal(view.layout.image, single.layout.image)
         torch.testing.assert_close(view.resid_stack(), single.resid_stack(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logits[i, :n], single_logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.sample(-1).resid_stack(), cache.sample(1).resid_stack())
+    one = model.prepare([tiny_family.image], QUESTIONS[:1])  # a batch of one
+    _, one_cache = model.run_with_cache(one, names_filter=model.resid_names)
+    assert one_cache.sample(0).input_ids.tolist() == one[0].input_ids[0].tolist()
+    mixed = model.prepare([tiny_family.image, None], QUESTIONS)  # a sample without an image
+    torch.testing.assert_close(model(mixed)[1, : mixed[1].layout.n_positions], model(mixed[1])[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="cache.sample"):
         from vlm_lens.probes import LogitLensProbe
 
@@ -132,3 +141,12 @@ def test_embedded_tokenizers_read_ordinary_questions():
     assert model.trace_generation(inputs, max_new_tokens=2).text == example.answer  # answered as in training
     with pytest.warns(UserWarning, match=r"'zebra'.*not in the vocabulary"):
         model.prepare(example.image, "what color is the zebra?")
+
+
+def test_repeated_token_labels_stay_distinct_rows():
+    from vlm_lens.probes import ProbeResult
+
+    result = ProbeResult("x", {"v": torch.zeros(3, 4)}, {"v": ("transition", "heatmap_row")},
+                         {"transition": ["0→1", "1→2", "2→3"], "heatmap_row": ["the", "</s>", "the", "</s>"]})  # fmt: skip
+    labels = list(result.figure("v").data[0].y)
+    assert len(set(labels)) == 4 and labels[1] == "1:&lt;/s&gt;"

@@ -222,3 +222,13 @@ def test_png_names_say_what_the_figures_are():
                R.named(go.Figure(), "token_probs_shapes_caption_6.png_step0")]
     assert R.png_names(figures) == ["stages_median_js", "p_by_layer_shapes_color_1", "p_by_layer_shapes_color_1_2",
                                     "figure_04", "a_b_c", "token_probs_shapes_caption_6_step0"]
+
+
+def test_stage_chart_on_a_log_axis_keeps_its_markers():
+    stages = {"rapid_evolution": [0, 3], "stabilization": [3, 6], "mutation": [6, 9], "critical_layer": 3,
+              "mutation_layer": 6, "last_layer": 8, "mutation_detected": True}  # fmt: skip
+    js = [2.0, 0.01, 0.008, 0.01, 0.012, 0.02, 0.015, 0.0]  # one transition dwarfs the rest, one is exactly 0
+    fig = R.stage_profile([str(i) for i in range(9)], [f"{i}→{i + 1}" for i in range(8)], js, stages, "t")
+    assert fig.layout.yaxis.type == "log"
+    markers = [t for t in fig.data if t.name and t.name.startswith(("critical layer", "mutation layer"))]
+    assert len(markers) == 2 and all(t.y[0] > 0 for t in markers)  # drawable on a log axis

@@ -31,13 +31,16 @@ class VLMBatch:
             raise ValueError("a batch needs at least one sample")
         length = max(s.input_ids.shape[1] for s in samples)
         inputs: dict[str, Tensor] = {}
-        for key in samples[0].model_inputs:
-            values = [s.model_inputs[key] for s in samples]
+        keys = list(dict.fromkeys(k for s in samples for k in s.model_inputs))  # samples without images lack some
+        for key in keys:
+            values = [s.model_inputs[key] for s in samples if key in s.model_inputs]
             if key in _PER_POSITION_PAD:
+                if len(values) != len(samples):
+                    raise ValueError(f"{key!r} is missing for some samples: prepare every sample with the same model")
                 fill = pad_id if _PER_POSITION_PAD[key] is None else _PER_POSITION_PAD[key]
                 inputs[key] = torch.cat([torch.nn.functional.pad(v, (0, length - v.shape[1]), value=fill) for v in values])
             else:
-                inputs[key] = torch.cat(values)  # pixel_values, image_grid_thw: one row per image (or patch)
+                inputs[key] = torch.cat(values)  # pixel_values, image_grid_thw: one row per image (or patch), in order
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = torch.stack(
                 [torch.arange(length, device=samples[0].input_ids.device) < s.input_ids.shape[1] for s in samples]

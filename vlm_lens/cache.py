@@ -34,7 +34,7 @@ class VLMCache(Mapping[str, Tensor]):
     """
 
     def __init__(self, activations: Mapping[str, Tensor], layout: TokenLayout, model: "HookedVLM",
-                 input_ids: Tensor | None = None):  # fmt: skip
+                 input_ids: Tensor | None = None, layouts: "list[TokenLayout] | None" = None):  # fmt: skip
         """``input_ids`` ``[seq]``: the token sequence the cached positions read, so that probes know the token each
         position predicts (position p predicts ``input_ids[p + 1]``; a generation trace's cache also holds the last
         emitted token)."""
@@ -42,14 +42,19 @@ class VLMCache(Mapping[str, Tensor]):
         self.layout = layout
         self.model = model
         if input_ids is not None:
-            input_ids = input_ids.cpu() if input_ids.dim() == 2 and input_ids.shape[0] > 1 else input_ids.reshape(-1).cpu()
+            input_ids = input_ids.reshape(len(layouts), -1).cpu() if layouts is not None else input_ids.reshape(-1).cpu()
         self.input_ids = input_ids  # [seq], or [batch, seq] for a batched forward (then ``layouts`` is set)
-        self.layouts: list[TokenLayout] | None = None
+        self.layouts = layouts
 
     def __getitem__(self, name: str | tuple[str, int]) -> Tensor:
         """``cache["blocks.3.hook_resid_post"]`` or, as in TransformerLens, ``cache["resid_post", 3]``."""
         if isinstance(name, tuple):
-            name = act_name(*name)
+            if len(name) != 2:
+                raise KeyError(f"index a cache by a hook name or (name, layer), got {name!r}")
+            short, layer = name
+            if isinstance(layer, int) and layer < 0:
+                layer += self.model.n_layers  # TransformerLens: cache["resid_post", -1] is the last block
+            name = act_name(short, layer)
         try:
             return self._activations[name]
         except KeyError:
@@ -98,9 +103,10 @@ class VLMCache(Mapping[str, Tensor]):
         """The cache of sample ``index`` of a batched forward (``model.prepare(images, [q1, q2, ...])``): its
         positions only (right padding removed), with its layout and token ids. Activations that are not one
         vector per position of the language sequence (vision encoder, ...) are left out."""
-        layouts = getattr(self, "layouts", None)
+        layouts = self.layouts
         if layouts is None:
             raise ValueError("this cache holds one sample; sample() splits the cache of a batched forward")
+        index = range(len(layouts))[index]  # negative indices count from the end; out of range raises IndexError
         layout = layouts[index]
         n, padded = layout.n_positions, self.input_ids.shape[-1]
         views = {}
@@ -116,32 +122,35 @@ class VLMCache(Mapping[str, Tensor]):
     ) -> Float[Tensor, "layer batch pos d_model"] | tuple[Tensor, list[str]]:
         """The residual stream before each layer, TransformerLens style: ``[component, batch, pos, d_model]``.
 
-        Stack index 0 (embeddings) up to ``layer`` exclusive (``layer=None``: every layer and the final output, i.e.
-        :meth:`resid_stack` with the batch dimension). ``apply_ln`` applies the final norm to each vector, as the logit
-        lens does (:meth:`apply_ln_to_stack`).
+        As in TransformerLens, ``layer=l`` gives the residual *entering* decoder layer l and everything before it:
+        stack indices 0..l (``l + 1`` entries); ``None``, ``-1`` or ``n_layers`` give every stack index 0..n (the last
+        is the final output), i.e. :meth:`resid_stack` with the batch dimension. ``apply_ln`` applies the final norm
+        to each vector, as the logit lens does (:meth:`apply_ln_to_stack`).
         """
+        n = self.model.n_layers
         names = self.model.resid_names
-        if layer is not None:
-            if not 0 <= layer <= self.model.n_layers:
-                raise IndexError(f"layer {layer} out of range: 0..{self.model.n_layers}")
-            names = names[:layer]
-        missing = [n for n in names if n not in self._activations]
+        if layer is not None and layer not in (-1, n):
+            if not 0 <= layer < n:
+                raise IndexError(f"layer {layer} out of range: 0..{n} (or -1 / None for all)")
+            names = names[: layer + 1]
+        missing = [name for name in names if name not in self._activations]
         if missing:
             raise KeyError(f"accumulated_resid needs {missing[0]!r}: run with names_filter=model.resid_names")
-        stack = torch.stack([self._activations[n] for n in names])
+        stack = torch.stack([self._activations[name] for name in names])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack)
         labels = [str(i) for i in range(len(names))]
         return (stack, labels) if return_labels else stack
 
-    def apply_ln_to_stack(self, stack: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    def apply_ln_to_stack(self, stack: Float[Tensor, "... d_model"], *, grad: bool = False) -> Float[Tensor, "... d_model"]:
         """The model's final norm applied to every vector of ``stack`` (what the logit lens unembeds).
 
         Unlike TransformerLens's ``apply_ln_to_stack(..., layer=None)``, which divides by the cached scale of the
         final residual (linear, for direct logit attribution), each vector is normalised by its own scale.
+        ``grad=True`` keeps the autograd graph (as ``model.unembed(..., grad=True)``).
         """
         norm = self.model._final_norm
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return norm(stack.to(next(norm.parameters()).dtype))
 
     def decompose_resid(
@@ -178,6 +187,7 @@ class VLMCache(Mapping[str, Tensor]):
 
 # TransformerLens' short activation names (transformer_lens.utils.get_act_name) -> this cache's hook names
 _ATTN_INTERNAL = {"q", "k", "v", "z", "rot_q", "rot_k", "pattern", "attn_scores", "result"}
+_ALIASES = {"attn": "pattern", "scores": "attn_scores"}  # TransformerLens' get_act_name aliases
 _MLP_INTERNAL = {"pre", "post", "pre_linear"}
 
 
@@ -187,7 +197,7 @@ def act_name(name: str, layer: int | None = None) -> str:
     A name that is already a full hook name is returned unchanged."""
     if layer is None or name.startswith("blocks."):
         return name
-    short = name.removeprefix("hook_")
+    short = _ALIASES.get(name.removeprefix("hook_"), name.removeprefix("hook_"))
     if short in _ATTN_INTERNAL:
         return f"blocks.{layer}.attn.hook_{short}"
     if short in _MLP_INTERNAL:

@@ -236,10 +236,8 @@ class HookedVLM(TransformerLensNames):
             self._check_names([names_filter])
         with torch.set_grad_enabled(grad):
             logits, cache = self.bridge.run_with_cache(input_ids, names_filter=names_filter, **kwargs)
-        if isinstance(inputs, VLMBatch):
-            batched = VLMCache(dict(cache.items()), inputs.layouts[0], self, inputs.input_ids)
-            batched.layouts = inputs.layouts  # split per sample with cache.sample(i)
-            return logits, batched
+        if isinstance(inputs, VLMBatch):  # split per sample with cache.sample(i)
+            return logits, VLMCache(dict(cache.items()), inputs.layouts[0], self, inputs.input_ids, inputs.layouts)
         return logits, VLMCache(dict(cache.items()), inputs.layout, self, inputs.input_ids)
 
     def run_with_hooks(

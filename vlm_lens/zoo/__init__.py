@@ -25,8 +25,7 @@ def embedded_path(name: str) -> Path | None:
         return None
     folder = MODELS_DIR / EMBEDDED[name]
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(
-            f"embedded model {name!r} is not in this installation ({folder}); train it with "
-            f"`vlm-lens zoo train --family {name.removeprefix('shapes-')} --out DIR` and load DIR/model"
-        )
+        remake = ("`vlm-lens zoo plant --out DIR --export`" if name == "shapes-llava-prior" else
+                  f"`vlm-lens zoo train --family {name.removeprefix('shapes-')} --out DIR` and load DIR/model")  # fmt: skip
+        raise FileNotFoundError(f"embedded model {name!r} is not in this installation ({folder}); rebuild it with {remake}")
     return folder

@@ -63,9 +63,12 @@ def parse_block(text: str | None) -> tuple[int, ...] | None:
     for part in text.split(","):
         a, sep, b = part.partition("-")
         try:
-            layers += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+            low, high = int(a), int(b) if sep else int(a)
         except ValueError as error:
             raise ValueError(f"--block takes decoder layers like '6,7' or '5-7', got {text!r}") from error
+        if high < low:
+            raise ValueError(f"--block: the range {part.strip()!r} runs backwards; write it low-high, e.g. '{high}-{low}'")
+        layers += list(range(low, high + 1))
     if not layers:
         raise ValueError(f"--block names no layers: {text!r}")
     return tuple(layers)
