@@ -104,7 +104,7 @@ def time_pipelines(fns: dict, reps: int) -> dict[str, list[float]]:
 def lens_throughput(hooked, rows: int = 2048, reps: int = 5) -> dict:
     """Projection rows/s through ``unembed`` (final norm + lm_head) vs a raw matmul of the same shape."""
     x = torch.randn(rows, hooked.d_model)
-    weight = hooked._lm_head.weight.detach()
+    weight = hooked.unembedder.head.weight.detach()
 
     def raw():
         return x @ weight.T

@@ -73,10 +73,7 @@ def paper_states(model, stack: Float[Tensor, "layer pos d_model"]) -> Float[Tens
     ``final_norm(resid_post of the last block)`` at index n, because HF replaces its last entry with the normed
     ``last_hidden_state`` (paper-spec Q1/Q6). The norm runs in the model's dtype, as in the HF forward."""
     out = stack.clone()
-    norm = model._final_norm
-    with torch.no_grad():
-        last = stack[-1].to(device=model.device, dtype=model._lm_head.weight.dtype)
-        out[-1] = norm(last).to(device=out.device, dtype=out.dtype)
+    out[-1] = model.unembedder.normalize(stack[-1]).to(device=out.device, dtype=out.dtype)
     return out
 
 

@@ -9,8 +9,6 @@ multimodal activations.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Literal, Sequence
 
@@ -137,7 +135,7 @@ class TunedLens(Lens, torch.nn.Module):
             raise ValueError(f"expected residual stacks of {n + 1} layers, got {data.shape[0]}")
         with torch.no_grad():
             target = model.unembed(data[n]).log_softmax(-1).cpu()  # [pos, vocab]
-        norm, head = model._final_norm, model._lm_head
+        norm, head = model.unembedder.norm, model.unembedder.head  # frozen below, shared with the model
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         losses = []
@@ -167,11 +165,13 @@ class TunedLens(Lens, torch.nn.Module):
         """Write ``lens.safetensors`` and ``lens.json`` to ``folder`` atomically."""
         from safetensors.torch import save_file
 
+        from vlm_lens.atomic import write_file
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"weight": self.weight.detach().contiguous(), "bias": self.bias.detach().contiguous()}
-        _atomic(folder / "lens.safetensors", lambda path: save_file(tensors, path))
-        _atomic(folder / "lens.json", lambda path: Path(path).write_text(json.dumps(self.config, indent=2)))
+        write_file(folder / "lens.safetensors", lambda path: save_file(tensors, path))
+        write_file(folder / "lens.json", json.dumps(self.config, indent=2))
         return folder
 
     @classmethod
@@ -191,14 +191,3 @@ class TunedLens(Lens, torch.nn.Module):
         if model is not None:
             lens.check_model(model)
         return lens
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

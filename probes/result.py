@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,10 +138,10 @@ class ProbeResult:
         """Write the folder ``path`` (``arrays.safetensors`` + ``result.json``) atomically. No pickle."""
         from safetensors.torch import save_file
 
+        from vlm_lens.atomic import write_folder
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
+        with write_folder(path) as tmp:  # replaces an existing result in one rename; a failure leaves it intact
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.arrays.items()}
             if self.layout is not None:
                 for role in ("image", "text", "generated"):
@@ -158,12 +155,6 @@ class ProbeResult:
                 "last_prompt_position": None if self.layout is None else self.layout.last_prompt_position,
             }
             (tmp / "result.json").write_text(json.dumps(meta, indent=1, default=_jsonable))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

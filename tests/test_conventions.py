@@ -17,9 +17,9 @@ def test_model_calls_cfg_and_unembedding(tiny_family):
     torch.testing.assert_close(model(inputs), expected, atol=1e-5, rtol=1e-5)
     assert model.cfg.n_layers == model.n_layers and model.cfg.d_model == model.d_model
     assert model.W_U.shape == (model.d_model, model.d_vocab)
-    assert model.W_U.data_ptr() == model._lm_head.weight.data_ptr()  # shared, not copied
+    assert model.W_U.data_ptr() == model.unembedder.head.weight.data_ptr()  # shared, not copied
     final = model.run_with_cache(inputs, names_filter="ln_final.hook_normalized")[1]["ln_final.hook_normalized"]
-    torch.testing.assert_close(final @ model.W_U + (model._lm_head.bias if model._lm_head.bias is not None else 0),
+    torch.testing.assert_close(final @ model.W_U + (model.unembedder.head.bias if model.unembedder.head.bias is not None else 0),
                                expected, atol=1e-4, rtol=1e-4)  # fmt: skip
 
 

@@ -85,7 +85,7 @@ def test_paper_lens_skips_the_norm_below_the_last_layer(tiny_llava):
     stack = cache.resid_stack()
     paper = LogitLens("paper").logits(model, stack[[1]], [1])[0]
     with torch.no_grad():
-        raw = model._lm_head(stack[1])  # lm_head on the un-normed residual, as the authors' code does
+        raw = model.unembedder.head(stack[1])  # lm_head on the un-normed residual, as the authors' code does
     assert torch.allclose(paper, raw, atol=1e-6)
 
 

@@ -149,9 +149,7 @@ class VLMCache(Mapping[str, Tensor]):
         final residual (linear, for direct logit attribution), each vector is normalised by its own scale.
         ``grad=True`` keeps the autograd graph (as ``model.unembed(..., grad=True)``).
         """
-        norm = self.model._final_norm
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return norm(stack.to(next(norm.parameters()).dtype))
+        return self.model.unembedder.normalize(stack, grad=grad)
 
     def decompose_resid(
         self, *, return_labels: bool = False

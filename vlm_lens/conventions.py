@@ -22,7 +22,7 @@ from torch import Tensor
 
 
 class TransformerLensNames:
-    """Mixin for :class:`HookedVLM` (which provides ``bridge``, ``tokenizer``, ``_lm_head``, ``_forward_args``)."""
+    """Mixin for :class:`HookedVLM` (which provides ``bridge``, ``tokenizer``, ``unembedder``, ``_forward_args``)."""
 
     @property
     def cfg(self):
@@ -32,7 +32,7 @@ class TransformerLensNames:
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
         """The unembedding as TransformerLens lays it out, ``[d_model, d_vocab]`` (a view of ``lm_head.weight``)."""
-        return self._lm_head.weight.T
+        return self.unembedder.W_U
 
     def __call__(self, inputs, *, grad: bool = False) -> Float[Tensor, "batch pos vocab"]:
         """Logits of prepared inputs (``model.prepare(...)``), through the hooked model; no cache kept."""

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from vlm_lens.adapters import AdapterSpec, adapter_for
 from vlm_lens.conventions import TransformerLensNames
+from vlm_lens.unembed import Unembedder
 from vlm_lens.batch import VLMBatch
 from vlm_lens.cache import VLMCache, resid_names
 from vlm_lens.layout import TokenLayout
@@ -103,8 +104,8 @@ class HookedVLM(TransformerLensNames):
         self.name = name
         self._keepalive = keepalive  # a temporary processor folder that must outlive the model
         self.image_token_id = adapter.image_token_id(hf_model.config)
-        self._final_norm = _original(_get_module(hf_model, adapter.final_norm))
-        self._lm_head = _original(_get_module(hf_model, adapter.lm_head))
+        self.unembedder = Unembedder(_original(_get_module(hf_model, adapter.final_norm)),
+                                     _original(_get_module(hf_model, adapter.lm_head)), int(bridge.cfg.d_model))  # fmt: skip
 
     # -- properties -----------------------------------------------------------------------------------------
     @property
@@ -121,7 +122,7 @@ class HookedVLM(TransformerLensNames):
 
     @property
     def d_vocab(self) -> int:
-        return int(self._lm_head.weight.shape[0])
+        return self.unembedder.d_vocab
 
     @property
     def device(self) -> torch.device:
@@ -281,14 +282,7 @@ class HookedVLM(TransformerLensNames):
         """
         if layer is not None and not 0 <= layer <= self.n_layers:
             raise IndexError(f"layer {layer} out of range: the residual stack has layers 0..{self.n_layers}")
-        if resid.shape[-1] != self.d_model:
-            raise ValueError(f"expected residual vectors of size d_model={self.d_model}, got {resid.shape[-1]}")
-        dtype = self._lm_head.weight.dtype
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            h = resid.to(device=self.device, dtype=dtype)
-            if not normed:
-                h = self._final_norm(h)
-            return self._lm_head(h).float()
+        return self.unembedder(resid, normed=normed, grad=grad)
 
     # -- generation -----------------------------------------------------------------------------------------
     @property
@@ -461,7 +455,7 @@ class HookedVLM(TransformerLensNames):
         wraps, attention is sdpa, and torch hooks append the residual-stream values of ``names`` to ``store``.
         Everything is put back on exit, also when the block raises."""
         layers = [_original(layer) for layer in _get_module(self.hf_model, self.adapter.layers)]
-        final_norm = self._final_norm
+        final_norm = self.unembedder.norm
 
         def keep(key: str, value) -> None:
             store[key].append((value[0] if isinstance(value, tuple) else value).detach())

@@ -144,21 +144,15 @@ def _load_optimizer(optimizer, path: Path) -> None:
 
 def save_checkpoint(model, processor, optimizer, step: int, out: Path, name: str = "checkpoint") -> Path:
     """Write weights, processor, optimizer and step to ``out/name`` atomically (temp folder, then rename)."""
+    from vlm_lens.atomic import write_folder
+
     final = out / name
-    tmp = out / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if optimizer is not None:
-        _save_optimizer(optimizer, tmp)
-    (tmp / "train_state.json").write_text(json.dumps({"step": step}))
-    old = out / f".{name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    with write_folder(final) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if optimizer is not None:
+            _save_optimizer(optimizer, tmp)
+        (tmp / "train_state.json").write_text(json.dumps({"step": step}))
     return final
 
 
@@ -332,18 +326,16 @@ def export(run_dir: str | Path, name: str, *, source: str = "model") -> Path:
     if not (origin / "config.json").exists():
         raise FileNotFoundError(f"{origin} holds no saved model")
     target = MODELS_DIR / EMBEDDED[name]
-    tmp = MODELS_DIR / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    skip = {"optimizer.safetensors", "optimizer.json"}
-    for item in origin.iterdir():
-        if item.is_file() and item.name not in skip:
-            shutil.copy2(item, tmp / item.name)
-    for extra in ("recipe.json", "eval.json"):
-        if (run_dir / extra).exists():
-            shutil.copy2(run_dir / extra, tmp / extra)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    from vlm_lens.atomic import write_folder
+
+    with write_folder(target) as tmp:
+        skip = {"optimizer.safetensors", "optimizer.json"}
+        for item in origin.iterdir():
+            if item.is_file() and item.name not in skip:
+                shutil.copy2(item, tmp / item.name)
+        for extra in ("recipe.json", "eval.json"):
+            if (run_dir / extra).exists():
+                shutil.copy2(run_dir / extra, tmp / extra)
     return target
 
 
