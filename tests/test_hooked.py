@@ -271,3 +271,33 @@ def test_raw_templated_prompt_is_used_as_is(tiny_llava):
 def test_text_only_prompt_has_no_image_tokens(tiny_llava):
     inputs = tiny_llava.model.prepare(None, PROMPT)
     assert not inputs.layout.image.any() and "pixel_values" not in inputs.model_inputs
+
+
+def test_the_adapter_map_points_where_the_bridge_hooks(tiny_family):
+    """Every hook name in the adapter's map reads, on the plain HF twin, exactly what the bridge's hook caches."""
+    model, reference = tiny_family.model, tiny_family.reference
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    points = model.adapter.hook_map(model.n_layers)
+    _, cache = model.run_with_cache(inputs, names_filter=list(points))
+    seen, handles = {}, []
+    for name, point in points.items():
+        module = reference
+        for part in point.path.split("."):
+            module = getattr(module, part)
+        if point.side == "output":
+            handles.append(module.register_forward_hook(
+                lambda m, a, out, key=name: seen.__setitem__(key, out[0] if isinstance(out, tuple) else out)))
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, key=name: seen.__setitem__(key, args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))  # fmt: skip
+    try:
+        with torch.no_grad():
+            reference(**inputs.model_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in points:
+        ours, theirs = cache[name], seen[name]
+        assert ours.shape[-1] == theirs.shape[-1], name
+        assert (ours.reshape(theirs.shape) - theirs).abs().max() <= 1e-5, name

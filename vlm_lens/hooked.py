@@ -288,11 +288,7 @@ class HookedVLM(TransformerLensNames):
     @property
     def placeholder_ids(self) -> list[int]:
         """Token ids that stand for image/video features (never generated: see :meth:`generate_ids`)."""
-        ids = {self.image_token_id}
-        video = getattr(self.hf_model.config, "video_token_id", None)
-        if video is not None:
-            ids.add(int(video))
-        return sorted(ids)
+        return self.adapter.placeholder_ids(self.hf_model.config)
 
     def generate_ids(self, inputs: VLMInputs, max_new_tokens: int = 32, *, stop_at_eos: bool = True) -> Int[Tensor, " step"]:
         """Greedy generation with HF (KV cache), stopping at EOS (which is kept).
@@ -328,15 +324,7 @@ class HookedVLM(TransformerLensNames):
         """``inputs`` followed by ``new_ids`` (marked ``generated`` in the layout)."""
         new_ids = new_ids.to(self.device).reshape(1, -1)
         n_new = new_ids.shape[1]
-        model_inputs = dict(inputs.model_inputs)
-        model_inputs["input_ids"] = torch.cat([inputs.input_ids, new_ids], dim=1)
-        for key in ("attention_mask",):
-            if key in model_inputs:
-                model_inputs[key] = torch.cat([model_inputs[key], torch.ones_like(new_ids)], dim=1)
-        if "mm_token_type_ids" in model_inputs:
-            model_inputs["mm_token_type_ids"] = torch.cat(
-                [model_inputs["mm_token_type_ids"], torch.zeros_like(new_ids)], dim=1
-            )
+        model_inputs = self.adapter.extend_inputs(dict(inputs.model_inputs), new_ids)  # the family knows its inputs
         layout = TokenLayout.from_ids(
             model_inputs["input_ids"][0].cpu(), self.image_token_id, n_prompt=inputs.layout.n_prompt
         )
@@ -454,9 +442,6 @@ class HookedVLM(TransformerLensNames):
         """Within the block, the HF model runs as plain HF: every TransformerLens wrapper is swapped for the module it
         wraps, attention is sdpa, and torch hooks append the residual-stream values of ``names`` to ``store``.
         Everything is put back on exit, also when the block raises."""
-        layers = [_original(layer) for layer in _get_module(self.hf_model, self.adapter.layers)]
-        final_norm = self.unembedder.norm
-
         def keep(key: str, value) -> None:
             store[key].append((value[0] if isinstance(value, tuple) else value).detach())
 
@@ -467,15 +452,13 @@ class HookedVLM(TransformerLensNames):
                 cleanup.callback(self.hf_model.set_attn_implementation, previous)
             except (ValueError, ImportError):  # an architecture without sdpa: keep its attention, still unwrapped
                 pass
+            points = self.adapter.hook_map(self.n_layers)
             for name in names:
-                if name == "ln_final.hook_normalized":
-                    handle = final_norm.register_forward_hook(lambda m, a, out, key=name: keep(key, out))
-                elif name.endswith("_post"):
-                    layer = layers[int(name.split(".")[1])]
-                    handle = layer.register_forward_hook(lambda m, a, out, key=name: keep(key, out))
-                else:  # blocks.{i}.hook_resid_pre: the decoder layer's input
-                    layer = layers[int(name.split(".")[1])]
-                    handle = layer.register_forward_pre_hook(
+                module = _original(_get_module(self.hf_model, points[name].path))  # the map says where and which side
+                if points[name].side == "output":
+                    handle = module.register_forward_hook(lambda m, a, out, key=name: keep(key, out))
+                else:
+                    handle = module.register_forward_pre_hook(
                         lambda m, args, kwargs, key=name: keep(key, args[0] if args else kwargs["hidden_states"]),
                         with_kwargs=True,
                     )

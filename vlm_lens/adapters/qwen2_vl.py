@@ -37,6 +37,18 @@ def derive_mm_token_type_ids(model_inputs: dict, image_token_id: int) -> dict:
     return model_inputs
 
 
+def extend_with_text_types(model_inputs: dict, new_ids) -> dict:
+    """Generated tokens are text: ``mm_token_type_ids`` grows with zeros beside ``input_ids``."""
+    import torch
+
+    from vlm_lens.adapters.base import _extend_ids
+
+    out = _extend_ids(model_inputs, new_ids)
+    if "mm_token_type_ids" in out:
+        out["mm_token_type_ids"] = torch.cat([out["mm_token_type_ids"], torch.zeros_like(new_ids)], dim=1)
+    return out
+
+
 def qwen2_5_vl_tl_adapter() -> type:
     """TransformerLens's Qwen2.5-VL adapter without its ``torchvision`` requirement."""
     from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import Qwen2_5_VLArchitectureAdapter
@@ -79,8 +91,9 @@ def qwen2_vl_tl_adapter() -> type:
 _COMMON = dict(
     vision_tower="model.visual",
     projector="model.visual.merger",
-    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    video_token_keys=("video_token_id",),
     derive_inputs=derive_mm_token_type_ids,
+    extend_inputs=extend_with_text_types,
 )
 
 QWEN2_VL = AdapterSpec(

@@ -27,7 +27,7 @@ Quirks:
 from __future__ import annotations
 
 from vlm_lens.adapters.base import AdapterSpec
-from vlm_lens.adapters.qwen2_vl import derive_mm_token_type_ids
+from vlm_lens.adapters.qwen2_vl import derive_mm_token_type_ids, extend_with_text_types
 
 
 def qwen3_vl_tl_adapter() -> type:
@@ -45,8 +45,9 @@ QWEN3_VL = AdapterSpec(
     hf_classes=("Qwen3VLForConditionalGeneration",),
     vision_tower="model.visual",
     projector="model.visual.merger",
-    extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    video_token_keys=("video_token_id",),
     derive_inputs=derive_mm_token_type_ids,
+    extend_inputs=extend_with_text_types,
     tl_adapter=qwen3_vl_tl_adapter,
     resid_read="input",
 )
