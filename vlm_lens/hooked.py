@@ -104,8 +104,9 @@ class HookedVLM(TransformerLensNames):
         self.name = name
         self._keepalive = keepalive  # a temporary processor folder that must outlive the model
         self.image_token_id = adapter.image_token_id(hf_model.config)
+        d_model = int(_original(_get_module(hf_model, adapter.embed_tokens)).weight.shape[1])
         self.unembedder = Unembedder(_original(_get_module(hf_model, adapter.final_norm)),
-                                     _original(_get_module(hf_model, adapter.lm_head)), int(bridge.cfg.d_model))  # fmt: skip
+                                     _original(_get_module(hf_model, adapter.lm_head)), d_model)  # fmt: skip
 
     # -- properties -----------------------------------------------------------------------------------------
     @property
@@ -492,13 +493,23 @@ def load(
     processor: Any = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    backend: str = "transformer_lens",
+    remote: bool = False,
 ) -> HookedVLM:
     """Load a vision-language model as a :class:`HookedVLM`, offline.
 
     ``source``: an embedded model name (``vlm_lens.zoo.embedded_names()``), a local checkpoint folder with its
     processor files, a model id already in the local HF cache, or an in-memory ``PreTrainedModel`` (then
     ``processor`` is required). Nothing is downloaded; no subprocess is started.
+
+    ``backend``: ``"transformer_lens"`` (default: a TransformerBridge, every TransformerLens hook name) or
+    ``"nnsight"`` (:mod:`vlm_lens.nnsight_backend`: the same API through nnsight on the adapter's hook map, the HF
+    model left unmodified; ``remote=True`` sends traces to NDIF, see docs/backends.md).
     """
+    if backend not in ("transformer_lens", "nnsight"):
+        raise ValueError(f"backend must be 'transformer_lens' or 'nnsight', got {backend!r}")
+    if remote and backend != "nnsight":
+        raise ValueError("remote=True runs on NDIF through nnsight: pass backend='nnsight'")
     device = torch.device(device)
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         raise ValueError(
@@ -534,6 +545,10 @@ def load(
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         raise TypeError(f"processor must be a multimodal processor with a .tokenizer, got {type(processor).__name__}")
+    if backend == "nnsight":
+        from vlm_lens.nnsight_backend import NNsightVLM
+
+        return NNsightVLM(hf_model.to(device).eval(), processor, spec, name=name, remote=remote)
     if not getattr(tokenizer, "name_or_path", ""):
         # TransformerLens cannot boot on an in-memory tokenizer: give the bridge a copy that comes from a folder. The
         # user's processor stays the one they passed (it need not survive save_pretrained -> from_pretrained).

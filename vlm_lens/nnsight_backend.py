@@ -1,0 +1,214 @@
+"""The nnsight backend: the same ``HookedVLM`` API, run through nnsight on the adapter's hook map.
+
+``vlm_lens.load(source, backend="nnsight")`` wraps the plain HF model in ``nnsight.NNsight`` (no TransformerLens
+bridge is booted, the model is not mutated). Hook names are the adapter's map (:meth:`AdapterSpec.hook_map`: name ->
+module path and side), so caches, hooks, patching and the probes read the same values as on the TransformerLens
+backend:
+
+- ``run_with_cache`` / ``run_with_hooks`` / ``model(inputs)`` are one ``nnsight`` trace each: activations are saved,
+  and a hook ``fn(activation, hook)`` replaces the module's output (or input) when it returns a tensor. Within a
+  trace, modules are visited in execution order (nnsight requires it).
+- ``hooks(...)`` (persistent hooks inside a ``with`` block, used during generation) and the generation capture of
+  ``trace_generation`` use PyTorch hooks on the same modules of the map.
+- ``model.nnsight`` is the ``NNsight`` object for your own interventions; ``remote=True`` passes nnsight's own
+  ``remote=True`` to every trace, for NDIF (docs/backends.md: not exercised offline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from types import SimpleNamespace
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from vlm_lens.hooked import HookedVLM, VLMCache, _get_module
+
+
+class HookInfo:
+    """What a hook function receives as ``hook`` (TransformerLens passes a HookPoint with ``.name``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"HookInfo({self.name!r})"
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+class NNsightVLM(HookedVLM):
+    """:class:`HookedVLM` on nnsight (see the module docstring)."""
+
+    backend = "nnsight"
+
+    def __init__(self, hf_model, processor, adapter, *, name: str, keepalive=None, remote: bool = False):
+        from nnsight import NNsight
+
+        self.nnsight = NNsight(hf_model)
+        self.remote = remote
+        self._n_layers = len(_get_module(hf_model, adapter.layers))
+        self._d_model = int(_get_module(hf_model, adapter.embed_tokens).weight.shape[1])
+        super().__init__(hf_model, processor, adapter, None, name=name, keepalive=keepalive)
+
+    # -- what the bridge provided on the other backend -----------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self._n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self._d_model
+
+    @property
+    def cfg(self):
+        return SimpleNamespace(n_layers=self.n_layers, d_model=self.d_model, d_vocab=self.d_vocab,
+                               model_name=self.name, backend="nnsight")  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"HookedVLM({self.name!r}, family={self.family}, n_layers={self.n_layers}, backend=nnsight)"
+
+    def hook_names(self) -> list[str]:
+        return list(self.adapter.hook_map(self.n_layers))
+
+    def _check_names(self, names: Iterable[str]) -> None:
+        known = self.adapter.hook_map(self.n_layers)
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, list(known), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; list them with model.hook_names()"
+                raise KeyError(f"the nnsight backend has no hook {name!r}{hint}")
+
+    def _wrapper_hooks_active(self) -> bool:
+        return False  # no bridge wrappers: the plain-module capture is always safe
+
+    def _ordered(self, names: Iterable[str]) -> list[str]:
+        """``names`` in execution order (nnsight requires it): token embeddings, the vision side, then per decoder layer its
+        input, attention, MLP and output, then the final norm and the head."""
+        order = {"hook_embed": (-2, 0), "vision_projector.hook_out": (-1, 0), "ln_final.hook_normalized": (10**6, 0),
+                 "unembed.hook_out": (10**6 + 1, 0)}  # fmt: skip
+        within = {"hook_resid_pre": 0, "hook_attn_out": 1, "hook_mlp_out": 2, "hook_resid_post": 3}
+
+        def key(name: str):
+            if name in order:
+                return order[name]
+            _, layer, suffix = name.split(".", 2)
+            return (int(layer), within[suffix])
+
+        return sorted(dict.fromkeys(names), key=key)
+
+    def _envoy(self, name: str):
+        point = self.adapter.hook_map(self.n_layers)[name]
+        envoy = self.nnsight  # the NNsight root mirrors the HF module tree
+        for part in point.path.split("."):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+        return envoy, point.side
+
+    # -- forwards -----------------------------------------------------------------------------------------------
+    def _names(self, names_filter) -> list[str]:
+        every = self.hook_names()
+        if names_filter is None:
+            return every
+        if isinstance(names_filter, str):
+            names = [names_filter]
+        elif callable(names_filter):
+            return [n for n in every if names_filter(n)]
+        else:
+            names = list(names_filter)
+        self._check_names(names)
+        return names
+
+    def run_with_cache(self, inputs, names_filter=None, *, grad: bool = False):
+        """Logits and the activations named by ``names_filter``, saved in one nnsight trace."""
+        from vlm_lens.batch import VLMBatch
+
+        input_ids, kwargs = self._forward_args(inputs)
+        names = self._ordered(self._names(names_filter))
+        saved = {}
+        with torch.set_grad_enabled(grad), self.nnsight.trace(input_ids=input_ids, **kwargs, remote=self.remote):
+            for name in names:
+                envoy, side = self._envoy(name)
+                if side == "input":
+                    args, call_kwargs = envoy.inputs
+                    value = args[0] if args else call_kwargs["hidden_states"]
+                else:
+                    value = _first(envoy.output)  # attention returns (output, weights)
+                saved[name] = value.save()
+            logits = self.nnsight.output.logits.save()
+        activations = dict(saved)
+        if isinstance(inputs, VLMBatch):
+            return logits, VLMCache(activations, inputs.layouts[0], self, inputs.input_ids, inputs.layouts)
+        return logits, VLMCache(activations, inputs.layout, self, inputs.input_ids)
+
+    def run_with_hooks(self, inputs, fwd_hooks: Iterable[tuple[str, Callable]] = (), *, grad: bool = False) -> Tensor:
+        """Logits of one nnsight trace in which each ``fn(activation, hook)`` may replace its activation."""
+        input_ids, kwargs = self._forward_args(inputs)
+        fwd_hooks = list(fwd_hooks)
+        if any(not isinstance(name, str) for name, _ in fwd_hooks):
+            raise TypeError("the nnsight backend takes hooks by name: (hook_name, fn) pairs")
+        self._check_names([name for name, _ in fwd_hooks])
+        by_name: dict[str, list[Callable]] = {}
+        for name, fn in fwd_hooks:
+            by_name.setdefault(name, []).append(fn)
+        with torch.set_grad_enabled(grad), self.nnsight.trace(input_ids=input_ids, **kwargs, remote=self.remote):
+            for name in self._ordered(by_name):
+                envoy, side = self._envoy(name)
+                if side == "input":
+                    args, call_kwargs = envoy.inputs
+                    value = args[0] if args else call_kwargs["hidden_states"]
+                else:
+                    value = _first(envoy.output)
+                for fn in by_name[name]:
+                    new = fn(value, HookInfo(name))
+                    value = value if new is None else new
+                if side == "input":
+                    if args:
+                        envoy.inputs = ((value, *args[1:]), call_kwargs)
+                    else:
+                        envoy.inputs = (args, {**call_kwargs, "hidden_states": value})
+                elif isinstance(envoy.output, tuple):
+                    envoy.output = (value, *envoy.output[1:])
+                else:
+                    envoy.output = value
+            logits = self.nnsight.output.logits.save()
+        return logits
+
+    def __call__(self, inputs, *, grad: bool = False) -> Tensor:
+        return self.run_with_hooks(inputs, [], grad=grad)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple[str, Callable]] = ()):
+        """Hooks attached for the duration of the block (PyTorch hooks on the map's modules; removed on exit)."""
+        fwd_hooks = list(fwd_hooks)
+        self._check_names([name for name, _ in fwd_hooks])
+        points = self.adapter.hook_map(self.n_layers)
+        handles = []
+        try:
+            for name, fn in fwd_hooks:
+                module = _get_module(self.hf_model, points[name].path)
+                info = HookInfo(name)
+                if points[name].side == "output":
+                    def post(m, args, out, fn=fn, info=info):
+                        new = fn(_first(out), info)
+                        if new is None:
+                            return None
+                        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+                    handles.append(module.register_forward_hook(post))
+                else:
+                    def pre(m, args, kwargs, fn=fn, info=info):
+                        value = args[0] if args else kwargs["hidden_states"]
+                        new = fn(value, info)
+                        if new is None:
+                            return None
+                        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+                    handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
