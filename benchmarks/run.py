@@ -196,6 +196,46 @@ def bench(kind: str, reps: int, max_new_tokens: int, with_memory: bool) -> dict:
     return result
 
 
+def backends(kind: str, reps: int, max_new_tokens: int) -> dict:
+    """The same work on both backends over identical weights: a residual-stack cache of the prompt, and a traced
+    generation with the lens analysis (``trace_generation`` + ``analyze_trace``)."""
+    import copy
+
+    import vlm_lens
+    from vlm_lens import testing
+    from vlm_lens.experiments import knowledge_evolution as ke
+
+    model, processor = testing.build("llava", kind)
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("eager")  # what the bridge forces: the backends then do identical arithmetic
+    tl = vlm_lens.load(model, processor=processor)
+    nn = vlm_lens.load(twin, processor=processor, backend="nnsight")
+    image = testing.sample_image(0, testing.size_for("llava", kind).image_size)
+    inputs = tl.prepare(image, "Please describe this image in detail.")
+    config = ke.EvolutionConfig(variants=("correct",), max_new_tokens=max_new_tokens)
+    fns = {}
+    for label, hooked in (("transformer_lens", tl), ("nnsight", nn)):
+        fns[f"{label}.cache"] = lambda h=hooked: h.run_with_cache(inputs, names_filter=h.resid_names)
+        fns[f"{label}.trace"] = lambda h=hooked: ke.analyze_trace(
+            h.trace_generation(inputs, max_new_tokens=max_new_tokens, stop_at_eos=False), config=config)
+    same = torch.equal(fns["transformer_lens.cache"]()[0], fns["nnsight.cache"]()[0])
+    med = {k: statistics.median(v) for k, v in time_pipelines(fns, reps).items()}
+    return {"model": f"random LLaVA ({kind})", "reps": reps, "new_tokens": max_new_tokens, "median_s": med,
+            "same_logits": bool(same)}  # fmt: skip
+
+
+def backend_table(row: dict) -> str:
+    m = row["median_s"]
+    return "\n".join([
+        "| backend | run_with_cache, residual stack (s) | trace_generation + analysis (s) |",
+        "|---|---|---|",
+        f"| TransformerLens bridge | {m['transformer_lens.cache']:.2f} | {m['transformer_lens.trace']:.2f} |",
+        f"| nnsight | {m['nnsight.cache']:.2f} | {m['nnsight.trace']:.2f} |",
+        f"| nnsight / bridge | {m['nnsight.cache'] / m['transformer_lens.cache']:.2f}x | "
+        f"{m['nnsight.trace'] / m['transformer_lens.trace']:.2f}x |",
+    ])  # fmt: skip
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| model | prompt / image tokens | new tokens | floor: HF generate + hidden states (s) | seed pipeline (s) | vlm-lens analysis (s) | vlm-lens / floor | seed / vlm-lens | memory added: seed / vlm-lens (MB) | lens vs raw matmul |",
@@ -227,6 +267,21 @@ def write_docs(results: list[dict], command: str) -> None:
     atomic_write(path, head + block + tail)
 
 
+def write_backends(row: dict, command: str) -> None:
+    from vlm_lens.experiments.report import atomic_write
+
+    path = ROOT / "docs" / "performance.md"
+    text = path.read_text()
+    start, end = "<!-- backends:start -->", "<!-- backends:end -->"
+    if start not in text:
+        text += f"\n## The two backends\n\n{start}\n{end}\n"
+    block = (f"{start}\nMeasured with `{command}` ({row['model']}, {row['new_tokens']} new tokens, median of {row['reps']}; "
+             f"identical logits: {row['same_logits']}).\n\n{backend_table(row)}\n{end}")  # fmt: skip
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    atomic_write(path, head + block + tail)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="medium,shapes-llava", help="comma-separated: tiny, medium, shapes-llava, shapes-qwen2-vl")
@@ -235,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/performance.md")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--backends", default=None, help="also compare the two backends on this random size (tiny, medium)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "PIPELINE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -244,10 +300,18 @@ def main(argv: list[str] | None = None) -> None:
         child(args.child[0], args.child[1], args.max_new_tokens)
         return
     results = []
-    for kind in args.models.split(","):
+    if args.backends:
+        print(f"backends on {args.backends} ...", flush=True)
+        row = backends(args.backends, args.reps, args.max_new_tokens)
+        print(backend_table(row), flush=True)
+        if not args.no_write:
+            write_backends(row, " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]))
+    for kind in [k for k in args.models.split(",") if k]:
         print(f"benchmarking {kind} ...", flush=True)
         results.append(bench(kind, args.reps, args.max_new_tokens, not args.no_memory))
         print(table(results[-1:]), flush=True)
+    if not results:
+        return
     print(table(results))
     if not args.no_write:
         write_docs(results, " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]))

@@ -36,7 +36,7 @@ def single_token(model, text: str) -> str:
 def analyze(trace, correct: str, wrong: str | None = None, step: int | None = None, variant: str = "correct", *,
             tuned_lens=None, config: ev.DetectionConfig = ev.DetectionConfig()) -> dict:  # fmt: skip
     """Evidence and curves of ``correct`` (the reference) vs ``wrong`` (default: the emitted token) at ``step``."""
-    model = trace.cache.model
+    model = trace.model
     correct_token = single_token(model, correct)
     tokens = trace.generated_tokens
     if step is None:

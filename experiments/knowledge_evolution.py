@@ -149,7 +149,7 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
 def analyze_trace(trace, name: str = "", answer: str | None = None, config: EvolutionConfig = EvolutionConfig(),
                   *, tuned_lens=None, planted: bool = False) -> SampleEvolution:  # fmt: skip
     """Per-token evidence of one traced generation, for every lens variant of ``config``."""
-    model = trace.cache.model
+    model = trace.model
     tokenizer = model.tokenizer
     special = set(tokenizer.all_special_tokens)
     tokens: dict[str, list[TokenEvolution]] = {}

@@ -19,7 +19,9 @@ from vlm_lens.probes.result import ProbeResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.cache import VLMCache
-    from vlm_lens.hooked import GenerationTrace, HookedVLM, VLMInputs
+    from vlm_lens.inputs import VLMInputs
+    from vlm_lens.protocol import VLMModel as HookedVLM
+    from vlm_lens.trace import GenerationTrace
     from vlm_lens.layout import TokenLayout
 
 PROBES: dict[str, type["Probe"]] = {}
@@ -101,7 +103,7 @@ class Source:
 def as_source(source: Any) -> Source:
     """A :class:`Source` from a ``GenerationTrace``, a ``VLMCache`` or a ``Source``."""
     from vlm_lens.cache import VLMCache
-    from vlm_lens.hooked import GenerationTrace
+    from vlm_lens.trace import GenerationTrace
 
     if isinstance(source, Source):
         return source

@@ -12,7 +12,8 @@ from vlm_lens.probes.metrics import kl_divergence
 from vlm_lens.probes.result import ProbeResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vlm_lens.hooked import HookedVLM, VLMInputs
+    from vlm_lens.inputs import VLMInputs
+    from vlm_lens.protocol import VLMModel as HookedVLM
 
 
 def skip_layer_hooks(layers: Iterable[int]) -> list[tuple[str, Callable]]:
@@ -118,7 +119,8 @@ def _token_id(model: "HookedVLM", token: int | str) -> int:
 
 
 def _inputs_of(item: Any) -> "VLMInputs":
-    from vlm_lens.hooked import GenerationTrace, VLMInputs
+    from vlm_lens.inputs import VLMInputs
+    from vlm_lens.trace import GenerationTrace
 
     if isinstance(item, GenerationTrace):
         return item.inputs

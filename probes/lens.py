@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vlm_lens.hooked import HookedVLM
+    from vlm_lens.protocol import VLMModel as HookedVLM
 
 
 class Lens:

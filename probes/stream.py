@@ -18,7 +18,7 @@ from torch import Tensor
 from vlm_lens.probes.lens import Lens, LogitLens
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vlm_lens.hooked import HookedVLM
+    from vlm_lens.protocol import VLMModel as HookedVLM
 
 SLAB_BYTES = 64 * 2**20  # default size of one [rows, vocab] float32 slab of a chunk
 ALL_STATS = ("target", "topk", "entropy", "kl_to_final", "js_to_final", "js_adjacent")

@@ -7,9 +7,9 @@ from vlm_lens.probes.metrics import js_divergence
 
 
 def test_benchmark_smoke(capsys):
-    run.main(["--models", "tiny", "--reps", "1", "--max-new-tokens", "3", "--no-memory", "--no-write"])
+    run.main(["--models", "tiny", "--reps", "1", "--max-new-tokens", "3", "--no-memory", "--no-write", "--backends", "tiny"])
     out = capsys.readouterr().out
-    assert "random LLaVA (tiny)" in out and "vlm-lens / floor" in out
+    assert "random LLaVA (tiny)" in out and "vlm-lens / floor" in out and "nnsight / bridge" in out
 
 
 def test_seed_js_is_the_paper_variant():

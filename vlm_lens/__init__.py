@@ -12,14 +12,17 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.cache import VLMCache
-    from vlm_lens.hooked import GenerationTrace, HookedVLM, VLMInputs, load
+    from vlm_lens.hooked import HookedVLM
+    from vlm_lens.inputs import VLMInputs
+    from vlm_lens.loading import load
+    from vlm_lens.trace import GenerationTrace
     from vlm_lens.layout import TokenLayout
 
 _LAZY = {
-    "load": "vlm_lens.hooked",
+    "load": "vlm_lens.loading",
     "HookedVLM": "vlm_lens.hooked",
-    "VLMInputs": "vlm_lens.hooked",
-    "GenerationTrace": "vlm_lens.hooked",
+    "VLMInputs": "vlm_lens.inputs",
+    "GenerationTrace": "vlm_lens.trace",
     "VLMCache": "vlm_lens.cache",
     "TokenLayout": "vlm_lens.layout",
 }

@@ -11,7 +11,7 @@ from torch import Tensor
 from vlm_lens.layout import TokenLayout
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vlm_lens.hooked import HookedVLM
+    from vlm_lens.protocol import VLMModel
 
 
 def resid_names(n_layers: int, read: str = "output") -> list[str]:
@@ -33,7 +33,7 @@ class VLMCache(Mapping[str, Tensor]):
     HF's ``hidden_states[-1]``, which transformers returns after the final norm).
     """
 
-    def __init__(self, activations: Mapping[str, Tensor], layout: TokenLayout, model: "HookedVLM",
+    def __init__(self, activations: Mapping[str, Tensor], layout: TokenLayout, model: "VLMModel",
                  input_ids: Tensor | None = None, layouts: "list[TokenLayout] | None" = None):  # fmt: skip
         """``input_ids`` ``[seq]``: the token sequence the cached positions read, so that probes know the token each
         position predicts (position p predicts ``input_ids[p + 1]``; a generation trace's cache also holds the last

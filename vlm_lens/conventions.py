@@ -46,7 +46,7 @@ class TransformerLensNames:
 
     def to_str_tokens(self, value: Any) -> list[str]:
         """Token strings of prepared inputs (one sample), of a string, or of a sequence / tensor of ids."""
-        from vlm_lens.hooked import VLMInputs
+        from vlm_lens.inputs import VLMInputs
 
         if isinstance(value, VLMInputs):
             ids = value.input_ids[0].tolist()

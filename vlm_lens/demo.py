@@ -14,7 +14,7 @@ def lens_table(trace) -> tuple[torch.Tensor, list[str]]:
 
     Returns ``[n_layers + 1, n_steps]`` probabilities and the row labels.
     """
-    model = trace.cache.model
+    model = trace.model
     stack, labels = trace.cache.resid_stack(trace.step_positions, return_labels=True)
     probs = model.unembed(stack).softmax(-1)  # [layer, step, vocab]
     index = trace.generated_ids.to(probs.device).view(1, -1, 1).expand(probs.shape[0], -1, 1)

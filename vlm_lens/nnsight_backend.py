@@ -24,7 +24,9 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from vlm_lens.hooked import HookedVLM, VLMCache, _get_module
+from vlm_lens.cache import VLMCache
+from vlm_lens.hooked import HookedVLM
+from vlm_lens.surgery import get_module
 
 
 class HookInfo:
@@ -51,8 +53,8 @@ class NNsightVLM(HookedVLM):
 
         self.nnsight = NNsight(hf_model)
         self.remote = remote
-        self._n_layers = len(_get_module(hf_model, adapter.layers))
-        self._d_model = int(_get_module(hf_model, adapter.embed_tokens).weight.shape[1])
+        self._n_layers = len(get_module(hf_model, adapter.layers))
+        self._d_model = int(get_module(hf_model, adapter.embed_tokens).weight.shape[1])
         super().__init__(hf_model, processor, adapter, None, name=name, keepalive=keepalive)
 
     # -- what the bridge provided on the other backend -----------------------------------------------------
@@ -189,7 +191,7 @@ class NNsightVLM(HookedVLM):
         handles = []
         try:
             for name, fn in fwd_hooks:
-                module = _get_module(self.hf_model, points[name].path)
+                module = get_module(self.hf_model, points[name].path)
                 info = HookInfo(name)
                 if points[name].side == "output":
                     def post(m, args, out, fn=fn, info=info):

@@ -67,7 +67,7 @@ def build_word_tokenizer(words: Iterable[str], special_tokens: Sequence[str] = L
     Ids are deterministic: specials first in the given order, then the words sorted. ``<pad>`` is id 0. The chat
     template's own words (``user``, ``assistant``, ``:``) are always included.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}

@@ -71,7 +71,7 @@ def save(family: str, folder, size: str = "tiny", *, seed: int = 0):
 
 def hooked(family: str, size: str = "tiny", *, seed: int = 0):
     """A :class:`~vlm_lens.hooked.HookedVLM` over a random ``family`` model of ``size``."""
-    from vlm_lens.hooked import load
+    from vlm_lens.loading import load
 
     model, processor = build(family, size, seed=seed)
     return load(model, processor=processor)

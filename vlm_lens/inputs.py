@@ -1,0 +1,136 @@
+"""Inputs of one sample (:class:`VLMInputs`) and how a model prepares them: chat template, image placeholders,
+family inputs from the adapter, the token layout, and a warning for words outside the vocabulary."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from jaxtyping import Int
+from torch import Tensor
+
+from vlm_lens.batch import VLMBatch
+from vlm_lens.layout import TokenLayout
+
+
+@dataclass
+class VLMInputs:
+    """Inputs of one sample: the tensors handed to the HF forward and the token layout."""
+
+    model_inputs: dict[str, Tensor]
+    layout: TokenLayout
+    prompt: str
+    n_images: int
+
+    @property
+    def input_ids(self) -> Int[Tensor, "1 pos"]:
+        return self.model_inputs["input_ids"]
+
+    def __repr__(self) -> str:
+        layout = self.layout
+        return (f"VLMInputs({layout.n_positions} positions: {int(layout.image.sum())} image, {int(layout.text.sum())} "
+                f"text, {int(layout.generated.sum())} generated; {self.n_images} image(s); prompt={self.prompt[-60:]!r})")
+
+
+def prepare(model, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMBatch:
+    """Model inputs for ``images`` (PIL images or paths; one, a list, or none) and ``prompt``.
+
+    ``prompt`` is the user's question: the chat template with one image placeholder per image is applied.
+    A raw string that already contains the processor's image token is used as it is.
+
+    A list of prompts gives a :class:`~vlm_lens.batch.VLMBatch` (one padded forward, per-sample layouts):
+    ``images`` is then one entry per prompt (an image, a list of images, or None), or a single image shared by
+    all of them.
+    """
+    if isinstance(prompt, (list, tuple)):
+        return prepare_batch(model, images, list(prompt))
+    image_list = load_images(images)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: pass the question to ask about the image(s), e.g. 'what is this ?'")
+    placeholder = getattr(model.processor, "image_token", None)
+    if placeholder and placeholder in prompt:
+        n_placeholders = prompt.count(placeholder)
+        if n_placeholders != len(image_list):
+            raise ValueError(
+                f"the prompt has {n_placeholders} image placeholder(s) {placeholder!r} but {len(image_list)} "
+                "image(s) were given: pass one image per placeholder, or pass the bare question and let "
+                "prepare() apply the chat template"
+            )
+        text = prompt
+    else:
+        if not getattr(model.processor, "chat_template", None):
+            raise ValueError(
+                "this processor has no chat template: pass a pre-templated prompt containing "
+                f"{placeholder!r} once per image"
+            )
+        content = [{"type": "image"} for _ in image_list] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        text = model.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    encoded = model.processor(images=image_list or None, text=[text], return_tensors="pt")
+    model_inputs = {k: v for k, v in encoded.items() if isinstance(v, Tensor)}
+    if model.adapter.derive_inputs is not None:
+        model_inputs = model.adapter.derive_inputs(model_inputs, model.image_token_id)
+    model_inputs = {k: v.to(model.device) for k, v in model_inputs.items()}
+    if model_inputs["input_ids"].shape[0] != 1:
+        raise ValueError("prepare() builds one sample; call it once per sample")
+    layout = TokenLayout.from_ids(model_inputs["input_ids"][0].cpu(), model.image_token_id)
+    warn_unknown_words(model, prompt, model_inputs["input_ids"])
+    if image_list and not layout.image.any():
+        raise ValueError("the processor produced no image tokens; check that the prompt template keeps them")
+    return VLMInputs(model_inputs, layout, text, len(image_list))
+
+
+def warn_unknown_words(model, prompt: str, input_ids: Tensor) -> None:
+    """Warn, naming the words, when part of the prompt becomes the unknown token (the model never saw it)."""
+    unk = model.tokenizer.unk_token_id
+    if unk is None or not bool((input_ids == unk).any()):
+        return
+    try:
+        encoded = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        words = [prompt[a:b] for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk]
+    except (NotImplementedError, TypeError, KeyError):  # slow tokenizers have no offsets
+        words = []
+    warnings.warn(
+        f"{model.name}: {', '.join(repr(w) for w in words) or 'part of the prompt'} not in the vocabulary, read as "
+        f"{model.tokenizer.unk_token}; rephrase with words the model knows",
+        stacklevel=3,
+    )
+
+
+def prepare_batch(model, images: Any, prompts: list[str]) -> VLMBatch:
+    if not prompts:
+        raise ValueError("the prompt list is empty: pass one question per sample")
+    per_sample = isinstance(images, (list, tuple)) and len(images) == len(prompts)
+    if isinstance(images, (list, tuple)) and not per_sample:
+        raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts: pass one entry per prompt (an "
+                         "image, a list of images, or None), or one image for all")  # fmt: skip
+    samples = [prepare(model, images[i] if per_sample else images, p) for i, p in enumerate(prompts)]
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    return VLMBatch.pad(samples, int(pad or 0))
+
+
+def load_images(images: Any) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    loaded = []
+    for image in images:
+        if isinstance(image, Image.Image):
+            loaded.append(image.convert("RGB"))
+            continue
+        if not isinstance(image, (str, Path)):
+            raise TypeError(f"images must be PIL images or paths, got {type(image).__name__}")
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as opened:
+                loaded.append(opened.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"cannot read {path} as an image ({error}); pass a PNG/JPEG file or a PIL image") from error
+    return loaded
