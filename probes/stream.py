@@ -239,7 +239,7 @@ def _distribution_stats(model, lens, stack, layers, cols, logp, stats, js_varian
 
     One ``exp`` for all statistics, sums over the vocabulary as blocked matrix products (:func:`_rowdot`) and
     scratch slabs reused across statistics: H(P) = −Σ P log P, KL(F ‖ P) = Σ F (log F − log P), JS as in
-    :func:`_js`. Values equal :mod:`vlm_lens.probes.metrics` up to float32 rounding (tests/test_stream.py).
+    :func:`_js`. Values equal :mod:`vlm_lens.probes.metrics` up to float32 rounding (tests/integration/test_stream.py).
     """
     n = model.n_layers
     probs = logp.exp()

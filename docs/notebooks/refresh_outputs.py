@@ -1,7 +1,7 @@
 """Re-execute the notebooks in this folder and store their outputs (text, tables, figures as PNG) in place.
 
 ``.venv/bin/python docs/notebooks/refresh_outputs.py`` from the repository root (PNGs need Chromium for kaleido;
-without it figures are stored as plotly JSON only). tests/test_notebooks.py executes the notebooks in CI and checks
+without it figures are stored as plotly JSON only). tests/e2e/test_notebooks.py executes the notebooks in CI and checks
 that the committed ones carry outputs and a heatmap.
 """
 

@@ -9,7 +9,7 @@ from vlm_lens.zoo.evaluate import layer_curves
 from vlm_lens.zoo.answers import answer_questions
 
 EMBEDDED = zoo.embedded_names()
-# the trained models; shapes-llava-prior is a fixture that answers one question wrongly on purpose (tests/test_planted.py)
+# the trained models; shapes-llava-prior is a fixture that answers one question wrongly on purpose (tests/integration/test_planted.py)
 TRAINED = [name for name in EMBEDDED if name != "shapes-llava-prior"]
 # acceptance floors (issue 4): exact match on held-out questions
 FLOORS = {"color": 0.95, "count": 0.95, "position": 0.95, "shape": 0.90, "caption": 0.80}

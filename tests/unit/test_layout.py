@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_no_training_history_in_the_package():
@@ -28,6 +28,12 @@ def test_run_time_never_imports_the_recipes():
 
 
 def test_python_files_stay_small():
-    big = {str(p.relative_to(ROOT)): n for p in (ROOT / "experiments").glob("*.py")
-           if (n := len(p.read_text().splitlines())) > 400}  # fmt: skip
+    files = [p for folder in ("vlm_lens", "probes", "experiments") for p in (ROOT / folder).rglob("*.py")]
+    big = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > 400}
     assert not big, big
+
+
+def test_tests_are_sorted_by_kind():
+    tests = ROOT / "tests"
+    assert {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))} >= {"unit", "integration", "e2e"}
+    assert not list(tests.glob("test_*.py"))  # every test file sits in one of them
