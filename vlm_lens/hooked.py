@@ -204,6 +204,9 @@ class HookedVLM(TransformerLensNames):
             layout = inputs.layout
         return VLMInputs(model_inputs, layout, inputs.prompt, inputs.n_images)
 
+    def _capture_generation(self, inputs, names, max_new_tokens: int, stop_at_eos: bool):
+        return trace_module.capture_generation(self, inputs, names, max_new_tokens, stop_at_eos)
+
     def _wrapper_hooks_active(self) -> bool:
         """Whether a user's forward hook sits where unwrapping would skip it: on a hook point, or on a
         TransformerLens wrapper. Hooks on the HF modules themselves keep firing unwrapped, and the libraries' own

@@ -8,8 +8,9 @@ backend:
 - ``run_with_cache`` / ``run_with_hooks`` / ``model(inputs)`` are one ``nnsight`` trace each: activations are saved,
   and a hook ``fn(activation, hook)`` replaces the module's output (or input) when it returns a tensor. Within a
   trace, modules are visited in execution order (nnsight requires it).
-- ``hooks(...)`` (persistent hooks inside a ``with`` block, used during generation) and the generation capture of
-  ``trace_generation`` use PyTorch hooks on the same modules of the map.
+- ``trace_generation`` records activations with nnsight's generation tracing (``TransformersModel.generate`` and
+  ``tracer.all()``: every forward of the decode loop). ``hooks(...)`` (persistent hooks inside a ``with`` block, used
+  by layer skipping during a generation) are PyTorch hooks on the same modules of the map.
 - ``model.nnsight`` is the ``NNsight`` object for your own interventions; ``remote=True`` passes nnsight's own
   ``remote=True`` to every trace, for NDIF (docs/backends.md: not exercised offline).
 """
@@ -103,9 +104,9 @@ class NNsightVLM(HookedVLM):
 
         return sorted(dict.fromkeys(names), key=key)
 
-    def _envoy(self, name: str):
+    def _envoy(self, name: str, root=None):
         point = self.adapter.hook_map(self.n_layers)[name]
-        envoy = self.nnsight  # the NNsight root mirrors the HF module tree
+        envoy = self.nnsight if root is None else root  # the nnsight root mirrors the HF module tree
         for part in point.path.split("."):
             envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
         return envoy, point.side
@@ -181,6 +182,45 @@ class NNsightVLM(HookedVLM):
 
     def __call__(self, inputs, *, grad: bool = False) -> Tensor:
         return self.run_with_hooks(inputs, [], grad=grad)
+
+    def _capture_generation(self, inputs, names, max_new_tokens: int, stop_at_eos: bool):
+        """Greedy generation traced by nnsight (``TransformersModel.generate`` with ``tracer.all()``): every forward
+        of the decode loop saves the mapped activations of ``names`` and the head's logits. The generated ids are
+        the greedy choices over those logits (placeholders, and EOS when ``stop_at_eos=False``, suppressed), which
+        is what HF's greedy decoding does; generation stops after EOS."""
+        from nnsight.modeling.transformers import TransformersModel
+
+        if getattr(self, "_generator", None) is None:
+            self._generator = TransformersModel(self.hf_model, task="image-text-to-text", processor=self.processor,
+                                                tokenizer=self.tokenizer)  # fmt: skip
+        generator = self._generator
+        suppressed = self._suppressed(stop_at_eos)
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        names = self._ordered(names)
+        chunks: dict[str, list] = {name: [] for name in names}
+        head_outputs: list = []
+        with torch.no_grad(), generator.generate(
+            **inputs.model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None,
+            top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad, suppress_tokens=suppressed,
+        ) as tracer:  # fmt: skip
+            with tracer.all():  # runs for every forward of the decode loop (nothing after it in the block would run)
+                for name in names:
+                    envoy, side = self._envoy(name, root=generator)
+                    if side == "input":
+                        args, call_kwargs = envoy.inputs
+                        chunks[name].append(args[0] if args else call_kwargs["hidden_states"])
+                    else:
+                        chunks[name].append(_first(envoy.output))
+                head_outputs.append(self._envoy("unembed.hook_out", root=generator)[0].output)
+        step_logits = torch.stack([out[0, -1] for out in head_outputs]).float()
+        masked = step_logits.clone()
+        masked[:, suppressed] = float("-inf")
+        generated = masked.argmax(-1)
+        if eos is not None and (generated == eos).any():
+            generated = generated[: int(torch.nonzero(generated == eos)[0]) + 1]
+        store = {name: [chunk.detach() for chunk in chunks[name]] for name in names}
+        return store, generated.to(self.device), step_logits[: len(generated)]
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[str, Callable]] = ()):

@@ -107,22 +107,7 @@ def trace_generation(
         bad = [n for n in names if not _PER_POSITION.match(n)]
         if bad:
             raise ValueError(f"capture='generate' records one vector per position; {bad[:3]} are not: use capture='reforward'")
-        store: dict[str, list[Tensor]] = {n: [] for n in names}
-
-        def grab(activation, hook, key):
-            store[key].append(activation.detach())
-            return activation
-
-        from functools import partial
-
-        if all(_PLAIN.match(n) for n in names) and not model._wrapper_hooks_active():
-            # Only residual-stream values are wanted and no user hook must fire: generate through the plain HF
-            # modules (no wrapper dispatch, sdpa attention) and read them with torch hooks (docs/performance.md).
-            capture_context = plain_capture(model, names, store)
-        else:
-            capture_context = model.hooks([(n, partial(grab, key=n)) for n in names])
-        with capture_context:
-            generated, step_logits = model._generate(inputs, max_new_tokens, stop_at_eos, with_logits=True)
+        store, generated, step_logits = model._capture_generation(inputs, names, max_new_tokens, stop_at_eos)
         processed = model.extend(inputs, generated[:-1])
         n_positions = processed.layout.n_positions
         activations = {n: torch.cat(chunks, dim=1)[:, :n_positions] for n, chunks in store.items()}
@@ -160,6 +145,30 @@ def trace_generation(
         logits=logits,
         capture=capture,
     )
+
+
+def capture_generation(model, inputs: VLMInputs, names: list[str], max_new_tokens: int, stop_at_eos: bool):
+    """Greedy HF generation with the per-position activations of ``names`` appended chunk by chunk (prefill, then
+    one position per step); returns ``(store, generated ids, step logits)``. The TransformerLens backend's way:
+    torch hooks on the plain modules when only residual values are wanted and no user hook is active, else the
+    bridge's hooks. The nnsight backend overrides ``model._capture_generation`` with nnsight's generation tracing."""
+    from functools import partial
+
+    store: dict[str, list[Tensor]] = {n: [] for n in names}
+
+    def grab(activation, hook, key):
+        store[key].append(activation.detach())
+        return activation
+
+    if all(_PLAIN.match(n) for n in names) and not model._wrapper_hooks_active():
+        # Only residual-stream values are wanted and no user hook must fire: generate through the plain HF
+        # modules (no wrapper dispatch, sdpa attention) and read them with torch hooks (docs/performance.md).
+        capture_context = plain_capture(model, names, store)
+    else:
+        capture_context = model.hooks([(n, partial(grab, key=n)) for n in names])
+    with capture_context:
+        generated, step_logits = model._generate(inputs, max_new_tokens, stop_at_eos, with_logits=True)
+    return store, generated, step_logits
 
 
 @contextlib.contextmanager
