@@ -23,6 +23,16 @@ def reference_forward(fam, inputs):
     return out, captured["raw"]
 
 
+def forward_with(reference, inputs, handles):
+    """Run the plain twin once; remove the torch ``handles`` afterwards, even on error."""
+    try:
+        with torch.no_grad():
+            reference(**inputs.model_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_resid_post_equals_hf_hidden_states(tiny_family):
     model = tiny_family.model
     inputs = model.prepare(tiny_family.image, PROMPT)
@@ -49,12 +59,7 @@ def test_resid_stack_is_what_each_decoder_layer_reads(tiny_family):
     seen = []
     handles = [layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
                                                with_kwargs=True) for layer in reference.model.language_model.layers]  # fmt: skip
-    try:
-        with torch.no_grad():
-            reference(**inputs.model_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with(reference, inputs, handles)
     stack = cache.resid_stack()
     for layer in range(model.n_layers):
         assert (stack[layer] - seen[layer][0]).abs().max() <= 1e-5, layer
@@ -291,12 +296,7 @@ def test_the_adapter_map_points_where_the_bridge_hooks(tiny_family):
             handles.append(module.register_forward_pre_hook(
                 lambda m, args, kwargs, key=name: seen.__setitem__(key, args[0] if args else kwargs["hidden_states"]),
                 with_kwargs=True))  # fmt: skip
-    try:
-        with torch.no_grad():
-            reference(**inputs.model_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with(reference, inputs, handles)
     for name in points:
         ours, theirs = cache[name], seen[name]
         assert ours.shape[-1] == theirs.shape[-1], name
