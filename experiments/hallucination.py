@@ -25,28 +25,25 @@ def reversal_layer(correct: list[float], wrong: list[float]) -> int | None:
     return layer
 
 
-def single_token(model, text: str) -> str:
-    """The one token string ``text`` encodes to (ValueError naming the count otherwise)."""
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"{text!r} is {len(ids)} tokens; compare single tokens")
-    return model.tokenizer.convert_ids_to_tokens(ids)[0]
+def token_string(model, text: str) -> str:
+    """The token string of ``text``, which must be one token (``model.to_single_token`` names the fix otherwise)."""
+    return model.tokenizer.convert_ids_to_tokens(model.to_single_token(text))
 
 
 def analyze(trace, correct: str, wrong: str | None = None, step: int | None = None, variant: str = "correct", *,
             tuned_lens=None, config: ev.DetectionConfig = ev.DetectionConfig()) -> dict:  # fmt: skip
     """Evidence and curves of ``correct`` (the reference) vs ``wrong`` (default: the emitted token) at ``step``."""
     model = trace.model
-    correct_token = single_token(model, correct)
+    correct_token = token_string(model, correct)
     tokens = trace.generated_tokens
     if step is None:
-        if wrong is not None and single_token(model, wrong) in tokens:
-            step = tokens.index(single_token(model, wrong))
+        if wrong is not None and token_string(model, wrong) in tokens:
+            step = tokens.index(token_string(model, wrong))
         else:
             step = next((i for i, t in enumerate(tokens) if t != correct_token), 0)
     if not 0 <= step < len(tokens):
         raise ValueError(f"step {step} is outside the {len(tokens)} generated tokens")
-    wrong_token = tokens[step] if wrong is None else single_token(model, wrong)
+    wrong_token = tokens[step] if wrong is None else token_string(model, wrong)
     probe = lens_probe(variant, tuned_lens, model.n_layers)
     lens = probe(trace)
     row = detect_tokens(lens, DistributionShift.from_lens_result(lens), set(model.tokenizer.all_special_tokens),

@@ -56,7 +56,7 @@ def validate(planted_model, base_model, n: int = 30, *, variant: str = "correct"
         row = s.tokens[variant][0]
         found.append(row.mutation is not None)
         in_block.append(row.mutation in block)
-        leader_true.append(row.leader == hallucination.single_token(planted_model, s.answer))
+        leader_true.append(row.leader == hallucination.token_string(planted_model, s.answer))
         h = hallucination.analyze(s.trace, s.answer, variant=variant, tuned_lens=tuned_lens, config=config.detection)
         reversal_in_block.append(h["leader_is_reference"] and h["reversal_layer"] in block)
     stages = planted["aggregate"][variant]["stages"]

@@ -110,12 +110,7 @@ class LayerSkip(Probe):
 
 
 def _token_id(model: "HookedVLM", token: int | str) -> int:
-    if isinstance(token, int):
-        return token
-    ids = model.tokenizer(token, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"{token!r} is {len(ids)} tokens; patching compares two single tokens")
-    return ids[0]
+    return token if isinstance(token, int) else model.to_single_token(token)  # patching compares two single tokens
 
 
 def _inputs_of(item: Any) -> "VLMInputs":

@@ -146,12 +146,7 @@ class TokenTrajectory(Probe):
     def _named_ids(self, source: Source, positions) -> torch.Tensor:
         if self.targets == "generated":
             return source.next_tokens(positions).unsqueeze(1)
-        ids = []
-        for text in self.targets:
-            encoded = source.model.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(encoded) != 1:
-                raise ValueError(f"target {text!r} is {len(encoded)} tokens; give single-token strings")
-            ids.append(encoded[0])
+        ids = [source.model.to_single_token(text) for text in self.targets]  # ValueError naming the pieces otherwise
         return torch.tensor(ids).unsqueeze(0).expand(len(positions), -1)
 
     def run(self, source: Source) -> ProbeResult:

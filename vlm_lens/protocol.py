@@ -34,5 +34,7 @@ class VLMModel(Protocol):
     @property
     def resid_names(self) -> list[str]: ...
 
+    def to_single_token(self, text: str) -> int: ...
+
     def unembed(self, resid: Float[Tensor, "... d_model"], layer: int | None = None, *, normed: bool = False,
                 grad: bool = False) -> Float[Tensor, "... vocab"]: ...  # fmt: skip
