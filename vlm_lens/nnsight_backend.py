@@ -8,8 +8,8 @@ backend:
 - ``run_with_cache`` / ``run_with_hooks`` / ``model(inputs)`` are one ``nnsight`` trace each: activations are saved,
   and a hook ``fn(activation, hook)`` replaces the module's output (or input) when it returns a tensor. Within a
   trace, modules are visited in execution order (nnsight requires it).
-- ``trace_generation`` records activations with nnsight's generation tracing (``TransformersModel.generate`` and
-  ``tracer.all()``: every forward of the decode loop). ``hooks(...)`` (persistent hooks inside a ``with`` block, used
+- ``trace_generation`` records activations with nnsight's generation tracing (``TransformersModel.generate``,
+  ``tracer.iter[:]``: every forward of the decode loop). ``hooks(...)`` (persistent hooks inside a ``with`` block, used
   by layer skipping during a generation) are PyTorch hooks on the same modules of the map.
 - ``model.nnsight`` is the ``NNsight`` object for your own interventions; ``remote=True`` passes nnsight's own
   ``remote=True`` to every trace, for NDIF (docs/backends.md: not exercised offline).
@@ -184,7 +184,7 @@ class NNsightVLM(HookedVLM):
         return self.run_with_hooks(inputs, [], grad=grad)
 
     def _capture_generation(self, inputs, names, max_new_tokens: int, stop_at_eos: bool):
-        """Greedy generation traced by nnsight (``TransformersModel.generate`` with ``tracer.all()``): every forward
+        """Greedy generation traced by nnsight (``TransformersModel.generate``, iterating ``tracer.iter[:]``): every forward
         of the decode loop saves the mapped activations of ``names`` and the head's logits. The generated ids are
         the greedy choices over those logits (placeholders, and EOS when ``stop_at_eos=False``, suppressed), which
         is what HF's greedy decoding does; generation stops after EOS."""
@@ -204,7 +204,7 @@ class NNsightVLM(HookedVLM):
             **inputs.model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None,
             top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad, suppress_tokens=suppressed,
         ) as tracer:  # fmt: skip
-            with tracer.all():  # runs for every forward of the decode loop (nothing after it in the block would run)
+            for _ in tracer.iter[:]:  # every forward of the decode loop (nothing after this loop in the block runs)
                 for name in names:
                     envoy, side = self._envoy(name, root=generator)
                     if side == "input":
