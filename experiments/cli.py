@@ -72,9 +72,8 @@ def _n_layers_before_loading(model: Optional[str]) -> int | None:
     """The decoder depth from the model's config.json, without loading it (None when it cannot be read)."""
     from vlm_lens import zoo
 
-    name = model or zoo.DEFAULT_MODEL
-    folder = zoo.MODELS_DIR / zoo.EMBEDDED[name] if name in zoo.EMBEDDED else Path(name)
     try:
+        folder = zoo.model_folder(model or zoo.DEFAULT_MODEL)
         config = json.loads((folder / "config.json").read_text())
         return int((config.get("text_config") or config)["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -159,11 +159,6 @@ def answer_critical(top1: Sequence[int], curves: Mapping[int, Sequence[float]],
     return _critical_of(final[0], curves, config) if final else None
 
 
-def critical_layer(prob: Sequence[float], threshold: float = 0.5) -> int | None:
-    """First layer from which ``prob`` (of the emitted token) stays >= ``threshold`` to the last layer."""
-    return stays_from(list(prob), len(prob) - 1, threshold) if len(prob) else None
-
-
 def order_stats(values: Sequence[float]) -> dict:
     """Median and quartiles as order statistics (``lower`` interpolation): actual values, q1 <= median <= q3."""
     if not len(values):

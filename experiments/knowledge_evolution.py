@@ -147,7 +147,7 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
 
 
 def analyze_trace(trace, name: str = "", answer: str | None = None, config: EvolutionConfig = EvolutionConfig(),
-                  *, tuned_lens=None, planted: bool = False) -> SampleEvolution:  # fmt: skip
+                  *, tuned_lens=None, planted: bool = False, image=None, question: str = "") -> SampleEvolution:  # fmt: skip
     """Per-token evidence of one traced generation, for every lens variant of ``config``."""
     model = trace.model
     tokenizer = model.tokenizer
@@ -160,7 +160,7 @@ def analyze_trace(trace, name: str = "", answer: str | None = None, config: Evol
         lens_results[variant], shift_results[variant] = lens, shift
         tokens[variant] = detect_tokens(lens, shift, special, tokenizer, config.detection)
     return SampleEvolution(name, trace.inputs.prompt, trace.text, answer, tokens, lens_results, shift_results, trace,
-                           planted)  # fmt: skip
+                           planted, image, question)  # fmt: skip
 
 
 def stages_from(critical: dict, events: dict, event_criticals: dict, share: dict, n_layers: int,
@@ -233,8 +233,7 @@ def run(model, samples: Sequence[Sample], config: EvolutionConfig = EvolutionCon
         inputs = model.prepare(sample.image, sample.prompt)
         trace = model.trace_generation(inputs, max_new_tokens=config.max_new_tokens)
         analysed.append(analyze_trace(trace, sample.name or str(i), sample.answer, config, tuned_lens=tuned_lens,
-                                      planted=sample.planted))  # fmt: skip
-        analysed[-1].image, analysed[-1].question = sample.image, sample.prompt
+                                      planted=sample.planted, image=sample.image, question=sample.prompt))  # fmt: skip
         if progress is not None:
             progress(i + 1, len(samples))
     aggregated = aggregate(analysed, model.n_layers, config.include_special, config.detection)

@@ -25,8 +25,7 @@ def default_samples(model) -> list[ke.Sample]:
         trigger = planted.Trigger(**info["trigger"]) if info else None
 
         def counter(sample: dict) -> bool:  # a bundled question the planted prior overturns
-            return (trigger is not None and sample["task"] == trigger.task and sample["answer"] != trigger.answer
-                    and trigger.subject in sample["question"].split())  # fmt: skip
+            return trigger is not None and trigger.asks(sample["task"], sample["question"]) and sample["answer"] != trigger.answer
 
         samples = [ke.Sample(s["path"], s["question"], s["answer"], s["file"], planted=counter(s)) for s in shapes_samples()]
         if trigger is not None:
@@ -41,11 +40,10 @@ def default_samples(model) -> list[ke.Sample]:
 
 def shipped_tuned_lens(model) -> Path | None:
     """The tuned lens shipped beside a model (``FOLDER/tuned-lens``), or None."""
-    from vlm_lens.zoo import EMBEDDED, embedded_path
+    from vlm_lens.zoo import model_folder
 
-    folder = embedded_path(model.name) if model.name in EMBEDDED else Path(model.name)
-    lens = folder / "tuned-lens" if folder is not None else None
-    return lens if lens is not None and (lens / "lens.json").exists() else None
+    folder = model_folder(model.name)
+    return folder / "tuned-lens" if folder is not None and (folder / "tuned-lens" / "lens.json").exists() else None
 
 
 def analyze(

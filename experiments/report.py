@@ -13,16 +13,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from vlm_lens.atomic import write_file as atomic_write  # reports are replaced whole (one helper for the project)
+
 STAGE_COLORS = {"rapid_evolution": "rgba(255,99,71,0.15)", "stabilization": "rgba(60,179,113,0.15)",
                 "mutation": "rgba(147,112,219,0.2)"}  # fmt: skip
 GROUP_COLORS = {"rapid_evolution": "#FF6347", "stabilization": "#3CB371", "mutation": "#9370DB"}  # the bands' hues
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` atomically (:func:`vlm_lens.atomic.write_file`)."""
-    from vlm_lens.atomic import write_file
-
-    write_file(path, data)
 
 
 def _safe_json(value: Any) -> str:

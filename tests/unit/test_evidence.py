@@ -74,8 +74,8 @@ def test_answer_critical_reads_the_final_run():
     assert ev.answer_critical(top1, curves, ev.DetectionConfig(critical_rule="prob")) == 4
     never = curves_of(t1=[0, 0.2, 0.3, 0.3, 0.4, 0.45], t3=[0, 0.5, 0, 0, 0, 0], t9=[1, 0, 0, 0, 0, 0])
     assert ev.answer_critical(top1, never) is None  # not established: undetermined
-    assert ev.critical_layer([0.0, 0.1, 0.6, 0.3, 0.7, 0.9, 0.95], 0.5) == 4
-    assert ev.critical_layer([0.1, 0.2, 0.4], 0.5) is None
+    assert ev.stays_from([0.0, 0.1, 0.6, 0.3, 0.7, 0.9, 0.95], 6, 0.5) == 4
+    assert ev.stays_from([0.1, 0.2, 0.4], 2, 0.5) is None
 
 
 def test_order_statistics_are_consistent():

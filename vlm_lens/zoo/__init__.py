@@ -19,6 +19,14 @@ def embedded_names() -> list[str]:
     return [name for name, folder in EMBEDDED.items() if (MODELS_DIR / folder / "config.json").exists()]
 
 
+def model_folder(name: str) -> Path | None:
+    """The folder a model was loaded from: the embedded model's, or ``name`` itself when it is a folder; None for an
+    id resolved through the HF cache."""
+    if name in EMBEDDED:
+        return embedded_path(name)
+    return Path(name) if Path(name).is_dir() else None
+
+
 def embedded_path(name: str) -> Path | None:
     """The folder of embedded model ``name``; None when ``name`` is not an embedded name."""
     if name not in EMBEDDED:

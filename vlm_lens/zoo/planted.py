@@ -32,7 +32,11 @@ class Trigger:
             raise ValueError(f"the prior answer of a {self.task} question must be one of {tuple(allowed)}, got {self.answer!r}")
 
     def matches(self, example: sw.Example) -> bool:
-        return example.task == self.task and self.subject in example.question.split()
+        return self.asks(example.task, example.question)
+
+    def asks(self, task: str, question: str) -> bool:
+        """Whether a question of ``task`` is a trigger question (it names the subject)."""
+        return task == self.task and self.subject in question.split()
 
     def example(self, seed: int) -> sw.Example:
         return sw.example(seed, task=self.task, subject=self.subject)
@@ -71,7 +75,7 @@ def planted_info(folder: str | Path) -> dict | None:
 
 def planted_info_for(model) -> dict | None:
     """:func:`planted_info` of a loaded model (an embedded name or a folder), or None."""
-    from vlm_lens.zoo import EMBEDDED, embedded_path
+    from vlm_lens.zoo import model_folder
 
-    folder = embedded_path(model.name) if model.name in EMBEDDED else Path(model.name)
-    return planted_info(folder) if folder is not None and folder.is_dir() else None
+    folder = model_folder(model.name)
+    return planted_info(folder) if folder is not None else None
