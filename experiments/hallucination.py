@@ -31,23 +31,30 @@ def token_string(model, text: str) -> str:
 
 
 def analyze(trace, correct: str, wrong: str | None = None, step: int | None = None, variant: str = "correct", *,
-            tuned_lens=None, config: ev.DetectionConfig = ev.DetectionConfig()) -> dict:  # fmt: skip
-    """Evidence and curves of ``correct`` (the reference) vs ``wrong`` (default: the emitted token) at ``step``."""
+            tuned_lens=None, config: ev.DetectionConfig = ev.DetectionConfig(), evolution=None) -> dict:  # fmt: skip
+    """Evidence and curves of ``correct`` (the reference) vs ``wrong`` (default: the emitted token) at ``step``.
+
+    ``evolution``: the trace's :class:`~vlm_lens.experiments.knowledge_evolution.SampleEvolution`, when the
+    analysis already ran; its per-token evidence is reused instead of a second lens pass."""
     model = trace.model
     correct_token = token_string(model, correct)
+    wrong_named = None if wrong is None else token_string(model, wrong)
     tokens = trace.generated_tokens
     if step is None:
-        if wrong is not None and token_string(model, wrong) in tokens:
-            step = tokens.index(token_string(model, wrong))
+        if wrong_named in tokens:
+            step = tokens.index(wrong_named)
         else:
             step = next((i for i, t in enumerate(tokens) if t != correct_token), 0)
     if not 0 <= step < len(tokens):
         raise ValueError(f"step {step} is outside the {len(tokens)} generated tokens")
-    wrong_token = tokens[step] if wrong is None else token_string(model, wrong)
+    wrong_token = tokens[step] if wrong_named is None else wrong_named
     probe = lens_probe(variant, tuned_lens, model.n_layers)
-    lens = probe(trace)
-    row = detect_tokens(lens, DistributionShift.from_lens_result(lens), set(model.tokenizer.all_special_tokens),
-                        model.tokenizer, config)[step]  # fmt: skip
+    if evolution is not None and variant in evolution.tokens:
+        row = evolution.tokens[variant][step]
+    else:
+        lens = probe(trace)
+        row = detect_tokens(lens, DistributionShift.from_lens_result(lens), set(model.tokenizer.all_special_tokens),
+                            model.tokenizer, config)[step]  # fmt: skip
     curves = TokenTrajectory([correct_token, wrong_token], lens=probe.lens)(trace)
     curve_c = curves["prob"][:, step, 0].tolist()
     curve_w = curves["prob"][:, step, 1].tolist()

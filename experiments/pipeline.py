@@ -103,7 +103,8 @@ def analyze(
     for s in analysed:
         if s.answer is not None and not s.correct and len(s.answer.split()) == 1 and s.trace.n_steps:
             try:
-                found = hallucination.analyze(s.trace, s.answer, variant=variant, tuned_lens=lens, config=config.detection)
+                found = hallucination.analyze(s.trace, s.answer, variant=variant, tuned_lens=lens, config=config.detection,
+                                              evolution=s)  # fmt: skip
             except ValueError:
                 continue  # the reference answer is not one token of this vocabulary
             data["hallucination"].append({"sample": s.name, "planted_prior": s.planted, **found})

@@ -232,3 +232,18 @@ def test_stage_chart_on_a_log_axis_keeps_its_markers():
     assert fig.layout.yaxis.type == "log"
     markers = [t for t in fig.data if t.name and t.name.startswith(("critical layer", "mutation layer"))]
     assert len(markers) == 2 and all(t.y[0] > 0 for t in markers)  # drawable on a log axis
+
+
+def test_hallucination_reuses_the_analysis_and_agrees_with_a_fresh_pass(embedded_report):
+    from vlm_lens.experiments import hallucination
+    from vlm_lens.experiments.pipeline import default_samples
+
+    model, result, _ = embedded_report
+    data = result["data"]
+    sample = next(s for s in data["samples"] if s["planted_prior"])
+    image = next(x.image for x in default_samples(model) if x.name == sample["name"])
+    trace = model.trace_generation(model.prepare(image, "what color is the star ?"), max_new_tokens=3)
+    fresh = hallucination.analyze(trace, sample["answer"])  # its own lens pass
+    reported = next(h for h in data["hallucination"] if h["sample"] == sample["name"])
+    for key in ("pre_mutation_leader", "mutation_layer", "reversal_layer", "critical_layer"):
+        assert fresh[key] == reported[key], key
