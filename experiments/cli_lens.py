@@ -23,6 +23,7 @@ def tune_lens(
     held_out: float = typer.Option(0.2, help="share of the pairs held out for scoring"),
     max_new_tokens: int = typer.Option(8, min=1),
     steps: int = typer.Option(300, min=1),
+    max_positions: int = typer.Option(16384, min=1, help="training positions kept (a uniform sample): memory stays flat"),
     lr: float = typer.Option(5e-3),
 ) -> None:
     """Train a tuned lens on the model's own generations; print held-out KL per layer, logit vs tuned."""
@@ -59,6 +60,7 @@ def tune_lens(
     console = Console()
     try:
         result = T.train(vlm, samples, held_out=held_out, max_new_tokens=max_new_tokens, steps=steps, lr=lr,
+                         max_positions=max_positions,
                          progress=lambda message: console.print(f"[dim]{message}"))  # fmt: skip
     except ValueError as error:
         _fail(str(error))

@@ -1,17 +1,19 @@
 """Train a tuned lens on a model's own generations and score it against the logit lens on held-out questions.
 
 Data: (image, question) pairs — a manifest, images with one prompt, or, for an embedded shapes-world model, fresh
-questions drawn from training seeds. Each pair is traced (greedy generation, activations recorded as it runs); the
-lens trains on every position of prompt + generation (the target is the model's own final distribution, so no labels
-are needed). A held-out share of the pairs is never trained on: there, at the positions that predict the generated
+questions drawn from training seeds. Each pair is traced (greedy generation, activations recorded as it runs) and
+released at once: its positions (prompt + generation) go to a uniform reservoir of at most ``max_positions``, on
+which the lens trains (the target is the model's own final distribution, so no labels are needed). A held-out share of the pairs is never trained on: there, at the positions that predict the generated
 tokens, the mean KL(final || lens) per layer of the logit lens and of the tuned lens is reported.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from vlm_lens.experiments.knowledge_evolution import Sample
 from vlm_lens.probes import LogitLensProbe, TunedLens, TunedLensProbe
@@ -36,16 +38,67 @@ def held_out_split(samples: Sequence[Sample], held_out: float) -> tuple[list[Sam
     return list(samples[:cut]), list(samples[cut:])
 
 
-def kl_per_layer(model, traces: Sequence, lens: TunedLens | None = None) -> list[float]:
-    """Mean KL(final || lens) per stack layer at the generation steps of ``traces`` (logit lens if ``lens`` is None)."""
-    probe = LogitLensProbe(top_k=1) if lens is None else TunedLensProbe(lens, top_k=1)
-    rows = torch.cat([probe(t)["kl_to_final"] for t in traces if t.n_steps], dim=1)  # [layer, steps]
-    return rows.double().mean(1).tolist()
+class PositionReservoir:
+    """A uniform sample of at most ``budget`` residual positions from a stream of stacks (reservoir sampling), so
+    the training data of a tuned lens takes the same memory for 10 or 10,000 pairs.
+
+    :meth:`add` takes one stack ``[layer, pos, d_model]``; :meth:`stack` returns ``[layer, kept, d_model]``."""
+
+    def __init__(self, budget: int, seed: int = 0):
+        if budget < 1:
+            raise ValueError(f"the position budget must be >= 1, got {budget}")
+        self.budget, self.seen, self.buffer = budget, 0, None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, stack: Float[Tensor, "layer pos d_model"]) -> None:
+        stack = stack.detach().float().cpu()
+        if self.buffer is None:
+            self.buffer = torch.empty(stack.shape[0], self.budget, stack.shape[2])
+        for position in range(stack.shape[1]):
+            if self.seen < self.budget:
+                slot = self.seen
+            else:  # keep the new position with probability budget / (seen + 1), in a random slot
+                slot = int(torch.randint(0, self.seen + 1, (1,), generator=self.generator))
+            if slot < self.budget:
+                self.buffer[:, slot] = stack[:, position]
+            self.seen += 1
+
+    def stack(self) -> Float[Tensor, "layer kept d_model"]:
+        if self.buffer is None:
+            raise ValueError("no positions were added")
+        return self.buffer[:, : min(self.seen, self.budget)]
+
+
+def kl_per_layer(model, traces: Iterable, lens: TunedLens | None = None) -> list[float]:
+    """Mean KL(final || lens) per stack layer at the generation steps of ``traces`` (logit lens if ``lens`` is None),
+    accumulated trace by trace (``traces`` may be a generator: nothing is kept)."""
+    return held_out_kl(model, traces, {"lens": lens})["lens"]
+
+
+def held_out_kl(model, traces: Iterable, lenses: dict) -> dict[str, list[float]]:
+    """For each named lens (a TunedLens, or None for the logit lens): mean KL(final || lens) per stack layer over the
+    generation steps of ``traces``, in one streaming pass (each trace is read once by every lens, then released)."""
+    probes = {name: LogitLensProbe(top_k=1) if lens is None else TunedLensProbe(lens, top_k=1) for name, lens in lenses.items()}
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for trace in traces:
+        if not trace.n_steps:
+            continue
+        for name, probe in probes.items():
+            kl = probe(trace)["kl_to_final"].double()  # [layer, steps]
+            sums[name] = sums.get(name, 0) + kl.sum(1)
+        count += trace.n_steps
+    if not count:
+        raise ValueError("no generated tokens to score the lenses on")
+    return {name: (total / count).tolist() for name, total in sums.items()}
 
 
 def train(model, samples: Sequence[Sample], *, held_out: float = 0.2, max_new_tokens: int = 8, steps: int = 300,
-          lr: float = 5e-3, progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
-    """Fit a tuned lens on the training share; the held-out KL per layer of both lenses. Returns the lens and figures."""
+          lr: float = 5e-3, max_positions: int = 16384, progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """Fit a tuned lens on the training share; the held-out KL per layer of both lenses. Returns the lens and figures.
+
+    Memory stays flat in the number of pairs: each trace is reduced as soon as it is made (its positions offered to
+    a reservoir of ``max_positions``; its held-out KL summed) and released."""
     say = progress or (lambda message: None)
     train_samples, test_samples = held_out_split(samples, held_out)
 
@@ -54,15 +107,17 @@ def train(model, samples: Sequence[Sample], *, held_out: float = 0.2, max_new_to
             yield model.trace_generation(model.prepare(sample.image, sample.prompt), max_new_tokens=max_new_tokens)
 
     say(f"tracing {len(train_samples)} training pairs")
-    stacks = [t.cache.resid_stack() for t in traces(train_samples)]  # every position: [layer, pos, d] each
+    reservoir = PositionReservoir(max_positions)
+    for trace in traces(train_samples):
+        reservoir.add(trace.cache.resid_stack())  # every position: [layer, pos, d]
+    data = reservoir.stack()
     lens = TunedLens.for_model(model)
-    say(f"fitting the lens ({steps} steps on {sum(s.shape[1] for s in stacks)} positions)")
-    losses = lens.fit(model, stacks, steps=steps, lr=lr)
-    del stacks
+    say(f"fitting the lens ({steps} steps on {data.shape[1]} of {reservoir.seen} positions)")
+    losses = lens.fit(model, [data], steps=steps, lr=lr)
+    del data, reservoir
     say(f"scoring on {len(test_samples)} held-out pairs")
-    test_traces = list(traces(test_samples))
+    kl = held_out_kl(model, traces(test_samples), {"logit": None, "tuned": lens})
     return {
         "lens": lens, "train_pairs": len(train_samples), "held_out_pairs": len(test_samples),
-        "loss_first": losses[0], "loss_last": losses[-1],
-        "kl_logit": kl_per_layer(model, test_traces), "kl_tuned": kl_per_layer(model, test_traces, lens),
+        "loss_first": losses[0], "loss_last": losses[-1], "kl_logit": kl["logit"], "kl_tuned": kl["tuned"],
     }  # fmt: skip

@@ -125,9 +125,10 @@ def test_analyze_with_the_shipped_tuned_lens(tmp_path):
 
 def test_tune_lens_on_fresh_questions_and_a_manifest(tiny_folder, tmp_path):
     result = runner.invoke(app, ["tune-lens", "--model", "shapes-llava", "--questions", "12", "--steps", "20",
-                                 "--max-new-tokens", "2", "--out", str(tmp_path / "lens")])  # fmt: skip
+                                 "--max-new-tokens", "2", "--max-positions", "64", "--out", str(tmp_path / "lens")])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "held-out KL" in result.output and "on 10 pairs" in result.output  # 12 questions, 2 held out
+    assert "on 64 of" in result.output  # the reservoir kept 64 of the training positions
     lens = TunedLens.load(tmp_path / "lens")
     assert lens.config["model_name"] == "shapes-llava"
     folder, images = tiny_folder

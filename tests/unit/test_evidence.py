@@ -114,3 +114,22 @@ def test_event_share_bootstrap_resamples_samples():
 def test_detection_config_rejects_bad_thresholds(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ev.DetectionConfig(**kwargs)
+
+
+def test_position_reservoir_is_bounded_and_uniform():
+    from vlm_lens.experiments.tuned_lens import PositionReservoir
+
+    reservoir = PositionReservoir(budget=50, seed=0)
+    for chunk in range(40):  # 40 stacks of 25 positions: 1000 positions, each tagged with its index
+        ids = torch.arange(chunk * 25, (chunk + 1) * 25, dtype=torch.float32)
+        reservoir.add(ids.view(1, -1, 1).expand(2, -1, 3))
+    kept = reservoir.stack()
+    assert kept.shape == (2, 50, 3) and reservoir.seen == 1000
+    values = kept[0, :, 0]
+    assert len(set(values.tolist())) == 50 and torch.equal(kept[0], kept[1])  # distinct positions, layers together
+    assert 300 < float(values.mean()) < 700  # drawn from the whole stream, not its start or end (expected 499.5)
+    small = PositionReservoir(budget=100)
+    small.add(torch.zeros(2, 7, 3))
+    assert small.stack().shape == (2, 7, 3)  # fewer positions than the budget: all kept
+    with pytest.raises(ValueError, match="budget"):
+        PositionReservoir(0)
