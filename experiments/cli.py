@@ -149,6 +149,7 @@ def analyze(
     out: Path = typer.Option(Path("vlm-lens-report"), help="report folder"),
     png: bool = typer.Option(True, help="also export PNG figures (needs Chromium)"),
     skip_sweep: bool = typer.Option(True, help="also skip every single decoder layer (the sweep)"),
+    special_tokens: bool = typer.Option(False, help="also chart special tokens such as </s> (never in the aggregates)"),
 ) -> None:
     """Trace, detect critical layers and mutation events, skip layers, cluster features; write report.html + .json."""
     from rich.console import Console
@@ -179,7 +180,7 @@ def analyze(
     try:
         with bar:
             result = run_analysis(vlm, samples, out, config=config, variant=variant.value, lens=tuned, png=png,
-                                  skip_sweep=skip_sweep, progress=update)  # fmt: skip
+                                  skip_sweep=skip_sweep, show_special=special_tokens, progress=update)  # fmt: skip
     except ValueError as error:  # bad input found while preparing a sample (e.g. a prompt the processor refuses)
         _fail(str(error))
     data = result["data"]

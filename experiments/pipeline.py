@@ -57,12 +57,14 @@ def analyze(
     tsne_iter: int = 1000,
     png: bool = True,
     skip_sweep: bool = True,
+    show_special: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Run every experiment on ``samples`` and write ``report.html`` / ``report.json`` into ``out_dir``.
 
     ``lens``: a :class:`~vlm_lens.probes.TunedLens`; the ``tuned`` variant is then analysed beside the others.
     ``progress(stage, done, total)`` reports each stage's work (samples traced, skipped generations, ...).
+    ``show_special``: also chart special tokens (EOS ...), which are always left out of the aggregates.
     """
     from dataclasses import replace
 
@@ -82,7 +84,7 @@ def analyze(
     data = ke.to_json(evolution)
     data["model"] = {"name": model.name, "family": model.family, "n_layers": model.n_layers, "d_model": model.d_model,
                      "planted_prior": planted.planted_info_for(model)}  # fmt: skip
-    data["shown_variant"] = variant
+    data["shown_variant"], data["shown_special"] = variant, show_special
     stages = aggregate[variant]["stages"]
     traces = [s.trace for s in analysed]
     if stages is not None and stages["critical_layer"] < model.n_layers:
@@ -111,7 +113,7 @@ def analyze(
     if lens is not None:
         data["tuned_lens"] = lens.describe()
     report_progress("writing the report", 0, 1)
-    sections = _sections(model, analysed, data, variant, stages)
+    sections = _sections(model, analysed, data, variant, stages, show_special)
     written = R.write_report(Path(out_dir), f"Knowledge evolution · {model.name}", sections, data, png=png)
     report_progress("writing the report", 1, 1)
     return {"data": data, "files": written}
@@ -151,7 +153,7 @@ def _sections(model, analysed, data, variant, stages, show_special: bool = False
     shown = [s for s in analysed if s.planted][:2] + clean[:2]
     views = [R.paragraph("Per sample: the probability the lens gives each generated token at every layer (where the "
                          "answer appears), and the lens's own top-1 token at every layer, coloured by its probability "
-                         "(hover for the top 5). Special tokens are left out.")]  # fmt: skip
+                         "(hover for the top 5)." + ("" if show_special else " Special tokens are left out."))]  # fmt: skip
     for s in shown:
         steps = [t.step for t in s.tokens[variant] if show_special or not t.special]
         if not steps:

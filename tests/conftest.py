@@ -50,3 +50,15 @@ def tiny_llava() -> TinyFamily:
 @pytest.fixture(scope="session")
 def tiny_qwen25() -> TinyFamily:
     return tiny("qwen2.5-vl")
+
+
+_EMBEDDED: dict = {}
+
+
+def embedded(name: str):
+    """One loaded copy of each embedded model for the whole session (tests import it: ``from conftest import ...``)."""
+    if name not in _EMBEDDED:
+        from vlm_lens import load
+
+        _EMBEDDED[name] = load(name)
+    return _EMBEDDED[name]

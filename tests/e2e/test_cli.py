@@ -51,8 +51,8 @@ def test_skip_hooks_and_tune_lens(tiny_folder, tmp_path):
     assert json.loads((tmp_path / "skip.json").read_text())["sets"]["given"]["skipped_layers"] == [1, 2]
     result = runner.invoke(app, ["hooks", "--model", str(folder)])
     assert result.exit_code == 0 and "blocks.{i}.hook_resid_post" in result.output
-    result = runner.invoke(app, ["tune-lens", "--model", str(folder), "--image", str(images), "--steps", "5",
-                                 "--out", str(tmp_path / "lens")])  # fmt: skip
+    result = runner.invoke(app, ["tune-lens", "--model", str(folder), "--image", str(images), "--prompt", "what color ?",
+                                 "--steps", "5", "--out", str(tmp_path / "lens")])  # fmt: skip
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(images),  # --tuned-lens implies it
                                  "--tuned-lens", str(tmp_path / "lens"), "--max-new-tokens", "2",
@@ -249,8 +249,10 @@ def test_unknown_model_names_say_what_exists(tmp_path):
 
 
 def test_demo_and_zoo_evaluate_and_the_closing_line(tiny_folder, tmp_path):
-    result = runner.invoke(app, ["demo", "--model", "tiny-llava", "--max-new-tokens", "2"])
-    assert result.exit_code == 0 and "lens reproduces every token: True" in result.output
+    folder, images = tiny_folder
+    result = runner.invoke(app, ["demo", "--model", "tiny-llava", "--max-new-tokens", "2", "--prompt", "where is it ?",
+                                 "--image", str(images / "img0.png")])  # fmt: skip
+    assert result.exit_code == 0 and "lens reproduces every token: True" in result.output and "where is it ?" in result.output
     result = runner.invoke(app, ["zoo", "evaluate", "shapes-llava", "--n", "2", "--curves", "2"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -263,3 +265,40 @@ def test_demo_and_zoo_evaluate_and_the_closing_line(tiny_folder, tmp_path):
     assert "━" not in result.output  # no progress bar when the output is not a terminal
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert data["layer_skip"] is None or data["layer_skip"]["sweep"] == {}
+
+
+def test_analyze_threshold_and_special_tokens_reach_the_report(tmp_path):
+    args = ["analyze", "--max-new-tokens", "3", "--no-png", "--no-skip-sweep"]
+    plain = runner.invoke(app, args + ["--threshold", "0.3", "--out", str(tmp_path / "a")])
+    assert plain.exit_code == 0, plain.output
+    data = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert data["config"]["detection"]["establish_prob"] == 0.3 and data["shown_special"] is False
+    special = runner.invoke(app, args + ["--special-tokens", "--out", str(tmp_path / "b")])
+    assert special.exit_code == 0, special.output
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["shown_special"] is True
+    eos_row = "1: \\u0026lt;/s\\u0026gt;"  # the </s> row of a P(generated token) heatmap, escaped twice
+    assert eos_row in (tmp_path / "b" / "report.html").read_text()
+    assert eos_row not in (tmp_path / "a" / "report.html").read_text()
+
+
+def test_validate_with_another_lens(tmp_path):
+    result = runner.invoke(app, ["validate", "--variant", "paper", "--n", "4", "--out", str(tmp_path / "v.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["variant"] == "paper" and report["counter_prior_questions"] == 4
+
+
+def test_zoo_plant_export_replaces_the_fixture_and_its_tuned_lens(tmp_path, monkeypatch):
+    import shutil
+
+    from vlm_lens import zoo
+
+    models = tmp_path / "models"
+    shutil.copytree(zoo.MODELS_DIR / "shapes-llava", models / "shapes-llava")
+    monkeypatch.setattr(zoo, "MODELS_DIR", models)  # the package's own models stay untouched
+    result = runner.invoke(app, ["zoo", "plant", "--out", str(tmp_path / "p"), "--steps", "2", "--eval-per-task", "1",
+                                 "--threads", "1", "--export"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    exported = models / "shapes-llava-prior"
+    assert (exported / "planted.json").exists() and (exported / "tuned-lens" / "lens.json").exists()
+    assert "tuned lens retrained" in result.output

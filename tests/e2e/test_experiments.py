@@ -125,10 +125,10 @@ def test_png_export_batches_or_explains(tmp_path):
 
 @pytest.fixture(scope="module")
 def embedded_report(tmp_path_factory):
-    import vlm_lens
+    from conftest import embedded
     from vlm_lens.experiments.pipeline import default_samples
 
-    model = vlm_lens.load("shapes-llava-prior")
+    model = embedded("shapes-llava-prior")
     out = tmp_path_factory.mktemp("embedded-report")
     return model, analyze(model, default_samples(model), out, png=False), out
 
@@ -186,10 +186,10 @@ def test_skip_experiment_on_the_embedded_model(embedded_report):
 
 
 def test_clean_model_reports_no_mutation_stage(tmp_path):
-    import vlm_lens
+    from conftest import embedded
     from vlm_lens.experiments.pipeline import default_samples
 
-    model = vlm_lens.load("shapes-llava")
+    model = embedded("shapes-llava")
     samples = default_samples(model)
     assert not any(s.planted for s in samples)
     result = analyze(model, samples, tmp_path, png=False, skip_sweep=False, tsne_iter=250)

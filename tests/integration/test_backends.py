@@ -98,3 +98,25 @@ def test_remote_goes_through_nnsight_and_bad_choices_name_the_fix(tiny_llava, mo
         load(hf_model, processor=processor, backend="pyvene")
     with pytest.raises(KeyError, match="did you mean"):
         remote.run_with_hooks(remote.prepare(tiny_llava.image, PROMPT), [("blocks.0.hook_resid_pots", lambda a, h: a)])
+
+
+def test_a_raising_hook_leaves_no_intervention_behind(tiny_family):
+    nn = nnsight_twin(tiny_family.family)
+    inputs = nn.prepare(tiny_family.image, PROMPT)
+    clean = nn(inputs)
+
+    def attached():  # nnsight keeps hooks of its own on every module; ours must come and go
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in nn.hf_model.modules())
+
+    before = attached()
+
+    def broken(activation, hook):
+        raise RuntimeError("a bug in my hook")
+
+    with pytest.raises(RuntimeError, match="a bug in my hook"):
+        nn.run_with_hooks(inputs, [("blocks.1.hook_resid_post", broken)])
+    with pytest.raises(RuntimeError, match="a bug in my hook"):
+        with nn.hooks([("blocks.1.hook_resid_pre", broken)]):
+            nn.generate_ids(inputs, max_new_tokens=2)
+    torch.testing.assert_close(nn(inputs), clean)  # nothing stayed attached
+    assert attached() == before

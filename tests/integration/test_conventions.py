@@ -127,10 +127,10 @@ def test_probe_figures_label_positions_with_tokens(tiny_llava):
 def test_embedded_tokenizers_read_ordinary_questions():
     import warnings
 
-    import vlm_lens
-
-    model = vlm_lens.load("shapes-llava")
+    from conftest import embedded
     from vlm_lens.zoo import shapes_world as sw
+
+    model = embedded("shapes-llava")
 
     example = sw.held_out(1, task="color")[0]
     kind = example.question.split()[-2]

@@ -9,6 +9,7 @@ import json
 import pytest
 
 import vlm_lens
+from conftest import embedded
 from vlm_lens.experiments import validation
 from vlm_lens.experiments.tuned_lens import kl_per_layer
 from vlm_lens.probes import TunedLens
@@ -18,13 +19,6 @@ from vlm_lens.zoo.recipe import plant
 from vlm_lens.zoo import shapes_world as sw
 from vlm_lens.zoo.answers import answer_questions
 
-_MODELS: dict = {}
-
-
-def embedded(name):
-    if name not in _MODELS:
-        _MODELS[name] = vlm_lens.load(name)
-    return _MODELS[name]
 
 
 def check_validation(report: dict) -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-import vlm_lens
+from conftest import embedded
 from vlm_lens import zoo
 from vlm_lens.zoo import shapes_world as sw
 from vlm_lens.zoo.evaluate import layer_curves
@@ -22,13 +22,6 @@ def test_both_models_are_embedded():
     assert set(EMBEDDED) == {"shapes-llava", "shapes-qwen2-vl", "shapes-llava-prior"}
 
 
-_MODELS: dict = {}
-
-
-def embedded(name):
-    if name not in _MODELS:
-        _MODELS[name] = vlm_lens.load(name)
-    return _MODELS[name]
 
 
 @pytest.mark.parametrize("name", TRAINED)
