@@ -127,8 +127,7 @@ def _progress(console):
     def update(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
             tasks[stage] = bar.add_task(stage, total=total, rate="")
-        task = bar.tasks[[t.id for t in bar.tasks].index(tasks[stage])]
-        speed = task.speed
+        speed = next(t for t in bar.tasks if t.id == tasks[stage]).speed
         bar.update(tasks[stage], completed=done, total=total, rate=f"{speed:.2f}/s" if speed else "")
 
     return bar, update

@@ -133,7 +133,7 @@ class HookedVLM(TransformerLensNames):
             yield self
 
     def _check_names(self, names: Iterable[str]) -> None:
-        known = self.bridge.hook_dict
+        known = set(self.hook_names())  # each backend says which names it offers
         for name in names:
             if name not in known:
                 close = difflib.get_close_matches(name, list(known), n=3)

@@ -18,7 +18,6 @@ backend:
 from __future__ import annotations
 
 import contextlib
-import difflib
 from types import SimpleNamespace
 from typing import Callable, Iterable
 
@@ -77,14 +76,6 @@ class NNsightVLM(HookedVLM):
 
     def hook_names(self) -> list[str]:
         return list(self.adapter.hook_map(self.n_layers))
-
-    def _check_names(self, names: Iterable[str]) -> None:
-        known = self.adapter.hook_map(self.n_layers)
-        for name in names:
-            if name not in known:
-                close = difflib.get_close_matches(name, list(known), n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else "; list them with model.hook_names()"
-                raise KeyError(f"the nnsight backend has no hook {name!r}{hint}")
 
     def _wrapper_hooks_active(self) -> bool:
         return False  # no bridge wrappers: the plain-module capture is always safe
