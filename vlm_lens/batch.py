@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from vlm_lens.layout import TokenLayout
@@ -48,7 +49,7 @@ class VLMBatch:
         return cls(list(samples), inputs)
 
     @property
-    def input_ids(self) -> Tensor:
+    def input_ids(self) -> Int[Tensor, "batch pos"]:
         return self.model_inputs["input_ids"]
 
     @property

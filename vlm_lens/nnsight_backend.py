@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from vlm_lens.cache import VLMCache
@@ -116,7 +117,8 @@ class NNsightVLM(HookedVLM):
         self._check_names(names)
         return names
 
-    def run_with_cache(self, inputs, names_filter=None, *, grad: bool = False):
+    def run_with_cache(self, inputs, names_filter=None, *, grad: bool = False
+                       ) -> tuple[Float[Tensor, "batch pos vocab"], VLMCache]:  # fmt: skip
         """Logits and the activations named by ``names_filter``, saved in one nnsight trace."""
         from vlm_lens.batch import VLMBatch
 
@@ -138,7 +140,8 @@ class NNsightVLM(HookedVLM):
             return logits, VLMCache(activations, inputs.layouts[0], self, inputs.input_ids, inputs.layouts)
         return logits, VLMCache(activations, inputs.layout, self, inputs.input_ids)
 
-    def run_with_hooks(self, inputs, fwd_hooks: Iterable[tuple[str, Callable]] = (), *, grad: bool = False) -> Tensor:
+    def run_with_hooks(self, inputs, fwd_hooks: Iterable[tuple[str, Callable]] = (), *, grad: bool = False
+                       ) -> Float[Tensor, "batch pos vocab"]:  # fmt: skip
         """Logits of one nnsight trace in which each ``fn(activation, hook)`` may replace its activation."""
         input_ids, kwargs = self._forward_args(inputs)
         fwd_hooks = list(fwd_hooks)
@@ -171,7 +174,7 @@ class NNsightVLM(HookedVLM):
             logits = self.nnsight.output.logits.save()
         return logits
 
-    def __call__(self, inputs, *, grad: bool = False) -> Tensor:
+    def __call__(self, inputs, *, grad: bool = False) -> Float[Tensor, "batch pos vocab"]:
         return self.run_with_hooks(inputs, [], grad=grad)
 
     def _capture_generation(self, inputs, names, max_new_tokens: int, stop_at_eos: bool):
