@@ -133,69 +133,6 @@ def _progress(console):
     return bar, update
 
 
-@app.command()
-def analyze(
-    model: Optional[str] = typer.Option(None, help="embedded name, checkpoint folder, or cached model id "
-                                        "(default: shapes-llava-prior, the embedded model with a planted prior)"),
-    image: Optional[List[Path]] = typer.Option(None, help="an image file or a folder of images (repeatable)"),
-    prompt: Optional[str] = typer.Option(None, help="the question (default: the samples' own, or a caption prompt)"),
-    max_new_tokens: int = typer.Option(16, min=1, help="greedy tokens per sample"),
-    lens: LensKind = typer.Option(LensKind.logit, help="tuned adds a 'tuned' variant beside correct and paper"),
-    tuned_lens: Optional[Path] = typer.Option(None, help="folder of a tuned lens (implies --lens tuned; default: "
-                                              "the model's shipped DIR/tuned-lens)"),
-    variant: Variant = typer.Option(Variant.correct, help="the lens the report shows (all are computed)"),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="probability an answer must reach to be established"),
-    out: Path = typer.Option(Path("vlm-lens-report"), help="report folder"),
-    png: bool = typer.Option(True, help="also export PNG figures (needs Chromium)"),
-    skip_sweep: bool = typer.Option(True, help="also skip every single decoder layer (the sweep)"),
-    special_tokens: bool = typer.Option(False, help="also chart special tokens such as </s> (never in the aggregates)"),
-) -> None:
-    """Trace, detect critical layers and mutation events, skip layers, cluster features; write report.html + .json."""
-    from rich.console import Console
-
-    from vlm_lens.experiments.evidence import DetectionConfig
-    from vlm_lens.experiments.knowledge_evolution import EvolutionConfig
-    from vlm_lens.experiments.pipeline import DEFAULT_ANALYSIS_MODEL
-    from vlm_lens.experiments.pipeline import analyze as run_analysis
-
-    if tuned_lens is not None:
-        lens = LensKind.tuned  # a lens folder asks for the tuned lens
-        if not (tuned_lens / "lens.json").exists():
-            _fail(f"--tuned-lens {tuned_lens} holds no lens.json: train one with `vlm-lens tune-lens --out DIR`")
-    if variant == Variant.tuned and lens != LensKind.tuned:
-        _fail("--variant tuned shows the tuned lens: add --lens tuned")
-    if threshold <= 0:
-        _fail("--threshold must be > 0 (the probability an answer must reach to count as established)")
-    if out.exists() and not out.is_dir():
-        _fail(f"--out {out} is a file: name a folder for report.html and report.json")
-    paths = _image_paths(image)
-    console = Console()
-    vlm = _load(model or DEFAULT_ANALYSIS_MODEL)
-    tuned = _tuned_lens(vlm, tuned_lens) if lens == LensKind.tuned else None
-    samples = _samples(vlm, paths, prompt)
-    variants = ("correct", "paper") + (("tuned",) if tuned is not None else ())
-    config = EvolutionConfig(DetectionConfig(establish_prob=threshold), variants, max_new_tokens)
-    bar, update = _progress(console)
-    try:
-        with bar:
-            result = run_analysis(vlm, samples, out, config=config, variant=variant.value, lens=tuned, png=png,
-                                  skip_sweep=skip_sweep, show_special=special_tokens, progress=update)  # fmt: skip
-    except ValueError as error:  # bad input found while preparing a sample (e.g. a prompt the processor refuses)
-        _fail(str(error))
-    data = result["data"]
-    planted = sum(s["planted_prior"] for s in data["samples"])
-    console.print(f"{vlm.name}: {len(data['samples'])} samples ({planted} counter-prior), accuracy "
-                  f"{_fmt(data['aggregate']['accuracy'])}")  # fmt: skip
-    for v in variants:
-        console.print(f"{v} lens: {stage_summary(data['aggregate'][v])}")
-    files = result["files"]
-    if files.get("png_notice"):
-        console.print(f"[yellow]{files['png_notice']}")
-    pngs = [Path(p).name for p in files.get("png") or []]
-    console.print(f"wrote {Path(files['html']).parent}/: report.html, report.json"
-                  + (f", {len(pngs)} PNGs ({', '.join(pngs)})" if pngs else ""), highlight=False)  # fmt: skip
-
-
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -351,7 +288,7 @@ def demo(
 
 
 # sub-commands that live in their own modules (they use the helpers above)
-from vlm_lens.experiments import cli_lens  # noqa: E402,F401
+from vlm_lens.experiments import cli_analyze, cli_lens  # noqa: E402,F401
 from vlm_lens.experiments.cli_zoo import zoo_app  # noqa: E402
 
 app.add_typer(zoo_app, name="zoo")

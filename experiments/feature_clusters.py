@@ -91,3 +91,49 @@ def _settings(result) -> dict:
     keys = ("method", "variant", "features", "scale", "perplexity", "perplexity_capped_from", "learning_rate",
             "max_iter", "random_state", "init", "tsne_method")  # fmt: skip
     return {k: result.provenance[k] for k in keys if k in result.provenance}
+
+
+def mean_pairwise_cosine(unit_sum: torch.Tensor, n_images: int) -> list[float | None]:
+    """Mean off-diagonal cosine per layer from streamed sums: for unit vectors u_1..u_N (one per image) at a layer,
+    sum_{a != b} u_a . u_b = ||sum_a u_a||^2 - N, so the mean over the N(N-1) ordered pairs is
+    (||S||^2 - N) / (N (N - 1)). ``unit_sum``: ``[layer, d]`` = S per layer (float64). Equal to
+    ``CosineTrajectory().across(...)["mean_offdiagonal"]`` without holding every image's features."""
+    if n_images < 2:
+        return [None] * unit_sum.shape[0]
+    return (((unit_sum * unit_sum).sum(-1) - n_images) / (n_images * (n_images - 1))).tolist()
+
+
+def from_features(single: torch.Tensor | None, single_tokens: Sequence[str], across: torch.Tensor | None,
+                  names: Sequence[str], labels: Sequence[str], mean_cosine: list | None, model, critical: int | None,
+                  mutation: int | None, *, method: str = "tsne", max_iter: int = 2000, variant: str = "correct",
+                  n_images_total: int | None = None) -> dict:  # fmt: skip
+    """:func:`run`'s output from precomputed features (a store): ``single`` ``[n+1, token, d]`` (one image),
+    ``across`` ``[image, n+1, d]`` at the answer position (possibly a capped subset of the images, named by
+    ``names``), ``mean_cosine`` per layer over *all* images (:func:`mean_pairwise_cosine`), ``labels`` the answers
+    (or generated texts) of the ``across`` images for the silhouette."""
+    n = model.n_layers
+    groups = layer_groups(n, critical, mutation)
+    out: dict = {"layer_groups": groups}
+    if single is not None:
+        result = FeatureProjection(method, max_iter=max_iter, variant=variant).project_stack(single, single_tokens, "token", model)
+        out["single"] = {"coords": result["coords"].tolist(), "tokens": result.coords["token"],
+                         "layers": result.coords["layer"], "tsne": _settings(result)}  # fmt: skip
+    if across is not None and across.shape[0] >= 2:
+        result = FeatureProjection(method, max_iter=max_iter, variant=variant).project_stack(
+            across.transpose(0, 1), list(names), "image", model, position="last_prompt")
+        silhouette = silhouette_per_layer(across, list(labels))
+        mean_cos = mean_cosine if mean_cosine is not None else [None] * (n + 1)
+        by_group = {}
+        for g in ("rapid_evolution", "stabilization", "mutation"):
+            idx = [l for l, name in enumerate(groups) if name == g]
+            cos = [mean_cos[l] for l in idx if mean_cos[l] is not None]
+            sil = [silhouette[l] for l in idx if silhouette[l] is not None]
+            by_group[g] = {"mean_cosine": sum(cos) / len(cos) if cos else None,
+                           "silhouette": sum(sil) / len(sil) if sil else None}  # fmt: skip
+        out["across"] = {"coords": result["coords"].tolist(), "layers": result.coords["layer"],
+                         "images": result.coords["image"], "labels": list(labels), "tsne": _settings(result),
+                         "images_projected": int(across.shape[0]), "images_total": n_images_total or int(across.shape[0])}  # fmt: skip
+        out["mean_cosine_per_layer"] = mean_cos
+        out["silhouette_per_layer"] = silhouette
+        out["by_group"] = by_group
+    return out

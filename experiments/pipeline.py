@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
-from vlm_lens.experiments import feature_clusters, hallucination, layer_skip
 from vlm_lens.experiments import knowledge_evolution as ke
-from vlm_lens.experiments import report as R
 
 
 DEFAULT_ANALYSIS_MODEL = "shapes-llava-prior"  # the main job: a planted prior, so mutations have a ground truth
@@ -48,7 +46,7 @@ def shipped_tuned_lens(model) -> Path | None:
 
 def analyze(
     model,
-    samples: Sequence[ke.Sample],
+    samples,
     out_dir: str | Path,
     *,
     config: ke.EvolutionConfig = ke.EvolutionConfig(),
@@ -59,8 +57,22 @@ def analyze(
     skip_sweep: bool = True,
     show_special: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    store: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool | None = None,
+    batch_size: int = 4,
+    skip_bad: bool = False,
+    workers: int = 0,
+    ray_address: str | None = None,
 ) -> dict:
     """Run every experiment on ``samples`` and write ``report.html`` / ``report.json`` into ``out_dir``.
+
+    ``samples``: a list of :class:`~vlm_lens.experiments.knowledge_evolution.Sample`, or a dataset source
+    (:mod:`vlm_lens.experiments.datasets`: a manifest, a folder of images, a saved HF dataset). Every sample is
+    traced in batches of ``batch_size`` and reduced into the store (``store``, default ``OUT/store``, replaced unless
+    ``resume``; an explicit ``store`` that exists needs ``resume`` or ``overwrite``), then the report is computed
+    from the store (:mod:`vlm_lens.experiments.store_report`). ``workers > 0`` shards the samples over Ray actors
+    (:mod:`vlm_lens.experiments.distributed`; ``model`` must then be loadable by name or path).
 
     ``lens``: a :class:`~vlm_lens.probes.TunedLens`; the ``tuned`` variant is then analysed beside the others.
     ``progress(stage, done, total)`` reports each stage's work (samples traced, skipped generations, ...).
@@ -68,207 +80,32 @@ def analyze(
     """
     from dataclasses import replace
 
-    from vlm_lens.zoo import planted
+    from vlm_lens.experiments import datasets, store_report, streaming
 
-    report_progress = progress or (lambda stage, done, total: None)
-    if not samples:
-        raise ValueError("no samples to analyse: give at least one (image, prompt) pair")
+    if isinstance(samples, (list, tuple)):
+        if not samples:
+            raise ValueError("no samples to analyse: give at least one (image, prompt) pair")
+        samples = datasets.from_samples(list(samples))
     if lens is not None and "tuned" not in config.variants:
         config = replace(config, variants=config.variants + ("tuned",))
     if variant not in config.variants:
         raise ValueError(f"variant {variant!r} is not among the analysed variants {config.variants}")
-    evolution = ke.run(model, samples, config, tuned_lens=lens,
-                       progress=lambda done, total: report_progress("tracing", done, total))  # fmt: skip
-    analysed = evolution["samples"]
-    aggregate = evolution["aggregate"]
-    data = ke.to_json(evolution)
-    data["model"] = {"name": model.name, "family": model.family, "n_layers": model.n_layers, "d_model": model.d_model,
-                     "planted_prior": planted.planted_info_for(model)}  # fmt: skip
-    data["shown_variant"], data["shown_special"] = variant, show_special
-    stages = aggregate[variant]["stages"]
-    traces = [s.trace for s in analysed]
-    if stages is not None and stages["critical_layer"] < model.n_layers:
-        data["layer_skip"] = layer_skip.run(traces, [s.answer for s in analysed], stages["critical_layer"],
-                                            stages["mutation_layer"], sweep=skip_sweep,
-                                            progress=lambda done, total: report_progress("layer skipping", done, total))  # fmt: skip
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    settings = streaming.StreamSettings(config, variant, skip_sweep, skip_bad)
+    store_path = Path(store) if store is not None else Path(out_dir) / "store"
+    if overwrite is None:
+        overwrite = store is None and not resume  # the default store belongs to the report folder: start afresh
+    opened = streaming.open_store(store_path, model, samples, settings, tuned_lens=lens, resume=resume, overwrite=overwrite)
+    if workers:
+        from vlm_lens.experiments import distributed
+
+        distributed.run(model, samples, opened, settings, tuned_lens=lens, batch_size=batch_size, workers=workers,
+                        address=ray_address, progress=progress)  # fmt: skip
     else:
-        data["layer_skip"] = None
-    report_progress("feature clusters", 0, 1)
-    crit = stages["critical_layer"] if stages else None
-    mut = stages["mutation_layer"] if stages else None
-    data["feature_clusters"] = feature_clusters.run(
-        traces, crit, mut, answers=[s.answer for s in analysed] if all(s.answer for s in analysed) else None,
-        max_iter=tsne_iter, variant="paper" if variant == "paper" else "correct",
-    )  # fmt: skip
-    report_progress("feature clusters", 1, 1)
-    data["hallucination"] = []
-    for s in analysed:
-        if s.answer is not None and not s.correct and len(s.answer.split()) == 1 and s.trace.n_steps:
-            try:
-                found = hallucination.analyze(s.trace, s.answer, variant=variant, tuned_lens=lens, config=config.detection,
-                                              evolution=s)  # fmt: skip
-            except ValueError:
-                continue  # the reference answer is not one token of this vocabulary
-            data["hallucination"].append({"sample": s.name, "planted_prior": s.planted, **found})
-    if lens is not None:
-        data["tuned_lens"] = lens.describe()
-    report_progress("writing the report", 0, 1)
-    sections = _sections(model, analysed, data, variant, stages, show_special)
-    written = R.write_report(Path(out_dir), f"Knowledge evolution · {model.name}", sections, data, png=png)
-    report_progress("writing the report", 1, 1)
-    return {"data": data, "files": written}
-
-
-def _sections(model, analysed, data, variant, stages, show_special: bool = False):
-    n = model.n_layers
-    layers = [str(l) for l in range(n + 1)]  # stack indices: 0 = embeddings, l = after decoder layer l-1
-    transitions = [f"{l}→{l + 1}" for l in range(n)]
-    agg = data["aggregate"]
-    variants = [v for v in agg if v != "accuracy"]
-    first = analysed[0]
-    planted = data["model"]["planted_prior"]
-    sections = [("Summary", _summary(model, analysed, data, variants, planted))]
-
-    cards = [R.image_card(s.image, [("sample", s.name), ("kind", "counter-prior" if s.planted else "clean"),
-                                    ("question", s.question or s.prompt),
-                                    ("generated", s.generated_text), ("reference", s.answer), ("correct", s.correct)])
-             for s in analysed[:24] if s.image is not None]  # fmt: skip
-    sections.append(("Samples", [R.paragraph("The input images and questions, with what the model generated. "
-                                             "Counter-prior samples ask the planted trigger question about an image "
-                                             "whose true answer is not the prior word." if planted else
-                                             "The input images and questions, with what the model generated."),
-                                 "<div class='cards'>" + "".join(cards) + "</div>"]))  # fmt: skip
-
-    crit = agg[variant]["critical_layer"]
-    sections.append(("Stages", [
-        R.paragraph(f"The median over tokens of the JS divergence between adjacent layers ({variant} lens), plotted at "
-                    "the layer each transition leads into, with the stages from the evidence: rapid evolution up to the "
-                    "critical layer, stabilization, and a mutation stage only when mutation events are frequent enough "
-                    "(see Summary). The dashed box spans the critical layers' interquartile range."),
-        R.named(R.stage_profile(layers, transitions, agg[variant]["median_js_adjacent"], stages,
-                                f"median adjacent-layer JS ({variant} lens) with stage bands", spread=crit), "stages_median_js"),
-    ]))  # fmt: skip
-
-    clean = sorted((s for s in analysed if not s.planted), key=lambda s: -s.trace.n_steps)  # longest answers first
-    shown = [s for s in analysed if s.planted][:2] + clean[:2]
-    views = [R.paragraph("Per sample: the probability the lens gives each generated token at every layer (where the "
-                         "answer appears), and the lens's own top-1 token at every layer, coloured by its probability "
-                         "(hover for the top 5)." + ("" if show_special else " Special tokens are left out."))]  # fmt: skip
-    for s in shown:
-        steps = [t.step for t in s.tokens[variant] if show_special or not t.special]
-        if not steps:
-            continue
-        tokens = [s.trace.generated_tokens[j] for j in steps]
-        lens = s.lens[variant]
-        views.append(R.named(R.prob_heatmap(lens["prob"][:, steps].T.tolist(), tokens,
-                                            f"{s.name}: P(generated token) by layer ({variant} lens)"),
-                             f"p_by_layer_{s.name}"))  # fmt: skip
-        ids, probs = lens["topk_ids"][:, steps], lens["topk_prob"][:, steps]  # [layer, step, k]
-        names = [[model.tokenizer.convert_ids_to_tokens(ids[:, j, :][l].tolist()) for l in range(n + 1)] for j in range(len(steps))]
-        views.append(R.named(R.top1_grid(names, probs.permute(1, 0, 2).tolist(), tokens,
-                                         f"{s.name}: the lens's top-1 token by layer"), f"top1_grid_{s.name}"))  # fmt: skip
-    sections.append(("What each layer predicts", views))
-
-    charts = [R.paragraph("The paper's view (Fig. P): the probability of each candidate token (the distinct top-1 "
-                          "tokens of the late layers, plus an overturned leader) across layers, over the stage bands.")]
-    for s in shown:
-        for row in [t for t in s.tokens[variant] if show_special or not t.special][:2]:
-            note = f", {row.leader} overturned at layer {row.mutation}" if row.mutation is not None else ""
-            charts.append(R.named(R.token_probability_chart(layers, s.curves(variant, row.step, model.tokenizer),
-                                                            f"{s.name} · step {row.step} ({row.token}{note})", stages),
-                                  f"token_probs_{s.name}_step{row.step}"))  # fmt: skip
-    sections.append(("Token probabilities across layers", charts))
-
-    js_raw = first.shift["correct" if "correct" in first.shift else variant]["js_adjacent"].T.tolist()
-    heat = [R.paragraph("Adjacent-layer JS per generated token of the first sample: raw (nats, correct lens), then the "
-                        "authors' heatmap (their reversed, vocabulary-averaged JS on the no-norm lens, each column "
-                        "scaled to its maximum over the first 40 tokens)."),
-            R.named(R.js_heatmap(js_raw, first.trace.generated_tokens, transitions, f"adjacent-layer JS (nats), {first.name}"),
-                    f"js_heatmap_{first.name}")]  # fmt: skip
-    if "paper" in first.shift:
-        heat.append(R.named(R.js_heatmap(first.shift["paper"]["js_adjacent_scaled"].T.tolist(),
-                                         first.shift["paper"].coords["heatmap_row"], transitions,
-                                         "paper heatmap: authors' JS, column-wise MaxAbs"), f"js_heatmap_paper_{first.name}"))  # fmt: skip
-    sections.append(("Distribution shift", heat))
-
-    token_rows = [[s.name, t.step, t.token, t.critical, t.mutation, t.leader, t.event_js, t.kind, t.final_prob]
-                  for s in analysed for t in s.tokens[variant] if show_special or not t.special]  # fmt: skip
-    sections.append((f"Per-token evidence ({variant} lens)", [R.table(
-        ["sample", "step", "token", "critical", "mutation event", "overturned answer", "JS at the event", "kind",
-         "final p"], token_rows)]))  # fmt: skip
-
-    fc = data["feature_clusters"]
-    views = [R.paragraph("t-SNE of the residual stream (the paper's settings), coloured by stage: one image's tokens "
-                         "across layers, then all images at the answer position; below, how similar the images' "
-                         "features are per layer and how well they separate by answer."),
-             R.named(R.scatter_view(fc["single"]["coords"], fc["single"]["layers"], fc["single"]["tokens"], fc["layer_groups"],
-                                    f"t-SNE, one image ({first.name}): layer x token"), "tsne_one_image")]  # fmt: skip
-    if "across" in fc:
-        views.append(R.named(R.scatter_view(fc["across"]["coords"], fc["across"]["layers"], fc["across"]["images"],
-                                            fc["layer_groups"], "t-SNE, all images: layer x image at the answer position"),
-                             "tsne_all_images"))  # fmt: skip
-        series = {"mean pairwise cosine across images": fc["mean_cosine_per_layer"]}
-        if any(v is not None for v in fc["silhouette_per_layer"]):
-            series["silhouette of answers"] = fc["silhouette_per_layer"]
-        views.append(R.named(R.line_chart(layers, series, "feature geometry across images", "value"), "feature_geometry"))
-    sections.append(("Feature clusters", views))
-
-    skip = data["layer_skip"]
-    if skip:
-        skip_rows = [[name, str(v["skipped_layers"]), v["generation_agreement"], v["forced_agreement"], v["mean_kl"],
-                      v["answer_prob"], v["accuracy"]] for name, v in list(skip["sets"].items()) + list(skip["sweep"].items())]  # fmt: skip
-        sections.append(("Layer skipping", [
-            R.paragraph("Decoder layers bypassed during the whole generation (the residual passes unchanged). skip.1: "
-                        "the stabilization stage; skip.2: the mutation stage (only when one was detected); skip.3: from the "
-                        "critical layer to the last layers; then every single layer. Accuracy is against the reference "
-                        "answers, counter-prior samples included: skip.2 restoring them is the planted mutation undone."),
-            R.named(R.skip_chart(skip["sets"], skip["sweep"], "layer skipping: accuracy and agreement with the unskipped run"),
-                    "layer_skipping"),
-            R.table(["set", "skipped decoder layers", "generation agreement", "forced agreement", "mean KL", "answer p",
-                     "accuracy"], skip_rows)]))  # fmt: skip
-    if data["hallucination"]:
-        items = [R.paragraph("For every wrong single-token answer: the overturned answer (pre-mutation leader), the layer "
-                             "where it lost the top-1, and the curves of the reference and the emitted token."),
-                 R.table(["sample", "reference", "emitted", "pre-mutation leader", "mutation layer", "reversal layer"],
-                         [[h["sample"], h["correct_token"], h["wrong_token"], h["pre_mutation_leader"], h["mutation_layer"],
-                           h["reversal_layer"]] for h in data["hallucination"]])]  # fmt: skip
-        items += [R.named(R.line_chart(layers, {f"{h['correct_token']} (reference)": h["correct_prob"],
-                                                f"{h['wrong_token']} (emitted)": h["wrong_prob"]},
-                                       f"{h['sample']}: reversal at layer {h['reversal_layer']}", "probability"),
-                          f"reversal_{h['sample']}") for h in data["hallucination"]]  # fmt: skip
-        sections.append(("Hallucination reversal", items))
-    return sections
-
-
-def _summary(model, analysed, data, variants, planted) -> list:
-    agg = data["aggregate"]
-    intro = [R.paragraph(
-        f"Model {model.name} ({model.family}, {model.n_layers} decoder layers). Layers are stack indices everywhere: "
-        f"0 = embeddings, l = after decoder layer l-1, {model.n_layers} = the model's output. Stage intervals are "
-        "half-open [start, end).")]  # fmt: skip
-    if planted:
-        t = planted["trigger"]
-        intro.append(R.paragraph(
-            f"This model carries a planted language prior (a controlled fixture, not evidence about real checkpoints): "
-            f"decoder layers {planted['block']} of {planted['base']} were fine-tuned so that {t['task']} questions about "
-            f"the {t['subject']} are answered '{t['answer']}' whatever the image. Samples marked 'counter-prior' ask it "
-            f"about a {t['subject']} that is not {t['answer']}: there the true answer should lead in the middle layers "
-            f"and be overturned inside the block (stack layers {[b + 1 for b in planted['block']]})."))  # fmt: skip
-    rows = []
-    for v in variants:
-        a = agg[v]
-        st, share = a["stages"], a["event_share"]
-        rows.append([v, a["critical_layer"]["median"], a["critical_layer"]["q1"], a["critical_layer"]["q3"],
-                     a["mutation_layer"]["median"], f"{share['events']}/{share['tokens']}",
-                     f"{R.fmt(share['low'])}-{R.fmt(share['high'])}",
-                     "yes" if st and st["mutation_detected"] else "no mutation stage detected",
-                     a["token_kinds"]["stable"], a["token_kinds"]["mutation"], a["token_kinds"]["undetermined"]])  # fmt: skip
-    summary = R.table(["lens", "critical (median)", "q1", "q3", "mutation (median of events)", "tokens with events",
-                       "event share 95% CI", "mutation stage", "stable", "mutation", "undetermined"], rows)  # fmt: skip
-    rule = R.paragraph(
-        "A mutation event is the overturn of an established answer (top-1 for >= {min_run} layers, p >= "
-        "{establish_prob}, emerged from p < {emerge_below} at layer {min_start}) before the output. A mutation stage is "
-        "reported only when the lower end of the 95% bootstrap interval (over samples) of the share of tokens with "
-        "events exceeds {min_event_share}.".format(**data["config"]["detection"]))  # fmt: skip
-    accuracy = R.paragraph(f"answer accuracy: {R.fmt(agg['accuracy'])}") if agg.get("accuracy") is not None else ""
-    return intro + [summary, rule, accuracy]
+        streaming.phase1(model, samples, opened, settings, tuned_lens=lens, batch_size=batch_size, progress=progress)
+        sets = store_report.skip_sets(opened, store_report.aggregate(opened))
+        if sets is not None:
+            streaming.phase2(model, samples, opened, sets, batch_size=batch_size, progress=progress)
+    return store_report.build(opened, out_dir, variant=variant, png=png, tsne_iter=tsne_iter, show_special=show_special,
+                              progress=progress)  # fmt: skip

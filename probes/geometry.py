@@ -231,6 +231,19 @@ class FeatureProjection(Probe):
                                        **settings, **prov),  # fmt: skip
         )
 
+    def project_stack(self, stack: Float[Tensor, "layer item d_model"], items: Sequence[str], item_dim: str, model: Any,
+                      perplexity: float | None = None, **prov: Any) -> ProbeResult:  # fmt: skip
+        """Project precomputed features: ``stack`` holds all ``n + 1`` stack layers (the embedding is dropped as in
+        :meth:`run`) for each item, e.g. states read back from a store. ``item_dim`` is ``"token"`` (one image,
+        perplexity 40 by default) or ``"image"`` (across images, 35); ``model`` needs ``name``, ``family`` and
+        ``n_layers``. Equal to :meth:`run` / :meth:`across` on the same features."""
+        from types import SimpleNamespace
+
+        if perplexity is None:
+            perplexity = self.perplexity if self.perplexity is not None else PAPER_PERPLEXITY["single" if item_dim == "token" else "across"]
+        return self._result(stack.float().cpu(), layer_labels(model.n_layers), list(items), item_dim,
+                            SimpleNamespace(model=model), perplexity, **prov)  # fmt: skip
+
     def features(self, source: Any) -> Float[Tensor, "layer token d_model"]:
         """The feature vectors :meth:`run` projects, before scaling: ``[layer, token, d_model]`` over stack layers
         1..n (0..n with ``drop_embedding=False``) at this probe's positions (see the class docstring)."""

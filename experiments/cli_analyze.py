@@ -1,0 +1,184 @@
+"""``vlm-lens analyze`` (bundled questions, images, a manifest, a folder, a saved HF dataset; streamed into a
+resumable store; batched; optionally on Ray workers) and ``vlm-lens report STORE`` (the report from a store)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vlm_lens.experiments.cli import (LensKind, Variant, _fail, _image_paths, _load, _progress, _samples, _tuned_lens,
+                                      app, stage_summary, _fmt)  # fmt: skip
+
+
+def default_threads() -> int:
+    """Torch threads for a run: the cores this process may use minus those other processes keep busy (the 1-minute
+    load average), at least 1. Oversubscribed OpenMP threads spin-wait: on a shared 2-core machine 2 threads ran the
+    layer-skip sweep 27x slower than 1 while another process held a core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+    return max(1, min(cores, cores - busy))
+
+
+def set_threads(threads: Optional[int]) -> int:
+    import torch
+
+    chosen = threads or default_threads()
+    torch.set_num_threads(chosen)
+    return chosen
+
+
+@app.command()
+def analyze(
+    model: Optional[str] = typer.Option(None, help="embedded name, checkpoint folder, or cached model id "
+                                        "(default: shapes-llava-prior, the embedded model with a planted prior)"),
+    image: Optional[List[Path]] = typer.Option(None, help="an image file or a folder of images (repeatable)"),
+    prompt: Optional[str] = typer.Option(None, help="the question (default: the samples' own, or a caption prompt)"),
+    max_new_tokens: int = typer.Option(16, min=1, help="greedy tokens per sample"),
+    lens: LensKind = typer.Option(LensKind.logit, help="tuned adds a 'tuned' variant beside correct and paper"),
+    tuned_lens: Optional[Path] = typer.Option(None, help="folder of a tuned lens (implies --lens tuned; default: "
+                                              "the model's shipped DIR/tuned-lens)"),
+    variant: Variant = typer.Option(Variant.correct, help="the lens the report shows (all are computed)"),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="probability an answer must reach to be established"),
+    out: Path = typer.Option(Path("vlm-lens-report"), help="report folder"),
+    png: bool = typer.Option(True, help="also export PNG figures (needs Chromium)"),
+    skip_sweep: bool = typer.Option(True, help="also skip every single decoder layer (the sweep)"),
+    special_tokens: bool = typer.Option(False, help="also chart special tokens such as </s> (never in the aggregates)"),
+    manifest: Optional[Path] = typer.Option(None, help="JSONL or CSV with image, question[, answer, id] per row "
+                                            "(relative paths resolve against its folder)"),
+    dataset: Optional[Path] = typer.Option(None, help="a HF dataset folder written by save_to_disk"),
+    image_column: Optional[str] = typer.Option(None, help="--dataset: the image column (default: the Image feature)"),
+    question_column: Optional[str] = typer.Option(None, help="--dataset: the question column"),
+    answer_column: Optional[str] = typer.Option(None, help="--dataset: the reference-answer column"),
+    split: Optional[str] = typer.Option(None, help="--dataset: the split of a DatasetDict"),
+    store: Optional[Path] = typer.Option(None, help="the run store (Parquet; default OUT/store, replaced unless --resume)"),
+    resume: bool = typer.Option(False, help="continue the run in the store: samples already there are not redone"),
+    overwrite: bool = typer.Option(False, help="start an existing --store afresh"),
+    batch_size: int = typer.Option(4, min=1, help="samples generated together (one generate call, left padding)"),
+    skip_bad: bool = typer.Option(False, help="record unreadable rows in the store and go on, instead of stopping"),
+    workers: int = typer.Option(0, min=0, help="Ray workers (needs pip install 'vlm-lens[distributed]'); 0: this process"),
+    ray_address: Optional[str] = typer.Option(None, help="an existing Ray cluster (default: start a local one)"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: free cores, see docs/datasets.md)"),
+) -> None:
+    """Trace, detect critical layers and mutation events, skip layers, cluster features; write report.html + .json."""
+    from rich.console import Console
+
+    from vlm_lens.experiments.evidence import DetectionConfig
+    from vlm_lens.experiments.knowledge_evolution import EvolutionConfig
+    from vlm_lens.experiments.pipeline import DEFAULT_ANALYSIS_MODEL
+    from vlm_lens.experiments.pipeline import analyze as run_analysis
+
+    if tuned_lens is not None:
+        lens = LensKind.tuned  # a lens folder asks for the tuned lens
+        if not (tuned_lens / "lens.json").exists():
+            _fail(f"--tuned-lens {tuned_lens} holds no lens.json: train one with `vlm-lens tune-lens --out DIR`")
+    if variant == Variant.tuned and lens != LensKind.tuned:
+        _fail("--variant tuned shows the tuned lens: add --lens tuned")
+    if threshold <= 0:
+        _fail("--threshold must be > 0 (the probability an answer must reach to count as established)")
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file: name a folder for report.html and report.json")
+    sources = [name for name, given in (("--manifest", manifest), ("--dataset", dataset), ("--image", image)) if given]
+    if len(sources) > 1:
+        _fail(f"{' and '.join(sources)} both name the samples: pass one of --manifest, --dataset, --image")
+    if workers and ray_address is None and workers > 64:
+        _fail(f"--workers {workers}: a local Ray cluster runs at most 64 workers; pass --ray-address for a cluster")
+    if resume and overwrite:
+        _fail("--resume continues a store and --overwrite starts it afresh: pass one")
+    if store is not None and store.exists() and not store.is_dir():
+        _fail(f"--store {store} is a file: name a folder for the run store")
+    source = _source(manifest, dataset, image, prompt, skip_bad, image_column, question_column, answer_column, split)
+    set_threads(threads)
+    console = Console()
+    vlm = _load(model or DEFAULT_ANALYSIS_MODEL)
+    tuned = _tuned_lens(vlm, tuned_lens) if lens == LensKind.tuned else None
+    samples = source if source is not None else _samples(vlm, [], prompt)
+    variants = ("correct", "paper") + (("tuned",) if tuned is not None else ())
+    config = EvolutionConfig(DetectionConfig(establish_prob=threshold), variants, max_new_tokens)
+    bar, update = _progress(console)
+    try:
+        with bar:
+            result = run_analysis(vlm, samples, out, config=config, variant=variant.value, lens=tuned, png=png,
+                                  skip_sweep=skip_sweep, show_special=special_tokens, progress=update, store=store,
+                                  resume=resume, overwrite=overwrite or None, batch_size=batch_size,
+                                  skip_bad=skip_bad, workers=workers, ray_address=ray_address)  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:  # bad input found while preparing a sample, a store refused...
+        _fail(str(error))
+    except ImportError as error:
+        _fail(f"{error}: --workers needs Ray, pip install 'vlm-lens[distributed]'")
+    _print_result(console, result, variants)
+
+
+def _print_result(console, result: dict, variants) -> None:
+    data = result["data"]
+    info = data["store"]
+    bad = f", {len(info['bad'])} bad rows recorded" if info["bad"] else ""
+    console.print(f"{data['model']['name']}: {info['analysed']} samples ({info['planted']} counter-prior){bad}, accuracy "
+                  f"{_fmt(data['aggregate']['accuracy'])}", highlight=False)  # fmt: skip
+    for v in variants:
+        console.print(f"{v} lens: {stage_summary(data['aggregate'][v])}")
+    files = result["files"]
+    if files.get("png_notice"):
+        console.print(f"[yellow]{files['png_notice']}")
+    pngs = [Path(p).name for p in files.get("png") or []]
+    console.print(f"wrote {Path(files['html']).parent}/: report.html, report.json"
+                  + (f", {len(pngs)} PNGs ({', '.join(pngs)})" if pngs else "") + f"; store {info['path']}",
+                  highlight=False)  # fmt: skip
+
+
+def _source(manifest, dataset, image, prompt, skip_bad, image_column, question_column, answer_column, split):
+    """The dataset source the options name (None: the model's bundled samples), checked before any model loads."""
+    from vlm_lens.experiments import datasets
+    from vlm_lens.experiments.knowledge_evolution import Sample
+    from vlm_lens.zoo.samples import DESCRIBE_PROMPT
+
+    try:
+        if manifest is not None:
+            return datasets.from_manifest(manifest, skip_bad=skip_bad)
+        if dataset is not None:
+            return datasets.from_hf_dataset(dataset, image_column=image_column, question_column=question_column,
+                                            answer_column=answer_column, prompt=prompt, split=split, skip_bad=skip_bad)  # fmt: skip
+        if image and len(image) == 1 and image[0].is_dir():
+            return datasets.from_folder(image[0], prompt or DESCRIBE_PROMPT, skip_bad=skip_bad)
+        if image:
+            paths = _image_paths(image)
+            return datasets.from_samples([Sample(p, prompt or DESCRIBE_PROMPT, None, p.name) for p in paths])
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    return None
+
+
+@app.command()
+def report(
+    store: Path = typer.Argument(..., help="a run store (the --store of vlm-lens analyze; default OUT/store)"),
+    out: Optional[Path] = typer.Option(None, help="report folder (default: the folder holding the store)"),
+    variant: Optional[Variant] = typer.Option(None, help="the lens the report shows (default: the run's)"),
+    png: bool = typer.Option(True, help="also export PNG figures (needs Chromium)"),
+    special_tokens: bool = typer.Option(False, help="also chart special tokens"),
+) -> None:
+    """Rebuild report.html / report.json from a store, without the model."""
+    from rich.console import Console
+
+    from vlm_lens.experiments import store_report
+    from vlm_lens.experiments.store import Store, StoreError
+
+    try:
+        opened = Store(store)
+    except StoreError as error:
+        _fail(str(error))
+    out = out or store.resolve().parent
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file: name a folder for report.html and report.json")
+    console = Console()
+    bar, update = _progress(console)
+    try:
+        with bar:
+            result = store_report.build(opened, out, variant=variant.value if variant else None, png=png,
+                                        show_special=special_tokens, progress=update)  # fmt: skip
+    except ValueError as error:
+        _fail(str(error))
+    _print_result(console, result, opened.meta["settings"]["evolution"]["variants"])
+
+

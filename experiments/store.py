@@ -1,0 +1,217 @@
+"""The run store: a folder of Parquet shards that a dataset run streams into, and reports are computed from.
+
+Layout::
+
+    STORE/run.json                     model identity, run settings, source description (written once, atomically)
+    STORE/samples/part-W-SEQ.parquet   one row per sample (the shard's commit marker: written last)
+    STORE/tokens/part-W-SEQ.parquet    one row per (sample, lens variant, generated token): the per-token evidence
+                                       and per-layer arrays (probability, adjacent JS, top-k, candidate curves)
+    STORE/states/part-W-SEQ.parquet    one row per sample: the residual stack at the answer position
+    STORE/single/part-W-SEQ.parquet    the first samples' (layer x token) states, for the one-image t-SNE
+    STORE/skip/part-W-SEQ.parquet      layer-skip effects per (sample, skipped set); phase-2 parts are ``part-p2-...``
+
+``W`` names the writer (``main``, or a Ray worker), ``SEQ`` counts its shards. Every file is written to a temporary
+sibling and renamed into place, so a reader never sees a half-written shard. A phase-1 shard counts only once its
+``samples`` part exists (its other parts are written first), so a run killed between the two leaves orphans that
+readers ignore and ``resume`` rewrites. If a sample id appears in two committed shards (a retried Ray task whose
+first attempt committed), readers keep the first by part name: no duplicates, no gaps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from vlm_lens.atomic import write_file
+
+FORMAT = 1
+TABLES = ("samples", "tokens", "states", "single", "skip")
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked (exists without --resume, made by another model or settings...)."""
+
+
+def _write_parquet(path: Path, rows: list[dict], schema=None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=schema)
+    write_file(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}: {a.get(k)!r} in the store, {b.get(k)!r} now")
+    return out
+
+
+class Store:
+    """A run store at ``path`` (see the module docstring). Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta = self.path / "run.json"
+        if not meta.is_file():
+            raise StoreError(f"{self.path} is not a vlm-lens store (no run.json): pass the folder a run wrote with --store")
+        self.meta = json.loads(meta.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise StoreError(f"{self.path}: store format {self.meta.get('format')} is not {FORMAT}; re-run the analysis")
+        self._seq = 0
+
+    # -- creating and resuming ------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, model: dict, settings: dict, source: dict, *, resume: bool = False,
+               overwrite: bool = False) -> "Store":  # fmt: skip
+        """A store for a run of ``model`` (identity) with ``settings`` over ``source``.
+
+        An existing store is continued with ``resume=True`` only when its model, settings and source fingerprint
+        are the ones given (else :class:`StoreError` lists what differs); ``overwrite=True`` starts it afresh; with
+        neither, an existing non-empty store is refused."""
+        import shutil
+
+        path = Path(path)
+        meta = {"format": FORMAT, "model": model, "settings": settings, "source": source}
+        if (path / "run.json").exists():
+            if resume:
+                store = cls(path)
+                wanted = {"model": model, "settings": settings, "source_fingerprint": source.get("fingerprint")}
+                have = {"model": store.meta["model"], "settings": store.meta["settings"],
+                        "source_fingerprint": store.meta["source"].get("fingerprint")}  # fmt: skip
+                differ = _diff(have, json.loads(json.dumps(wanted)))
+                if differ:
+                    raise StoreError(f"{path} was made by another run and cannot be resumed by this one ("
+                                     + "; ".join(differ[:4]) + "): use another --store, or --overwrite to start over")
+                return store
+            if not overwrite:
+                raise StoreError(f"{path} already holds a run: pass --resume to continue it or --overwrite to start over")
+            shutil.rmtree(path)
+        elif path.exists() and any(path.iterdir()) and not overwrite:
+            raise StoreError(f"{path} exists and is not a vlm-lens store: choose an empty or new folder for --store")
+        path.mkdir(parents=True, exist_ok=True)
+        write_file(path / "run.json", json.dumps(meta, indent=1, sort_keys=True))
+        return cls(path)
+
+    # -- writing ----------------------------------------------------------------------------------------------------
+    def write_shard(self, writer: str, tables: dict[str, list[dict]], *, phase: int = 1) -> str:
+        """Write one shard: every table of ``tables`` as ``TABLE/part-WRITER-SEQ.parquet``. Phase 1: the
+        ``samples`` part is written last (the commit). Phase 2 writes only ``skip`` rows, each part complete in
+        itself. Returns the part name."""
+        part = f"part-{'p2-' if phase == 2 else ''}{writer}-{os.getpid()}-{self._seq:06d}-{uuid.uuid4().hex[:6]}"
+        self._seq += 1
+        order = [t for t in TABLES if t != "samples" and tables.get(t)] + (["samples"] if "samples" in tables else [])
+        for table in order:
+            unknown = set(tables) - set(TABLES)
+            if unknown:
+                raise ValueError(f"unknown store tables {sorted(unknown)}; tables are {TABLES}")
+            _write_parquet(self.path / table / f"{part}.parquet", tables[table])
+        return part
+
+    # -- reading ----------------------------------------------------------------------------------------------------
+    def _parts(self, table: str) -> list[Path]:
+        folder = self.path / table
+        return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+    def _read(self, table: str, columns: Sequence[str] | None = None, parts: Iterable[Path] | None = None):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = []
+        for file in self._parts(table) if parts is None else parts:
+            t = pq.read_table(file, columns=None if columns is None else list(dict.fromkeys(["sample_id", *columns])))
+            tables.append(t.append_column("_part", pa.array([file.stem] * t.num_rows, pa.string())))
+        return pa.concat_tables(tables, promote_options="default") if tables else None
+
+    def committed(self) -> dict[str, str]:
+        """``{sample_id: part}`` of every committed sample (the first part holding it)."""
+        table = self._read("samples", ["sample_id"])
+        out: dict[str, str] = {}
+        if table is not None:
+            for sid, part in zip(table["sample_id"].to_pylist(), table["_part"].to_pylist()):
+                out.setdefault(sid, part)
+        return out
+
+    def done_ids(self, phase: int = 1) -> set[str]:
+        """Sample ids whose phase-1 shard is committed, or (``phase=2``) that have phase-2 skip rows."""
+        if phase == 1:
+            return set(self.committed())
+        table = self._read("skip", ["sample_id"], [p for p in self._parts("skip") if p.stem.startswith("part-p2-")])
+        return set() if table is None else set(table["sample_id"].to_pylist())
+
+    def frame(self, table: str, columns: Sequence[str] | None = None, samples: Iterable[str] | None = None):
+        """``table`` as a pandas DataFrame, committed rows only, one copy of each sample, in dataset order (by
+        ``index``, then step/variant where they exist). ``samples`` keeps only those sample ids."""
+        import pandas as pd
+
+        committed = self.committed()
+        wanted = None if samples is None else set(samples)
+        data = self._read(table, columns)
+        if data is None:
+            return pd.DataFrame(columns=["sample_id", *(columns or [])])
+        frame = data.to_pandas()
+        if table == "skip":  # phase-2 rows stand alone; phase-1 rows count when their shard committed
+            p2 = frame["_part"].str.startswith("part-p2-")
+            keep = p2 | (frame["sample_id"].map(committed) == frame["_part"])
+            frame = frame[keep]
+            frame = frame.drop_duplicates(["sample_id", "set"], keep="first")
+        else:
+            frame = frame[frame["sample_id"].map(committed) == frame["_part"]]
+        if wanted is not None:
+            frame = frame[frame["sample_id"].isin(wanted)]
+        order = self._order()
+        frame = frame.assign(_order=frame["sample_id"].map(order))
+        keys = ["_order"] + [k for k in ("variant", "step", "set") if k in frame.columns]
+        return frame.sort_values(keys, kind="stable").drop(columns=["_part", "_order"]).reset_index(drop=True)
+
+    def _order(self) -> dict[str, int]:
+        table = self._read("samples", ["sample_id", "index"])
+        if table is None:
+            return {}
+        return {sid: idx for sid, idx in zip(table["sample_id"].to_pylist(), table["index"].to_pylist())}
+
+    def iter_column_batches(self, table: str, columns: Sequence[str], batch_rows: int = 256):
+        """Committed rows of ``table`` in batches of pandas frames (``columns`` plus ``sample_id``), for reductions
+        that must not hold the whole table (mean cosine over 10,000 answer states). Order: by part, not dataset."""
+        import pyarrow.parquet as pq
+
+        committed = self.committed()
+        seen: set[str] = set()
+        for file in self._parts(table):
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows, columns=["sample_id", *columns]):
+                frame = batch.to_pandas()
+                frame = frame[(frame["sample_id"].map(committed) == file.stem) & ~frame["sample_id"].isin(seen)]
+                seen.update(frame["sample_id"])
+                if len(frame):
+                    yield frame
+
+    def summary(self) -> dict[str, Any]:
+        done = self.committed()
+        return {"path": str(self.path), "samples": len(done), "model": self.meta["model"].get("name"),
+                "source": self.meta["source"].get("description")}  # fmt: skip
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of the JSON of ``parts`` (sorted keys): stable identities for settings and models."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(model) -> dict:
+    """What makes two runs' numbers comparable: the model's name, shape and a checksum of its weights (the unembed
+    and the first decoder layer's parameters, summed in float64: cheap, and changes with any fine-tune of them)."""
+    import torch
+
+    with torch.no_grad():
+        weights = [model.W_U] + [p for p in model.hf_model.parameters()][:8]
+        checksum = [round(float(w.double().sum()), 6) for w in weights] + [
+            round(float(sum(p.double().abs().sum() for p in model.hf_model.parameters())), 3)]
+    return {"name": model.name, "family": model.family, "n_layers": model.n_layers, "d_model": model.d_model,
+            "d_vocab": model.d_vocab, "weights": fingerprint(checksum)}  # fmt: skip

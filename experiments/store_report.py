@@ -1,0 +1,186 @@
+"""Aggregates and the report, computed from a store (no model needed): 10 samples and 10,000 take this path.
+
+- the knowledge-evolution aggregate (:func:`knowledge_evolution.aggregate`) over every committed sample's evidence;
+- the layer-skip tables: mean effects per skipped set (phase 2) and per single layer (the sweep);
+- feature clusters: the mean pairwise cosine per layer streamed over *all* answer states
+  (:func:`feature_clusters.mean_pairwise_cosine`), t-SNE and silhouettes on the first ``max_images`` images;
+- the report: ``report.html`` / ``report.json``, with per-sample detail for the first ``detail`` samples (the store
+  holds every sample's numbers; :func:`frames` reads them as pandas frames).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from vlm_lens.experiments import evidence as ev
+from vlm_lens.experiments import feature_clusters as fc
+from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.experiments import layer_skip
+from vlm_lens.experiments import reduce as rd
+from vlm_lens.experiments import report as R
+from vlm_lens.experiments.sections import sections as draw_sections
+from vlm_lens.experiments.store import Store
+
+DETAIL_SAMPLES = 100  # samples with per-token detail in report.json and the report's per-token table
+MAX_TSNE_IMAGES = 200  # images in the across-images t-SNE and silhouettes (the mean cosine uses them all)
+_EVIDENCE = ["variant", "step", *rd._TOKEN_FIELDS, "js_adjacent"]
+_SAMPLE = ["index", "question", "prompt", "generated_text", "answer", "correct", "planted", "image_path", "n_steps",
+           "generated_tokens", "hallucination", "status", "error", "where"]  # fmt: skip
+
+
+def config_of(store: Store) -> ke.EvolutionConfig:
+    raw = store.meta["settings"]["evolution"]
+    return ke.EvolutionConfig(detection=ev.DetectionConfig(**raw["detection"]), variants=tuple(raw["variants"]),
+                              max_new_tokens=raw["max_new_tokens"], include_special=raw["include_special"])  # fmt: skip
+
+
+def model_info(store: Store) -> SimpleNamespace:
+    """What the report needs of the model: identity from run.json, token strings from vocab.json."""
+    meta = store.meta["model"]
+    vocab = rd.Vocabulary(json.loads((store.path / "vocab.json").read_text()))
+    return SimpleNamespace(name=meta["name"], family=meta["family"], n_layers=meta["n_layers"], d_model=meta["d_model"],
+                           tokenizer=vocab)  # fmt: skip
+
+
+def frames(store: str | Path | Store) -> dict:
+    """Every table of a store as pandas frames (committed rows, one copy per sample, dataset order)."""
+    store = store if isinstance(store, Store) else Store(store)
+    return {table: store.frame(table) for table in ("samples", "tokens", "states", "single", "skip")}
+
+
+def samples(store: Store, ids=None, arrays: bool = True) -> list[rd.StoredSample]:
+    """Good samples (``ids``: only these) as :class:`~vlm_lens.experiments.reduce.StoredSample`."""
+    sample_frame = store.frame("samples", _SAMPLE + (["thumbnail"] if arrays else []), samples=ids)
+    sample_frame = sample_frame[sample_frame["status"] == "ok"]
+    extra = ["prob", "topk_ids", "topk_prob", "curve_ids", "curve_prob"] if arrays else []
+    tokens = store.frame("tokens", _EVIDENCE + extra, samples=list(sample_frame["sample_id"]))
+    return rd.stored_samples(sample_frame, tokens, store.meta["model"]["n_layers"], arrays=arrays)
+
+
+def aggregate(store: Store) -> dict:
+    config = config_of(store)
+    return ke.aggregate(samples(store, arrays=False), store.meta["model"]["n_layers"], config.include_special,
+                        config.detection)  # fmt: skip
+
+
+def skip_sets(store: Store, agg: dict) -> dict[str, list[int]] | None:
+    """The named skip sets (``none``, skip.1/2/3) from the stages of the run's variant, or None (no stages)."""
+    stages = agg[store.meta["settings"]["variant"]]["stages"]
+    n = store.meta["model"]["n_layers"]
+    if stages is None or stages["critical_layer"] >= n:
+        return None
+    return {"none": [], **layer_skip.skip_sets(stages["critical_layer"], stages["mutation_layer"], n)}
+
+
+def skip_tables(store: Store, agg: dict) -> dict | None:
+    sets = skip_sets(store, agg)
+    frame = store.frame("skip")
+    if sets is None or not len(frame):
+        return None
+    out = {"critical_layer": None, "mutation_layer": None, "sets": {}, "sweep": {}}
+    stages = agg[store.meta["settings"]["variant"]]["stages"]
+    out["critical_layer"], out["mutation_layer"] = stages["critical_layer"], stages["mutation_layer"]
+    for name, rows in frame.groupby("set", sort=False):
+        rows = rows.to_dict("records")
+        for r in rows:
+            r["correct"] = None if r["correct"] is None or r["correct"] != r["correct"] else bool(r["correct"])
+        mean = layer_skip._mean_rows(rows, [int(x) for x in rows[0]["skipped_layers"]])
+        mean["texts"] = mean["texts"][:DETAIL_SAMPLES]
+        (out["sets"] if name in sets else out["sweep"])[name] = mean
+    out["sets"] = {k: out["sets"][k] for k in sets if k in out["sets"]}
+    out["sweep"] = dict(sorted(out["sweep"].items(), key=lambda kv: int(kv[0])))
+    return out
+
+
+def feature_clusters(store: Store, agg: dict, variant: str, max_iter: int, max_images: int = MAX_TSNE_IMAGES) -> dict:
+    n = store.meta["model"]["n_layers"]
+    stages = agg[store.meta["settings"]["variant"]]["stages"]
+    crit = stages["critical_layer"] if stages else None
+    mut = stages["mutation_layer"] if stages else None
+    paper = variant == "paper"
+    ok = store.frame("samples", ["index", "status", "answer", "generated_text"])
+    ok = ok[ok["status"] == "ok"]
+    unit_sum, n_images = None, 0
+    for batch in store.iter_column_batches("states", ["answer_state", "answer_state_normed"]):
+        for state in batch["answer_state"]:  # mean cosine over every image, streamed (raw residual stream)
+            x = torch.tensor(state, dtype=torch.float64).reshape(n + 1, -1)
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            unit_sum = x if unit_sum is None else unit_sum + x
+            n_images += 1
+    first = list(ok["sample_id"][:max_images])
+    states = store.frame("states", ["answer_state", "answer_state_normed"], samples=first)
+    across = None
+    if len(states) >= 2:
+        across = torch.stack([torch.tensor(s, dtype=torch.float32).reshape(n + 1, -1) for s in states["answer_state"]])
+        if paper:  # HF's hidden_states[-1] is final-normed (paper-spec Q6)
+            across[:, -1] = torch.stack([torch.tensor(s, dtype=torch.float32) for s in states["answer_state_normed"]])
+    single_frame = store.frame("single")
+    single, tokens = None, []
+    if len(single_frame):
+        row = single_frame.iloc[0]
+        single = torch.tensor(row["stack"], dtype=torch.float32).reshape(n + 1, int(row["n_tokens"]), -1)
+        if paper:
+            single[-1] = torch.tensor(row["last_normed"], dtype=torch.float32).reshape(int(row["n_tokens"]), -1)
+        tokens = list(row["labels"])
+    chosen = ok.set_index("sample_id").loc[list(states["sample_id"])] if len(states) else ok.iloc[:0]
+    labels = list(chosen["answer"]) if len(chosen) and chosen["answer"].notna().all() else list(chosen["generated_text"])
+    mean_cos = fc.mean_pairwise_cosine(unit_sum, n_images) if unit_sum is not None else None
+    out = fc.from_features(single, tokens, across, list(states["sample_id"]), labels, mean_cos, model_info(store),
+                           crit, mut, max_iter=max_iter, variant="paper" if paper else "correct",
+                           n_images_total=n_images)  # fmt: skip
+    return out
+
+
+def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None = None, png: bool = True,
+          tsne_iter: int = 1000, show_special: bool = False, detail: int = DETAIL_SAMPLES, progress=None) -> dict:  # fmt: skip
+    """Compute every aggregate from ``store`` and write ``report.html`` / ``report.json`` into ``out_dir``."""
+    store = store if isinstance(store, Store) else Store(store)
+    report = progress or (lambda *a: None)
+    config = config_of(store)
+    variant = variant or store.meta["settings"]["variant"]
+    if variant not in config.variants:
+        raise ValueError(f"variant {variant!r} was not analysed in this store; it has {config.variants}")
+    model = model_info(store)
+    agg = aggregate(store)
+    sample_frame = store.frame("samples", ["index", "status", "error", "where", "planted", "hallucination"])
+    if not (sample_frame["status"] == "ok").any():
+        raise ValueError(f"{store.path} holds no analysed sample yet: run the analysis (with --resume) first")
+    detailed = samples(store, ids=list(sample_frame.loc[sample_frame["status"] == "ok", "sample_id"][:detail]))
+    data = {"config": store.meta["settings"]["evolution"], "aggregate": agg, "model": store.meta["model"],
+            "shown_variant": variant, "shown_special": show_special,
+            "samples": [_sample_json(s) for s in detailed],
+            "store": {"path": str(store.path), "samples": int(len(sample_frame)),
+                      "analysed": int((sample_frame["status"] == "ok").sum()), "detail_samples": len(detailed),
+                      "planted": int(sample_frame.loc[sample_frame["status"] == "ok", "planted"].sum()),
+                      "bad": [{"sample": r.sample_id, "where": r.where, "error": r.error}
+                              for r in sample_frame.itertuples() if r.status == "bad"],
+                      "source": store.meta["source"]}}  # fmt: skip
+    data["layer_skip"] = skip_tables(store, agg)
+    report("feature clusters", 0, 1)
+    data["feature_clusters"] = feature_clusters(store, agg, variant, tsne_iter)
+    report("feature clusters", 1, 1)
+    data["hallucination"] = []
+    for r in sample_frame.itertuples():
+        found = json.loads(r.hallucination).get(variant) if r.hallucination else None
+        if found:
+            data["hallucination"].append({"sample": r.sample_id, "planted_prior": bool(r.planted), **found})
+    if store.meta["settings"].get("tuned_lens"):
+        data["tuned_lens"] = store.meta["settings"]["tuned_lens"]
+    stages = agg[variant]["stages"]
+    report("writing the report", 0, 1)
+    drawn = draw_sections(model, detailed, data, variant, stages, show_special)
+    written = R.write_report(Path(out_dir), f"Knowledge evolution · {model.name}", drawn, data, png=png)
+    report("writing the report", 1, 1)
+    return {"data": data, "files": written}
+
+
+def _sample_json(s: rd.StoredSample) -> dict:
+    return {"name": s.name, "index": s.index, "prompt": s.prompt, "question": s.question,
+            "generated_text": s.generated_text, "answer": s.answer, "correct": s.correct, "planted_prior": s.planted,
+            "tokens": {v: [vars(t) for t in rows] for v, rows in s.tokens.items()},
+            "token_prob": {v: s.lens[v]["prob"].T.tolist() for v in s.lens},
+            "js_adjacent": {v: s.shift[v]["js_adjacent"].T.tolist() for v in s.shift}}  # fmt: skip

@@ -1,0 +1,163 @@
+"""Streaming a dataset through the model into a store: trace -> reduce -> write -> release, one batch at a time.
+
+Phase 1 (per sample, batched generation): the traced generation, the knowledge-evolution evidence for every lens
+variant, the hallucination curves, the answer-position states and (with the sweep) every single-layer skip — all
+reduced to rows (:mod:`vlm_lens.experiments.reduce`) and written as one shard per batch. Nothing of a sample stays
+in memory after its shard is written, so memory is flat in the number of samples.
+
+Phase 2 (after phase 1, because the skip sets come from the stages of the whole run): skip.1/2/3 on each sample,
+one shard per batch. Both phases skip what the store already holds, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+from vlm_lens.experiments import hallucination as hal
+from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.experiments import reduce as rd
+from vlm_lens.experiments.store import Store, fingerprint, model_identity
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """What changes the stored numbers (a resumed run must use the same): the analysis config, the shown variant
+    (it picks the stages the skip sets come from), whether the single-layer sweep runs, and the tuned lens."""
+
+    config: ke.EvolutionConfig = ke.EvolutionConfig()
+    variant: str = "correct"
+    skip_sweep: bool = True
+    skip_bad: bool = False
+
+    def to_json(self, tuned_lens=None) -> dict:
+        lens = None
+        if tuned_lens is not None:
+            weights = [round(float(p.detach().double().sum()), 6) for p in tuned_lens.parameters()]
+            lens = {**tuned_lens.describe(), "fingerprint": fingerprint(tuned_lens.describe(), weights)}
+        return json.loads(json.dumps({"evolution": asdict(self.config), "variant": self.variant,
+                                      "skip_sweep": self.skip_sweep, "tuned_lens": lens}))  # fmt: skip
+
+
+def open_store(path, model, source, settings: StreamSettings, *, tuned_lens=None, resume=False, overwrite=False) -> Store:
+    """Create (or, with ``resume``, reopen and check) the store of this model, settings and source."""
+    from vlm_lens.atomic import write_file
+    from vlm_lens.zoo import planted
+
+    identity = {**model_identity(model), "planted_prior": planted.planted_info_for(model)}
+    store = Store.create(path, identity, settings.to_json(tuned_lens),
+                         {"description": source.description, "fingerprint": source.fingerprint, "n": len(source)},
+                         resume=resume, overwrite=overwrite)  # fmt: skip
+    vocab = store.path / "vocab.json"
+    if not vocab.exists():  # token strings for reports rebuilt without the model
+        tokens = model.tokenizer.convert_ids_to_tokens(list(range(model.d_vocab)))
+        write_file(vocab, json.dumps([t if t is not None else "" for t in tokens]))
+    return store
+
+
+def _batches(entries: Iterable, size: int):
+    batch = []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _trace_all(model, inputs: list, max_new_tokens: int) -> list:
+    if len(inputs) > 1 and hasattr(model, "trace_batch"):
+        return model.trace_batch(inputs, max_new_tokens)
+    return [model.trace_generation(x, max_new_tokens) for x in inputs]
+
+
+def _prepared(model, batch, skip_bad: bool, bad_rows: list) -> list:
+    """(entry, inputs) for the good entries of ``batch``; bad ones become rows (``skip_bad``) or raise naming the row."""
+    good = []
+    for entry in batch:
+        if entry.error is not None:
+            bad_rows.append(rd.sample_row(entry, None, error=entry.error))
+            continue
+        try:
+            good.append((entry, model.prepare(entry.image, entry.question)))
+        except (ValueError, FileNotFoundError, OSError, TypeError) as error:
+            if not skip_bad:
+                raise type(error)(f"{entry.where}: {error}; fix the row or pass --skip-bad to skip and record it") from error
+            bad_rows.append(rd.sample_row(entry, None, error=str(error)))
+    return good
+
+
+def hallucination_rows(evolution, trace, answer, config: ke.EvolutionConfig, tuned_lens) -> dict:
+    """Per lens variant, the reversal analysis of a wrong single-token answer (empty when there is none)."""
+    out = {}
+    if answer is None or evolution.correct or len(answer.split()) != 1 or not trace.n_steps:
+        return out
+    for variant in config.variants:
+        try:
+            out[variant] = hal.analyze(trace, answer, variant=variant, tuned_lens=tuned_lens, config=config.detection,
+                                       evolution=evolution)  # fmt: skip
+        except ValueError:  # the reference answer is not one token of this vocabulary
+            return {}
+    return out
+
+
+def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=None, batch_size: int = 1,
+           writer: str = "main", only: set[str] | None = None, progress: Progress | None = None) -> int:  # fmt: skip
+    """Trace, analyse and reduce every entry of ``source`` not yet in ``store`` (``only``: just these ids);
+    returns the number of samples written."""
+    done = store.done_ids(1)
+    report = progress or (lambda *a: None)
+    if only is not None:  # a worker's share of the samples
+        pending: Iterable = [e for e in source if e.id in only and e.id not in done]
+        total, count = len(pending), 0
+    else:
+        pending, total, count = (e for e in source if e.id not in done), len(source), len(done)
+    report("tracing", count, total)
+    config = settings.config
+    for batch in _batches(pending, batch_size):
+        tables: dict[str, list] = {"samples": [], "tokens": [], "states": [], "single": [], "skip": []}
+        good = _prepared(model, batch, settings.skip_bad, tables["samples"])
+        traces = _trace_all(model, [inputs for _, inputs in good], config.max_new_tokens)
+        for (entry, _), trace in zip(good, traces):
+            evolution = ke.analyze_trace(trace, entry.id, entry.answer, config, tuned_lens=tuned_lens,
+                                         planted=entry.planted, question=entry.question)  # fmt: skip
+            halluc = hallucination_rows(evolution, trace, entry.answer, config, tuned_lens)
+            tables["samples"].append(rd.sample_row(entry, evolution, halluc))
+            tables["tokens"] += rd.token_rows(entry.id, evolution, model.tokenizer)
+            state, single = rd.state_rows(entry.id, trace, entry.index)
+            tables["states"].append(state)
+            tables["single"] += [single] if single is not None else []
+            if settings.skip_sweep:
+                tables["skip"] += rd.sweep_rows(entry.id, trace, entry.answer)
+            del evolution
+        del traces, good
+        store.write_shard(writer, tables)
+        count += len(batch)
+        report("tracing", count, total)
+    return count
+
+
+def phase2(model, source, store: Store, sets: dict[str, list[int]], *, batch_size: int = 1, writer: str = "main",
+           only: set[str] | None = None, progress: Progress | None = None) -> int:  # fmt: skip
+    """Skip ``sets`` (name -> decoder layers) on every good sample without phase-2 rows; returns samples done."""
+    frame = store.frame("samples", ["status"])
+    ok = set(frame.loc[frame["status"] == "ok", "sample_id"])
+    done = store.done_ids(2)
+    todo = [e for e in source if e.id in ok and e.id not in done and (only is None or e.id in only)]
+    report, count = progress or (lambda *a: None), 0
+    report("layer skipping", 0, len(todo))
+    for batch in _batches(todo, batch_size):
+        good = _prepared(model, batch, True, [])
+        traces = _trace_all(model, [inputs for _, inputs in good], store.meta["settings"]["evolution"]["max_new_tokens"])
+        rows = []
+        for (entry, _), trace in zip(good, traces):
+            rows += rd.set_rows(entry.id, trace, entry.answer, sets)
+        del traces, good
+        store.write_shard(writer, {"skip": rows}, phase=2)
+        count += len(batch)
+        report("layer skipping", count, len(todo))
+    return count
