@@ -206,7 +206,7 @@ def stored_samples(sample_frame, token_frame, n_layers: int, top_k: int = 5, arr
             row.sample_id, int(row.index), row.question, row.prompt or "", row.generated_text or "", row.answer,
             None if row.correct is None or row.correct != row.correct else bool(row.correct), bool(row.planted), image,
             tokens, _Trace(int(row.n_steps), list(row.generated_tokens) if row.generated_tokens is not None else []),
-            lens, shift, curves, json.loads(row.hallucination) if row.hallucination else {}))  # fmt: skip
+            lens, shift, curves, json.loads(row.hallucination) if isinstance(row.hallucination, str) else {}))  # fmt: skip
     return out
 
 

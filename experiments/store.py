@@ -41,6 +41,10 @@ def _write_parquet(path: Path, rows: list[dict], schema=None) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=schema)
+    # per-layer arrays are float32 (what the model computed in), not Python's float64: half the disk
+    fields = [pa.field(f.name, pa.list_(pa.float32())) if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)
+              else f for f in table.schema]  # fmt: skip
+    table = table.cast(pa.schema(fields))
     write_file(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 

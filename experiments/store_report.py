@@ -165,7 +165,7 @@ def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None
     report("feature clusters", 1, 1)
     data["hallucination"] = []
     for r in sample_frame.itertuples():
-        found = json.loads(r.hallucination).get(variant) if r.hallucination else None
+        found = json.loads(r.hallucination).get(variant) if isinstance(r.hallucination, str) else None
         if found:
             data["hallucination"].append({"sample": r.sample_id, "planted_prior": bool(r.planted), **found})
     if store.meta["settings"].get("tuned_lens"):
