@@ -139,9 +139,10 @@ def run(model, source, store: Store, settings: "streaming.StreamSettings", *, tu
         frame = store.frame("samples", ["status"])
         ok = set(frame.loc[frame["status"] == "ok", "sample_id"])
         done2 = store.done_ids(2)
-        todo = [e for e in source if e.id in ok and e.id not in done2]
-        n2, more = _drive(ray, actors, spawn, iter(todo), lambda a, chunk: a.phase2.remote(chunk, sets, batch_size),
-                          batch_size, lambda n: report("layer skipping", n, len(todo)))  # fmt: skip
+        wanted = ok - done2
+        todo = (e for e in source if e.id in wanted)  # lazy: entries may hold decoded images
+        n2, more = _drive(ray, actors, spawn, todo, lambda a, chunk: a.phase2.remote(chunk, sets, batch_size),
+                          batch_size, lambda n: report("layer skipping", n, len(wanted)))  # fmt: skip
         restarts += more
     for actor in actors:
         ray.kill(actor)

@@ -147,9 +147,10 @@ def phase2(model, source, store: Store, sets: dict[str, list[int]], *, batch_siz
     frame = store.frame("samples", ["status"])
     ok = set(frame.loc[frame["status"] == "ok", "sample_id"])
     done = store.done_ids(2)
-    todo = [e for e in source if e.id in ok and e.id not in done and (only is None or e.id in only)]
+    wanted = {i for i in ok - done if only is None or i in only}
+    todo = (e for e in source if e.id in wanted)  # lazy: a dataset's entries may hold decoded images
     report, count = progress or (lambda *a: None), 0
-    report("layer skipping", 0, len(todo))
+    report("layer skipping", 0, len(wanted))
     for batch in _batches(todo, batch_size):
         good = _prepared(model, batch, True, [])
         traces = _trace_all(model, [inputs for _, inputs in good], store.meta["settings"]["evolution"]["max_new_tokens"])
@@ -159,5 +160,5 @@ def phase2(model, source, store: Store, sets: dict[str, list[int]], *, batch_siz
         del traces, good
         store.write_shard(writer, {"skip": rows}, phase=2)
         count += len(batch)
-        report("layer skipping", count, len(todo))
+        report("layer skipping", count, len(wanted))
     return count

@@ -16,3 +16,12 @@ def test_seed_js_is_the_paper_variant():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, generator=g), torch.randn(50, generator=g)
     assert torch.allclose(seed_pipeline.authors_js(a, b), js_divergence(a.double(), b.double(), variant="paper"))
+
+
+def test_dataset_benchmark_smoke(capsys):
+    from benchmarks import dataset_runs
+
+    dataset_runs.main(["--memory", "shapes-llava-prior:2", "--throughput", "shapes-llava-prior:2", "--new-tokens", "3",
+                       "--batch-size", "2", "--no-write"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "peak RSS" in out and "batched / per-sample" in out and "| shapes-llava-prior | 2 |" in out

@@ -147,6 +147,11 @@ def test_feature_clusters_from_the_store_equal_the_trace_path(streamed):
 
 def test_report_rebuilds_from_the_store_without_the_model(streamed, tmp_path):
     _, _, out, result, _ = streamed
+    paper = CliRunner().invoke(app, ["report", str(out / "store"), "--out", str(tmp_path / "paper"), "--no-png",
+                                     "--variant", "paper", "--special-tokens"])  # fmt: skip
+    assert paper.exit_code == 0, paper.output
+    shown = json.loads((tmp_path / "paper" / "report.json").read_text())
+    assert shown["shown_variant"] == "paper" and shown["shown_special"] and "tuned lens" not in paper.output
     run = CliRunner().invoke(app, ["report", str(out / "store"), "--out", str(tmp_path / "again"), "--no-png"])
     assert run.exit_code == 0, run.output
     again = json.loads((tmp_path / "again" / "report.json").read_text())
@@ -220,6 +225,14 @@ def test_store_refuses_another_model(tmp_path):
         streaming.open_store(tmp_path / "s", embedded("shapes-llava"), source, settings, resume=True)
     with pytest.raises(StoreError, match="--resume"):
         streaming.open_store(tmp_path / "s", embedded(MODEL), source, settings)
+    manifest = tmp_path / "m.jsonl"  # --overwrite through the CLI starts the store afresh
+    run = CliRunner().invoke(app, ["analyze", "--model", MODEL, "--manifest", str(manifest), "--store",
+                                   str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--no-png", "--no-skip-sweep",
+                                   "--overwrite"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    assert Store(tmp_path / "s").meta["model"]["name"] == MODEL and len(Store(tmp_path / "s").committed()) == 2
+    clash = CliRunner().invoke(app, ["analyze", "--manifest", str(manifest), "--resume", "--overwrite"])
+    assert clash.exit_code == 2 and "pass one" in clash.output
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match="not a vlm-lens store"):
@@ -260,11 +273,17 @@ def test_folder_and_hf_dataset_inputs_through_the_cli(tmp_path):
     assert run.exit_code == 0, run.output
     names = [s["name"] for s in json.loads((tmp_path / "f" / "report.json").read_text())["samples"]]
     assert names == ["img0.png", "sub/img1.png", "sub/img2.png"]
-    ds = hf.Dataset.from_dict({"image": [r["image"] for r in rows], "question": [r["question"] for r in rows],
-                               "answer": [r["answer"] for r in rows]}).cast_column("image", hf.Image())  # fmt: skip
-    ds.save_to_disk(str(tmp_path / "ds"))
-    run = CliRunner().invoke(app, ["analyze", "--model", MODEL, "--dataset", str(tmp_path / "ds"), "--out",
-                                   str(tmp_path / "d"), "--no-png", "--no-skip-sweep", "--batch-size", "2"])  # fmt: skip
+    ds = hf.Dataset.from_dict({"img": [r["image"] for r in rows], "q": [r["question"] for r in rows],
+                               "truth": [r["answer"] for r in rows]}).cast_column("img", hf.Image())  # fmt: skip
+    hf.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "ds"))
+    base = ["analyze", "--model", MODEL, "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "d"), "--no-png",
+            "--no-skip-sweep", "--batch-size", "2"]  # fmt: skip
+    ambiguous = CliRunner().invoke(app, base)
+    assert ambiguous.exit_code == 2 and "--split" in ambiguous.output
+    unnamed = CliRunner().invoke(app, base + ["--split", "test"])
+    assert unnamed.exit_code == 2 and "--question-column" in unnamed.output and "truth" in unnamed.output
+    run = CliRunner().invoke(app, base + ["--split", "test", "--image-column", "img", "--question-column", "q",
+                                          "--answer-column", "truth"])  # fmt: skip
     assert run.exit_code == 0, run.output
     data = json.loads((tmp_path / "d" / "report.json").read_text())
     assert [s["answer"] for s in data["samples"]] == [r["answer"] for r in rows]

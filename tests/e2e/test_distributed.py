@@ -3,10 +3,15 @@ nothing (its chunks go to a fresh actor)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +21,16 @@ pytest.importorskip("ray")
 
 from test_dataset_runs import MODEL, _close, numeric_equal, write_manifest  # noqa: E402
 
+from typer.testing import CliRunner  # noqa: E402
+
 from vlm_lens.experiments import datasets, pipeline, store_report, streaming  # noqa: E402
+from vlm_lens.experiments.cli import app  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_workers_equal_one_process_and_survive_a_killed_worker(tmp_path):
@@ -25,13 +39,29 @@ def test_two_workers_equal_one_process_and_survive_a_killed_worker(tmp_path):
     model = embedded(MODEL)
     source = datasets.from_manifest(write_manifest(tmp_path, 8))
     single = pipeline.analyze(model, source, tmp_path / "single", png=False, tsne_iter=250, batch_size=1)
-    two = pipeline.analyze(model, source, tmp_path / "two", png=False, tsne_iter=250, batch_size=1, workers=2)
+    # the CLI path on a cluster started apart (``ray start --head``), reached with --ray-address
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)  # fmt: skip
+    try:
+        run = CliRunner().invoke(app, ["analyze", "--model", MODEL, "--manifest", str(tmp_path / "m.jsonl"), "--out",
+                                       str(tmp_path / "two"), "--no-png", "--batch-size", "1", "--workers", "2",
+                                       "--ray-address", f"127.0.0.1:{port}"])  # fmt: skip
+    finally:
+        import ray
+
+        ray.shutdown()
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    assert run.exit_code == 0, run.output
+    two = {"data": json.loads((tmp_path / "two" / "report.json").read_text())}
     a, b = store_report.frames(tmp_path / "single" / "store"), store_report.frames(tmp_path / "two" / "store")
     for table in ("samples", "tokens", "states", "single", "skip"):
         numeric_equal(a[table], b[table])
     # equal up to float noise (workers run 1 torch thread each, this process 2: other summation orders)
-    _close(two["data"]["aggregate"], single["data"]["aggregate"], 1e-6)
-    _close(two["data"]["layer_skip"], single["data"]["layer_skip"], 1e-6)
+    _close(two["data"]["aggregate"], json.loads(json.dumps(single["data"]["aggregate"])), 1e-6)
+    _close(two["data"]["layer_skip"], json.loads(json.dumps(single["data"]["layer_skip"])), 1e-6)
     writers = {p.name.split("-")[1] for p in (tmp_path / "two" / "store" / "samples").glob("part-*")}
     assert writers == {"w1", "w2"}  # both workers wrote shards
 
