@@ -58,6 +58,19 @@ def open_store(path, model, source, settings: StreamSettings, *, tuned_lens=None
     return store
 
 
+def release_memory() -> None:
+    """Hand freed heap back to the OS after a batch: glibc keeps freed trace buffers in fragmented arenas (measured on
+    the medium model: RSS wandering 2.2-2.7 GB between samples, 2.0 GB after ``malloc_trim``). Linux/glibc only."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _batches(entries: Iterable, size: int):
     batch = []
     for entry in entries:
@@ -136,6 +149,8 @@ def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=
             del evolution
         del traces, good
         store.write_shard(writer, tables)
+        del tables
+        release_memory()
         count += len(batch)
         report("tracing", count, total)
     return count
