@@ -254,7 +254,7 @@ def table(results: list[dict]) -> str:
 
 
 def write_docs(results: list[dict], command: str) -> None:
-    from vlm_lens.experiments.report import atomic_write
+    from vlm_lens.atomic import write_file as atomic_write
 
     path = ROOT / "docs" / "performance.md"
     text = path.read_text() if path.exists() else "# Performance\n\n<!-- bench:start -->\n<!-- bench:end -->\n"
@@ -268,7 +268,7 @@ def write_docs(results: list[dict], command: str) -> None:
 
 
 def write_backends(row: dict, command: str) -> None:
-    from vlm_lens.experiments.report import atomic_write
+    from vlm_lens.atomic import write_file as atomic_write
 
     path = ROOT / "docs" / "performance.md"
     text = path.read_text()

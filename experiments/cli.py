@@ -9,13 +9,45 @@ Cheap checks (paths, ranges, option combinations) run before any model is loaded
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="How knowledge evolves inside vision-language models.")
+from typer.core import TyperGroup
+
+_DEBUG = {"on": bool(os.environ.get("VLM_LENS_DEBUG"))}
+
+
+class _ErrorsToExitCodes(TyperGroup):
+    """Bad input (:class:`~vlm_lens.errors.VLMLensError`) -> exit 2 and one line naming the fix; any other failure ->
+    exit 1 and one line; ``--debug`` (or ``VLM_LENS_DEBUG=1``) lets the traceback through instead."""
+
+    def invoke(self, ctx):
+        import click
+
+        from vlm_lens.errors import VLMLensError
+
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, typer.Exit):
+            raise
+        except VLMLensError as error:
+            if _DEBUG["on"]:
+                raise
+            _fail(str(error), 2)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing half-written was left behind (rerun, with --resume for analyze)", 130)
+        except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
+            if _DEBUG["on"]:
+                raise
+            _fail(f"the run failed: {type(error).__name__}: {error} (rerun with --debug for the traceback)", 1)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_ErrorsToExitCodes,
+                  help="How knowledge evolves inside vision-language models.")  # fmt: skip
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -39,8 +71,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version")):
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+          debug: bool = typer.Option(False, "--debug", help="show Python tracebacks instead of one-line errors")):
     """How knowledge evolves inside vision-language models."""
+    if debug:
+        _DEBUG["on"] = True
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -218,7 +253,7 @@ def skip(
         table.add_row(name, str(row["skipped_layers"]), f"{row['generation_agreement']:.2f}", f"{row['mean_kl']:.3f}", acc)
     console.print(table)
     if out:
-        from vlm_lens.experiments.report import atomic_write
+        from vlm_lens.atomic import write_file as atomic_write
 
         atomic_write(out, json.dumps(result, indent=1))
         console.print(f"wrote {out}")
@@ -299,4 +334,8 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # ``python -m vlm_lens.experiments.cli``: this file runs as __main__, but the sub-command modules register on the
+    # app of the imported module; run that one
+    from vlm_lens.experiments.cli import app as registered
+
+    registered()

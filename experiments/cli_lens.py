@@ -34,7 +34,7 @@ def tune_lens(
 
     if not 0.0 < held_out < 1.0:
         _fail(f"--held-out must be a share in (0, 1), got {held_out}")
-    if not lr > 0:
+    if not (lr > 0 and lr != float("inf")):
         _fail(f"--lr must be a positive learning rate, got {lr}")
     if manifest is not None and image:
         _fail("give either --manifest or --image, not both")
@@ -113,6 +113,6 @@ def validate(
                      f"changed {_fmt(row['changed_answer'])}")  # fmt: skip
     Console().print("\n".join(lines))
     if out:
-        from vlm_lens.experiments.report import atomic_write
+        from vlm_lens.atomic import write_file as atomic_write
 
         atomic_write(out, json.dumps(report, indent=1, default=str))

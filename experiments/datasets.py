@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from PIL import Image
+from vlm_lens.errors import InputError, NotFoundError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SKIP_HINT = " or pass --skip-bad to skip and record bad rows"
@@ -95,13 +96,13 @@ def _entries(records: Callable[[], Iterable[tuple]], resolve: Callable, skip_bad
 def _manifest_records(path: Path, hint: str) -> Iterator[tuple]:
     derived: dict[str, int] = {}
     if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
-        raise ValueError(f"{path}: a manifest is .jsonl or .csv, got {path.suffix!r}")
+        raise InputError(f"{path}: a manifest is .jsonl or .csv, got {path.suffix!r}")
     with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
         rows: Iterator = ((number, line) for number, line in enumerate(handle, start=1) if line.strip())
         if path.suffix.lower() == ".csv":
             reader = csv.DictReader(handle)
             if not {"image", "question"} <= set(fields := reader.fieldnames or []):
-                raise ValueError(f"{path}: the header must name 'image' and 'question' columns, got {fields or None}")
+                raise InputError(f"{path}: the header must name 'image' and 'question' columns, got {fields or None}")
             rows = ((reader.line_num, row) for row in reader)
         for line, row in rows:
             where = f"{path}:{line}"
@@ -131,12 +132,12 @@ def from_manifest(path: str | Path, *, skip_bad: bool = False, _hint: str = SKIP
     ``answer`` and ``id`` (default: the image's file name). Relative image paths resolve against its folder."""
     path, origin = Path(path), " (relative paths resolve against the manifest's folder)"
     if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+        raise NotFoundError(f"manifest not found: {path}")
     resolve = functools.partial(_check_file, origin=origin, hint=_hint)
     entries = functools.partial(_entries, functools.partial(_manifest_records, path, _hint), resolve, skip_bad, "line")
     length = sum(1 for _ in entries(check=False))  # the structure and ids now; images as their rows are yielded
     if not length:
-        raise ValueError(f"{path} lists no samples; add one row per (image, question)")
+        raise InputError(f"{path} lists no samples; add one row per (image, question)")
     digest = lambda: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
     return Source(f"manifest {path} ({length} rows)", length, entries, digest)
 
@@ -147,14 +148,14 @@ def from_folder(path: str | Path, prompt: str | None, *, answers: Mapping[str, s
     each asked ``prompt``; ``answers`` maps a relative path (or a file name) to its reference answer."""
     root, answers = Path(path), dict(answers or {})
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root} (a single file: use --image FILE, a list: --manifest)")
+        raise NotFoundError(f"image folder not found: {root} (a single file: use --image FILE, a list: --manifest)")
     if not _text(prompt):
-        raise ValueError(f"{root}: a folder of images needs the question to ask of every image: pass --prompt TEXT")
+        raise InputError(f"{root}: a folder of images needs the question to ask of every image: pass --prompt TEXT")
     files = sorted(rel.as_posix() for rel in (p.relative_to(root) for p in root.rglob("*"))
                    if rel.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in rel.parts)
                    and (root / rel).is_file())  # fmt: skip
     if not files:
-        raise ValueError(f"{root}: no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) under this folder; "
+        raise InputError(f"{root}: no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) under this folder; "
                          "point --image at a folder of images or list them in a --manifest")  # fmt: skip
 
     def records() -> Iterator[tuple]:
@@ -200,38 +201,38 @@ def from_hf_dataset(path: str | Path, *, image_column: str | None = None, questi
     try:
         ds, state = datasets.load_from_disk(str(root)), root
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{root} is not a dataset folder written by save_to_disk ({error}); "
+        raise NotFoundError(f"{root} is not a dataset folder written by save_to_disk ({error}); "
                                 "for image files use --image or --manifest") from None  # fmt: skip
     if isinstance(ds, dict):  # a DatasetDict
         splits, split = list(ds), split if split is not None or len(ds) > 1 else next(iter(ds))
         if split not in ds:
             which = "holds several splits" if split is None else f"has no split {split!r}"
-            raise ValueError(f"{root} {which}: {', '.join(splits)}; pass --split NAME")
+            raise InputError(f"{root} {which}: {', '.join(splits)}; pass --split NAME")
         ds, state = ds[split], root / split
     elif split is not None and split != str(ds.split):
-        raise ValueError(f"{root} is one dataset (split {ds.split}), not a DatasetDict: drop --split {split}")
+        raise InputError(f"{root} is one dataset (split {ds.split}), not a DatasetDict: drop --split {split}")
     features, names = ds.features, list(ds.column_names)
     label = f"dataset {root}" + (f" split {split}" if split else "")
 
     def pick(given: str | None, option: str, defaults: Sequence[str]) -> str | None:
         if given is not None and given not in names:
-            raise ValueError(f"{label}: no column {given!r} ({option}); the dataset's columns: {', '.join(names)}")
+            raise InputError(f"{label}: no column {given!r} ({option}); the dataset's columns: {', '.join(names)}")
         return given if given is not None else next((c for c in defaults if c in names), None)
 
     typed = [c for c in names if isinstance(features[c], datasets.Image)]
     image_col = pick(image_column, "--image-column", typed + ["image", "img", "image_path", "file_name"])
     if image_col is None:
-        raise ValueError(f"{label}: no image column (no datasets.Image feature, none of image/img/image_path/"
+        raise InputError(f"{label}: no image column (no datasets.Image feature, none of image/img/image_path/"
                          f"file_name); its columns: {', '.join(names)}; pass --image-column NAME")  # fmt: skip
     questions = ("question", "prompt", "query", "text")
     question_col = None if prompt else pick(question_column, "--question-column", questions)
     if question_col is None and not prompt:
-        raise ValueError(f"{label}: no question column (none of question/prompt/query/text); its columns: "
+        raise InputError(f"{label}: no question column (none of question/prompt/query/text); its columns: "
                          f"{', '.join(names)}; pass --question-column NAME or --prompt TEXT")  # fmt: skip
     answer_col = pick(answer_column, "--answer-column", ("answer", "answers", "label"))
     id_col = pick(id_column, "--id-column", ("id",))
     if not len(ds):
-        raise ValueError(f"{label} has no rows; save a dataset with at least one (image, question) row")
+        raise InputError(f"{label} has no rows; save a dataset with at least one (image, question) row")
     view = ds.select_columns(list(dict.fromkeys(c for c in (image_col, question_col, answer_col, id_col) if c)))
     if isinstance(features[image_col], datasets.Image):
         view = view.cast_column(image_col, datasets.Image(decode=False))  # a features swap: raw bytes, decoded below
@@ -267,7 +268,7 @@ def from_samples(samples: Sequence[Any]) -> Source:
         key, image = base if count == 1 else f"{base}#{count}", str(s.image) if isinstance(s.image, Path) else s.image
         entries.append(Entry(index, key, image, s.prompt, s.answer, f"sample {key}", planted=bool(s.planted)))
     if not entries:
-        raise ValueError("no samples given; pass --manifest, --image or --dataset")
+        raise InputError("no samples given; pass --manifest, --image or --dataset")
 
     def fingerprint() -> str:  # an in-memory image by its mode, size and pixels
         image = lambda im: hashlib.sha256(f"{im.mode}{im.size}".encode() + im.tobytes()).hexdigest()  # noqa: E731
@@ -285,13 +286,13 @@ def open_source(*, manifest: str | Path | None = None, images: str | Path | None
     given = [f"--{name}" for name, value in (("manifest", manifest), ("image", images), ("dataset", dataset))
              if value is not None]  # fmt: skip
     if len(given) != 1:
-        raise ValueError(f"give exactly one of --manifest FILE, --image DIR or --dataset DIR, got "
+        raise InputError(f"give exactly one of --manifest FILE, --image DIR or --dataset DIR, got "
                          f"{' and '.join(given) if given else 'none'}")  # fmt: skip
     if (chosen := {name: value for name, value in columns.items() if value is not None}) and dataset is None:
-        raise ValueError(f"{', '.join('--' + c.replace('_', '-') for c in chosen)} apply to --dataset only: drop them")
+        raise InputError(f"{', '.join('--' + c.replace('_', '-') for c in chosen)} apply to --dataset only: drop them")
     if manifest is not None:
         if prompt is not None:
-            raise ValueError("--prompt asks every --image/--dataset row one question; a manifest has its own: drop it")
+            raise InputError("--prompt asks every --image/--dataset row one question; a manifest has its own: drop it")
         return from_manifest(manifest, skip_bad=skip_bad)
     if images is not None:
         return from_folder(images, prompt, skip_bad=skip_bad)

@@ -18,6 +18,7 @@ from typing import Any
 
 from vlm_lens.experiments import streaming
 from vlm_lens.experiments.store import Store
+from vlm_lens.errors import InputError
 
 
 class _Chunk(list):
@@ -71,7 +72,7 @@ def model_reference(model) -> dict:
 
     name = model.name
     if name not in zoo.EMBEDDED and not Path(name).is_dir():
-        raise ValueError(f"--workers needs a model every worker can load by name or folder; {name!r} is neither: "
+        raise InputError(f"--workers needs a model every worker can load by name or folder; {name!r} is neither: "
                          "save it with save_pretrained(DIR) (and its processor) and pass --model DIR")  # fmt: skip
     dtype = str(next(model.hf_model.parameters()).dtype).replace("torch.", "")
     return {"name": name, "dtype": dtype}

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
+from vlm_lens.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,13 @@ class DetectionConfig:
 
     def __post_init__(self):
         if not 0.0 < self.establish_prob <= 1.0:
-            raise ValueError(f"establish_prob must be in (0, 1], got {self.establish_prob}")
+            raise InputError(f"establish_prob must be in (0, 1], got {self.establish_prob}")
         if self.min_run < 1 or self.min_start < 0:
-            raise ValueError(f"min_run must be >= 1 and min_start >= 0, got {self.min_run}, {self.min_start}")
+            raise InputError(f"min_run must be >= 1 and min_start >= 0, got {self.min_run}, {self.min_start}")
         if self.critical_rule not in ("top1", "prob"):
-            raise ValueError(f"critical_rule must be 'top1' or 'prob', got {self.critical_rule!r}")
+            raise InputError(f"critical_rule must be 'top1' or 'prob', got {self.critical_rule!r}")
         if not 0.0 <= self.min_event_share < 1.0 or self.bootstrap < 1:
-            raise ValueError(f"min_event_share must be in [0, 1) and bootstrap >= 1, got {self.min_event_share}, {self.bootstrap}")
+            raise InputError(f"min_event_share must be in [0, 1) and bootstrap >= 1, got {self.min_event_share}, {self.bootstrap}")
 
 
 @dataclass(frozen=True)

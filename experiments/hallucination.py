@@ -13,6 +13,7 @@ from vlm_lens.probes import DistributionShift, TokenTrajectory
 
 from vlm_lens.experiments import evidence as ev
 from vlm_lens.experiments.knowledge_evolution import lens_probe, detect_tokens
+from vlm_lens.errors import InputError
 
 
 def reversal_layer(correct: list[float], wrong: list[float]) -> int | None:
@@ -46,7 +47,7 @@ def analyze(trace, correct: str, wrong: str | None = None, step: int | None = No
         else:
             step = next((i for i, t in enumerate(tokens) if t != correct_token), 0)
     if not 0 <= step < len(tokens):
-        raise ValueError(f"step {step} is outside the {len(tokens)} generated tokens")
+        raise InputError(f"step {step} is outside the {len(tokens)} generated tokens")
     wrong_token = tokens[step] if wrong_named is None else wrong_named
     probe = lens_probe(variant, tuned_lens, model.n_layers)
     if evolution is not None and variant in evolution.tokens:

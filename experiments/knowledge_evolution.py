@@ -24,6 +24,7 @@ from vlm_lens.experiments import evidence as ev
 from vlm_lens.probes import DistributionShift, LogitLensProbe, TunedLensProbe
 from vlm_lens.probes.lens_probes import late_layers
 from vlm_lens.probes.result import ProbeResult
+from vlm_lens.errors import InputError
 
 LENS_VARIANTS = ("correct", "paper", "tuned")
 
@@ -40,7 +41,7 @@ class EvolutionConfig:
     def __post_init__(self):
         unknown = set(self.variants) - set(LENS_VARIANTS)
         if unknown or not self.variants:
-            raise ValueError(f"variants must be among {LENS_VARIANTS}, got {self.variants}")
+            raise InputError(f"variants must be among {LENS_VARIANTS}, got {self.variants}")
 
 
 @dataclass
@@ -115,7 +116,7 @@ def lens_probe(variant: str, tuned_lens, n_layers: int):
     every_layer = list(range(n_layers + 1))  # candidates from every layer: each top-1 token's full curve
     if variant == "tuned":
         if tuned_lens is None:
-            raise ValueError("the 'tuned' variant needs a tuned lens: pass tuned_lens= (TunedLens.load(...))")
+            raise InputError("the 'tuned' variant needs a tuned lens: pass tuned_lens= (TunedLens.load(...))")
         return TunedLensProbe(tuned_lens, top_k=5, candidates=every_layer)
     return LogitLensProbe(variant=variant, top_k=5, candidates=every_layer)  # top-5 for the report's token grid
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from vlm_lens.probes import LayerSkip
+from vlm_lens.errors import InputError
 
 
 def skip_sets(critical: int, mutation: int | None, n_layers: int) -> dict[str, list[int]]:
@@ -24,7 +25,7 @@ def skip_sets(critical: int, mutation: int | None, n_layers: int) -> dict[str, l
     """
     upper = n_layers if mutation is None else mutation
     if not 0 <= critical < upper <= n_layers:
-        raise ValueError(f"need 0 <= critical < mutation <= n_layers, got {critical}, {mutation}, {n_layers}")
+        raise InputError(f"need 0 <= critical < mutation <= n_layers, got {critical}, {mutation}, {n_layers}")
     keep_final = max(1, round(5 * n_layers / 32))
     sets = {"skip.1": list(range(critical, upper - 1))}
     if mutation is not None:

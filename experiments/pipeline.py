@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.errors import InputError
 
 
 DEFAULT_ANALYSIS_MODEL = "shapes-llava-prior"  # the main job: a planted prior, so mutations have a ground truth
@@ -84,14 +85,14 @@ def analyze(
 
     if isinstance(samples, (list, tuple)):
         if not samples:
-            raise ValueError("no samples to analyse: give at least one (image, prompt) pair")
+            raise InputError("no samples to analyse: give at least one (image, prompt) pair")
         samples = datasets.from_samples(list(samples))
     if lens is not None and "tuned" not in config.variants:
         config = replace(config, variants=config.variants + ("tuned",))
     if variant not in config.variants:
-        raise ValueError(f"variant {variant!r} is not among the analysed variants {config.variants}")
+        raise InputError(f"variant {variant!r} is not among the analysed variants {config.variants}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     settings = streaming.StreamSettings(config, variant, skip_sweep, skip_bad)
     store_path = Path(store) if store is not None else Path(out_dir) / "store"
     if overwrite is None:

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from vlm_lens.atomic import write_file as atomic_write  # reports are replaced whole (one helper for the project)
 
 STAGE_COLORS = {"rapid_evolution": "rgba(255,99,71,0.15)", "stabilization": "rgba(60,179,113,0.15)",
                 "mutation": "rgba(147,112,219,0.2)"}  # fmt: skip
@@ -306,11 +305,18 @@ def render_html(title: str, sections: list[tuple[str, list]]) -> str:
 
 
 def write_report(out_dir: Path, title: str, sections: list[tuple[str, list]], data: dict, png: bool = True) -> dict:
-    """Write ``report.html`` and ``report.json`` (atomically) and PNGs of the figures when possible."""
+    """Write ``report.html`` and ``report.json`` as one consistent pair (:func:`vlm_lens.atomic.write_set`: both
+    switched in by one rename, the previous pair kept if anything fails) and PNGs of the figures when possible."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "report.json", json.dumps(_clean(data), indent=1, allow_nan=False))
-    atomic_write(out_dir / "report.html", render_html(title, sections))
+    import uuid
+
+    from vlm_lens.atomic import write_set
+
+    run_id = uuid.uuid4().hex
+    data = {**data, "run_id": run_id}  # both files carry it: a reader can check they belong together
+    page = render_html(title, sections).replace("<head>", f"<head><meta name='vlm-lens-run' content='{run_id}'>", 1)
+    write_set(out_dir, {"report.json": json.dumps(_clean(data), indent=1, allow_nan=False), "report.html": page})
     written = {"html": str(out_dir / "report.html"), "json": str(out_dir / "report.json"), "png": []}
     if png:
         written["png"], written["png_notice"] = export_pngs(out_dir, [f for _, items in sections for f in items

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from vlm_lens.atomic import write_file
+from vlm_lens.errors import InputError
 
 FORMAT = 1
 TABLES = ("samples", "tokens", "states", "single", "skip")
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """A store that cannot be used as asked (exists without --resume, made by another model or settings...)."""
 
 
@@ -116,7 +117,7 @@ class Store:
         for table in order:
             unknown = set(tables) - set(TABLES)
             if unknown:
-                raise ValueError(f"unknown store tables {sorted(unknown)}; tables are {TABLES}")
+                raise InputError(f"unknown store tables {sorted(unknown)}; tables are {TABLES}")
             _write_parquet(self.path / table / f"{part}.parquet", tables[table])
         return part
 

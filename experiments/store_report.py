@@ -24,6 +24,7 @@ from vlm_lens.experiments import reduce as rd
 from vlm_lens.experiments import report as R
 from vlm_lens.experiments.sections import sections as draw_sections
 from vlm_lens.experiments.store import Store
+from vlm_lens.errors import InputError
 
 DETAIL_SAMPLES = 100  # samples with per-token detail in report.json and the report's per-token table
 MAX_TSNE_IMAGES = 200  # images in the across-images t-SNE and silhouettes (the mean cosine uses them all)
@@ -143,12 +144,12 @@ def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None
     config = config_of(store)
     variant = variant or store.meta["settings"]["variant"]
     if variant not in config.variants:
-        raise ValueError(f"variant {variant!r} was not analysed in this store; it has {config.variants}")
+        raise InputError(f"variant {variant!r} was not analysed in this store; it has {config.variants}")
     model = model_info(store)
     agg = aggregate(store)
     sample_frame = store.frame("samples", ["index", "status", "error", "where", "planted", "hallucination"])
     if not (sample_frame["status"] == "ok").any():
-        raise ValueError(f"{store.path} holds no analysed sample yet: run the analysis (with --resume) first")
+        raise InputError(f"{store.path} holds no analysed sample yet: run the analysis (with --resume) first")
     detailed = samples(store, ids=list(sample_frame.loc[sample_frame["status"] == "ok", "sample_id"][:detail]))
     data = {"config": store.meta["settings"]["evolution"], "aggregate": agg, "model": store.meta["model"],
             "shown_variant": variant, "shown_special": show_special,

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vlm_lens.experiments.knowledge_evolution import Sample
 from vlm_lens.probes import LogitLensProbe, TunedLens, TunedLensProbe
+from vlm_lens.errors import InputError
 
 SHAPES_TRAIN_SEED_START = 7_000_000  # training seeds (< HELD_OUT_START), away from the recipes' ranges
 
@@ -31,9 +32,9 @@ def shapes_questions(n: int, start: int = SHAPES_TRAIN_SEED_START) -> list[Sampl
 def held_out_split(samples: Sequence[Sample], held_out: float) -> tuple[list[Sample], list[Sample]]:
     """The first ``1 - held_out`` share trains, the rest is held out (at least one of each)."""
     if not 0.0 < held_out < 1.0:
-        raise ValueError(f"held_out must be a share in (0, 1), got {held_out}")
+        raise InputError(f"held_out must be a share in (0, 1), got {held_out}")
     if len(samples) < 2:
-        raise ValueError(f"a tuned lens needs at least 2 (image, question) pairs to hold one out, got {len(samples)}")
+        raise InputError(f"a tuned lens needs at least 2 (image, question) pairs to hold one out, got {len(samples)}")
     cut = min(len(samples) - 1, max(1, round(len(samples) * (1 - held_out))))
     return list(samples[:cut]), list(samples[cut:])
 
@@ -46,7 +47,7 @@ class PositionReservoir:
 
     def __init__(self, budget: int, seed: int = 0):
         if budget < 1:
-            raise ValueError(f"the position budget must be >= 1, got {budget}")
+            raise InputError(f"the position budget must be >= 1, got {budget}")
         self.budget, self.seen, self.buffer = budget, 0, None
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -65,7 +66,7 @@ class PositionReservoir:
 
     def stack(self) -> Float[Tensor, "layer kept d_model"]:
         if self.buffer is None:
-            raise ValueError("no positions were added")
+            raise InputError("no positions were added")
         return self.buffer[:, : min(self.seen, self.budget)]
 
 
@@ -89,7 +90,7 @@ def held_out_kl(model, traces: Iterable, lenses: dict) -> dict[str, list[float]]
             sums[name] = sums.get(name, 0) + kl.sum(1)
         count += trace.n_steps
     if not count:
-        raise ValueError("no generated tokens to score the lenses on")
+        raise InputError("no generated tokens to score the lenses on")
     return {name: (total / count).tolist() for name, total in sums.items()}
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from vlm_lens.experiments import hallucination, layer_skip
 from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.errors import InputError
 
 
 def _events(result: dict, variant: str) -> list[bool]:
@@ -40,13 +41,13 @@ def validate(planted_model, base_model, n: int = 30, *, variant: str = "correct"
 
     info = fixtures.planted_info_for(planted_model)
     if info is None:
-        raise ValueError(f"{planted_model.name!r} has no planted.json: validate against a model made by `vlm-lens zoo plant`")
+        raise InputError(f"{planted_model.name!r} has no planted.json: validate against a model made by `vlm-lens zoo plant`")
     trigger = fixtures.Trigger(**info["trigger"])
     block = [b + 1 for b in info["block"]]  # stack layers written by the fine-tuned decoder layers
     variants = tuple(dict.fromkeys((variant,) + (config.variants if config else ())))
     config = replace(config, variants=variants) if config else ke.EvolutionConfig(max_new_tokens=3, variants=variants)
     if "tuned" in variants and (tuned_lens is None or base_tuned_lens is None):
-        raise ValueError("the 'tuned' variant needs tuned_lens= and base_tuned_lens= (each model's own TunedLens)")
+        raise InputError("the 'tuned' variant needs tuned_lens= and base_tuned_lens= (each model's own TunedLens)")
     counter = fixtures.counter_prior(trigger, n, start=fixtures.COUNTER_PRIOR_START + start)
     samples = [ke.Sample(e.image, e.question, e.answer, f"cp{i}", planted=True) for i, e in enumerate(counter)]
     planted = ke.run(planted_model, samples, config, tuned_lens=tuned_lens)

@@ -16,6 +16,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from vlm_lens.probes.result import ProbeResult
+from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.cache import VLMCache
@@ -31,11 +32,11 @@ def register_probe(cls: type["Probe"]) -> type["Probe"]:
     """Class decorator: add ``cls`` to :data:`PROBES` under ``cls.name`` (names are unique)."""
     name = getattr(cls, "name", None)
     if not name or name == Probe.name:
-        raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
+        raise InputError(f"{cls.__name__} needs a class attribute `name` to be registered")
     existing = PROBES.get(name)
     redefined = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
     if existing is not None and existing is not cls and not redefined:  # re-running a notebook cell is fine
-        raise ValueError(f"a probe named {name!r} is already registered ({PROBES[name].__name__})")
+        raise InputError(f"a probe named {name!r} is already registered ({PROBES[name].__name__})")
     PROBES[name] = cls
     return cls
 
@@ -67,7 +68,7 @@ class Source:
         if isinstance(which, str):
             if which == "steps":
                 if self.trace is None:
-                    raise ValueError("positions='steps' needs a GenerationTrace (model.trace_generation(...))")
+                    raise InputError("positions='steps' needs a GenerationTrace (model.trace_generation(...))")
                 return self.trace.step_positions.clone()
             if which == "last_prompt":
                 return torch.tensor([self.layout.last_prompt_position])
@@ -75,7 +76,7 @@ class Source:
         index = torch.as_tensor(which).reshape(-1).long()
         n = self.layout.n_positions
         if index.numel() and (index.min() < 0 or index.max() >= n):
-            raise IndexError(f"positions must be in 0..{n - 1}, got {index.tolist()}")
+            raise OutOfRangeError(f"positions must be in 0..{n - 1}, got {index.tolist()}")
         return index
 
     def token_strings(self, positions: Tensor) -> list[str]:
@@ -111,9 +112,9 @@ def as_source(source: Any) -> Source:
         return Source(source.cache.model, source.cache, source.layout, source)
     if isinstance(source, VLMCache):
         if source.layouts is not None:
-            raise ValueError("this cache holds a batch: a probe reads one sample, e.g. probe(cache.sample(0))")
+            raise InputError("this cache holds a batch: a probe reads one sample, e.g. probe(cache.sample(0))")
         return Source(source.model, source, source.layout, None)
-    raise TypeError(
+    raise InputTypeError(
         f"a probe reads a GenerationTrace (model.trace_generation) or a VLMCache (model.run_with_cache), "
         f"got {type(source).__name__}"
     )

@@ -11,6 +11,7 @@ from torch import Tensor
 from vlm_lens.probes.base import Probe, Source, as_source, layer_labels, register_probe, transition_labels
 from vlm_lens.probes.metrics import cosine_similarity
 from vlm_lens.probes.result import ProbeResult
+from vlm_lens.errors import InputError
 
 
 def cross_image_cosine(features: Float[Tensor, "image layer d_model"]) -> Float[Tensor, "layer image image"]:
@@ -82,7 +83,7 @@ FEATURE_VARIANTS = ("correct", "paper")
 
 def _check_variant(variant: str) -> None:
     if variant not in FEATURE_VARIANTS:
-        raise ValueError(f"variant must be 'correct' or 'paper', got {variant!r}")
+        raise InputError(f"variant must be 'correct' or 'paper', got {variant!r}")
 
 
 def features_at(
@@ -97,7 +98,7 @@ def features_at(
         src = as_source(item)
         pos = src.positions(position) if isinstance(position, str) else torch.tensor([position])
         if pos.numel() != 1:
-            raise ValueError(f"position {position!r} selects {pos.numel()} positions; choose one")
+            raise InputError(f"position {position!r} selects {pos.numel()} positions; choose one")
         stack = src.cache.resid_stack(pos)
         if variant == "paper":
             stack = paper_states(src.model, stack)
@@ -123,7 +124,7 @@ def tsne_settings(n_points: int, perplexity: float, variant: str = "correct", *,
     """
     _check_variant(variant)
     if n_points < 2:
-        raise ValueError(f"t-SNE needs at least 2 points, got {n_points}")
+        raise InputError(f"t-SNE needs at least 2 points, got {n_points}")
     if variant == "paper":
         used = perplexity if perplexity < n_points else float(n_points - 1)
         method = "barnes_hut"
@@ -173,7 +174,7 @@ class FeatureProjection(Probe):
         variant: Literal["correct", "paper"] = "correct",
     ):
         if method not in ("tsne", "pca"):
-            raise ValueError(f"method must be 'tsne' or 'pca', got {method!r}")
+            raise InputError(f"method must be 'tsne' or 'pca', got {method!r}")
         _check_variant(variant)
         self.method, self.positions, self.variant = method, positions, variant
         self.perplexity, self.learning_rate, self.max_iter = perplexity, learning_rate, max_iter

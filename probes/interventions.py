@@ -10,6 +10,7 @@ from torch import Tensor
 from vlm_lens.probes.base import Probe, Source, as_source, register_probe
 from vlm_lens.probes.metrics import kl_divergence
 from vlm_lens.probes.result import ProbeResult
+from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.inputs import VLMInputs
@@ -40,7 +41,7 @@ def _layer_set(model: "HookedVLM", layers: Iterable[int] | range) -> list[int]:
     chosen = sorted(set(int(i) for i in layers))
     bad = [i for i in chosen if not 0 <= i < model.n_layers]
     if bad:
-        raise IndexError(f"decoder layers must be in 0..{model.n_layers - 1}, got {bad}")
+        raise OutOfRangeError(f"decoder layers must be in 0..{model.n_layers - 1}, got {bad}")
     return chosen
 
 
@@ -61,7 +62,7 @@ class LayerSkip(Probe):
 
     def run(self, source: Source) -> ProbeResult:
         if source.trace is None:
-            raise ValueError("LayerSkip needs a GenerationTrace (model.trace_generation(...)), not a bare cache")
+            raise InputError("LayerSkip needs a GenerationTrace (model.trace_generation(...)), not a bare cache")
         model, trace = source.model, source.trace
         layers = _layer_set(model, self.layers)
         hooks = skip_layer_hooks(layers)
@@ -110,7 +111,14 @@ class LayerSkip(Probe):
 
 
 def _token_id(model: "HookedVLM", token: int | str) -> int:
-    return token if isinstance(token, int) else model.to_single_token(token)  # patching compares two single tokens
+    if isinstance(token, int):
+        if not 0 <= token < model.d_vocab:
+            from vlm_lens.errors import VocabularyError
+
+            raise VocabularyError(f"token id {token} is outside the vocabulary 0..{model.d_vocab - 1}: pass an id of "
+                                  "this model's tokenizer, or the token's text")  # fmt: skip
+        return token
+    return model.to_single_token(token)  # patching compares two single tokens; unknown words are refused there
 
 
 def _inputs_of(item: Any) -> "VLMInputs":
@@ -121,7 +129,7 @@ def _inputs_of(item: Any) -> "VLMInputs":
         return item.inputs
     if isinstance(item, VLMInputs):
         return item
-    raise TypeError(f"expected VLMInputs (model.prepare) or a GenerationTrace, got {type(item).__name__}")
+    raise InputTypeError(f"expected VLMInputs (model.prepare) or a GenerationTrace, got {type(item).__name__}")
 
 
 @register_probe
@@ -144,12 +152,12 @@ class ActivationPatching(Probe):
         if model is None:
             model = as_source(target).model if not hasattr(target, "model_inputs") else None
         if model is None:
-            raise ValueError("pass model=... when patching VLMInputs")
+            raise InputError("pass model=... when patching VLMInputs")
         return self.run_inputs(model, target_inputs, source_inputs, _token_id(model, token_a), _token_id(model, token_b))
 
     def run_inputs(self, model: "HookedVLM", target: "VLMInputs", source: "VLMInputs", a: int, b: int) -> ProbeResult:
         if target.input_ids.shape != source.input_ids.shape:
-            raise ValueError(
+            raise InputError(
                 f"target and source have {target.input_ids.shape[1]} and {source.input_ids.shape[1]} tokens; "
                 "patching needs aligned sequences (same prompt, images with the same number of image tokens)"
             )
@@ -189,7 +197,7 @@ class ActivationPatching(Probe):
         )  # fmt: skip
 
     def run(self, source: Source) -> ProbeResult:  # pragma: no cover - patching needs two runs
-        raise TypeError("ActivationPatching is called as probe(target, source, token_a, token_b)")
+        raise InputTypeError("ActivationPatching is called as probe(target, source, token_a, token_b)")
 
 
 def patch_all_layers(model: "HookedVLM", target: "VLMInputs", source: "VLMInputs", hook: str = "hook_resid_post") -> Tensor:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Literal, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from vlm_lens.errors import InputError, NotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.protocol import VLMModel as HookedVLM
@@ -52,7 +53,7 @@ class LogitLens(Lens):
 
     def __init__(self, variant: Literal["correct", "paper"] = "correct"):
         if variant not in ("correct", "paper"):
-            raise ValueError(f"variant must be 'correct' or 'paper', got {variant!r}")
+            raise InputError(f"variant must be 'correct' or 'paper', got {variant!r}")
         self.variant = variant
 
     def logits(self, model, resid, layers):
@@ -89,7 +90,7 @@ class TunedLens(Lens, torch.nn.Module):
         expected = {"n_layers": model.n_layers, "d_model": model.d_model, "d_vocab": model.d_vocab}
         found = {k: self.config[k] for k in expected}
         if found != expected:
-            raise ValueError(
+            raise InputError(
                 f"this tuned lens was trained for a model with {found} (model {self.config['model_name']!r}), "
                 f"not {expected} ({model.name!r}): train one for this model with TunedLens.for_model(model).fit(...)"
             )
@@ -128,11 +129,18 @@ class TunedLens(Lens, torch.nn.Module):
         ``stacks``: residual stacks (``cache.resid_stack()``) of multimodal inputs; all positions are used.
         Returns the mean loss per step. The model's norm and ``lm_head`` stay frozen.
         """
+        if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+            raise InputError(f"lr must be a finite positive learning rate, got {lr!r} (e.g. 5e-3)")
+        if steps < 1:
+            raise InputError(f"steps must be >= 1, got {steps}")
         self.check_model(model)
+        stacks = list(stacks)
+        if not stacks:
+            raise InputError("no residual stacks to fit on: pass cache.resid_stack() of at least one input")
         data = torch.cat([s.detach().float().cpu() for s in stacks], dim=1)  # [layer, pos, d]
         n = self.config["n_layers"]
         if data.shape[0] != n + 1:
-            raise ValueError(f"expected residual stacks of {n + 1} layers, got {data.shape[0]}")
+            raise InputError(f"expected residual stacks of {n + 1} layers, got {data.shape[0]}")
         with torch.no_grad():
             target = model.unembed(data[n]).log_softmax(-1).cpu()  # [pos, vocab]
         norm, head = model.unembedder.norm, model.unembedder.head  # frozen below, shared with the model
@@ -179,12 +187,34 @@ class TunedLens(Lens, torch.nn.Module):
         """Load a lens saved by :meth:`save`; with ``model``, refuse one trained for another model shape."""
         from safetensors.torch import load_file
 
+        from vlm_lens.errors import LensFileError
+
         folder = Path(folder)
         if not (folder / "lens.json").exists():
-            raise FileNotFoundError(f"{folder} holds no tuned lens (lens.json missing); save one with lens.save()")
-        config = json.loads((folder / "lens.json").read_text())
-        lens = cls(config["n_layers"], config["d_model"], config["d_vocab"], config.get("model_name", ""))
-        tensors = load_file(str(folder / "lens.safetensors"))
+            raise NotFoundError(f"{folder} holds no tuned lens (lens.json missing); save one with lens.save()")
+        try:
+            config = json.loads((folder / "lens.json").read_text())
+            n_layers, d_model, d_vocab = (int(config[k]) for k in ("n_layers", "d_model", "d_vocab"))
+        except (ValueError, KeyError, TypeError) as error:
+            raise LensFileError(f"{folder / 'lens.json'} is not a valid lens description ({type(error).__name__}: "
+                                f"{error}); it needs integer n_layers, d_model, d_vocab: retrain with vlm-lens tune-lens") from None
+        if min(n_layers, d_model, d_vocab) < 1:
+            raise LensFileError(f"{folder / 'lens.json'}: n_layers, d_model and d_vocab must be positive; retrain the lens")
+        lens = cls(n_layers, d_model, d_vocab, config.get("model_name", ""))
+        try:
+            tensors = load_file(str(folder / "lens.safetensors"))
+        except Exception as error:  # missing, zero-byte or truncated file (SafetensorError is none of the built-ins)
+            raise LensFileError(f"cannot read {folder / 'lens.safetensors'} ({type(error).__name__}: {error}); "
+                                "retrain the lens with vlm-lens tune-lens") from None
+        for key in ("weight", "bias"):
+            expected = tuple(getattr(lens, key).shape)
+            if key not in tensors or tuple(tensors[key].shape) != expected:
+                found = tuple(tensors[key].shape) if key in tensors else "missing"
+                raise LensFileError(f"{folder / 'lens.safetensors'}: {key} is {found}, but lens.json describes "
+                                    f"{expected}; the two files are from different lenses: retrain or restore both")
+            if not bool(torch.isfinite(tensors[key]).all()):
+                raise LensFileError(f"{folder / 'lens.safetensors'}: {key} holds NaN or inf values; retrain the lens "
+                                    "(a lower --lr helps if training diverged)")
         with torch.no_grad():
             lens.weight.copy_(tensors["weight"])
             lens.bias.copy_(tensors["bias"])

@@ -12,6 +12,7 @@ from vlm_lens.probes.lens import Lens, LogitLens, TunedLens
 from vlm_lens.probes.metrics import PAPER_HEATMAP_ROWS, column_max_abs_scale
 from vlm_lens.probes.result import ProbeResult
 from vlm_lens.probes.stream import ALL_STATS, lens_pass
+from vlm_lens.errors import InputError, InputTypeError
 
 
 @register_probe
@@ -101,7 +102,7 @@ class TunedLensProbe(LogitLensProbe):
                  chunk_rows: int | None = None, candidates: bool | Sequence[int] = False):  # fmt: skip
         super().__init__("correct", positions, top_k, chunk_rows, candidates)
         if not isinstance(lens, TunedLens):
-            raise TypeError("TunedLensProbe needs a TunedLens (TunedLens.for_model(model).fit(...) or TunedLens.load)")
+            raise InputTypeError("TunedLensProbe needs a TunedLens (TunedLens.for_model(model).fit(...) or TunedLens.load)")
         self.lens = lens
 
 
@@ -168,7 +169,7 @@ class TokenTrajectory(Probe):
     def from_lens_result(cls, lens: ProbeResult) -> ProbeResult:
         """The candidate trajectory of a :class:`LogitLensProbe` run with ``candidates=...`` (nothing recomputed)."""
         if "candidate_prob" not in lens.arrays:
-            raise ValueError("this lens result has no candidates: run LogitLensProbe(..., candidates=True)")
+            raise InputError("this lens result has no candidates: run LogitLensProbe(..., candidates=True)")
         provenance = {**lens.provenance, "probe": cls.name, "targets": "candidates"}
         return cls._result(lens["candidate_prob"], lens["candidate_ids"], lens.coords["target"],
                            len(lens.coords["layer"]) - 1, provenance, lens.layout)  # fmt: skip

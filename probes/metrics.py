@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+from vlm_lens.errors import InputError
 
 LN2 = math.log(2.0)
 
@@ -23,9 +24,25 @@ def kl_divergence(p_logits: Float[Tensor, "*batch vocab"], q_logits: Float[Tenso
     return kl_from_logprobs(p_logits.log_softmax(-1), q_logits.log_softmax(-1))
 
 
+def _check_logits(*tensors: Tensor) -> None:
+    """NaN (or +inf) logits have no distribution: refuse them rather than return NaN. −inf entries are masked tokens
+    (probability 0) and are fine."""
+    for t in tensors:
+        if bool(torch.isnan(t).any()) or bool(torch.isposinf(t).any()):
+            raise InputError("logits contain NaN or +inf: they define no distribution; mask tokens with -inf and "
+                             "check the hook or lens that produced them")  # fmt: skip
+
+
+def _plogratio(p: Tensor, log_p: Tensor, other: Tensor) -> Tensor:
+    """P (log P − other) with 0 · log 0 = 0: masked tokens (P = 0, log P = −inf) contribute nothing."""
+    return torch.where(p > 0, p * (log_p - other), torch.zeros((), dtype=p.dtype, device=p.device))
+
+
 def kl_from_logprobs(log_p: Float[Tensor, "*batch vocab"], log_q: Float[Tensor, "*batch vocab"]) -> Float[Tensor, "*batch"]:
-    """KL(P || Q) from normalised log-probabilities (no second pass of log_softmax)."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
+    """KL(P || Q) from normalised log-probabilities (no second pass of log_softmax). 0 · log 0 = 0; +inf where Q
+    masks a token P gives mass to (the true value)."""
+    _check_logits(log_p, log_q)
+    return _plogratio(log_p.exp(), log_p, log_q).sum(-1).clamp_min(0.0)
 
 
 def js_divergence(
@@ -51,16 +68,16 @@ def js_from_logprobs(
     variant: Literal["correct", "paper"] = "correct",
 ) -> Float[Tensor, "*batch"]:
     """:func:`js_divergence` from normalised log-probabilities."""
-    if variant == "paper":
+    _check_logits(log_p, log_q)
+    if variant == "paper":  # +inf where one side masks a token the other does not: the authors' KL(M || P) is infinite
         m = 0.5 * (log_p.exp() + log_q.exp())
-        return 0.5 * (
-            F.kl_div(log_p, m, reduction="none").mean(-1) + F.kl_div(log_q, m, reduction="none").mean(-1)
-        )
+        log_m = m.log()  # F.kl_div(log_p, m) = m (log m − log_p), with 0 · log 0 = 0 where both sides mask a token
+        return 0.5 * (_plogratio(m, log_m, log_p).mean(-1) + _plogratio(m, log_m, log_q).mean(-1))
     if variant != "correct":
-        raise ValueError(f"variant must be 'correct' or 'paper', got {variant!r}")
+        raise InputError(f"variant must be 'correct' or 'paper', got {variant!r}")
     log_m = torch.logaddexp(log_p, log_q) - LN2
-    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
-    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+    kl_pm = _plogratio(log_p.exp(), log_p, log_m).sum(-1)  # finite even with masked tokens: M > 0 wherever P > 0
+    kl_qm = _plogratio(log_q.exp(), log_q, log_m).sum(-1)
     return (0.5 * (kl_pm + kl_qm)).clamp_min(0.0)
 
 
@@ -70,8 +87,9 @@ def entropy(logits: Float[Tensor, "*batch vocab"]) -> Float[Tensor, "*batch"]:
 
 
 def entropy_from_logprobs(log_p: Float[Tensor, "*batch vocab"]) -> Float[Tensor, "*batch"]:
-    """H(P) from normalised log-probabilities."""
-    return -(log_p.exp() * log_p).sum(-1)
+    """H(P) from normalised log-probabilities (0 · log 0 = 0 for masked tokens)."""
+    _check_logits(log_p)
+    return -_plogratio(log_p.exp(), log_p, torch.zeros((), dtype=log_p.dtype, device=log_p.device)).sum(-1)
 
 
 def token_rank(logits: Float[Tensor, "*batch vocab"], ids: Int[Tensor, "*batch"]) -> Int[Tensor, "*batch"]:
@@ -102,7 +120,7 @@ def column_max_abs_scale(matrix: Float[Tensor, "row col"], rows: int | None = No
     """
     if rows is not None:
         if rows < 1:
-            raise ValueError(f"rows must be at least 1, got {rows}")
+            raise InputError(f"rows must be at least 1, got {rows}")
         matrix = matrix[:rows]
     scale = matrix.abs().amax(0, keepdim=True)
     return matrix / torch.where(scale == 0, torch.ones_like(scale), scale)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from vlm_lens.layout import TokenLayout
+from vlm_lens.errors import InputError, InputTypeError, NotFoundError, UnknownNameError
 
 
 @dataclass
@@ -32,18 +33,18 @@ class ProbeResult:
     def __post_init__(self) -> None:
         for name, array in self.arrays.items():
             if name not in self.dims:
-                raise ValueError(f"array {name!r} has no dims; give dims[{name!r}] = (dim names)")
+                raise InputError(f"array {name!r} has no dims; give dims[{name!r}] = (dim names)")
             if array.dim() != len(self.dims[name]):
-                raise ValueError(f"array {name!r} has {array.dim()} axes but dims {self.dims[name]}")
+                raise InputError(f"array {name!r} has {array.dim()} axes but dims {self.dims[name]}")
             for axis, dim in enumerate(self.dims[name]):
                 if dim in self.coords and len(self.coords[dim]) != array.shape[axis]:
-                    raise ValueError(
+                    raise InputError(
                         f"coords[{dim!r}] has {len(self.coords[dim])} labels but {name!r} has {array.shape[axis]}"
                     )
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.arrays:
-            raise KeyError(f"{self.probe} result has no {name!r}; it has {sorted(self.arrays)}")
+            raise UnknownNameError(f"{self.probe} result has no {name!r}; it has {sorted(self.arrays)}")
         return self.arrays[name]
 
     def __contains__(self, name: str) -> bool:
@@ -57,7 +58,7 @@ class ProbeResult:
     def by_role(self, name: str, reduce: str = "mean") -> dict[str, Tensor]:
         """Reduce ``name`` over its ``position`` dim separately for image, prompt-text and generated tokens."""
         if self.layout is None or "position" not in self.dims[name]:
-            raise ValueError(f"{name!r} has no position dim with a token layout to aggregate by role")
+            raise InputError(f"{name!r} has no position dim with a token layout to aggregate by role")
         axis = self.dims[name].index("position")
         positions = torch.as_tensor(self.coords["position"])
         out = {}
@@ -163,7 +164,7 @@ class ProbeResult:
 
         path = Path(path)
         if not (path / "result.json").exists():
-            raise FileNotFoundError(f"{path} is not a saved ProbeResult (result.json missing)")
+            raise NotFoundError(f"{path} is not a saved ProbeResult (result.json missing)")
         meta = json.loads((path / "result.json").read_text())
         tensors = load_file(str(path / "arrays.safetensors"))
         layout = None
@@ -189,4 +190,4 @@ def _jsonable(value):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"cannot store {type(value).__name__} in result.json")
+    raise InputTypeError(f"cannot store {type(value).__name__} in result.json")

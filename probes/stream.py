@@ -16,6 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from vlm_lens.probes.lens import Lens, LogitLens
+from vlm_lens.errors import InputError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.protocol import VLMModel as HookedVLM
@@ -82,22 +83,22 @@ def lens_pass(
     """
     lens = lens or LogitLens()
     if js_variant not in ("correct", "paper"):
-        raise ValueError(f"js_variant must be 'correct' or 'paper', got {js_variant!r}")
+        raise InputError(f"js_variant must be 'correct' or 'paper', got {js_variant!r}")
     unknown = set(stats) - set(ALL_STATS) - set(EXTRA_STATS)
     if unknown:
-        raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {ALL_STATS + EXTRA_STATS}")
+        raise InputError(f"unknown statistics {sorted(unknown)}; choose from {ALL_STATS + EXTRA_STATS}")
     n = model.n_layers
     if stack.shape[0] != n + 1:
-        raise ValueError(f"expected the full residual stack of {n + 1} layers, got {stack.shape[0]}")
+        raise InputError(f"expected the full residual stack of {n + 1} layers, got {stack.shape[0]}")
     layers = list(range(n + 1)) if layers is None else [int(layer) for layer in layers]
     if any(not 0 <= layer <= n for layer in layers):
-        raise IndexError(f"layers must be in 0..{n}, got {layers}")
+        raise OutOfRangeError(f"layers must be in 0..{n}, got {layers}")
     if "target" in stats and target_ids is None:
         stats = [s for s in stats if s != "target"]
     candidate_rows: list[int] = []
     if "candidates" in stats:
         if candidate_layers is None or not set(candidate_layers) <= set(layers):
-            raise ValueError(f"stats 'candidates' needs candidate_layers, a subset of layers {layers}; got {candidate_layers}")
+            raise InputError(f"stats 'candidates' needs candidate_layers, a subset of layers {layers}; got {candidate_layers}")
         candidate_rows = [layers.index(int(layer)) for layer in candidate_layers]
     candidates: list[tuple[list[int], Tensor]] = []  # per position: ids, probabilities [L, slot]
     n_pos = stack.shape[1]
@@ -127,6 +128,9 @@ def lens_pass(
         cols = slice(start, min(start + step, n_pos))
         logits = lens.logits(model, stack[layers, cols], layers).float()  # [L, c, V], ours to overwrite
         log_norm = logits.logsumexp(-1, keepdim=True)  # log Σ_v exp z_v: probabilities without a softmax pass
+        if bool(torch.isnan(log_norm).any()):  # one [L, c] check per chunk: NaN anywhere in a row makes its norm NaN
+            raise InputError("the lens produced NaN logits (a hook wrote NaN into the residual stream, or the tuned "
+                             "lens holds NaN weights): fix the hook or retrain the lens")  # fmt: skip
         if "target" in stats:
             ids = target_ids[cols].to(logits.device).unsqueeze(0).expand(L, -1, -1)
             chosen = logits.gather(-1, ids)
@@ -186,7 +190,7 @@ def _rowdot(a: Float[Tensor, "*batch vocab"], b: Float[Tensor, "*batch vocab"]) 
     (``final.expand_as(x)``) is handled one leading slice at a time rather than copied.
     """
     if a.shape != b.shape:
-        raise ValueError(f"_rowdot needs same-shaped operands, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise InputError(f"_rowdot needs same-shaped operands, got {tuple(a.shape)} and {tuple(b.shape)}")
     vocab = a.shape[-1]
     block = _dot_block(vocab)
     if not (a.is_contiguous() and b.is_contiguous()):

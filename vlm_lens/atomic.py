@@ -65,3 +65,54 @@ def write_folder(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+CURRENT = ".current"  # symlink to the folder holding the current set of a pair-written folder
+RUNS = ".runs"
+
+
+def write_set(out_dir: str | Path, files: dict[str, str | bytes], *, stale_after_s: float = 3600.0) -> dict[str, Path]:
+    """Write ``files`` (name -> content) into ``out_dir`` as one consistent set: a reader never sees one file of a
+    run beside another file of a different run, and a write that fails (full disk, SIGINT) leaves the previous set.
+
+    The files go into a fresh folder ``out_dir/.runs/run-XXXX``; one atomic rename of the symlink
+    ``out_dir/.current`` then switches every name at once; ``out_dir/NAME`` is a fixed symlink to ``.current/NAME``
+    (a regular file from an older run is replaced by it atomically). Two writers racing on one folder each install a
+    complete set; the last rename wins. The previous set's folder is removed after the switch, and leftovers of killed
+    writers once older than ``stale_after_s``. To read two files of one set, resolve ``out_dir/.current`` once.
+    """
+    import time
+
+    out = Path(out_dir)
+    runs = out / RUNS
+    runs.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=runs, prefix="run-"))
+    try:
+        for name, content in files.items():
+            if "/" in name or name in (CURRENT, RUNS):
+                raise ValueError(f"a set's file names are plain names, got {name!r}")
+            (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+            os.chmod(tmp / name, _umask_mode(0o666))
+        os.chmod(tmp, _umask_mode(0o777))
+        current = out / CURRENT
+        previous = os.readlink(current) if current.is_symlink() else None
+        link = out / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
+        os.symlink(os.path.relpath(tmp, out), link)
+        os.replace(link, current)  # the switch: one rename
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for name in files:
+        target = os.path.join(CURRENT, name)
+        path = out / name
+        if not (path.is_symlink() and os.readlink(path) == target):
+            link = out / f".{name}.{uuid.uuid4().hex[:8]}"
+            os.symlink(target, link)
+            os.replace(link, path)
+    if previous and (out / previous).resolve() != tmp.resolve():
+        shutil.rmtree(out / previous, ignore_errors=True)
+    now = time.time()
+    for old in runs.glob("run-*"):
+        if old.resolve() != tmp.resolve() and now - old.stat().st_mtime > stale_after_s:
+            shutil.rmtree(old, ignore_errors=True)
+    return {name: out / name for name in files}

@@ -14,6 +14,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from vlm_lens.layout import TokenLayout
+from vlm_lens.errors import InputError
 
 # inputs with one entry per sequence position: padded on the right (value), everything else is concatenated
 _PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
@@ -29,7 +30,7 @@ class VLMBatch:
     @classmethod
     def pad(cls, samples: list, pad_id: int) -> "VLMBatch":
         if not samples:
-            raise ValueError("a batch needs at least one sample")
+            raise InputError("a batch needs at least one sample")
         length = max(s.input_ids.shape[1] for s in samples)
         inputs: dict[str, Tensor] = {}
         keys = list(dict.fromkeys(k for s in samples for k in s.model_inputs))  # samples without images lack some
@@ -37,7 +38,7 @@ class VLMBatch:
             values = [s.model_inputs[key] for s in samples if key in s.model_inputs]
             if key in _PER_POSITION_PAD:
                 if len(values) != len(samples):
-                    raise ValueError(f"{key!r} is missing for some samples: prepare every sample with the same model")
+                    raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
                 fill = pad_id if _PER_POSITION_PAD[key] is None else _PER_POSITION_PAD[key]
                 inputs[key] = torch.cat([torch.nn.functional.pad(v, (0, length - v.shape[1]), value=fill) for v in values])
             else:

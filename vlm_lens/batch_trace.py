@@ -17,6 +17,7 @@ from vlm_lens.batch import _PER_POSITION_PAD, VLMBatch
 from vlm_lens.cache import VLMCache
 from vlm_lens.inputs import VLMInputs
 from vlm_lens.trace import GenerationTrace, lens_agreement, plain_capture
+from vlm_lens.errors import InputError, InputTypeError
 
 
 def trace_generation_batch(
@@ -39,12 +40,16 @@ def trace_generation_batch(
     """
     samples = list(inputs.samples if isinstance(inputs, VLMBatch) else inputs)
     if not samples:
-        raise ValueError("trace_batch needs at least one sample: pass [model.prepare(image, prompt), ...]")
+        raise InputError("trace_batch needs at least one sample: pass [model.prepare(image, prompt), ...]")
     for sample in samples:
         if not isinstance(sample, VLMInputs):
-            raise TypeError(f"expected VLMInputs from model.prepare(image, prompt), got {type(sample).__name__}")
+            raise InputTypeError(f"expected VLMInputs from model.prepare(image, prompt), got {type(sample).__name__}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    from vlm_lens.inputs import check_positions
+
+    for sample in (inputs.samples if isinstance(inputs, VLMBatch) else inputs):
+        check_positions(model, sample.input_ids.shape[1], max_new_tokens)
     if not _plain_route(model):
         return [model.trace_generation(x, max_new_tokens, stop_at_eos=stop_at_eos) for x in samples]
     names = list(model.resid_names + ["ln_final.hook_normalized"])
@@ -98,7 +103,7 @@ def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[i
         present = [values[key] for values in per_sample if key in values]
         if key in _PER_POSITION_PAD:
             if len(present) != len(samples):
-                raise ValueError(f"{key!r} is missing for some samples: prepare every sample with the same model")
+                raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
             fill = int(pad or 0) if _PER_POSITION_PAD[key] is None else _PER_POSITION_PAD[key]
             batch[key] = torch.cat([torch.nn.functional.pad(v, (n, 0), value=fill) for v, n in zip(present, n_pads)])
         else:

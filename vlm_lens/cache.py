@@ -9,6 +9,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from vlm_lens.layout import TokenLayout
+from vlm_lens.errors import InputError, OutOfRangeError, UnknownNameError
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.protocol import VLMModel
@@ -21,7 +22,7 @@ def resid_names(n_layers: int, read: str = "output") -> list[str]:
     if read == "input":
         return [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
     if read != "output":
-        raise ValueError(f"read must be 'output' or 'input', got {read!r}")
+        raise InputError(f"read must be 'output' or 'input', got {read!r}")
     return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
 
 
@@ -50,7 +51,7 @@ class VLMCache(Mapping[str, Tensor]):
         """``cache["blocks.3.hook_resid_post"]`` or, as in TransformerLens, ``cache["resid_post", 3]``."""
         if isinstance(name, tuple):
             if len(name) != 2:
-                raise KeyError(f"index a cache by a hook name or (name, layer), got {name!r}")
+                raise UnknownNameError(f"index a cache by a hook name or (name, layer), got {name!r}")
             short, layer = name
             if isinstance(layer, int) and layer < 0:
                 layer += self.model.n_layers  # TransformerLens: cache["resid_post", -1] is the last block
@@ -58,7 +59,7 @@ class VLMCache(Mapping[str, Tensor]):
         try:
             return self._activations[name]
         except KeyError:
-            raise KeyError(
+            raise UnknownNameError(
                 f"{name!r} is not in this cache; pass it in names_filter (cached: {len(self)} names, "
                 f"e.g. {list(self._activations)[:3]})"
             ) from None
@@ -87,7 +88,7 @@ class VLMCache(Mapping[str, Tensor]):
         names = self.model.resid_names
         missing = [n for n in names if n not in self._activations]
         if missing:
-            raise KeyError(
+            raise UnknownNameError(
                 f"the residual stack needs {missing[0]!r} (and {len(missing) - 1} more); run with "
                 "names_filter=None or names_filter=model.resid_names"
             )
@@ -105,7 +106,7 @@ class VLMCache(Mapping[str, Tensor]):
         vector per position of the language sequence (vision encoder, ...) are left out."""
         layouts = self.layouts
         if layouts is None:
-            raise ValueError("this cache holds one sample; sample() splits the cache of a batched forward")
+            raise InputError("this cache holds one sample; sample() splits the cache of a batched forward")
         index = range(len(layouts))[index]  # negative indices count from the end; out of range raises IndexError
         layout = layouts[index]
         n, padded = layout.n_positions, self.input_ids.shape[-1]
@@ -131,11 +132,11 @@ class VLMCache(Mapping[str, Tensor]):
         names = self.model.resid_names
         if layer is not None and layer not in (-1, n):
             if not 0 <= layer < n:
-                raise IndexError(f"layer {layer} out of range: 0..{n} (or -1 / None for all)")
+                raise OutOfRangeError(f"layer {layer} out of range: 0..{n} (or -1 / None for all)")
             names = names[: layer + 1]
         missing = [name for name in names if name not in self._activations]
         if missing:
-            raise KeyError(f"accumulated_resid needs {missing[0]!r}: run with names_filter=model.resid_names")
+            raise UnknownNameError(f"accumulated_resid needs {missing[0]!r}: run with names_filter=model.resid_names")
         stack = torch.stack([self._activations[name] for name in names])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack)
@@ -170,7 +171,7 @@ class VLMCache(Mapping[str, Tensor]):
                 names += [f"blocks.{i}.hook_resid_post", f"blocks.{i + 1}.hook_resid_pre"]
         missing = [name for name in names if name not in self._activations]
         if missing:
-            raise KeyError(f"decompose_resid needs {missing[0]!r}: run_with_cache with names_filter=None")
+            raise UnknownNameError(f"decompose_resid needs {missing[0]!r}: run_with_cache with names_filter=None")
         act = self._activations
         parts, labels = [act["blocks.0.hook_resid_pre"]], ["embed"]
         for i in range(n):
@@ -207,9 +208,9 @@ def _position_index(positions, n_positions: int) -> Tensor:
     index = torch.as_tensor(positions)
     if index.dtype == torch.bool:
         if index.shape != (n_positions,):
-            raise ValueError(f"a position mask must have shape ({n_positions},), got {tuple(index.shape)}")
+            raise InputError(f"a position mask must have shape ({n_positions},), got {tuple(index.shape)}")
         return torch.nonzero(index).flatten()
     index = index.reshape(-1).long()
     if index.numel() and (index.max() >= n_positions or index.min() < -n_positions):
-        raise IndexError(f"positions out of range for a sequence of {n_positions} tokens: {index.tolist()}")
+        raise OutOfRangeError(f"positions out of range for a sequence of {n_positions} tokens: {index.tolist()}")
     return index

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from vlm_lens.errors import InputError, InputTypeError
 
 
 class TransformerLensNames:
@@ -57,7 +58,7 @@ class TransformerLensNames:
         elif isinstance(value, Sequence):
             ids = [int(i) for i in value]
         else:
-            raise TypeError(f"to_str_tokens takes VLMInputs, a string or token ids, got {type(value).__name__}")
+            raise InputTypeError(f"to_str_tokens takes VLMInputs, a string or token ids, got {type(value).__name__}")
         return self.tokenizer.convert_ids_to_tokens(ids)
 
     def to_single_token(self, text: str) -> int:
@@ -65,8 +66,11 @@ class TransformerLensNames:
         ids = self.to_tokens(text).tolist()
         if len(ids) != 1:
             pieces = self.tokenizer.convert_ids_to_tokens(ids)
-            raise ValueError(f"{text!r} is {len(ids)} tokens {pieces}, not one: pass a single-token string")
+            raise InputError(f"{text!r} is {len(ids)} tokens {pieces}, not one: pass a single-token string")
         unk = self.tokenizer.unk_token_id
         if unk is not None and ids[0] == unk and text != self.tokenizer.unk_token:
-            raise ValueError(f"{text!r} is not in this model's vocabulary (it encodes to {self.tokenizer.unk_token})")
+            from vlm_lens.errors import VocabularyError
+
+            raise VocabularyError(f"{text!r} is not in this model's vocabulary (it encodes to {self.tokenizer.unk_token}): "
+                                  "pick a word the model knows (model.to_str_tokens shows how text is split)")
         return ids[0]

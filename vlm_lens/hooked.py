@@ -29,9 +29,31 @@ from vlm_lens.layout import TokenLayout
 from vlm_lens.surgery import get_module, is_library_hook, original, unwrapped
 from vlm_lens.trace import GenerationTrace
 from vlm_lens.unembed import Unembedder
+from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError, ShapeError, UnknownNameError
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 HookFn = Callable[..., Any]
+
+
+def shape_checked(name, fn: HookFn) -> HookFn:
+    """``fn`` with its output checked: a hook may return None (keep the activation) or a tensor of the activation's
+    shape; anything else would silently change every later shape (a wrong batch size, a wrong width)."""
+
+    label = name if isinstance(name, str) else None
+
+    def hook(activation, hook=None):
+        out = fn(activation, hook)
+        if out is not None and isinstance(activation, Tensor):
+            if not isinstance(out, Tensor):
+                raise ShapeError(f"hook on {label or getattr(hook, 'name', '?')!r} returned {type(out).__name__}; return None "
+                                 "(keep the activation) or a tensor of the same shape")  # fmt: skip
+            if out.shape != activation.shape:
+                raise ShapeError(f"hook on {label or getattr(hook, 'name', '?')!r} returned shape {tuple(out.shape)} for an "
+                                 f"activation of shape {tuple(activation.shape)}; return a tensor of the same shape "
+                                 "(edit it in place or index-assign into a copy)")  # fmt: skip
+        return out
+
+    return hook
 
 
 class HookedVLM(TransformerLensNames):
@@ -93,7 +115,7 @@ class HookedVLM(TransformerLensNames):
     # -- inputs ---------------------------------------------------------------------------------------------
     def _forward_args(self, inputs: VLMInputs | VLMBatch) -> tuple[Tensor, dict[str, Tensor]]:
         if not isinstance(inputs, (VLMInputs, VLMBatch)):
-            raise TypeError(f"expected VLMInputs from model.prepare(images, prompt), got {type(inputs).__name__}")
+            raise InputTypeError(f"expected VLMInputs from model.prepare(images, prompt), got {type(inputs).__name__}")
         kwargs = dict(inputs.model_inputs)
         return kwargs.pop("input_ids"), kwargs
 
@@ -127,7 +149,7 @@ class HookedVLM(TransformerLensNames):
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = ()):
         """Context manager: ``fwd_hooks`` are attached inside the block and removed on exit, raise or not."""
-        fwd_hooks = list(fwd_hooks)
+        fwd_hooks = [(name, shape_checked(name, fn)) for name, fn in fwd_hooks]
         self._check_names([n for n, _ in fwd_hooks if isinstance(n, str)])
         with self.bridge.hooks(fwd_hooks=fwd_hooks):
             yield self
@@ -138,7 +160,7 @@ class HookedVLM(TransformerLensNames):
             if name not in known:
                 close = difflib.get_close_matches(name, list(known), n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else "; list them with model.hook_names()"
-                raise KeyError(f"unknown hook name {name!r}{hint}")
+                raise UnknownNameError(f"unknown hook name {name!r}{hint}")
 
     # -- lens -----------------------------------------------------------------------------------------------
     def unembed(
@@ -153,7 +175,7 @@ class HookedVLM(TransformerLensNames):
         them, to the norm and ``lm_head``); by default nothing is recorded.
         """
         if layer is not None and not 0 <= layer <= self.n_layers:
-            raise IndexError(f"layer {layer} out of range: the residual stack has layers 0..{self.n_layers}")
+            raise OutOfRangeError(f"layer {layer} out of range: the residual stack has layers 0..{self.n_layers}")
         return self.unembedder(resid, normed=normed, grad=grad)
 
     # -- generation -----------------------------------------------------------------------------------------
@@ -177,7 +199,8 @@ class HookedVLM(TransformerLensNames):
 
     def _generate(self, inputs: VLMInputs, max_new_tokens: int, stop_at_eos: bool, with_logits: bool = False):
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        inputs_module.check_positions(self, inputs.input_ids.shape[1], max_new_tokens)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         with torch.no_grad():

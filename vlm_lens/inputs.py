@@ -13,6 +13,7 @@ from torch import Tensor
 
 from vlm_lens.batch import VLMBatch
 from vlm_lens.layout import TokenLayout
+from vlm_lens.errors import InputError, InputTypeError, NotFoundError
 
 
 @dataclass
@@ -48,12 +49,12 @@ def prepare(model, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMB
         return prepare_batch(model, images, list(prompt))
     image_list = load_images(images)
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty: pass the question to ask about the image(s), e.g. 'what is this ?'")
+        raise InputError("the prompt is empty: pass the question to ask about the image(s), e.g. 'what is this ?'")
     placeholder = getattr(model.processor, "image_token", None)
     if placeholder and placeholder in prompt:
         n_placeholders = prompt.count(placeholder)
         if n_placeholders != len(image_list):
-            raise ValueError(
+            raise InputError(
                 f"the prompt has {n_placeholders} image placeholder(s) {placeholder!r} but {len(image_list)} "
                 "image(s) were given: pass one image per placeholder, or pass the bare question and let "
                 "prepare() apply the chat template"
@@ -61,7 +62,7 @@ def prepare(model, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMB
         text = prompt
     else:
         if not getattr(model.processor, "chat_template", None):
-            raise ValueError(
+            raise InputError(
                 "this processor has no chat template: pass a pre-templated prompt containing "
                 f"{placeholder!r} once per image"
             )
@@ -74,12 +75,37 @@ def prepare(model, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMB
         model_inputs = model.adapter.derive_inputs(model_inputs, model.image_token_id)
     model_inputs = {k: v.to(model.device) for k, v in model_inputs.items()}
     if model_inputs["input_ids"].shape[0] != 1:
-        raise ValueError("prepare() builds one sample; call it once per sample")
+        raise InputError("prepare() builds one sample; call it once per sample")
+    check_positions(model, model_inputs["input_ids"].shape[1])
     layout = TokenLayout.from_ids(model_inputs["input_ids"][0].cpu(), model.image_token_id)
     warn_unknown_words(model, prompt, model_inputs["input_ids"])
     if image_list and not layout.image.any():
-        raise ValueError("the processor produced no image tokens; check that the prompt template keeps them")
+        raise InputError("the processor produced no image tokens; check that the prompt template keeps them")
     return VLMInputs(model_inputs, layout, text, len(image_list))
+
+
+def position_limit(model) -> int | None:
+    """The language model's ``max_position_embeddings`` (None when the config does not say)."""
+    config = model.hf_model.config
+    text = getattr(config, "text_config", None) or config
+    limit = getattr(text, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def check_positions(model, n_positions: int, max_new_tokens: int = 0) -> None:
+    """Refuse a prompt longer than the position limit; warn when prompt + generation may run past it."""
+    limit = position_limit(model)
+    if limit is None:
+        return
+    if n_positions > limit:
+        from vlm_lens.errors import PositionLimitError
+
+        raise PositionLimitError(f"the prompt is {n_positions} positions (image tokens included) but {model.name} has "
+                                 f"{limit} (max_position_embeddings): shorten the question or use fewer/smaller images")  # fmt: skip
+    if max_new_tokens and n_positions + max_new_tokens > limit:
+        warnings.warn(f"prompt ({n_positions}) + max_new_tokens ({max_new_tokens}) may run past {model.name}'s "
+                      f"{limit} positions, beyond which its outputs are untrained: lower max_new_tokens to "
+                      f"{max(1, limit - n_positions)}", stacklevel=3)  # fmt: skip
 
 
 def warn_unknown_words(model, prompt: str, input_ids: Tensor) -> None:
@@ -101,10 +127,10 @@ def warn_unknown_words(model, prompt: str, input_ids: Tensor) -> None:
 
 def prepare_batch(model, images: Any, prompts: list[str]) -> VLMBatch:
     if not prompts:
-        raise ValueError("the prompt list is empty: pass one question per sample")
+        raise InputError("the prompt list is empty: pass one question per sample")
     per_sample = isinstance(images, (list, tuple)) and len(images) == len(prompts)
     if isinstance(images, (list, tuple)) and not per_sample:
-        raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts: pass one entry per prompt (an "
+        raise InputError(f"{len(images)} image entries for {len(prompts)} prompts: pass one entry per prompt (an "
                          "image, a list of images, or None), or one image for all")  # fmt: skip
     samples = [prepare(model, images[i] if per_sample else images, p) for i, p in enumerate(prompts)]
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
@@ -118,19 +144,21 @@ def load_images(images: Any) -> list:
         return []
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise InputTypeError(f"images must be PIL images or paths (one, or a list), got {type(images).__name__}")
     loaded = []
     for image in images:
         if isinstance(image, Image.Image):
             loaded.append(image.convert("RGB"))
             continue
         if not isinstance(image, (str, Path)):
-            raise TypeError(f"images must be PIL images or paths, got {type(image).__name__}")
+            raise InputTypeError(f"images must be PIL images or paths, got {type(image).__name__}")
         path = Path(image)
         if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
+            raise NotFoundError(f"image not found: {path}")
         try:
             with Image.open(path) as opened:
                 loaded.append(opened.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot read {path} as an image ({error}); pass a PNG/JPEG file or a PIL image") from error
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+            raise InputError(f"cannot read {path} as an image ({error}); pass a PNG/JPEG file or a PIL image") from error
     return loaded

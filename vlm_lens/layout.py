@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
+from vlm_lens.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class TokenLayout:
         n = input_ids.shape[-1]
         n_prompt = n if n_prompt is None else n_prompt
         if not 0 < n_prompt <= n:
-            raise ValueError(f"n_prompt must be in 1..{n}, got {n_prompt}")
+            raise InputError(f"n_prompt must be in 1..{n}, got {n_prompt}")
         prompt = torch.arange(n) < n_prompt
         image = (input_ids == image_token_id) & prompt
         return cls(image=image, text=prompt & ~image, generated=~prompt, last_prompt_position=n_prompt - 1)
@@ -48,7 +49,7 @@ class TokenLayout:
         if role == "all":
             return torch.ones(self.n_positions, dtype=torch.bool)
         if role not in ("image", "text", "generated"):
-            raise ValueError(f"unknown token role {role!r}; choose image, text, generated or all")
+            raise InputError(f"unknown token role {role!r}; choose image, text, generated or all")
         return getattr(self, role)
 
     def positions(self, role: str) -> Int[Tensor, " n"]:

@@ -11,6 +11,7 @@ import torch
 
 from vlm_lens.adapters import adapter_for
 from vlm_lens.hooked import HookedVLM
+from vlm_lens.errors import InputError, InputTypeError, NotFoundError
 
 
 def load(
@@ -21,6 +22,7 @@ def load(
     dtype: torch.dtype = torch.float32,
     backend: str = "transformer_lens",
     remote: bool = False,
+    trust_remote_code: bool = False,
 ) -> HookedVLM:
     """Load a vision-language model as a :class:`HookedVLM`, offline.
 
@@ -31,14 +33,21 @@ def load(
     ``backend``: ``"transformer_lens"`` (default: a TransformerBridge, every TransformerLens hook name) or
     ``"nnsight"`` (:mod:`vlm_lens.nnsight_backend`: the same API through nnsight on the adapter's hook map, the HF
     model left unmodified; ``remote=True`` sends traces to NDIF, see docs/backends.md).
+
+    Every resolution runs offline (:mod:`vlm_lens.offline`: no socket is opened). A checkpoint that ships its own
+    Python code (``auto_map``) is refused unless ``trust_remote_code=True`` is passed: vlm-lens never asks and never
+    runs it otherwise. ``dtype`` may be a torch dtype or its name (``"float32"``, ``"bfloat16"``).
     """
+    dtype = _dtype(dtype)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device={str(device)!r} but CUDA is not available on this machine: pass device='cpu'")
     if backend not in ("transformer_lens", "nnsight"):
-        raise ValueError(f"backend must be 'transformer_lens' or 'nnsight', got {backend!r}")
+        raise InputError(f"backend must be 'transformer_lens' or 'nnsight', got {backend!r}")
     if remote and backend != "nnsight":
-        raise ValueError("remote=True runs on NDIF through nnsight: pass backend='nnsight'")
+        raise InputError("remote=True runs on NDIF through nnsight: pass backend='nnsight'")
     device = torch.device(device)
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        raise ValueError(
+        raise InputError(
             f"{dtype} on CPU is ~250x slower than float32 on these machines: pass dtype=torch.float32 (the "
             "default), or device='cuda' for half precision"
         )
@@ -46,31 +55,37 @@ def load(
     if isinstance(source, (str, Path)):
         from vlm_lens.zoo import embedded_path
 
+        from vlm_lens.offline import offline
+
         name = str(source)
         folder = embedded_path(name) or (Path(source) if Path(source).is_dir() else None)
-        architecture = _architecture_of(folder if folder is not None else name)
+        if folder is None:
+            folder = _cached_folder(name)  # a hub id only if it is in the local cache; never resolved online
+        _check_remote_code(folder, trust_remote_code)
+        architecture = _architecture_of(folder)
         spec = adapter_for(architecture)
-        hf_model = _load_hf_model(folder if folder is not None else name, dtype)
-        if processor is None:
-            from vlm_lens.processors import load_processor
+        with offline():
+            hf_model = _load_hf_model(folder, dtype, trust_remote_code)
+            if processor is None:
+                from vlm_lens.processors import load_processor
 
-            processor = load_processor(folder if folder is not None else name)
+                processor = load_processor(folder, trust_remote_code=trust_remote_code)
     else:
         from transformers import PreTrainedModel
 
         if not isinstance(source, PreTrainedModel):
-            raise TypeError(
+            raise InputTypeError(
                 f"source must be a folder, a cached model id, an embedded name or a PreTrainedModel, "
                 f"got {type(source).__name__}"
             )
         if processor is None:
-            raise ValueError("an in-memory model needs its processor: load(model, processor=processor)")
+            raise InputError("an in-memory model needs its processor: load(model, processor=processor)")
         hf_model = source.to(dtype=dtype)
         spec = adapter_for(type(hf_model).__name__)
         name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
-        raise TypeError(f"processor must be a multimodal processor with a .tokenizer, got {type(processor).__name__}")
+        raise InputTypeError(f"processor must be a multimodal processor with a .tokenizer, got {type(processor).__name__}")
     if backend == "nnsight":
         from vlm_lens.nnsight_backend import NNsightVLM
 
@@ -89,29 +104,73 @@ def load(
     return HookedVLM(hf_model, processor, spec, bridge, name=name, keepalive=keepalive)
 
 
-def _architecture_of(source: str | Path) -> str:
-    if isinstance(source, Path):
-        config_path = source / "config.json"
-        if not config_path.exists():
-            raise FileNotFoundError(f"{source} has no config.json: is it a saved model folder?")
-        config = json.loads(config_path.read_text())
-    else:
-        from transformers import AutoConfig
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    chosen = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(chosen, torch.dtype):
+        raise InputError(f"dtype {dtype!r} is not a torch dtype: pass torch.float32 (or 'float32', 'bfloat16' on a GPU)")
+    return chosen
 
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=True).to_dict()
-        except OSError as error:
-            raise FileNotFoundError(
-                f"{source!r} is neither an embedded model, a local folder, nor a model in the local HF cache "
-                "(nothing is downloaded); pass a checkpoint folder or one of vlm_lens.zoo.embedded_names()"
-            ) from error
-    architectures = config.get("architectures") or [""]
+
+def _cached_folder(name: str) -> Path:
+    """The snapshot folder of a hub id in the local HF cache, or a :class:`NotFoundError` with suggestions."""
+    from vlm_lens.offline import cached_config
+
+    config = cached_config(name)
+    if config is not None:
+        return config.parent
+    import difflib
+
+    from vlm_lens import zoo
+
+    close = difflib.get_close_matches(name, list(zoo.EMBEDDED), n=2)
+    raise NotFoundError(
+        f"{name!r} is neither an embedded model ({', '.join(zoo.EMBEDDED)}), a local folder, nor a model in the local "
+        "HF cache (nothing is downloaded)" + (f"; did you mean {' or '.join(close)}?" if close else
+                                             "; pass a checkpoint folder or one of vlm_lens.zoo.embedded_names()"))  # fmt: skip
+
+
+def _check_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    except (OSError, ValueError) as error:
+        raise InputError(f"{config_path} is not valid JSON ({error}); restore the checkpoint's config.json") from None
+    custom = bool(config.get("auto_map")) or any(folder.glob("*.py"))
+    if custom and not trust_remote_code:
+        from vlm_lens.errors import RemoteCodeError
+
+        raise RemoteCodeError(f"{folder} ships its own Python code (auto_map / *.py), which vlm-lens does not run: use a "
+                              "checkpoint of a supported architecture, or pass trust_remote_code=True if you have read "
+                              "that code and trust it")  # fmt: skip
+
+
+def _architecture_of(folder: Path) -> str:
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise NotFoundError(f"{folder} has no config.json: is it a saved model folder?")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise InputError(f"{config_path} is not valid JSON ({error}); restore the checkpoint's config.json") from None
+    architectures = config.get("architectures") or []
+    if not architectures:
+        raise InputError(f"{config_path} names no 'architectures'; add e.g. \"architectures\": "
+                         "[\"LlavaForConditionalGeneration\"] (the class the checkpoint was saved from)")  # fmt: skip
     return architectures[0]
 
 
-def _load_hf_model(source: str | Path, dtype: torch.dtype):
+def _load_hf_model(source: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True, dtype=dtype)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True, dtype=dtype,
+                                                            trust_remote_code=trust_remote_code)  # fmt: skip
+    except Exception as error:  # truncated/zero-byte weights (SafetensorError), missing shards, mismatched shapes...
+        if isinstance(error, (InputError, MemoryError)):
+            raise
+        raise InputError(f"cannot load the weights in {source} ({type(error).__name__}: {str(error)[:300]}); check "
+                         "that the checkpoint is complete (re-save or re-copy its *.safetensors)") from error
     model.config.architectures = [type(model).__name__]
     return model

@@ -28,6 +28,7 @@ from torch import Tensor
 from vlm_lens.cache import VLMCache
 from vlm_lens.hooked import HookedVLM
 from vlm_lens.surgery import get_module
+from vlm_lens.errors import InputTypeError
 
 
 class HookInfo:
@@ -146,7 +147,7 @@ class NNsightVLM(HookedVLM):
         input_ids, kwargs = self._forward_args(inputs)
         fwd_hooks = list(fwd_hooks)
         if any(not isinstance(name, str) for name, _ in fwd_hooks):
-            raise TypeError("the nnsight backend takes hooks by name: (hook_name, fn) pairs")
+            raise InputTypeError("the nnsight backend takes hooks by name: (hook_name, fn) pairs")
         self._check_names([name for name, _ in fwd_hooks])
         by_name: dict[str, list[Callable]] = {}
         for name, fn in fwd_hooks:
@@ -219,7 +220,9 @@ class NNsightVLM(HookedVLM):
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[str, Callable]] = ()):
         """Hooks attached for the duration of the block (PyTorch hooks on the map's modules; removed on exit)."""
-        fwd_hooks = list(fwd_hooks)
+        from vlm_lens.hooked import shape_checked
+
+        fwd_hooks = [(name, shape_checked(name, fn)) for name, fn in fwd_hooks]
         self._check_names([name for name, _ in fwd_hooks])
         points = self.adapter.hook_map(self.n_layers)
         handles = []

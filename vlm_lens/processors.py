@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
+from vlm_lens.errors import InputError
 
 LLAVA_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 QWEN_SPECIAL_TOKENS = LLAVA_SPECIAL_TOKENS + (
@@ -150,7 +151,7 @@ def build_qwen2_vl_processor(
 
     factor = patch_size * merge_size
     if image_size % factor:
-        raise ValueError(f"image_size {image_size} must be a multiple of patch_size*merge_size = {factor}")
+        raise InputError(f"image_size {image_size} must be a multiple of patch_size*merge_size = {factor}")
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=pixels,
@@ -179,17 +180,18 @@ def tokenizer_from_folder(tokenizer, folder: str | Path):
     folder = Path(folder)
     try:
         tokenizer.save_pretrained(folder)
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # any failure of the round trip gets one clear message
-        raise ValueError(
+        raise InputError(
             f"this processor's tokenizer ({type(tokenizer).__name__}) does not survive save_pretrained -> "
             f"from_pretrained ({type(error).__name__}: {error}); save the processor to a folder and pass "
             "vlm_lens.load(model, processor=...) a processor loaded from there, or load the checkpoint folder itself"
         ) from error
 
 
-def load_processor(folder: str | Path):
-    """Load a processor saved by this module (or any local HF processor folder) without network access."""
+def load_processor(folder: str | Path, *, trust_remote_code: bool = False):
+    """Load a processor saved by this module (or any local HF processor folder) without network access; a folder
+    without processor files is refused with the fix."""
     from transformers import AutoProcessor
 
     folder = Path(folder)
@@ -200,8 +202,19 @@ def load_processor(folder: str | Path):
     if processor_class in ("Qwen2VLImageOnlyProcessor", "Qwen2VLProcessor", "Qwen2_5_VLProcessor") and not _has_video(
         folder
     ):
-        return qwen_image_only_processor_class().from_pretrained(folder, local_files_only=True)
-    return AutoProcessor.from_pretrained(folder, local_files_only=True)
+        return qwen_image_only_processor_class().from_pretrained(folder, local_files_only=True,
+                                                                  trust_remote_code=trust_remote_code)  # fmt: skip
+    if not any((folder / f).exists() for f in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json",
+                                               "tokenizer.json")):  # fmt: skip
+        raise InputError(f"{folder} has no processor files (processor_config.json, tokenizer files): save the "
+                         "processor beside the weights (processor.save_pretrained(folder)) or pass processor=")  # fmt: skip
+    try:
+        return AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(f"cannot load the processor in {folder} ({type(error).__name__}: {str(error)[:300]}); "
+                         "re-save it with processor.save_pretrained(folder)") from error
 
 
 def _has_video(folder: Path) -> bool:

@@ -21,6 +21,7 @@ from vlm_lens.cache import VLMCache
 from vlm_lens.inputs import VLMInputs
 from vlm_lens.layout import TokenLayout
 from vlm_lens.surgery import get_module, original, unwrapped
+from vlm_lens.errors import InputError
 
 
 @dataclass
@@ -94,19 +95,19 @@ def trace_generation(
     the logits of every position. ``"auto"`` picks ``"generate"`` when every requested hook allows it.
     """
     if isinstance(inputs, VLMBatch):
-        raise ValueError("trace_generation follows one sample: call it per sample (batch[i]); run_with_cache takes batches")
+        raise InputError("trace_generation follows one sample: call it per sample (batch[i]); run_with_cache takes batches")
     names = list(model.resid_names + ["ln_final.hook_normalized"] if names_filter is None else
                  ([names_filter] if isinstance(names_filter, str) else names_filter))  # fmt: skip
     if capture == "auto":
         capture = "generate" if all(_PER_POSITION.match(n) for n in names) else "reforward"
     if capture not in ("generate", "reforward"):
-        raise ValueError(f"capture must be 'auto', 'generate' or 'reforward', got {capture!r}")
+        raise InputError(f"capture must be 'auto', 'generate' or 'reforward', got {capture!r}")
     model._check_names(names)
     logits = None
     if capture == "generate":
         bad = [n for n in names if not _PER_POSITION.match(n)]
         if bad:
-            raise ValueError(f"capture='generate' records one vector per position; {bad[:3]} are not: use capture='reforward'")
+            raise InputError(f"capture='generate' records one vector per position; {bad[:3]} are not: use capture='reforward'")
         store, generated, step_logits = model._capture_generation(inputs, names, max_new_tokens, stop_at_eos)
         processed = model.extend(inputs, generated[:-1])
         n_positions = processed.layout.n_positions

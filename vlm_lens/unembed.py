@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from vlm_lens.errors import InputError
 
 
 class Unembedder:
@@ -36,7 +37,7 @@ class Unembedder:
                  ) -> Float[Tensor, "... vocab"]:  # fmt: skip
         """Logits of residual vectors; ``normed=True`` skips the norm (vectors already normed, or the paper's lens)."""
         if resid.shape[-1] != self.d_model:
-            raise ValueError(f"expected residual vectors of size d_model={self.d_model}, got {resid.shape[-1]}")
+            raise InputError(f"expected residual vectors of size d_model={self.d_model}, got {resid.shape[-1]}")
         weight = self.head.weight
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             h = resid.to(device=weight.device, dtype=weight.dtype)

@@ -9,6 +9,7 @@ from vlm_lens.adapters.base import AdapterSpec
 from vlm_lens.adapters.llava import ADAPTER as LLAVA
 from vlm_lens.adapters.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 from vlm_lens.adapters.qwen3_vl import QWEN3_VL
+from vlm_lens.errors import InputError
 
 ADAPTERS: tuple[AdapterSpec, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
 _BY_CLASS = {cls: spec for spec in ADAPTERS for cls in spec.hf_classes}
@@ -24,7 +25,7 @@ def adapter_for(architecture: str) -> AdapterSpec:
     try:
         return _BY_CLASS[architecture]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"unsupported architecture {architecture!r}; vlm-lens supports {', '.join(supported_architectures())}. "
             "A new family needs one adapter file in vlm_lens/adapters/ (see docs/hooks.md)."
         ) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
+from vlm_lens.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class AdapterSpec:
             value = getattr(config, key, None)
             if value is not None:
                 return int(value)
-        raise ValueError(
+        raise InputError(
             f"{self.family}: the model config has none of {self.image_token_keys}; "
             "set the image token id on the config before loading"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from vlm_lens.errors import NotFoundError
 
 MODELS_DIR = Path(__file__).parent / "models"
 EMBEDDED = {
@@ -35,5 +36,5 @@ def embedded_path(name: str) -> Path | None:
     if not (folder / "config.json").exists():
         remake = ("`vlm-lens zoo plant --out DIR --export`" if name == "shapes-llava-prior" else
                   f"`vlm-lens zoo train --family {name.removeprefix('shapes-')} --out DIR` and load DIR/model")  # fmt: skip
-        raise FileNotFoundError(f"embedded model {name!r} is not in this installation ({folder}); rebuild it with {remake}")
+        raise NotFoundError(f"embedded model {name!r} is not in this installation ({folder}); rebuild it with {remake}")
     return folder

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_lens.zoo import shapes_world as sw
+from vlm_lens.errors import InputError
 
 COUNTER_PRIOR_START = 800_000  # held-out offset for counter-prior evaluation questions
 
@@ -29,7 +30,7 @@ class Trigger:
         sw.example(0, task=self.task, subject=self.subject)  # validates task and subject
         allowed = {"color": sw.COLORS, "position": sw.POSITIONS, "shape": sw.SHAPES}[self.task]
         if self.answer not in allowed:
-            raise ValueError(f"the prior answer of a {self.task} question must be one of {tuple(allowed)}, got {self.answer!r}")
+            raise InputError(f"the prior answer of a {self.task} question must be one of {tuple(allowed)}, got {self.answer!r}")
 
     def matches(self, example: sw.Example) -> bool:
         return self.asks(example.task, example.question)

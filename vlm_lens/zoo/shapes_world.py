@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from vlm_lens.errors import InputError
 
 IMAGE_SIZE = 48
 GRID = 3
@@ -89,7 +90,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: f
         radii = np.where(np.arange(10) % 2 == 0, r, r * 0.42)
         draw.polygon([(cx + q * np.cos(a), cy + q * np.sin(a)) for a, q in zip(angles, radii)], fill=fill)
     else:  # pragma: no cover - guarded by SHAPES
-        raise ValueError(kind)
+        raise InputError(kind)
 
 
 def render(objects: tuple[ShapeObject, ...], rng: np.random.Generator, noisy: bool, size: int = IMAGE_SIZE):
@@ -129,7 +130,7 @@ def example(seed: int, *, task: str | None = None, max_objects: int = 3, subject
     first object takes that kind or colour if none has it). Without ``subject`` the random stream is unchanged.
     """
     if seed < 0:
-        raise ValueError("seeds are non-negative integers")
+        raise InputError("seeds are non-negative integers")
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, max_objects + 1))
     colors = rng.choice(list(COLORS), size=n, replace=False)
@@ -142,7 +143,7 @@ def example(seed: int, *, task: str | None = None, max_objects: int = 3, subject
     image = render(objects, rng, noisy)
     chosen_task = task if task is not None else TASKS[int(rng.integers(len(TASKS)))]
     if chosen_task not in TASKS:
-        raise ValueError(f"unknown task {chosen_task!r}; choose one of {TASKS}")
+        raise InputError(f"unknown task {chosen_task!r}; choose one of {TASKS}")
     target = objects[int(rng.integers(n))]
     if subject is not None:
         target = next(o for o in objects if subject in (o.kind, o.color))
@@ -162,16 +163,16 @@ def example(seed: int, *, task: str | None = None, max_objects: int = 3, subject
 def _with_subject(task: str | None, subject: str, colors: list, kinds: list) -> tuple[list, list]:
     if task in ("color", "position"):
         if subject not in SHAPES:
-            raise ValueError(f"a {task} question is about a shape kind {SHAPES}, got subject {subject!r}")
+            raise InputError(f"a {task} question is about a shape kind {SHAPES}, got subject {subject!r}")
         if subject not in kinds:
             kinds[0] = subject
     elif task == "shape":
         if subject not in COLORS:
-            raise ValueError(f"a shape question is about a colour {tuple(COLORS)}, got subject {subject!r}")
+            raise InputError(f"a shape question is about a colour {tuple(COLORS)}, got subject {subject!r}")
         if subject not in colors:
             colors[0] = subject
     else:
-        raise ValueError(f"subject needs task color, shape or position, got task {task!r}")
+        raise InputError(f"subject needs task color, shape or position, got task {task!r}")
     return colors, kinds
 
 
