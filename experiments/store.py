@@ -85,6 +85,7 @@ class Store:
         import shutil
 
         path = Path(path)
+        lock = _lock(path)  # one writing run per store: a second one would delete or mix into this one's shards
         meta = {"format": FORMAT, "model": model, "settings": settings, "source": source}
         if (path / "run.json").exists():
             if resume:
@@ -96,6 +97,7 @@ class Store:
                 if differ:
                     raise StoreError(f"{path} was made by another run and cannot be resumed by this one ("
                                      + "; ".join(differ[:4]) + "): use another --store, or --overwrite to start over")
+                store._lock = lock
                 return store
             if not overwrite:
                 raise StoreError(f"{path} already holds a run: pass --resume to continue it or --overwrite to start over")
@@ -104,7 +106,9 @@ class Store:
             raise StoreError(f"{path} exists and is not a vlm-lens store: choose an empty or new folder for --store")
         path.mkdir(parents=True, exist_ok=True)
         write_file(path / "run.json", json.dumps(meta, indent=1, sort_keys=True))
-        return cls(path)
+        store = cls(path)
+        store._lock = lock
+        return store
 
     # -- writing ----------------------------------------------------------------------------------------------------
     def write_shard(self, writer: str, tables: dict[str, list[dict]], *, phase: int = 1) -> str:
@@ -202,6 +206,28 @@ class Store:
         done = self.committed()
         return {"path": str(self.path), "samples": len(done), "model": self.meta["model"].get("name"),
                 "source": self.meta["source"].get("description")}  # fmt: skip
+
+
+def _lock(path: Path):
+    """An exclusive lock on ``path`` for this process's lifetime (a sibling ``.NAME.lock`` file, outside the store so
+    that overwriting the store keeps it), or :class:`StoreError` naming the run that holds it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path.parent / f".{path.name}.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StoreError(f"{path} is being written by another run ({holder}): wait for it to finish, or give this "
+                         "run another --store (or --out)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
 
 
 def fingerprint(*parts: Any) -> str:

@@ -7,7 +7,6 @@ step logits and lens statistics within float32 noise of a batch-of-one forward).
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from jaxtyping import Float, Int
@@ -16,7 +15,7 @@ from torch import Tensor
 from vlm_lens.batch import _PER_POSITION_PAD, VLMBatch
 from vlm_lens.cache import VLMCache
 from vlm_lens.inputs import VLMInputs
-from vlm_lens.trace import GenerationTrace, lens_agreement, plain_capture
+from vlm_lens.trace import GenerationTrace, finish_trace, plain_capture
 from vlm_lens.errors import InputError, InputTypeError
 
 
@@ -140,27 +139,4 @@ def _trace(model, inputs: VLMInputs, generated: Int[Tensor, " step"], step_logit
     n_positions = processed.layout.n_positions
     assert all(a.shape[1] == n_positions for a in activations.values()), "batched capture lost positions"
     cache = VLMCache(activations, processed.layout, model)
-    cache.input_ids = torch.cat([processed.input_ids[0].cpu(), generated[-1:].cpu()])
-    step_positions = torch.arange(generated.shape[0]) + inputs.layout.n_prompt - 1
-    agrees = lens_agreement(model, cache, step_logits, step_positions, generated, stop_at_eos)
-    if not bool(agrees.all()):
-        warnings.warn(
-            f"the lens at the last layer does not reproduce generated tokens at steps "
-            f"{torch.nonzero(~agrees).flatten().tolist()} (near-tied logits between the KV-cached generation "
-            "and the cached forward); per-step analyses of those steps describe the cached forward",
-            stacklevel=3,
-        )
-    generated_cpu = generated.cpu()
-    return GenerationTrace(
-        inputs=processed,
-        generated_ids=generated_cpu,
-        generated_tokens=model.tokenizer.convert_ids_to_tokens(generated_cpu.tolist()),
-        text=model.tokenizer.decode(generated_cpu.tolist(), skip_special_tokens=True),
-        step_positions=step_positions,
-        step_logits=step_logits.cpu(),
-        cache=cache,
-        lens_agrees=agrees,
-        prompt_inputs=inputs,
-        logits=None,
-        capture="generate",
-    )
+    return finish_trace(model, inputs, processed, generated, cache, step_logits, None, "generate", stop_at_eos, 4)

@@ -86,6 +86,7 @@ def load(
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         raise InputTypeError(f"processor must be a multimodal processor with a .tokenizer, got {type(processor).__name__}")
+    _check_pair(hf_model, processor, spec)
     if backend == "nnsight":
         from vlm_lens.nnsight_backend import NNsightVLM
 
@@ -102,6 +103,24 @@ def load(
 
     bridge = boot_bridge(hf_model, tokenizer, spec, name, str(device))
     return HookedVLM(hf_model, processor, spec, bridge, name=name, keepalive=keepalive)
+
+
+def _check_pair(hf_model, processor, spec) -> None:
+    """Refuse a processor from another checkpoint now, not at the first forward (a wrong image token id or a
+    tokenizer larger than the model's vocabulary fail later with unrelated errors)."""
+    tokenizer = processor.tokenizer
+    image_token = getattr(processor, "image_token", None)
+    if image_token is not None:
+        found = tokenizer.convert_tokens_to_ids(image_token)
+        expected = spec.image_token_id(hf_model.config)
+        if found != expected:
+            raise InputError(f"the processor's image token {image_token!r} is id {found} but the model expects id "
+                             f"{expected}: the processor belongs to another checkpoint; pass the processor saved with "
+                             "this model")  # fmt: skip
+    embeddings = hf_model.get_output_embeddings()
+    if embeddings is not None and len(tokenizer) > embeddings.weight.shape[0]:
+        raise InputError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary {embeddings.weight.shape[0]}: "
+                         "the processor belongs to another checkpoint; pass the processor saved with this model")
 
 
 def _dtype(dtype) -> torch.dtype:

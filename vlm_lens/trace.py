@@ -118,10 +118,17 @@ def trace_generation(
         processed = model.extend(inputs, generated[:-1])
         logits, cache = model.run_with_cache(processed, names_filter=names)
         step_logits = None
+    return finish_trace(model, inputs, processed, generated, cache, step_logits, logits, capture, stop_at_eos)
+
+
+def finish_trace(model, inputs: VLMInputs, processed: VLMInputs, generated: Int[Tensor, " step"], cache: VLMCache,
+                 step_logits: Float[Tensor, "step vocab"] | None, logits: Tensor | None, capture: str,
+                 stop_at_eos: bool, stacklevel: int = 3) -> GenerationTrace:  # fmt: skip
+    """The :class:`GenerationTrace` of a generation whose activations are in ``cache`` (one sample's positions):
+    token ids for the cache, the step positions, the last-layer lens check (warned about, not fatal)."""
     # the sequence the cache reads plus the last emitted token: every step position predicts its generated token
     cache.input_ids = torch.cat([processed.input_ids[0].cpu(), generated[-1:].cpu()])
-    n_prompt = inputs.layout.n_prompt
-    step_positions = torch.arange(generated.shape[0]) + n_prompt - 1
+    step_positions = torch.arange(generated.shape[0]) + inputs.layout.n_prompt - 1
     if logits is not None:
         step_logits = logits[0, step_positions.to(logits.device)].float()
     agrees = lens_agreement(model, cache, step_logits, step_positions, generated, stop_at_eos)
@@ -130,7 +137,7 @@ def trace_generation(
             f"the lens at the last layer does not reproduce generated tokens at steps "
             f"{torch.nonzero(~agrees).flatten().tolist()} (near-tied logits between the KV-cached generation "
             "and the cached forward); per-step analyses of those steps describe the cached forward",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
     generated_cpu = generated.cpu()
     return GenerationTrace(

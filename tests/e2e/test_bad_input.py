@@ -346,3 +346,16 @@ def test_nan_in_the_residual_stream_is_refused_by_the_lens(t):
         _, cache = model.run_with_cache(x, names_filter=model.resid_names)
     with pytest.raises(E.InputError, match="NaN logits"):
         LogitLensProbe(positions="all")(cache)
+
+
+def test_processor_of_another_checkpoint_is_refused_at_load():
+    model, _ = testing.build("llava")
+    _, other = testing.build("qwen2.5-vl")
+    with pytest.raises(E.InputError, match="belongs to another checkpoint"):
+        vlm_lens.load(model, processor=other)
+
+
+def test_plain_question_without_a_chat_template(t, monkeypatch):
+    monkeypatch.setattr(t.model.processor, "chat_template", None)
+    with pytest.raises(E.InputError, match="pre-templated prompt"):
+        t.model.prepare(t.image, "what is this ?")

@@ -306,3 +306,19 @@ def test_default_threads_leave_busy_cores_alone():
 
     cores = len(os.sched_getaffinity(0))
     assert 1 <= default_threads() <= cores
+
+
+def test_a_second_run_cannot_write_a_store_being_written(tmp_path):
+    """Two runs sharing --out would delete or mix into each other's shards: the second is refused while the first
+    holds the store, and may go on once it is released."""
+    code = ("import sys, time; from vlm_lens.experiments.store import Store;"
+            "s = Store.create(sys.argv[1], {'name': 'm'}, {}, {'fingerprint': 'f'}); print('HELD', flush=True); time.sleep(60)")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "HELD"
+        with pytest.raises(StoreError, match="being written by another run .pid"):
+            Store.create(tmp_path / "store", {"name": "m"}, {}, {"fingerprint": "f"}, overwrite=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    Store.create(tmp_path / "store", {"name": "m"}, {}, {"fingerprint": "f"}, overwrite=True)  # free again
