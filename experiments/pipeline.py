@@ -98,15 +98,16 @@ def analyze(
     if overwrite is None:
         overwrite = store is None and not resume  # the default store belongs to the report folder: start afresh
     opened = streaming.open_store(store_path, model, samples, settings, tuned_lens=lens, resume=resume, overwrite=overwrite)
-    if workers:
-        from vlm_lens.experiments import distributed
+    with opened:  # released when the run ends, raise or not: the next run may open the store
+        if workers:
+            from vlm_lens.experiments import distributed
 
-        distributed.run(model, samples, opened, settings, tuned_lens=lens, batch_size=batch_size, workers=workers,
-                        address=ray_address, progress=progress)  # fmt: skip
-    else:
-        streaming.phase1(model, samples, opened, settings, tuned_lens=lens, batch_size=batch_size, progress=progress)
-        sets = store_report.skip_sets(opened, store_report.aggregate(opened))
-        if sets is not None:
-            streaming.phase2(model, samples, opened, sets, batch_size=batch_size, progress=progress)
-    return store_report.build(opened, out_dir, variant=variant, png=png, tsne_iter=tsne_iter, show_special=show_special,
-                              progress=progress)  # fmt: skip
+            distributed.run(model, samples, opened, settings, tuned_lens=lens, batch_size=batch_size, workers=workers,
+                            address=ray_address, progress=progress)  # fmt: skip
+        else:
+            streaming.phase1(model, samples, opened, settings, tuned_lens=lens, batch_size=batch_size, progress=progress)
+            sets = store_report.skip_sets(opened, store_report.aggregate(opened))
+            if sets is not None:
+                streaming.phase2(model, samples, opened, sets, batch_size=batch_size, progress=progress)
+        return store_report.build(opened, out_dir, variant=variant, png=png, tsne_iter=tsne_iter,
+                                  show_special=show_special, progress=progress)  # fmt: skip

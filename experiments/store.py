@@ -68,7 +68,12 @@ class Store:
         meta = self.path / "run.json"
         if not meta.is_file():
             raise StoreError(f"{self.path} is not a vlm-lens store (no run.json): pass the folder a run wrote with --store")
-        self.meta = json.loads(meta.read_text())
+        try:
+            self.meta = json.loads(meta.read_text())
+            self.meta["model"], self.meta["settings"], self.meta["source"]  # noqa: B018 - the keys a store needs
+        except (ValueError, KeyError, TypeError) as error:
+            raise StoreError(f"{meta} is damaged ({type(error).__name__}: {error}); the store cannot be trusted: start "
+                             "it again with --overwrite") from None
         if self.meta.get("format") != FORMAT:
             raise StoreError(f"{self.path}: store format {self.meta.get('format')} is not {FORMAT}; re-run the analysis")
         self._seq = 0
@@ -110,6 +115,19 @@ class Store:
         store._lock = lock
         return store
 
+    def close(self) -> None:
+        """Release this run's hold on the store (also on garbage collection or process exit)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()  # closing the file drops its flock
+            self._lock = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- writing ----------------------------------------------------------------------------------------------------
     def write_shard(self, writer: str, tables: dict[str, list[dict]], *, phase: int = 1) -> str:
         """Write one shard: every table of ``tables`` as ``TABLE/part-WRITER-SEQ.parquet``. Phase 1: the
@@ -136,7 +154,11 @@ class Store:
 
         tables = []
         for file in self._parts(table) if parts is None else parts:
-            t = pq.read_table(file, columns=None if columns is None else list(dict.fromkeys(["sample_id", *columns])))
+            try:
+                t = pq.read_table(file, columns=None if columns is None else list(dict.fromkeys(["sample_id", *columns])))
+            except Exception as error:  # noqa: BLE001 - a damaged shard (pyarrow raises its own types)
+                raise StoreError(f"{file} is unreadable ({type(error).__name__}: {str(error)[:200]}); delete it and run "
+                                 "again with --resume to redo its samples") from None
             tables.append(t.append_column("_part", pa.array([file.stem] * t.num_rows, pa.string())))
         return pa.concat_tables(tables, promote_options="default") if tables else None
 

@@ -42,7 +42,13 @@ def config_of(store: Store) -> ke.EvolutionConfig:
 def model_info(store: Store) -> SimpleNamespace:
     """What the report needs of the model: identity from run.json, token strings from vocab.json."""
     meta = store.meta["model"]
-    vocab = rd.Vocabulary(json.loads((store.path / "vocab.json").read_text()))
+    try:
+        vocab = rd.Vocabulary(json.loads((store.path / "vocab.json").read_text()))
+    except (OSError, ValueError) as error:
+        from vlm_lens.experiments.store import StoreError
+
+        raise StoreError(f"{store.path / 'vocab.json'} is missing or damaged ({type(error).__name__}); rerun the "
+                         "analysis with --resume (it rewrites the vocabulary, then the report)") from None
     return SimpleNamespace(name=meta["name"], family=meta["family"], n_layers=meta["n_layers"], d_model=meta["d_model"],
                            tokenizer=vocab)  # fmt: skip
 

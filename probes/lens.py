@@ -200,14 +200,14 @@ class TunedLens(Lens, torch.nn.Module):
                                 f"{error}); it needs integer n_layers, d_model, d_vocab: retrain with vlm-lens tune-lens") from None
         if min(n_layers, d_model, d_vocab) < 1:
             raise LensFileError(f"{folder / 'lens.json'}: n_layers, d_model and d_vocab must be positive; retrain the lens")
-        lens = cls(n_layers, d_model, d_vocab, config.get("model_name", ""))
-        try:
+        try:  # the file's tensors first: their sizes are the file's, so a lens.json claiming huge shapes allocates nothing
             tensors = load_file(str(folder / "lens.safetensors"))
         except Exception as error:  # missing, zero-byte or truncated file (SafetensorError is none of the built-ins)
             raise LensFileError(f"cannot read {folder / 'lens.safetensors'} ({type(error).__name__}: {error}); "
                                 "retrain the lens with vlm-lens tune-lens") from None
+        shapes = {"weight": (n_layers, d_model, d_model), "bias": (n_layers, d_model)}
         for key in ("weight", "bias"):
-            expected = tuple(getattr(lens, key).shape)
+            expected = shapes[key]
             if key not in tensors or tuple(tensors[key].shape) != expected:
                 found = tuple(tensors[key].shape) if key in tensors else "missing"
                 raise LensFileError(f"{folder / 'lens.safetensors'}: {key} is {found}, but lens.json describes "
@@ -215,6 +215,7 @@ class TunedLens(Lens, torch.nn.Module):
             if not bool(torch.isfinite(tensors[key]).all()):
                 raise LensFileError(f"{folder / 'lens.safetensors'}: {key} holds NaN or inf values; retrain the lens "
                                     "(a lower --lr helps if training diverged)")
+        lens = cls(n_layers, d_model, d_vocab, config.get("model_name", ""))
         with torch.no_grad():
             lens.weight.copy_(tensors["weight"])
             lens.bias.copy_(tensors["bias"])

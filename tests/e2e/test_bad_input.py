@@ -274,11 +274,13 @@ def _lens_cases(model):
         "inf-bias": (lambda f: _set_tensors(f, bias=torch.full((n, d), float("inf"))), E.LensFileError, "NaN or inf"),
         "one-layer-weight": (lambda f: _set_tensors(f, weight=torch.zeros(1, d, d)), E.LensFileError, "different lenses"),
         "truncated-tensors": (lambda f: (f / "lens.safetensors").write_bytes(b"\x00" * 10), E.LensFileError, "retrain"),
+        "lens-json-claims-huge-shapes": (lambda f: (f / "lens.json").write_text(json.dumps(
+            {"n_layers": 10**6, "d_model": 10**5, "d_vocab": 10**6})), E.LensFileError, "different lenses"),
     }
 
 
 LENS_IDS = ["no-lens-json", "lens-json-garbage", "lens-json-missing-key", "lens-json-says-8-layers", "nan-weights",
-            "inf-bias", "one-layer-weight", "truncated-tensors"]  # fmt: skip
+            "inf-bias", "one-layer-weight", "truncated-tensors", "lens-json-claims-huge-shapes"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", LENS_IDS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,6 +164,14 @@ def test_report_rebuilds_from_the_store_without_the_model(streamed, tmp_path):
         assert (tmp_path / "again" / name).stat().st_mode & 0o777 == 0o644 & ~_umask()
     bad = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert bad.exit_code == 2 and "not a vlm-lens store" in bad.output
+    damaged = tmp_path / "damaged"  # a copy of the store with one shard and then run.json damaged
+    shutil.copytree(out / "store", damaged)
+    next((damaged / "tokens").glob("part-*")).write_bytes(b"garbage")
+    run = CliRunner().invoke(app, ["report", str(damaged), "--out", str(tmp_path / "x"), "--no-png"])
+    assert run.exit_code == 2 and "delete it and run again with --resume" in run.output
+    (damaged / "run.json").write_text("{")
+    run = CliRunner().invoke(app, ["report", str(damaged), "--out", str(tmp_path / "x"), "--no-png"])
+    assert run.exit_code == 2 and "--overwrite" in run.output and not (tmp_path / "x" / "report.json").exists()
 
 
 def _umask() -> int:
