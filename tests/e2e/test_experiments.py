@@ -88,7 +88,7 @@ def test_report_files_and_json(tiny_report):
             assert set(token) >= {"critical", "mutation", "kind", "step", "token"}
     assert set(data["aggregate"]) == {"correct", "paper", "accuracy"}
     assert len(data["feature_clusters"]["mean_cosine_per_layer"]) == 5
-    assert {p.name for p in out.glob(".*")} == {".runs", ".current"}  # no temporary files left behind
+    assert {p.name for p in out.glob(".*")} == {".runs", ".current", ".store.lock"}  # no temporary files left behind
     assert [p.name for p in (out / ".runs").iterdir()] == [(out / ".current").resolve().name]  # the pair, once
 
 
