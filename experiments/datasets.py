@@ -50,7 +50,7 @@ class Source:
 
 
 class _Bad(Exception):
-    """A bad row: ``_Bad(message[, the exception type to raise, ValueError by default])``."""
+    """A bad row: ``_Bad(message[, the exception type to raise, InputError by default])``."""
 
 
 def _sha(*parts: Any) -> str:
@@ -63,7 +63,7 @@ def _text(value: Any) -> str:
 
 def _check_file(path: Path, where: str, origin: str, hint: str) -> str:
     if not path.is_file():
-        raise _Bad(f"{where}: image not found: {path}{origin}; fix the path{hint}", FileNotFoundError)
+        raise _Bad(f"{where}: image not found: {path}{origin}; fix the path{hint}", NotFoundError)
     try:
         with Image.open(path) as image:
             image.verify()
@@ -88,7 +88,7 @@ def _entries(records: Callable[[], Iterable[tuple]], resolve: Callable, skip_bad
             entry = Entry(index, key, resolve(image, where) if check else None, question, answer, where)
         except _Bad as bad:
             if not skip_bad:
-                raise (bad.args[1:] or [ValueError])[0](bad.args[0]) from None
+                raise (bad.args[1:] or [InputError])[0](bad.args[0]) from None
             entry = Entry(index, key, None, question, answer, where, error=bad.args[0])
         yield entry
 
@@ -198,8 +198,11 @@ def from_hf_dataset(path: str | Path, *, image_column: str | None = None, questi
     import datasets
 
     root = Path(path)
+    from vlm_lens.offline import offline
+
     try:
-        ds, state = datasets.load_from_disk(str(root)), root
+        with offline():
+            ds, state = datasets.load_from_disk(str(root)), root
     except FileNotFoundError as error:
         raise NotFoundError(f"{root} is not a dataset folder written by save_to_disk ({error}); "
                                 "for image files use --image or --manifest") from None  # fmt: skip
