@@ -95,7 +95,12 @@ def child(kind: str, mode: str, n: int, max_new_tokens: int, batch_size: int) ->
         settings = streaming.StreamSettings(config, skip_sweep=False)
         store = streaming.open_store(out / "store", model, source, settings, overwrite=True)
         fn = lambda: streaming.phase1(model, source, store, settings, batch_size=batch_size)  # noqa: E731
-    peak, before, seconds = peak_during(fn)
+    try:
+        peak, before, seconds = peak_during(fn)
+    finally:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # stores and reports of a benchmark are not kept
     print(json.dumps({"kind": kind, "mode": mode, "n": n, "batch_size": batch_size, "peak_mb": peak,
                       "before_mb": before, "added_mb": peak - before, "seconds": seconds,
                       "samples_per_s": n / seconds, "threads": torch.get_num_threads()}))  # fmt: skip

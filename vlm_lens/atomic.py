@@ -90,7 +90,9 @@ def write_set(out_dir: str | Path, files: dict[str, str | bytes], *, stale_after
     try:
         for name, content in files.items():
             if "/" in name or name in (CURRENT, RUNS):
-                raise ValueError(f"a set's file names are plain names, got {name!r}")
+                from vlm_lens.errors import InputError
+
+                raise InputError(f"a set's file names are plain names, got {name!r}")
             (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
             os.chmod(tmp / name, _umask_mode(0o666))
         os.chmod(tmp, _umask_mode(0o777))
