@@ -74,8 +74,7 @@ def _version(value: bool) -> None:
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
           debug: bool = typer.Option(False, "--debug", help="show Python tracebacks instead of one-line errors")):
     """How knowledge evolves inside vision-language models."""
-    if debug:
-        _DEBUG["on"] = True
+    _DEBUG["on"] = debug or bool(os.environ.get("VLM_LENS_DEBUG"))  # per invocation: one --debug run does not stick
 
 
 def _fail(message: str, code: int = 2) -> None:

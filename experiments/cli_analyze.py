@@ -104,9 +104,7 @@ def analyze(
                                   skip_sweep=skip_sweep, show_special=special_tokens, progress=update, store=store,
                                   resume=resume, overwrite=overwrite or None, batch_size=batch_size,
                                   skip_bad=skip_bad, workers=workers, ray_address=ray_address)  # fmt: skip
-    except (ValueError, FileNotFoundError) as error:  # bad input found while preparing a sample, a store refused...
-        _fail(str(error))
-    except ImportError as error:
+    except ImportError as error:  # bad input (VLMLensError) and failed runs are mapped by the command group
         _fail(f"{error}: --workers needs Ray, pip install 'vlm-lens[distributed]'")
     _print_result(console, result, variants)
 
