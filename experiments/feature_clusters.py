@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from vlm_lens.probes import CosineTrajectory, FeatureProjection
 from vlm_lens.probes.geometry import features_at
@@ -56,34 +58,19 @@ def run(traces: Sequence, critical: int | None, mutation: int | None, *, answers
     (perplexity, whether and from what it was capped, max_iter ...) are in ``["single"|"across"]["tsne"]``. The
     cosine and silhouette numbers always use the raw residual stream (they are not the paper's).
     """
+    from vlm_lens.probes.base import as_source
+    from vlm_lens.probes.geometry import paper_states
+
     model = traces[0].cache.model
-    n = model.n_layers
-    groups = layer_groups(n, critical, mutation)
-    single = FeatureProjection(method, max_iter=max_iter, variant=variant)(traces[0])
-    out = {"layer_groups": groups,
-           "single": {"coords": single["coords"].tolist(), "tokens": single.coords["token"],
-                      "layers": single.coords["layer"], "tsne": _settings(single)}}  # fmt: skip
-    if len(traces) >= 2:
-        across = FeatureProjection(method, max_iter=max_iter, variant=variant).across(traces, position)
-        cosine = CosineTrajectory().across(traces, position)
-        mean_cos = cosine["mean_offdiagonal"].tolist()
-        features = features_at(traces, position)  # [image, layer, d]
-        labels = list(answers) if answers is not None else [t.text for t in traces]
-        silhouette = silhouette_per_layer(features, labels)
-        by_group = {}
-        for g in ("rapid_evolution", "stabilization", "mutation"):
-            idx = [l for l, name in enumerate(groups) if name == g]
-            sil = [silhouette[l] for l in idx if silhouette[l] is not None]
-            by_group[g] = {
-                "mean_cosine": sum(mean_cos[l] for l in idx) / len(idx) if idx else None,
-                "silhouette": sum(sil) / len(sil) if sil else None,
-            }
-        out["across"] = {"coords": across["coords"].tolist(), "layers": across.coords["layer"],
-                         "images": across.coords["image"], "labels": labels, "tsne": _settings(across)}  # fmt: skip
-        out["mean_cosine_per_layer"] = mean_cos
-        out["silhouette_per_layer"] = silhouette
-        out["by_group"] = by_group
-    return out
+    single, _, tokens = FeatureProjection()._stack(as_source(traces[0]))  # raw [n+1, token, d] and its labels
+    across = features_at(traces, position) if len(traces) >= 2 else None  # raw [image, n+1, d]
+    labels = list(answers) if answers is not None else [t.text for t in traces]
+    return from_features(single, tokens, across, [str(i) for i in range(len(traces))], labels,
+                         CosineTrajectory().across(traces, position)["mean_offdiagonal"].tolist() if across is not None else None,
+                         model, critical, mutation, method=method, max_iter=max_iter, variant=variant, position=position,
+                         single_last_normed=paper_states(model, single)[-1] if variant == "paper" else None,
+                         across_last_normed=paper_states(model, across.transpose(0, 1))[-1]
+                         if variant == "paper" and across is not None else None)  # fmt: skip
 
 
 def _settings(result) -> dict:
@@ -103,24 +90,31 @@ def mean_pairwise_cosine(unit_sum: torch.Tensor, n_images: int) -> list[float | 
     return (((unit_sum * unit_sum).sum(-1) - n_images) / (n_images * (n_images - 1))).tolist()
 
 
-def from_features(single: torch.Tensor | None, single_tokens: Sequence[str], across: torch.Tensor | None,
-                  names: Sequence[str], labels: Sequence[str], mean_cosine: list | None, model, critical: int | None,
-                  mutation: int | None, *, method: str = "tsne", max_iter: int = 2000, variant: str = "correct",
+def from_features(single: Float[Tensor, "layer token d_model"] | None, single_tokens: Sequence[str],
+                  across: Float[Tensor, "image layer d_model"] | None, names: Sequence[str], labels: Sequence[str],
+                  mean_cosine: list | None, model, critical: int | None, mutation: int | None, *, method: str = "tsne",
+                  max_iter: int = 2000, variant: str = "correct", position: str = "last_prompt",
+                  single_last_normed: Float[Tensor, "token d_model"] | None = None,
+                  across_last_normed: Float[Tensor, "image d_model"] | None = None,
                   n_images_total: int | None = None) -> dict:  # fmt: skip
-    """:func:`run`'s output from precomputed features (a store): ``single`` ``[n+1, token, d]`` (one image),
-    ``across`` ``[image, n+1, d]`` at the answer position (possibly a capped subset of the images, named by
-    ``names``), ``mean_cosine`` per layer over *all* images (:func:`mean_pairwise_cosine`), ``labels`` the answers
-    (or generated texts) of the ``across`` images for the silhouette."""
+    """:func:`run`'s output from precomputed raw residual features (a trace or a store): ``single`` (one image, all
+    n+1 stack layers), ``across`` at the answer position (possibly a capped subset of the images, named by ``names``),
+    ``mean_cosine`` per layer over *all* images (:func:`mean_pairwise_cosine` when streamed), ``labels`` the answers
+    (or generated texts) of the ``across`` images for the silhouette. ``variant="paper"`` projects HF's states: the
+    last layer replaced by ``*_last_normed`` (required then); cosine and silhouette always use the raw stream."""
     n = model.n_layers
     groups = layer_groups(n, critical, mutation)
     out: dict = {"layer_groups": groups}
+    projection = FeatureProjection(method, max_iter=max_iter, variant=variant)
     if single is not None:
-        result = FeatureProjection(method, max_iter=max_iter, variant=variant).project_stack(single, single_tokens, "token", model)
+        shown = _with_last(single, single_last_normed) if variant == "paper" else single
+        result = projection.project_stack(shown, single_tokens, "token", model, positions="steps")
         out["single"] = {"coords": result["coords"].tolist(), "tokens": result.coords["token"],
                          "layers": result.coords["layer"], "tsne": _settings(result)}  # fmt: skip
     if across is not None and across.shape[0] >= 2:
-        result = FeatureProjection(method, max_iter=max_iter, variant=variant).project_stack(
-            across.transpose(0, 1), list(names), "image", model, position="last_prompt")
+        shown = across.transpose(0, 1)  # [layer, image, d]
+        shown = _with_last(shown, across_last_normed) if variant == "paper" else shown
+        result = projection.project_stack(shown, list(names), "image", model, position=str(position))
         silhouette = silhouette_per_layer(across, list(labels))
         mean_cos = mean_cosine if mean_cosine is not None else [None] * (n + 1)
         by_group = {}
@@ -137,3 +131,10 @@ def from_features(single: torch.Tensor | None, single_tokens: Sequence[str], acr
         out["silhouette_per_layer"] = silhouette
         out["by_group"] = by_group
     return out
+
+
+def _with_last(stack: Tensor, last: Tensor | None) -> Tensor:
+    """``stack`` ``[n+1, item, d]`` with its last layer replaced by ``last`` ``[item, d]`` (HF's normed last state)."""
+    if last is None:
+        raise ValueError("variant='paper' projects HF's states: pass the final-normed last layer too")
+    return torch.cat([stack[:-1], last.to(stack.dtype).unsqueeze(0)])

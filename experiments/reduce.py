@@ -108,11 +108,7 @@ def state_rows(sample_id: str, trace, index: int) -> tuple[dict, dict | None]:
 
 def sweep_rows(sample_id: str, trace, answer: str | None) -> list[dict]:
     """Skip each single decoder layer on ``trace`` (while the model is at hand): one ``skip`` row per layer."""
-    rows = []
-    for layer in range(trace.model.n_layers):
-        summary = _summary(LayerSkip([layer])(trace), answer, trace.model)
-        rows.append({"sample_id": sample_id, "set": str(layer), **summary})
-    return rows
+    return set_rows(sample_id, trace, answer, {str(layer): [layer] for layer in range(trace.model.n_layers)})
 
 
 def set_rows(sample_id: str, trace, answer: str | None, sets: dict[str, list[int]]) -> list[dict]:

@@ -120,26 +120,25 @@ def feature_clusters(store: Store, agg: dict, variant: str, max_iter: int, max_i
             n_images += 1
     first = list(ok["sample_id"][:max_images])
     states = store.frame("states", ["answer_state", "answer_state_normed"], samples=first)
-    across = None
-    if len(states) >= 2:
+    across = across_normed = None
+    if len(states) >= 2:  # raw states; the paper's projection swaps in the normed last layer (from_features)
         across = torch.stack([torch.tensor(s, dtype=torch.float32).reshape(n + 1, -1) for s in states["answer_state"]])
-        if paper:  # HF's hidden_states[-1] is final-normed (paper-spec Q6)
-            across[:, -1] = torch.stack([torch.tensor(s, dtype=torch.float32) for s in states["answer_state_normed"]])
+        across_normed = torch.stack([torch.tensor(s, dtype=torch.float32) for s in states["answer_state_normed"]])
     single_frame = store.frame("single")
-    single, tokens = None, []
+    single = single_normed = None
+    tokens: list[str] = []
     if len(single_frame):
         row = single_frame.iloc[0]
         single = torch.tensor(row["stack"], dtype=torch.float32).reshape(n + 1, int(row["n_tokens"]), -1)
-        if paper:
-            single[-1] = torch.tensor(row["last_normed"], dtype=torch.float32).reshape(int(row["n_tokens"]), -1)
+        single_normed = torch.tensor(row["last_normed"], dtype=torch.float32).reshape(int(row["n_tokens"]), -1)
         tokens = list(row["labels"])
     chosen = ok.set_index("sample_id").loc[list(states["sample_id"])] if len(states) else ok.iloc[:0]
     labels = list(chosen["answer"]) if len(chosen) and chosen["answer"].notna().all() else list(chosen["generated_text"])
     mean_cos = fc.mean_pairwise_cosine(unit_sum, n_images) if unit_sum is not None else None
-    out = fc.from_features(single, tokens, across, list(states["sample_id"]), labels, mean_cos, model_info(store),
-                           crit, mut, max_iter=max_iter, variant="paper" if paper else "correct",
-                           n_images_total=n_images)  # fmt: skip
-    return out
+    return fc.from_features(single, tokens, across, list(states["sample_id"]), labels, mean_cos, model_info(store),
+                            crit, mut, max_iter=max_iter, variant="paper" if paper else "correct",
+                            single_last_normed=single_normed, across_last_normed=across_normed,
+                            n_images_total=n_images)  # fmt: skip
 
 
 def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None = None, png: bool = True,

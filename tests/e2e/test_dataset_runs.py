@@ -130,6 +130,15 @@ def test_feature_clusters_from_the_store_equal_the_trace_path(streamed):
     np.testing.assert_allclose(stored["mean_cosine_per_layer"], ref["mean_cosine_per_layer"], atol=1e-6)
     np.testing.assert_allclose(stored["silhouette_per_layer"], ref["silhouette_per_layer"], atol=1e-5)
     assert stored["across"]["images_total"] == len(samples)
+    # the paper variant projects HF's states (normed last layer) but its cosine and silhouette stay on the raw stream
+    store = Store(out / "store")
+    paper = store_report.feature_clusters(store, result["data"]["aggregate"], "paper", 250)
+    ref_paper = feature_clusters.run(traces, stages["critical_layer"], stages["mutation_layer"], variant="paper",
+                                     answers=[s.answer for s in live["samples"]], max_iter=250)  # fmt: skip
+    np.testing.assert_allclose(paper["silhouette_per_layer"], ref_paper["silhouette_per_layer"], atol=1e-5)
+    np.testing.assert_allclose(paper["silhouette_per_layer"], stored["silhouette_per_layer"], atol=1e-5)
+    assert paper["across"]["tsne"] == ref_paper["across"]["tsne"], (paper["across"]["tsne"], ref_paper["across"]["tsne"])
+    assert paper["across"]["tsne"]["features"] == "hf_hidden_states"
     # the one-image view: the stored (layer x token) features are the trace's, and projecting them is the probe's
     # projection (t-SNE coordinates themselves are not compared across batched/unbatched runs: 1e-7 input
     # differences can flip PCA-initialised t-SNE layouts)
