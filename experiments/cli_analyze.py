@@ -133,16 +133,16 @@ def _source(manifest, dataset, image, prompt, skip_bad, image_column, question_c
     from vlm_lens.zoo.samples import DESCRIBE_PROMPT
 
     try:
-        if manifest is not None:
-            return datasets.from_manifest(manifest, skip_bad=skip_bad)
-        if dataset is not None:
-            return datasets.from_hf_dataset(dataset, image_column=image_column, question_column=question_column,
-                                            answer_column=answer_column, prompt=prompt, split=split, skip_bad=skip_bad)  # fmt: skip
-        if image and len(image) == 1 and image[0].is_dir():
-            return datasets.from_folder(image[0], prompt or DESCRIBE_PROMPT, skip_bad=skip_bad)
-        if image:
+        if image and not (len(image) == 1 and image[0].is_dir()):  # image files: one sample each
             paths = _image_paths(image)
             return datasets.from_samples([Sample(p, prompt or DESCRIBE_PROMPT, None, p.name) for p in paths])
+        columns = (image_column, question_column, answer_column, split)
+        if manifest is not None or dataset is not None or image or any(columns):
+            folder = image[0] if image else None
+            return datasets.open_source(manifest=manifest, images=folder, dataset=dataset, skip_bad=skip_bad,
+                                        prompt=prompt or (DESCRIBE_PROMPT if folder is not None else None),
+                                        image_column=image_column, question_column=question_column,
+                                        answer_column=answer_column, split=split)  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     return None

@@ -21,10 +21,6 @@ from vlm_lens.experiments.store import Store
 from vlm_lens.errors import InputError
 
 
-class _Chunk(list):
-    """Entries of one task (a plain list; the sources' ``Entry`` objects are small and picklable)."""
-
-
 def _worker_class(ray):
     @ray.remote(max_restarts=0, max_task_retries=0)
     class Worker:
@@ -137,10 +133,7 @@ def run(model, source, store: Store, settings: "streaming.StreamSettings", *, tu
     sets = store_report.skip_sets(store, store_report.aggregate(store))
     n2 = 0
     if sets is not None:
-        frame = store.frame("samples", ["status"])
-        ok = set(frame.loc[frame["status"] == "ok", "sample_id"])
-        done2 = store.done_ids(2)
-        wanted = ok - done2
+        wanted = streaming.skip_pending(store)
         todo = (e for e in source if e.id in wanted)  # lazy: entries may hold decoded images
         n2, more = _drive(ray, actors, spawn, todo, lambda a, chunk: a.phase2.remote(chunk, sets, batch_size),
                           batch_size, lambda n: report("layer skipping", n, len(wanted)))  # fmt: skip

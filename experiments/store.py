@@ -37,11 +37,11 @@ class StoreError(InputError):
     """A store that cannot be used as asked (exists without --resume, made by another model or settings...)."""
 
 
-def _write_parquet(path: Path, rows: list[dict], schema=None) -> None:
+def _write_parquet(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows)
     # per-layer arrays are float32 (what the model computed in), not Python's float64: half the disk
     fields = [pa.field(f.name, pa.list_(pa.float32())) if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)
               else f for f in table.schema]  # fmt: skip
@@ -133,13 +133,13 @@ class Store:
         """Write one shard: every table of ``tables`` as ``TABLE/part-WRITER-SEQ.parquet``. Phase 1: the
         ``samples`` part is written last (the commit). Phase 2 writes only ``skip`` rows, each part complete in
         itself. Returns the part name."""
+        unknown = set(tables) - set(TABLES)
+        if unknown:
+            raise InputError(f"unknown store tables {sorted(unknown)}; tables are {TABLES}")
         part = f"part-{'p2-' if phase == 2 else ''}{writer}-{os.getpid()}-{self._seq:06d}-{uuid.uuid4().hex[:6]}"
         self._seq += 1
         order = [t for t in TABLES if t != "samples" and tables.get(t)] + (["samples"] if "samples" in tables else [])
         for table in order:
-            unknown = set(tables) - set(TABLES)
-            if unknown:
-                raise InputError(f"unknown store tables {sorted(unknown)}; tables are {TABLES}")
             _write_parquet(self.path / table / f"{part}.parquet", tables[table])
         return part
 
@@ -224,10 +224,6 @@ class Store:
                 if len(frame):
                     yield frame
 
-    def summary(self) -> dict[str, Any]:
-        done = self.committed()
-        return {"path": str(self.path), "samples": len(done), "model": self.meta["model"].get("name"),
-                "source": self.meta["source"].get("description")}  # fmt: skip
 
 
 def _lock(path: Path):

@@ -156,13 +156,16 @@ def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=
     return count
 
 
+def skip_pending(store: Store) -> set[str]:
+    """Ids of the good samples that have no phase-2 (skip-set) rows yet."""
+    frame = store.frame("samples", ["status"])
+    return set(frame.loc[frame["status"] == "ok", "sample_id"]) - store.done_ids(2)
+
+
 def phase2(model, source, store: Store, sets: dict[str, list[int]], *, batch_size: int = 1, writer: str = "main",
            only: set[str] | None = None, progress: Progress | None = None) -> int:  # fmt: skip
     """Skip ``sets`` (name -> decoder layers) on every good sample without phase-2 rows; returns samples done."""
-    frame = store.frame("samples", ["status"])
-    ok = set(frame.loc[frame["status"] == "ok", "sample_id"])
-    done = store.done_ids(2)
-    wanted = {i for i in ok - done if only is None or i in only}
+    wanted = {i for i in skip_pending(store) if only is None or i in only}
     todo = (e for e in source if e.id in wanted)  # lazy: a dataset's entries may hold decoded images
     report, count = progress or (lambda *a: None), 0
     report("layer skipping", 0, len(wanted))

@@ -68,6 +68,8 @@ def _cases(root: Path, good: Path) -> dict[str, tuple[list[str], str]]:
         "truncated-weights": (["analyze", "--model", str(root / "truncated"), *out], "complete"),
         "hooks-mistyped-model": (["hooks", "--model", "shapes-lava"], "did you mean"),
         "dataset-not-a-dataset": (["analyze", "--dataset", str(root / "empty-dir"), *out], "save_to_disk"),
+        "prompt-with-a-manifest": (["analyze", "--manifest", str(root / "m.jsonl"), "--prompt", "what ?"], "drop it"),
+        "columns-without-a-dataset": (["analyze", "--image-column", "img"], "--dataset"),
         "tune-lens-missing-manifest": (["tune-lens", "--out", str(root / "lens"), "--manifest", str(root / "no.csv")],
                                        "not found"),
     }
@@ -78,7 +80,7 @@ CLI_IDS = ["mistyped-model", "out-is-a-file", "missing-image", "corrupt-image", 
            "empty-manifest", "two-sources", "report-not-a-store", "lens-folder-without-lens", "zero-threshold",
            "tuned-variant-without-lens", "resume-and-overwrite", "store-is-a-file", "demo-missing-image",
            "checkpoint-with-own-code", "truncated-weights", "hooks-mistyped-model", "dataset-not-a-dataset",
-           "tune-lens-missing-manifest"]  # fmt: skip
+           "tune-lens-missing-manifest", "prompt-with-a-manifest", "columns-without-a-dataset"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", CLI_IDS)
