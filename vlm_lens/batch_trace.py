@@ -7,14 +7,14 @@ step logits and lens statistics within float32 noise of a batch-of-one forward).
 
 from __future__ import annotations
 
-
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from vlm_lens.batch import _PER_POSITION_PAD, VLMBatch
 from vlm_lens.cache import VLMCache
-from vlm_lens.inputs import VLMInputs
+from vlm_lens.hooked import cut_at_eos
+from vlm_lens.inputs import VLMInputs, check_positions
 from vlm_lens.trace import GenerationTrace, finish_trace, plain_capture
 from vlm_lens.errors import InputError, InputTypeError
 
@@ -43,29 +43,21 @@ def trace_generation_batch(
     for sample in samples:
         if not isinstance(sample, VLMInputs):
             raise InputTypeError(f"expected VLMInputs from model.prepare(image, prompt), got {type(sample).__name__}")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    from vlm_lens.inputs import check_positions
-
-    for sample in (inputs.samples if isinstance(inputs, VLMBatch) else inputs):
-        check_positions(model, sample.input_ids.shape[1], max_new_tokens)
+    kwargs = model.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits=True)
     if not _plain_route(model):
         return [model.trace_generation(x, max_new_tokens, stop_at_eos=stop_at_eos) for x in samples]
+    for sample in samples:
+        check_positions(model, sample.input_ids.shape[1], max_new_tokens)
     names = list(model.resid_names + ["ln_final.hook_normalized"])
     model._check_names(names)
     batch_inputs, n_pads = left_pad(model, samples)
     store: dict[str, list[Tensor]] = {n: [] for n in names}
-    eos = model.tokenizer.eos_token_id
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else eos
     with torch.no_grad(), plain_capture(model, names, store):
-        out = model.hf_model.generate(
-            **batch_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
-            top_k=None, eos_token_id=eos, pad_token_id=pad, suppress_tokens=model._suppressed(stop_at_eos),
-            return_dict_in_generate=True, output_logits=True,
-        )  # fmt: skip
+        out = model.hf_model.generate(**batch_inputs, **kwargs)
     width = batch_inputs["input_ids"].shape[1]
     del batch_inputs
-    generated = [_cut_at_eos(out.sequences[i, width:], eos) for i in range(len(samples))]
+    eos = model.tokenizer.eos_token_id
+    generated = [cut_at_eos(out.sequences[i, width:], eos).detach().clone() for i in range(len(samples))]
     all_logits: Float[Tensor, "step batch vocab"] = torch.stack(out.logits)
     step_logits = [all_logits[: len(g), i].float().detach().clone() for i, g in enumerate(generated)]
     del out, all_logits
@@ -91,7 +83,7 @@ def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[i
 
     Per-position inputs (``input_ids``, ``attention_mask``, ``mm_token_type_ids``) are left-padded (pad id, 0, 0);
     the others (``pixel_values``, ``image_grid_thw``: one row per image or patch) are concatenated in sample order."""
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    pad = model.pad_token_id
     width = max(s.input_ids.shape[1] for s in samples)
     n_pads = [width - s.input_ids.shape[1] for s in samples]
     per_sample = [dict(s.model_inputs) for s in samples]
@@ -103,18 +95,11 @@ def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[i
         if key in _PER_POSITION_PAD:
             if len(present) != len(samples):
                 raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
-            fill = int(pad or 0) if _PER_POSITION_PAD[key] is None else _PER_POSITION_PAD[key]
+            fill = pad if _PER_POSITION_PAD[key] is None else _PER_POSITION_PAD[key]
             batch[key] = torch.cat([torch.nn.functional.pad(v, (n, 0), value=fill) for v, n in zip(present, n_pads)])
         else:
             batch[key] = torch.cat(present)
     return batch, n_pads
-
-
-def _cut_at_eos(ids: Int[Tensor, " step"], eos: int | None) -> Int[Tensor, " step"]:
-    """A sample's generated ids up to and including its first EOS (what follows is the batch's padding)."""
-    if eos is not None and bool((ids == eos).any()):
-        ids = ids[: int(torch.nonzero(ids == eos)[0]) + 1]
-    return ids.detach().clone()
 
 
 def _split(store: dict[str, list[Tensor]], samples: list[VLMInputs], n_pads: list[int],

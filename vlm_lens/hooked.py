@@ -35,6 +35,13 @@ NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 HookFn = Callable[..., Any]
 
 
+def cut_at_eos(ids: Int[Tensor, " step"], eos: int | None) -> Int[Tensor, " step"]:
+    """Generated ids up to and including the first EOS (what follows, in a batch, is padding)."""
+    if eos is not None and bool((ids == eos).any()):
+        ids = ids[: int(torch.nonzero(ids == eos)[0]) + 1]
+    return ids
+
+
 def shape_checked(name, fn: HookFn) -> HookFn:
     """``fn`` with its output checked: a hook may return None (keep the activation) or a tensor of the activation's
     shape; anything else would silently change every later shape (a wrong batch size, a wrong width)."""
@@ -197,21 +204,28 @@ class HookedVLM(TransformerLensNames):
         eos = self.tokenizer.eos_token_id
         return self.placeholder_ids + ([] if stop_at_eos or eos is None else [eos])
 
-    def _generate(self, inputs: VLMInputs, max_new_tokens: int, stop_at_eos: bool, with_logits: bool = False):
+    @property
+    def pad_token_id(self) -> int:
+        """The id padded batches and generation use: the tokenizer's pad token, else EOS, else 0."""
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+
+    def greedy_kwargs(self, max_new_tokens: int, stop_at_eos: bool, with_logits: bool) -> dict:
+        """The keyword arguments of every greedy HF ``generate`` call (single and batched): no sampling, EOS and pad
+        ids, placeholders suppressed (and EOS too without ``stop_at_eos``)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
+                    top_k=None, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id,
+                    suppress_tokens=self._suppressed(stop_at_eos), return_dict_in_generate=True,
+                    output_logits=with_logits)  # fmt: skip
+
+    def _generate(self, inputs: VLMInputs, max_new_tokens: int, stop_at_eos: bool, with_logits: bool = False):
+        kwargs = self.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits)
         inputs_module.check_positions(self, inputs.input_ids.shape[1], max_new_tokens)
-        eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         with torch.no_grad():
-            out = self.hf_model.generate(
-                **inputs.model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                temperature=None, top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad,
-                suppress_tokens=self._suppressed(stop_at_eos), return_dict_in_generate=True, output_logits=with_logits,
-            )  # fmt: skip
-        generated = out.sequences[0, inputs.input_ids.shape[1] :]
-        if eos is not None and (generated == eos).any():
-            generated = generated[: int(torch.nonzero(generated == eos)[0]) + 1]
+            out = self.hf_model.generate(**inputs.model_inputs, **kwargs)
+        generated = cut_at_eos(out.sequences[0, inputs.input_ids.shape[1] :], self.tokenizer.eos_token_id)
         logits = torch.stack(out.logits)[: len(generated), 0].float() if with_logits else None
         return generated, logits
 

@@ -133,8 +133,7 @@ def prepare_batch(model, images: Any, prompts: list[str]) -> VLMBatch:
         raise InputError(f"{len(images)} image entries for {len(prompts)} prompts: pass one entry per prompt (an "
                          "image, a list of images, or None), or one image for all")  # fmt: skip
     samples = [prepare(model, images[i] if per_sample else images, p) for i, p in enumerate(prompts)]
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-    return VLMBatch.pad(samples, int(pad or 0))
+    return VLMBatch.pad(samples, model.pad_token_id)
 
 
 def load_images(images: Any) -> list:

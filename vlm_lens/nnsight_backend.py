@@ -189,16 +189,15 @@ class NNsightVLM(HookedVLM):
             self._generator = TransformersModel(self.hf_model, task="image-text-to-text", processor=self.processor,
                                                 tokenizer=self.tokenizer)  # fmt: skip
         generator = self._generator
-        suppressed = self._suppressed(stop_at_eos)
-        eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        from vlm_lens.hooked import cut_at_eos
+
+        kwargs = self.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits=False)
+        kwargs.pop("return_dict_in_generate"), kwargs.pop("output_logits")  # nnsight returns its own tracer
+        suppressed = kwargs["suppress_tokens"]
         names = self._ordered(names)
         chunks: dict[str, list] = {name: [] for name in names}
         head_outputs: list = []
-        with torch.no_grad(), generator.generate(
-            **inputs.model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None,
-            top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad, suppress_tokens=suppressed,
-        ) as tracer:  # fmt: skip
+        with torch.no_grad(), generator.generate(**inputs.model_inputs, **kwargs) as tracer:
             for _ in tracer.iter[:]:  # every forward of the decode loop (nothing after this loop in the block runs)
                 for name in names:
                     envoy, side = self._envoy(name, root=generator)
@@ -211,9 +210,7 @@ class NNsightVLM(HookedVLM):
         step_logits = torch.stack([out[0, -1] for out in head_outputs]).float()
         masked = step_logits.clone()
         masked[:, suppressed] = float("-inf")
-        generated = masked.argmax(-1)
-        if eos is not None and (generated == eos).any():
-            generated = generated[: int(torch.nonzero(generated == eos)[0]) + 1]
+        generated = cut_at_eos(masked.argmax(-1), self.tokenizer.eos_token_id)
         store = {name: [chunk.detach() for chunk in chunks[name]] for name in names}
         return store, generated.to(self.device), step_logits[: len(generated)]
 
