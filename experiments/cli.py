@@ -85,21 +85,12 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _load(model: Optional[str]):
+    """The model named by ``--model`` (default: the embedded default); a name that is neither embedded, a folder nor
+    cached fails with suggestions (:func:`vlm_lens.load`), mapped to exit 2 by the command group."""
     import vlm_lens
     from vlm_lens import zoo
 
-    name = model or zoo.DEFAULT_MODEL
-    try:
-        return vlm_lens.load(name)
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        if not Path(name).exists() and name not in zoo.EMBEDDED:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(zoo.EMBEDDED), n=2)
-            _fail(f"--model {name!r} is neither an embedded model ({', '.join(zoo.embedded_names())}), a checkpoint "
-                  f"folder, nor a model in the local HF cache (nothing is downloaded)"
-                  + (f"; did you mean {' or '.join(close)}?" if close else ""))  # fmt: skip
-        _fail(str(error))
+    return vlm_lens.load(model or zoo.DEFAULT_MODEL)
 
 
 def _n_layers_before_loading(model: Optional[str]) -> int | None:
