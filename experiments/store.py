@@ -148,66 +148,66 @@ class Store:
         folder = self.path / table
         return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
 
-    def _read(self, table: str, columns: Sequence[str] | None = None, parts: Iterable[Path] | None = None):
+    def _read(self, table: str, columns: Sequence[str] | None = None, parts: Iterable[Path] | None = None,
+              samples: set[str] | None = None):  # fmt: skip
+        """The rows of ``table`` (``columns`` plus ``sample_id``, and ``_part``: the shard), only those of ``samples``
+        when given: filtered while reading, so a few samples' heavy arrays are read without the rest."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        wanted = None if columns is None else list(dict.fromkeys(["sample_id", *columns]))
+        filters = None if samples is None else [("sample_id", "in", sorted(samples))]
         tables = []
         for file in self._parts(table) if parts is None else parts:
             try:
-                t = pq.read_table(file, columns=None if columns is None else list(dict.fromkeys(["sample_id", *columns])))
+                t = pq.read_table(file, columns=wanted, filters=filters) if samples != set() else None
             except Exception as error:  # noqa: BLE001 - a damaged shard (pyarrow raises its own types)
                 raise StoreError(f"{file} is unreadable ({type(error).__name__}: {str(error)[:200]}); delete it and run "
                                  "again with --resume to redo its samples") from None
-            tables.append(t.append_column("_part", pa.array([file.stem] * t.num_rows, pa.string())))
+            if t is not None and t.num_rows:
+                tables.append(t.append_column("_part", pa.array([file.stem] * t.num_rows, pa.string())))
         return pa.concat_tables(tables, promote_options="default") if tables else None
+
+    def _index(self) -> dict[str, tuple[str, int]]:
+        """``{sample_id: (part, dataset index)}`` of every committed sample (the first part holding it)."""
+        table = self._read("samples", ["index"])
+        out: dict[str, tuple[str, int]] = {}
+        if table is not None:
+            for sid, part, index in zip(table["sample_id"].to_pylist(), table["_part"].to_pylist(),
+                                        table["index"].to_pylist()):  # fmt: skip
+                out.setdefault(sid, (part, index))
+        return out
 
     def committed(self) -> dict[str, str]:
         """``{sample_id: part}`` of every committed sample (the first part holding it)."""
-        table = self._read("samples", ["sample_id"])
-        out: dict[str, str] = {}
-        if table is not None:
-            for sid, part in zip(table["sample_id"].to_pylist(), table["_part"].to_pylist()):
-                out.setdefault(sid, part)
-        return out
+        return {sid: part for sid, (part, _) in self._index().items()}
 
     def done_ids(self, phase: int = 1) -> set[str]:
         """Sample ids whose phase-1 shard is committed, or (``phase=2``) that have phase-2 skip rows."""
         if phase == 1:
-            return set(self.committed())
+            return set(self._index())
         table = self._read("skip", ["sample_id"], [p for p in self._parts("skip") if p.stem.startswith("part-p2-")])
         return set() if table is None else set(table["sample_id"].to_pylist())
 
     def frame(self, table: str, columns: Sequence[str] | None = None, samples: Iterable[str] | None = None):
         """``table`` as a pandas DataFrame, committed rows only, one copy of each sample, in dataset order (by
-        ``index``, then step/variant where they exist). ``samples`` keeps only those sample ids."""
+        ``index``, then step/variant where they exist). ``samples`` keeps only those sample ids (read alone)."""
         import pandas as pd
 
-        committed = self.committed()
-        wanted = None if samples is None else set(samples)
-        data = self._read(table, columns)
+        index = self._index()
+        data = self._read(table, columns, samples=None if samples is None else set(samples))
         if data is None:
             return pd.DataFrame(columns=["sample_id", *(columns or [])])
         frame = data.to_pandas()
+        committed = frame["sample_id"].map(lambda sid: index.get(sid, (None,))[0]) == frame["_part"]
         if table == "skip":  # phase-2 rows stand alone; phase-1 rows count when their shard committed
-            p2 = frame["_part"].str.startswith("part-p2-")
-            keep = p2 | (frame["sample_id"].map(committed) == frame["_part"])
-            frame = frame[keep]
+            frame = frame[frame["_part"].str.startswith("part-p2-") | committed]
             frame = frame.drop_duplicates(["sample_id", "set"], keep="first")
         else:
-            frame = frame[frame["sample_id"].map(committed) == frame["_part"]]
-        if wanted is not None:
-            frame = frame[frame["sample_id"].isin(wanted)]
-        order = self._order()
-        frame = frame.assign(_order=frame["sample_id"].map(order))
+            frame = frame[committed]
+        frame = frame.assign(_order=frame["sample_id"].map(lambda sid: index[sid][1]))
         keys = ["_order"] + [k for k in ("variant", "step", "set") if k in frame.columns]
         return frame.sort_values(keys, kind="stable").drop(columns=["_part", "_order"]).reset_index(drop=True)
-
-    def _order(self) -> dict[str, int]:
-        table = self._read("samples", ["sample_id", "index"])
-        if table is None:
-            return {}
-        return {sid: idx for sid, idx in zip(table["sample_id"].to_pylist(), table["index"].to_pylist())}
 
     def iter_column_batches(self, table: str, columns: Sequence[str], batch_rows: int = 256):
         """Committed rows of ``table`` in batches of pandas frames (``columns`` plus ``sample_id``), for reductions
