@@ -80,7 +80,7 @@ def _settings(result) -> dict:
     return {k: result.provenance[k] for k in keys if k in result.provenance}
 
 
-def mean_pairwise_cosine(unit_sum: torch.Tensor, n_images: int) -> list[float | None]:
+def mean_pairwise_cosine(unit_sum: Float[Tensor, "layer d_model"], n_images: int) -> list[float | None]:
     """Mean off-diagonal cosine per layer from streamed sums: for unit vectors u_1..u_N (one per image) at a layer,
     sum_{a != b} u_a . u_b = ||sum_a u_a||^2 - N, so the mean over the N(N-1) ordered pairs is
     (||S||^2 - N) / (N (N - 1)). ``unit_sum``: ``[layer, d]`` = S per layer (float64). Equal to

@@ -34,7 +34,8 @@ def skip_sets(critical: int, mutation: int | None, n_layers: int) -> dict[str, l
     return sets
 
 
-def _summary(result, answer: str | None, model) -> dict:
+def skip_summary(result, answer: str | None, model) -> dict:
+    """One skipped generation's effects (a :class:`~vlm_lens.probes.LayerSkip` result) as plain numbers."""
     text = result.provenance["generated_text"]
     return {
         "skipped_layers": result.provenance["skipped_layers"],
@@ -55,10 +56,10 @@ def skip_effect(traces: Sequence, answers: Sequence[str | None], layers: Sequenc
     layers = list(layers)
     rows = []
     for trace, answer in zip(traces, answers):
-        rows.append(_summary(LayerSkip(layers)(trace), answer, model))
+        rows.append(skip_summary(LayerSkip(layers)(trace), answer, model))
         if progress is not None:
             progress()
-    return _mean_rows(rows, layers)
+    return mean_skip_rows(rows, layers)
 
 
 def run(traces: Sequence, answers: Sequence[str | None], critical: int, mutation: int | None, sweep: bool = True,
@@ -84,7 +85,8 @@ def run(traces: Sequence, answers: Sequence[str | None], critical: int, mutation
     return {"critical_layer": critical, "mutation_layer": mutation, "sets": table, "sweep": sweep_table}
 
 
-def _mean_rows(rows: list[dict], layers: list[int]) -> dict:
+def mean_skip_rows(rows: list[dict], layers: list[int]) -> dict:
+    """The mean effects of :func:`skip_summary` rows over samples (accuracy over those with a reference answer)."""
     n = len(rows)
     scored = [r["correct"] for r in rows if r["correct"] is not None]
     return {

@@ -26,14 +26,14 @@ from typing import Any
 import torch
 
 from vlm_lens.experiments.knowledge_evolution import SampleEvolution, TokenEvolution
-from vlm_lens.experiments.layer_skip import _summary
+from vlm_lens.experiments.layer_skip import skip_summary
 from vlm_lens.probes import LayerSkip
 from vlm_lens.probes.geometry import FeatureProjection, paper_states
 
 DETAIL_SAMPLES = 3  # samples (by dataset index) whose (layer x token) states are kept for the one-image t-SNE
 THUMBNAIL_SAMPLES = 24  # samples whose input image is kept as a thumbnail for the report's cards
-_TOKEN_FIELDS = [f for f in TokenEvolution.__dataclass_fields__]
-_INT_FIELDS = {"step", "critical", "mutation"}
+TOKEN_FIELDS = [f for f in TokenEvolution.__dataclass_fields__]
+INT_FIELDS = {"step", "critical", "mutation"}
 
 
 def thumbnail(image, width: int = 144) -> bytes | None:
@@ -113,7 +113,7 @@ def sweep_rows(sample_id: str, trace, answer: str | None) -> list[dict]:
 
 def set_rows(sample_id: str, trace, answer: str | None, sets: dict[str, list[int]]) -> list[dict]:
     """The named skip sets (skip.1/2/3, and ``none``) on ``trace``: one ``skip`` row each."""
-    return [{"sample_id": sample_id, "set": name, **_summary(LayerSkip(layers)(trace), answer, trace.model)}
+    return [{"sample_id": sample_id, "set": name, **skip_summary(LayerSkip(layers)(trace), answer, trace.model)}
             for name, layers in sets.items()]  # fmt: skip
 
 
@@ -179,7 +179,7 @@ def stored_samples(sample_frame, token_frame, n_layers: int, top_k: int = 5, arr
         tokens, lens, shift, curves = {}, {}, {}, {}
         for variant, rows in ([] if frame is None else frame.groupby("variant", sort=False)):
             rows = rows.sort_values("step")
-            tokens[variant] = [TokenEvolution(**{f: _plain(getattr(r, f), f in _INT_FIELDS) for f in _TOKEN_FIELDS})
+            tokens[variant] = [TokenEvolution(**{f: _plain(getattr(r, f), f in INT_FIELDS) for f in TOKEN_FIELDS})
                                for r in rows.itertuples()]  # fmt: skip
             js = torch.tensor([list(v) for v in rows["js_adjacent"]], dtype=torch.float32).T.reshape(n_layers, -1)
             names = [t.token for t in tokens[variant]]

@@ -28,7 +28,7 @@ from vlm_lens.errors import InputError
 
 DETAIL_SAMPLES = 100  # samples with per-token detail in report.json and the report's per-token table
 MAX_TSNE_IMAGES = 200  # images in the across-images t-SNE and silhouettes (the mean cosine uses them all)
-_EVIDENCE = ["variant", "step", *rd._TOKEN_FIELDS, "js_adjacent"]
+_EVIDENCE = ["variant", "step", *rd.TOKEN_FIELDS, "js_adjacent"]
 _SAMPLE = ["index", "question", "prompt", "generated_text", "answer", "correct", "planted", "image_path", "n_steps",
            "generated_tokens", "hallucination", "status", "error", "where"]  # fmt: skip
 
@@ -95,7 +95,7 @@ def skip_tables(store: Store, agg: dict) -> dict | None:
         rows = rows.to_dict("records")
         for r in rows:
             r["correct"] = None if r["correct"] is None or r["correct"] != r["correct"] else bool(r["correct"])
-        mean = layer_skip._mean_rows(rows, [int(x) for x in rows[0]["skipped_layers"]])
+        mean = layer_skip.mean_skip_rows(rows, [int(x) for x in rows[0]["skipped_layers"]])
         mean["texts"] = mean["texts"][:DETAIL_SAMPLES]
         (out["sets"] if name in sets else out["sweep"])[name] = mean
     out["sets"] = {k: out["sets"][k] for k in sets if k in out["sets"]}

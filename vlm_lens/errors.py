@@ -53,7 +53,3 @@ class PositionLimitError(InputError):
 
 class RemoteCodeError(InputError):
     """A checkpoint that needs its own Python code (``auto_map``), which vlm-lens never runs unless asked."""
-
-
-class OfflineError(NotFoundError):
-    """Something that would need the network: vlm-lens never downloads or phones home."""
