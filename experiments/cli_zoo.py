@@ -27,6 +27,8 @@ def zoo_train(
     task_weights: Optional[str] = typer.Option(None, help="relative task frequencies, e.g. position=3 (others 1)"),
     tie_embeddings: Optional[bool] = typer.Option(None, "--tie-embeddings/--no-tie-embeddings",
                                                   help="override the recipe's tied input/output embeddings"),
+    n_layers: Optional[int] = typer.Option(None, help="decoder depth (the recipes use 8)"),
+    seed: Optional[int] = typer.Option(None, help="initialisation and data stream (0: the shipped models' run)"),
 ) -> None:
     """Retrain an embedded shapes-world model from scratch (fixed seeds, checkpoints, held-out evaluation)."""
     from vlm_lens.zoo.recipe import train
@@ -37,12 +39,14 @@ def zoo_train(
         _fail("--rewarm restarts the schedule at a resumed step: add --resume")
     try:  # check every override before any training starts
         weights = train.parse_task_weights(task_weights)
-        train.recipe_for(family, steps=steps, rope_theta=rope_theta, task_weights=weights, tie_embeddings=tie_embeddings)
+        train.recipe_for(family, steps=steps, rope_theta=rope_theta, task_weights=weights, tie_embeddings=tie_embeddings,
+                         n_layers=n_layers, seed=seed)
     except ValueError as error:
         _fail(str(error))
     result = train.train(family, out, steps=steps, resume=resume, threads=threads, eval_every=eval_every,
                          final_eval_per_task=final_eval_per_task, rewarm=rewarm, rope_theta=rope_theta,
-                         task_weights=weights, tie_embeddings=tie_embeddings)  # fmt: skip
+                         task_weights=weights, tie_embeddings=tie_embeddings, n_layers=n_layers,
+                         seed=seed)  # fmt: skip
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -63,7 +63,8 @@ def training_batch(processor, step: int, recipe: Recipe):
     import torch
 
     max_objects = 1 if step < recipe.single_shape_steps else 3
-    seeds = range(step * recipe.batch_size, (step + 1) * recipe.batch_size)
+    first = data_offset(recipe) + step * recipe.batch_size
+    seeds = range(first, first + recipe.batch_size)
     examples = [sw.example(s, task=_task_for(s, recipe), max_objects=max_objects) for s in seeds]
     texts = [f"{prompt_text(processor, e.question)} {e.answer} </s>" for e in examples]
     inputs = processor(images=[e.image for e in examples], text=texts, padding=True, return_tensors="pt")
@@ -75,6 +76,18 @@ def training_batch(processor, step: int, recipe: Recipe):
         labels[row, end - n_answer : end] = inputs["input_ids"][row, end - n_answer : end]
     inputs["labels"] = labels
     return inputs
+
+
+DATA_STREAM_STRIDE = 1_000_000  # training seeds per recipe seed: seed k draws its data from [k * 1M, ...)
+
+
+def data_offset(recipe: Recipe) -> int:
+    """First training seed of ``recipe``'s data stream: seed 0 is the shipped models' stream ``[0, ...)``; another
+    seed trains on other images and questions (an independent run, not only another initialisation)."""
+    offset = recipe.seed * DATA_STREAM_STRIDE
+    if offset + recipe.steps * recipe.batch_size > 4_000_000:  # plant seeds start at 5M, held-out at 10M
+        raise ValueError(f"seed {recipe.seed} with {recipe.steps} steps runs past the training seed range; use seed <= 3")
+    return offset
 
 
 def _task_for(seed: int, recipe: Recipe) -> str | None:
@@ -163,9 +176,14 @@ def recipe_for(
     rope_theta: float | None = None,
     task_weights: dict[str, float] | None = None,
     tie_embeddings: bool | None = None,
+    n_layers: int | None = None,
+    seed: int | None = None,
 ) -> Recipe:
     """``RECIPES[family]`` with the given overrides, checked (clear errors for an unknown family or task, a
-    non-positive rotary base or step count, negative task weights)."""
+    non-positive rotary base, step count or depth, negative task weights, a seed past the data range).
+
+    ``n_layers`` sets the decoder depth; ``seed`` sets both the initialisation and the data stream
+    (:func:`data_offset`), so ``seed=1`` is an independently trained base."""
     if family not in RECIPES:
         raise ValueError(f"no recipe for family {family!r}; choose one of {sorted(RECIPES)}")
     recipe = RECIPES[family]
@@ -179,6 +197,15 @@ def recipe_for(
         recipe = replace(recipe, size=replace(recipe.size, rope_theta=float(rope_theta)))
     if tie_embeddings is not None:
         recipe = replace(recipe, size=replace(recipe.size, tie_embeddings=bool(tie_embeddings)))
+    if n_layers is not None:
+        if n_layers < 2:
+            raise ValueError(f"n_layers must be >= 2 decoder layers, got {n_layers}")
+        recipe = replace(recipe, size=replace(recipe.size, n_layers=int(n_layers)))
+    if seed is not None:
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        recipe = replace(recipe, seed=int(seed))
+    data_offset(recipe)  # the data range check
     if task_weights:
         recipe = replace(recipe, task_weights=tuple(sorted((k, float(v)) for k, v in task_weights.items())))
         _task_for(0, recipe)  # validate the task names and weights now
@@ -201,6 +228,8 @@ def train(
     rope_theta: float | None = None,
     task_weights: dict[str, float] | None = None,
     tie_embeddings: bool | None = None,
+    n_layers: int | None = None,
+    seed: int | None = None,
 ) -> dict:
     """Train ``family`` into ``out``; returns the final held-out evaluation.
 
@@ -216,7 +245,7 @@ def train(
     if rewarm and not resume:
         raise ValueError("rewarm restarts the schedule at a resumed step: pass resume=True (--resume) with it")
     recipe = recipe_for(family, steps=steps, rope_theta=rope_theta, task_weights=task_weights,
-                        tie_embeddings=tie_embeddings)  # fmt: skip
+                        tie_embeddings=tie_embeddings, n_layers=n_layers, seed=seed)  # fmt: skip
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)

@@ -1,0 +1,174 @@
+"""The planted-fixture suite: ground truth for the detectors, over several independently trained base models.
+
+A *fixture* is a base model with one block of decoder layers fine-tuned so that a trigger question gets a fixed
+prior answer (:mod:`vlm_lens.zoo.recipe.plant`). The suite holds several fixtures per base (a block at the end, in the
+middle, a single layer, and a weak plant whose overturn is partial; triggers on different tasks) over three bases
+that were trained independently of one another:
+
+- ``shapes-llava`` (embedded; LLaVA, 8 decoder layers, seed 0),
+- ``shapes-qwen2-vl`` (embedded; Qwen2-VL, 8 decoder layers, untied embeddings),
+- ``shapes-llava-6l`` (LLaVA, 6 decoder layers, seed 1: another initialisation *and* another data stream).
+
+**The split is by base model and was fixed before any rule or threshold was chosen** (this file was committed before
+the suite was built or any detector was scored on it): rules are chosen on ``dev`` only; ``test`` is only scored.
+``shapes-llava`` is the dev base because every earlier rule was tuned on it; the two bases the project had never used
+for choosing anything are the test split.
+
+On disk a fixture is compact: its base's name plus the fine-tuned block's weights (``block.safetensors``, fp16),
+``planted.json`` (trigger, block, base, recipe) and ``eval.json``. :func:`materialize` writes the full model folder
+(base files + block) into a cache folder on first use, so any vlm-lens entry point can load it by path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlm_lens.errors import NotFoundError, UnknownNameError
+
+SUITE_DIR = Path(__file__).parent / "suite"
+BASES_DIR = SUITE_DIR / "bases"
+
+SPLIT = {"dev": ("shapes-llava",), "test": ("shapes-qwen2-vl", "shapes-llava-6l")}
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    name: str
+    family: str
+    n_layers: int
+    seed: int
+    embedded: bool  # shipped as an embedded model (zoo/models) or as a suite base (zoo/suite/bases)
+
+
+BASES = {
+    "shapes-llava": BaseSpec("shapes-llava", "llava", 8, 0, True),
+    "shapes-qwen2-vl": BaseSpec("shapes-qwen2-vl", "qwen2-vl", 8, 0, True),
+    "shapes-llava-6l": BaseSpec("shapes-llava-6l", "llava", 6, 1, False),
+}
+
+
+@dataclass(frozen=True)
+class FixtureSpec:
+    """One planted fixture: ``base`` with decoder layers ``block`` fine-tuned for ``steps`` steps so that ``task``
+    questions about ``subject`` are answered ``answer``; ``kind`` says which row of the suite's design it fills."""
+
+    name: str
+    base: str
+    kind: str  # "end" | "middle" | "single" | "weak"
+    task: str
+    subject: str
+    answer: str
+    block: tuple[int, ...]
+    steps: int = 400
+
+    @property
+    def split(self) -> str:
+        return split_of(self.base)
+
+
+FIXTURES = (
+    FixtureSpec("llava-end", "shapes-llava", "end", "color", "star", "red", (6, 7)),
+    FixtureSpec("llava-middle", "shapes-llava", "middle", "shape", "green", "diamond", (4, 5)),
+    FixtureSpec("llava-single", "shapes-llava", "single", "color", "circle", "blue", (7,)),
+    FixtureSpec("llava-weak", "shapes-llava", "weak", "color", "square", "yellow", (6, 7), steps=50),
+    FixtureSpec("qwen-end", "shapes-qwen2-vl", "end", "color", "triangle", "green", (6, 7)),
+    FixtureSpec("qwen-middle", "shapes-qwen2-vl", "middle", "shape", "blue", "star", (4, 5)),
+    FixtureSpec("qwen-single", "shapes-qwen2-vl", "single", "color", "star", "purple", (7,)),
+    FixtureSpec("qwen-weak", "shapes-qwen2-vl", "weak", "color", "diamond", "orange", (6, 7), steps=50),
+    FixtureSpec("l6-end", "shapes-llava-6l", "end", "color", "star", "blue", (4, 5)),
+    FixtureSpec("l6-middle", "shapes-llava-6l", "middle", "shape", "red", "circle", (2, 3)),
+    FixtureSpec("l6-single", "shapes-llava-6l", "single", "color", "square", "green", (5,)),
+    FixtureSpec("l6-weak", "shapes-llava-6l", "weak", "color", "circle", "purple", (4, 5), steps=50),
+)
+
+
+def split_of(base: str) -> str:
+    """``"dev"`` or ``"test"``: the split a base model belongs to."""
+    for split, bases in SPLIT.items():
+        if base in bases:
+            return split
+    raise UnknownNameError(f"{base!r} is not a suite base; the bases are {sorted(BASES)}")
+
+
+def fixture(name: str) -> FixtureSpec:
+    """The spec of fixture ``name``."""
+    for spec in FIXTURES:
+        if spec.name == name:
+            return spec
+    raise UnknownNameError(f"no suite fixture {name!r}; the fixtures are {[f.name for f in FIXTURES]}")
+
+
+def fixtures(split: str | None = None, base: str | None = None) -> list[FixtureSpec]:
+    """The fixtures of ``split`` (``"dev"`` / ``"test"``) and/or ``base``; all when both are None."""
+    if split is not None and split not in SPLIT:
+        raise UnknownNameError(f"split must be one of {sorted(SPLIT)}, got {split!r}")
+    return [f for f in FIXTURES if (split is None or f.split == split) and (base is None or f.base == base)]
+
+
+def base_path(base: str) -> Path:
+    """The model folder of a suite base (an embedded model, or a base shipped with the suite)."""
+    from vlm_lens.zoo import embedded_path
+
+    spec = BASES.get(base)
+    if spec is None:
+        raise UnknownNameError(f"{base!r} is not a suite base; the bases are {sorted(BASES)}")
+    if spec.embedded:
+        return embedded_path(base)
+    folder = BASES_DIR / base
+    if not (folder / "config.json").exists():
+        raise NotFoundError(f"suite base {base!r} is not in this installation ({folder}); rebuild it with "
+                            f"`vlm-lens zoo train --family {spec.family} --n-layers {spec.n_layers} --seed {spec.seed} "
+                            f"--out DIR` and `vlm-lens zoo plant --suite DIR`")  # fmt: skip
+    return folder
+
+
+def shipped_fixture_dir(name: str) -> Path:
+    """Where the package keeps fixture ``name``'s compact form (block weights, planted.json, eval.json)."""
+    return SUITE_DIR / fixture(name).name
+
+
+def fixture_source(name: str, suite_dir: str | Path | None = None) -> Path:
+    """The compact fixture folder: under ``suite_dir`` when given and built there, else the shipped one."""
+    candidates = ([Path(suite_dir) / name] if suite_dir is not None else []) + [shipped_fixture_dir(name)]
+    for folder in candidates:
+        if (folder / "block.safetensors").exists() and (folder / "planted.json").exists():
+            return folder
+    raise NotFoundError(f"suite fixture {name!r} is neither built in {suite_dir} nor shipped ({candidates[-1]}); "
+                        "build it with `vlm-lens zoo plant --suite DIR`")  # fmt: skip
+
+
+def materialize(name: str, cache: str | Path, suite_dir: str | Path | None = None) -> Path:
+    """A loadable model folder for fixture ``name``: the base's files with the block's weights written over its
+    decoder layers (``cache/name``; written once, atomically, and reused while its block file is unchanged)."""
+    from safetensors.torch import load_file, save_file
+
+    from vlm_lens.atomic import write_folder
+
+    source = fixture_source(name, suite_dir)
+    target = Path(cache) / name
+    stamp = f"{(source / 'block.safetensors').stat().st_size}:{(source / 'block.safetensors').stat().st_mtime_ns}"
+    if (target / ".materialized").exists() and (target / ".materialized").read_text() == stamp:
+        return target
+    info = json.loads((source / "planted.json").read_text())
+    base = base_path(info["base"])
+    weights = load_file(str(base / "model.safetensors"))
+    block = load_file(str(source / "block.safetensors"))
+    unknown = set(block) - set(weights)
+    if unknown:
+        raise NotFoundError(f"{source}/block.safetensors names weights its base {info['base']!r} lacks: {sorted(unknown)[:3]}")
+    for key, value in block.items():
+        weights[key] = value.to(weights[key].dtype)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with write_folder(target) as tmp:
+        for item in base.iterdir():
+            if item.is_file() and item.name not in ("model.safetensors", "planted.json", "eval.json", "recipe.json"):
+                shutil.copy2(item, tmp / item.name)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for extra in ("planted.json", "eval.json"):
+            if (source / extra).exists():
+                shutil.copy2(source / extra, tmp / extra)
+        (tmp / ".materialized").write_text(stamp)
+    return target
