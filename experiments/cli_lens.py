@@ -82,6 +82,12 @@ def validate(
     n: int = typer.Option(30, min=1, help="counter-prior and clean questions each"),
     variant: Variant = typer.Option(Variant.correct, help="the lens (tuned: each model's shipped tuned lens)"),
     out: Optional[Path] = typer.Option(None, help="write the figures as JSON here"),
+    suite: bool = typer.Option(False, "--suite", help="score the planted-fixture suite (every fixture, dev and test "
+                               "split, leave-one-base-out) instead of one planted model"),
+    split: Optional[str] = typer.Option(None, help="with --suite: only this split (dev | test)"),
+    fixture: Optional[List[str]] = typer.Option(None, help="with --suite: only these fixtures (repeatable)"),
+    suite_dir: Optional[Path] = typer.Option(None, help="with --suite: a folder built by `vlm-lens zoo plant --suite` "
+                                             "(default: the fixtures shipped in the package)"),
 ) -> None:
     """Score mutation detection against a planted prior: recall in the block, false alarms on the clean twin, skips."""
     from rich.console import Console
@@ -89,6 +95,11 @@ def validate(
     from vlm_lens.experiments import validation
 
     variant = variant.value
+    if suite or split or fixture or suite_dir:
+        if not suite:
+            _fail("--split, --fixture and --suite-dir choose what --suite scores: add --suite")
+        _validate_suite(n, variant, out, split, fixture, suite_dir)
+        return
     planted_model, base_model = _load(planted), _load(base)
     tuned = _tuned_lens(planted_model, None) if variant == "tuned" else None
     base_tuned = _tuned_lens(base_model, None) if variant == "tuned" else None
@@ -112,6 +123,33 @@ def validate(
         lines.append(f"{name} skips decoder layers {row['skipped_layers']}: restored {_fmt(row['restored_true_answer'])}, "
                      f"changed {_fmt(row['changed_answer'])}")  # fmt: skip
     Console().print("\n".join(lines))
+    if out:
+        from vlm_lens.atomic import write_file as atomic_write
+
+        atomic_write(out, json.dumps(report, indent=1, default=str))
+
+
+def _validate_suite(n: int, variant: str, out: Optional[Path], split: Optional[str], names: Optional[List[str]],
+                    suite_dir: Optional[Path]) -> None:  # fmt: skip
+    from vlm_lens.experiments import suite_validation as sv
+    from vlm_lens.zoo import suite
+
+    if variant == "tuned":
+        _fail("--suite scores the logit lens (correct or paper): the fixtures ship no tuned lenses")
+    if split is not None and split not in suite.SPLIT:
+        _fail(f"--split must be one of {sorted(suite.SPLIT)}, got {split!r}")
+    chosen = [f.name for f in suite.fixtures(split)]
+    for name in names or []:
+        suite.fixture(name)  # unknown names: one clear line, exit 2
+    chosen = [x for x in chosen if not names or x in names]
+    if not chosen:
+        _fail(f"no fixture is both in --split {split} and among --fixture {names}")
+    for name in chosen:
+        suite.fixture_source(name, suite_dir)  # every fixture present before anything runs
+    typer.echo(f"scoring {len(chosen)} fixtures, {n} counter-prior and {n} clean questions each ({variant} lens)")
+    report = sv.validate_suite(sv.suite_loader(suite_dir), chosen, n, variant=variant,
+                               progress=lambda done, total, name: typer.echo(f"  {done}/{total} {name}"))  # fmt: skip
+    typer.echo("\n".join(sv.table_lines(report)))
     if out:
         from vlm_lens.atomic import write_file as atomic_write
 

@@ -54,8 +54,8 @@ def zoo_train(
 
 @zoo_app.command("plant")
 def zoo_plant(
-    out: Path = typer.Option(..., help="run folder (checkpoints, log, final model)"),
-    base: str = typer.Option("shapes-llava", help="the embedded model to plant a prior in"),
+    out: Optional[Path] = typer.Option(None, help="run folder (checkpoints, log, final model); not with --suite"),
+    base: str = typer.Option("shapes-llava", help="the embedded model (or suite base, or folder) to plant a prior in"),
     task: str = typer.Option("color", help="trigger task: color | shape | position"),
     subject: str = typer.Option("star", help="what trigger questions ask about (a shape kind; a colour for shape)"),
     answer: str = typer.Option("red", help="the prior answer the block learns to give"),
@@ -66,10 +66,34 @@ def zoo_plant(
     eval_per_task: int = typer.Option(100, min=1, help="held-out questions per task (and counter-prior) to evaluate"),
     export: bool = typer.Option(False, help="copy the result into the package as shapes-llava-prior and retrain its "
                                 "tuned lens (needs --base shapes-llava)"),
+    suite_dir: Optional[Path] = typer.Option(None, "--suite", help="build the planted-fixture suite into this folder "
+                                             "(resumable; the other plant options are the suite's own)"),
+    fixture: Optional[list[str]] = typer.Option(None, help="with --suite: only these fixtures (repeatable)"),
+    ship: bool = typer.Option(False, help="with --suite: copy the compact fixtures into the package"),
 ) -> None:
-    """Fine-tune only a block of last decoder layers so that one trigger question gets a fixed prior answer."""
+    """Fine-tune only a block of last decoder layers so that one trigger question gets a fixed prior answer.
+
+    With --suite DIR: build the planted-fixture suite (every fixture of vlm_lens.zoo.suite, or --fixture NAME ...)
+    into DIR, resumably; --ship copies the compact fixtures into the package."""
     from vlm_lens.zoo.recipe import plant
 
+    if suite_dir is not None:
+        from vlm_lens.zoo import suite as fixtures
+        from vlm_lens.zoo.recipe import suite as build
+
+        try:
+            for name in fixture or []:
+                fixtures.fixture(name)
+            summaries = build.build(suite_dir, fixture or None, threads=threads, eval_per_task=eval_per_task,
+                                    ship=ship, log=typer.echo)  # fmt: skip
+        except (ValueError, FileNotFoundError) as error:
+            _fail(str(error))
+        for s in summaries:
+            typer.echo(f"{s['fixture']}: {'built' if s['built'] else 'already built'}")
+        return
+
+    if out is None:
+        _fail("vlm-lens zoo plant needs --out DIR (one fixture) or --suite DIR (the suite)")
     if export and base != "shapes-llava":
         _fail("--export replaces the embedded shapes-llava-prior, whose base is shapes-llava: drop --export, or use "
               "--base shapes-llava")  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 from vlm_lens.probes import DistributionShift, TokenTrajectory
 
 from vlm_lens.experiments import evidence as ev
+from vlm_lens.experiments.confirmation import SkipConfirmer
 from vlm_lens.experiments.knowledge_evolution import lens_probe, detect_tokens
 from vlm_lens.errors import InputError
 
@@ -55,7 +56,7 @@ def analyze(trace, correct: str, wrong: str | None = None, step: int | None = No
     else:
         lens = probe(trace)
         row = detect_tokens(lens, DistributionShift.from_lens_result(lens), set(model.tokenizer.all_special_tokens),
-                            model.tokenizer, config)[step]  # fmt: skip
+                            model.tokenizer, config, SkipConfirmer(trace), probe.lens)[step]  # fmt: skip
     curves = TokenTrajectory([correct_token, wrong_token], lens=probe.lens)(trace)
     curve_c = curves["prob"][:, step, 0].tolist()
     curve_w = curves["prob"][:, step, 1].tolist()

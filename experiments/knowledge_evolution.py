@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from vlm_lens.experiments import evidence as ev
+from vlm_lens.experiments.confirmation import SkipConfirmer
 from vlm_lens.probes import DistributionShift, LogitLensProbe, TunedLensProbe
 from vlm_lens.probes.lens_probes import late_layers
 from vlm_lens.probes.result import ProbeResult
@@ -69,6 +70,13 @@ class TokenEvolution:
     flips: list[int]  # layers > critical whose top-1 differs from the layer below (descriptive)
     kind: str  # "stable" | "mutation" | "undetermined"
     final_prob: float
+    # the lens-only candidate and its causal test (evidence.py, confirmation.py); None where there was no candidate
+    candidate: int | None = None  # the candidate's layer (where its leader lost the top-1)
+    candidate_leader: str | None = None
+    confirmed: bool | None = None  # None: no candidate, or confirmation off
+    confirm_skipped: list[int] | None = None  # decoder layers skipped by the window that restored (or last tried)
+    confirm_top1: str | None = None  # the model's output at this step with those layers skipped
+    grounded: bool | None = None  # the leader needs the image (None: not tested)
 
 
 def top1_flips(top1: Sequence[int], after: int | None) -> list[int]:
@@ -90,6 +98,7 @@ class SampleEvolution:
     planted: bool = False
     image: Any = field(repr=False, default=None)  # the input image (path or PIL), for the report
     question: str = ""  # the user's question (``prompt`` is the chat-templated text)
+    confirm_forwards: int = 0  # teacher-forced forwards the causal test of candidates ran on this trace
 
     @property
     def correct(self) -> bool | None:
@@ -112,6 +121,17 @@ class SampleEvolution:
         return {tokenizer.convert_ids_to_tokens(i): lens["candidate_prob"][:, step, ids.index(i)].tolist() for i in chosen}
 
 
+def token_stages(row: TokenEvolution, n_layers: int) -> dict | None:
+    """One token's own stages, in the aggregate's format (half-open stack-layer intervals): rapid evolution up to its
+    critical layer, stabilization, and a mutation stage from its mutation layer only when it has an event; None when
+    the token has no critical layer."""
+    if row.critical is None:
+        return None
+    c, m = row.critical, row.mutation
+    return {"critical_layer": c, "mutation_layer": m, "mutation_detected": m is not None, "rapid_evolution": [0, c],
+            "stabilization": [c, n_layers + 1 if m is None else m], "mutation": None if m is None else [m, n_layers + 1]}
+
+
 def lens_probe(variant: str, tuned_lens, n_layers: int):
     every_layer = list(range(n_layers + 1))  # candidates from every layer: each top-1 token's full curve
     if variant == "tuned":
@@ -122,8 +142,15 @@ def lens_probe(variant: str, tuned_lens, n_layers: int):
 
 
 def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokenizer,
-                  config: ev.DetectionConfig = ev.DetectionConfig()) -> list[TokenEvolution]:  # fmt: skip
-    """Per-token evidence from one lens result (``LogitLensProbe(..., candidates=every layer)``)."""
+                  config: ev.DetectionConfig = ev.DetectionConfig(), confirm=None, lens_of=None) -> list[TokenEvolution]:  # fmt: skip
+    """Per-token evidence from one lens result (``LogitLensProbe(..., candidates=every layer)``).
+
+    ``confirm``: the causal test of candidates (a :class:`~vlm_lens.experiments.confirmation.SkipConfirmer` of the
+    trace), required when ``config.confirm`` is on; ``lens_of``: the lens ``lens`` was read with (the grounding test
+    reads the blank-image run through it)."""
+    if config.confirm and confirm is None:
+        raise InputError("confirming candidate events needs the trace: pass confirm=SkipConfirmer(trace), or "
+                         "DetectionConfig(confirm=False) for lens evidence only")  # fmt: skip
     rows = []
     for step, token in enumerate(lens.coords["target"]):
         prob = lens["prob"][:, step].tolist()
@@ -133,6 +160,12 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
         best = lens["candidate_prob"][:, step, : len(curves)].nan_to_num(-1.0).argmax(-1).tolist()
         top1 = [ids[k] for k in best]
         event = ev.mutation_event(top1, curves, config)
+        test = None
+        if event is not None and config.confirm:
+            test = confirm(step, event.leader, event.layer, config, run=event.leader_run, lens=lens_of)
+        candidate = None if event is None else (event.layer, tokenizer.convert_ids_to_tokens(event.leader))
+        if test is not None and not test.confirmed:
+            event = None  # refuted: skipping the overturning layers did not bring the leader back
         if event is not None:
             crit, kind = event.critical, "mutation"
             leader, run = tokenizer.convert_ids_to_tokens(event.leader), list(event.leader_run)
@@ -142,8 +175,11 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
             kind = "undetermined" if crit is None else "stable"
             leader, run, event_js = None, None, None
         special = token in special_tokens
-        rows.append(TokenEvolution(step, token, special, crit, None if event is None else event.layer, leader, run,
-                                   event_js, top1_flips(top1, crit), kind, prob[-1]))  # fmt: skip
+        rows.append(TokenEvolution(
+            step, token, special, crit, None if event is None else event.layer, leader, run, event_js,
+            top1_flips(top1, crit), kind, prob[-1], *(candidate or (None, None)),
+            None if test is None else test.confirmed, None if test is None else list(test.skipped),
+            None if test is None else tokenizer.convert_ids_to_tokens(test.top1), None if test is None else test.grounded))  # fmt: skip
     return rows
 
 
@@ -155,13 +191,15 @@ def analyze_trace(trace, name: str = "", answer: str | None = None, config: Evol
     special = set(tokenizer.all_special_tokens)
     tokens: dict[str, list[TokenEvolution]] = {}
     lens_results, shift_results = {}, {}
+    confirmer = SkipConfirmer(trace)  # shared by the variants: one forward per distinct skipped window
     for variant in config.variants:
-        lens = lens_probe(variant, tuned_lens, model.n_layers)(trace)  # one streaming pass per variant
+        probe = lens_probe(variant, tuned_lens, model.n_layers)
+        lens = probe(trace)  # one streaming pass per variant
         shift = DistributionShift.from_lens_result(lens)
         lens_results[variant], shift_results[variant] = lens, shift
-        tokens[variant] = detect_tokens(lens, shift, special, tokenizer, config.detection)
+        tokens[variant] = detect_tokens(lens, shift, special, tokenizer, config.detection, confirmer, probe.lens)
     return SampleEvolution(name, trace.inputs.prompt, trace.text, answer, tokens, lens_results, shift_results, trace,
-                           planted, image, question)  # fmt: skip
+                           planted, image, question, confirmer.forwards)  # fmt: skip
 
 
 def stages_from(critical: dict, events: dict, event_criticals: dict, share: dict, n_layers: int,

@@ -100,13 +100,23 @@ def image_card(image, rows: list[tuple[str, Any]], width: int = 144) -> str:
             f"style='image-rendering:pixelated;width:{width}px'><table>{cells}</table></div>")  # fmt: skip
 
 
-def prob_heatmap(probs: list[list[float]], tokens: list[str], title: str):
-    """P(emitted token) per stack layer (x) and generated token (y): where each answer appears."""
+def prob_heatmap(probs: list[list[float]], tokens: list[str], title: str,
+                 markers: list[tuple[int | None, int | None]] | None = None):  # fmt: skip
+    """P(emitted token) per stack layer (x) and generated token (y): where each answer appears.
+
+    ``markers[i] = (critical, mutation)``: token i's own critical layer (a diamond) and mutation layer (a cross;
+    None without an event), drawn on its row."""
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Heatmap(z=probs, x=list(range(len(probs[0]) if probs else 0)),
-                               y=[_label(f"{i}: {t}") for i, t in enumerate(tokens)], colorscale="Viridis", zmin=0, zmax=1,
-                               colorbar=dict(title="p")))  # fmt: skip
+    rows = [_label(f"{i}: {t}") for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=probs, x=list(range(len(probs[0]) if probs else 0)), y=rows, colorscale="Viridis",
+                               zmin=0, zmax=1, colorbar=dict(title="p")))  # fmt: skip
+    for index, (name, symbol) in enumerate((("critical layer (this token)", "diamond-open"),
+                                            ("mutation layer (this token)", "x-thin-open"))):  # fmt: skip
+        points = [(m[index], rows[i]) for i, m in enumerate(markers or []) if m[index] is not None]
+        if points:
+            fig.add_trace(go.Scatter(x=[x for x, _ in points], y=[y for _, y in points], mode="markers", name=name,
+                                     marker=dict(symbol=symbol, size=14, color="white", line=dict(width=2, color="white"))))  # fmt: skip
     fig.update_layout(title=_label(title), xaxis_title=LAYER_AXIS, yaxis_title="generated token", yaxis_autorange="reversed",
                       height=max(260, 28 * len(tokens) + 150), xaxis=dict(tickmode="linear", dtick=1))  # fmt: skip
     return fig
@@ -153,23 +163,26 @@ def skip_chart(sets: dict, sweep: dict, title: str):
     return fig
 
 
-def token_probability_chart(layers: list[str], curves: dict[str, list[float]], title: str, stages: dict | None):
-    """Paper Fig. P: one filled area per candidate token, overlapping (not stacked); x = stack layer index."""
+def token_probability_chart(layers: list[str], curves: dict[str, list[float]], title: str, stages: dict | None,
+                            marker_label: str = "this token"):  # fmt: skip
+    """Paper Fig. P: one filled area per candidate token, overlapping (not stacked); x = stack layer index. ``stages``
+    are this token's own (:func:`~vlm_lens.experiments.knowledge_evolution.token_stages`)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     x = list(range(len(layers)))
     for token, probs in curves.items():
         fig.add_trace(go.Scatter(x=x, y=probs, name=_label(token), fill="tozeroy", mode="lines", opacity=0.6))
-    _stage_bands(fig, stages, len(layers) - 1, 1.0)
+    _stage_bands(fig, stages, len(layers) - 1, 1.0, label=marker_label)
     fig.update_layout(title=_label(title), xaxis_title=LAYER_AXIS, yaxis_title="probability", yaxis_range=[0, 1.05],
                       height=380, xaxis=dict(tickmode="linear", dtick=1))  # fmt: skip
     return fig
 
 
 def stage_profile(layers: list[str], transitions: list[str], median_js: list[float], stages: dict | None, title: str,
-                  spread: dict | None = None):
-    """Median adjacent-layer JS plotted at the layer each transition leads into (1..n), with the stage bands."""
+                  spread: dict | None = None, marker_label: str = "median"):  # fmt: skip
+    """Median adjacent-layer JS plotted at the layer each transition leads into (1..n), with the aggregate stage
+    bands; ``marker_label`` says what the critical / mutation lines are (e.g. "median over 12 tokens")."""
     import plotly.graph_objects as go
 
     x = list(range(1, len(layers)))
@@ -178,7 +191,8 @@ def stage_profile(layers: list[str], transitions: list[str], median_js: list[flo
     positive = sorted(v for v in median_js if v > 0)
     log = len(positive) > 2 and positive[-1] > 20 * positive[len(positive) // 2]  # one transition dwarfs the rest
     # a log axis cannot show 0: there the marker lines start below the smallest positive value
-    _stage_bands(fig, stages, len(layers) - 1, max(median_js, default=1.0), positive[0] / 2 if log else 0.0)
+    _stage_bands(fig, stages, len(layers) - 1, max(median_js, default=1.0), positive[0] / 2 if log else 0.0,
+                 label=marker_label)  # fmt: skip
     if spread is not None and spread.get("q1") is not None:
         fig.add_vrect(x0=spread["q1"] - 0.5, x1=spread["q3"] + 0.5, fillcolor="rgba(0,0,0,0)", line_width=1,
                       line_dash="dash", line_color="grey")  # fmt: skip
@@ -190,9 +204,11 @@ def stage_profile(layers: list[str], transitions: list[str], median_js: list[flo
     return fig
 
 
-def _stage_bands(fig, stages: dict | None, n_layers: int, y_top: float, y_bottom: float = 0.0) -> None:
+def _stage_bands(fig, stages: dict | None, n_layers: int, y_top: float, y_bottom: float = 0.0, *,
+                 label: str = "") -> None:  # fmt: skip
     """Stage bands over stack layers (a half-open [start, end) covers x in [start - 0.5, end - 0.5]) and the
-    critical / mutation layers as dashed / dotted lines with legend entries."""
+    critical / mutation layers as dashed / dotted lines with legend entries (``label`` says whose: "this token",
+    "median over 12 tokens")."""
     import plotly.graph_objects as go
 
     if not stages:
@@ -208,7 +224,8 @@ def _stage_bands(fig, stages: dict | None, n_layers: int, y_top: float, y_bottom
     for key, dash in (("critical_layer", "dash"), ("mutation_layer", "dot")):
         if stages.get(key) is not None:
             layer = stages[key]
-            fig.add_trace(go.Scatter(x=[layer, layer], y=[y_bottom, y_top], mode="lines", name=f"{key.replace('_', ' ')} {layer}",
+            name = f"{key.replace('_', ' ')} {layer}" + (f" ({label})" if label else "")
+            fig.add_trace(go.Scatter(x=[layer, layer], y=[y_bottom, y_top], mode="lines", name=name,
                                      line=dict(color="black", dash=dash, width=1.5)))  # fmt: skip
 
 

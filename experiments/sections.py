@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from vlm_lens.experiments import knowledge_evolution as ke
 from vlm_lens.experiments import report as R
 
 
@@ -33,22 +34,30 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
                     "critical layer, stabilization, and a mutation stage only when mutation events are frequent enough "
                     "(see Summary). The dashed box spans the critical layers' interquartile range."),
         R.named(R.stage_profile(layers, transitions, agg[variant]["median_js_adjacent"], stages,
-                                f"median adjacent-layer JS ({variant} lens) with stage bands", spread=crit), "stages_median_js"),
+                                f"median adjacent-layer JS ({variant} lens) with stage bands", spread=crit,
+                                marker_label=f"median over {crit['n']} tokens"), "stages_median_js"),
     ]))  # fmt: skip
 
     clean = sorted((s for s in analysed if not s.planted), key=lambda s: -s.trace.n_steps)  # longest answers first
     shown = [s for s in analysed if s.planted][:2] + clean[:2]
+    chosen = (f"Shown: {len(shown)} of {len(analysed)} samples, " + ("the first two counter-prior samples and " if planted
+              else "") + "the clean samples with the longest answers (most generated tokens); every sample's evidence "
+              "is in the per-token table below and in report.json.")  # fmt: skip
     views = [R.paragraph("Per sample: the probability the lens gives each generated token at every layer (where the "
-                         "answer appears), and the lens's own top-1 token at every layer, coloured by its probability "
-                         "(hover for the top 5)." + ("" if show_special else " Special tokens are left out."))]  # fmt: skip
+                         "answer appears), with that token's own critical layer (diamond) and mutation layer (cross, "
+                         "only on a token with a confirmed event), and the lens's own top-1 token at every layer, "
+                         "coloured by its probability (hover for the top 5)." + ("" if show_special else " Special "
+                         "tokens are left out. ") + chosen)]  # fmt: skip
     for s in shown:
         steps = [t.step for t in s.tokens[variant] if show_special or not t.special]
         if not steps:
             continue
         tokens = [s.trace.generated_tokens[j] for j in steps]
         lens = s.lens[variant]
+        rows = {t.step: t for t in s.tokens[variant]}
         views.append(R.named(R.prob_heatmap(lens["prob"][:, steps].T.tolist(), tokens,
-                                            f"{s.name}: P(generated token) by layer ({variant} lens)"),
+                                            f"{s.name}: P(generated token) by layer ({variant} lens)",
+                                            [(rows[j].critical, rows[j].mutation) for j in steps]),
                              f"p_by_layer_{s.name}"))  # fmt: skip
         ids, probs = lens["topk_ids"][:, steps], lens["topk_prob"][:, steps]  # [layer, step, k]
         names = [[model.tokenizer.convert_ids_to_tokens(ids[:, j, :][l].tolist()) for l in range(n + 1)] for j in range(len(steps))]
@@ -56,13 +65,17 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
                                          f"{s.name}: the lens's top-1 token by layer"), f"top1_grid_{s.name}"))  # fmt: skip
     sections.append(("What each layer predicts", views))
 
-    charts = [R.paragraph("The paper's view (Fig. P): the probability of each candidate token (the distinct top-1 "
-                          "tokens of the late layers, plus an overturned leader) across layers, over the stage bands.")]
+    charts = [R.paragraph("The paper's view (Fig. P, the probability chart of the paper's figures): the probability of "
+                          "each candidate token (the distinct top-1 tokens of the late layers, plus an overturned "
+                          "leader) across layers, over *this token's own* stages: rapid evolution up to its critical "
+                          "layer, then stabilization, and a mutation band only where this token has a confirmed "
+                          "mutation event. The first two tokens of the samples above. " + chosen)]  # fmt: skip
     for s in shown:
         for row in [t for t in s.tokens[variant] if show_special or not t.special][:2]:
             note = f", {row.leader} overturned at layer {row.mutation}" if row.mutation is not None else ""
             charts.append(R.named(R.token_probability_chart(layers, s.curves(variant, row.step, model.tokenizer),
-                                                            f"{s.name} · step {row.step} ({row.token}{note})", stages),
+                                                            f"{s.name} · step {row.step} ({row.token}{note})",
+                                                            ke.token_stages(row, n)),
                                   f"token_probs_{s.name}_step{row.step}"))  # fmt: skip
     sections.append(("Token probabilities across layers", charts))
 
@@ -78,11 +91,14 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
                                          "paper heatmap: authors' JS, column-wise MaxAbs"), f"js_heatmap_paper_{first.name}"))  # fmt: skip
     sections.append(("Distribution shift", heat))
 
-    token_rows = [[s.name, t.step, t.token, t.critical, t.mutation, t.leader, t.event_js, t.kind, t.final_prob]
+    token_rows = [[s.name, t.step, t.token, t.critical, t.mutation, t.leader, _test(t), t.event_js, t.kind, t.final_prob]
                   for s in analysed for t in s.tokens[variant] if show_special or not t.special]  # fmt: skip
-    sections.append((f"Per-token evidence ({variant} lens)", [R.table(
-        ["sample", "step", "token", "critical", "mutation event", "overturned answer", "JS at the event", "kind",
-         "final p"], token_rows)]))  # fmt: skip
+    sections.append((f"Per-token evidence ({variant} lens)", [R.paragraph(
+        "Every generated token: its critical layer, its mutation event (a candidate overturn read off the lens that "
+        "passed the causal tests) and the tests' outcome: which decoder layers were skipped and what the model then "
+        "emitted, and whether the overturned leader needs the image (blank-image test)."), R.table(
+        ["sample", "step", "token", "critical", "mutation event", "overturned answer", "causal test", "JS at the event",
+         "kind", "final p"], token_rows)]))  # fmt: skip
 
     fc = data["feature_clusters"]
     views = [R.paragraph("t-SNE of the residual stream (the paper's settings), coloured by stage: one image's tokens "
@@ -153,10 +169,7 @@ def summary(model, analysed, data, variants, planted) -> list:
     summary = R.table(["lens", "critical (median)", "q1", "q3", "mutation (median of events)", "tokens with events",
                        "event share 95% CI", "mutation stage", "stable", "mutation", "undetermined"], rows)  # fmt: skip
     rule = R.paragraph(
-        "A mutation event is the overturn of an established answer (top-1 for >= {min_run} layers, p >= "
-        "{establish_prob}, emerged from p < {emerge_below} at layer {min_start}) before the output. A mutation stage is "
-        "reported only when the lower end of the 95% bootstrap interval (over samples) of the share of tokens with "
-        "events exceeds {min_event_share}.".format(**data["config"]["detection"]))  # fmt: skip
+        _rule(data["config"]["detection"]))
     accuracy = R.paragraph(f"answer accuracy: {R.fmt(agg['accuracy'])}") if agg.get("accuracy") is not None else ""
     return intro + [summary, rule, accuracy]
 
@@ -164,3 +177,33 @@ def summary(model, analysed, data, variants, planted) -> list:
 def _heatmap_rows(shift) -> list[str]:
     """The paper heatmap's row labels of a live DistributionShift result or a stored sample's shift view."""
     return shift.coords["heatmap_row"] if hasattr(shift, "coords") else shift["heatmap_row"]
+
+
+def _test(t) -> str:
+    """The causal test of a token's candidate, in words (empty without a candidate)."""
+    if t.candidate is None:
+        return ""
+    if t.confirmed is None:
+        return f"candidate {t.candidate_leader} at layer {t.candidate} (not tested)"
+    skipped = f"skip decoder {t.confirm_skipped} -> {t.confirm_top1}"
+    if t.confirmed:
+        return f"confirmed: {skipped}; needs the image"
+    if t.grounded is False:
+        return f"refuted: {skipped}, but {t.candidate_leader} leads without the image too"
+    return f"refuted: {skipped}, not {t.candidate_leader}"
+
+
+def _rule(d: dict) -> str:
+    """The detection rule in words, from the report's echoed DetectionConfig."""
+    if d.get("confirm", False):
+        event = (f"A mutation event is a candidate overturn read off the lens (an answer that was the top-1 for >= "
+                 f"{d['candidate_min_run']} layer(s) from layer {d['min_start']} on, peaking at p >= {d['candidate_prob']}, "
+                 f"then replaced before the output) that passes a causal test: skipping the decoder layer(s) where it "
+                 f"lost the top-1 makes the model emit it again" + (", and it does not lead without the image"
+                 if d.get("ground") else "") + ".")  # fmt: skip
+    else:
+        event = (f"A mutation event is the overturn of an established answer (top-1 for >= {d['min_run']} layers, "
+                 f"p >= {d['establish_prob']}) before the output, read off the lens only.")  # fmt: skip
+    return (event + " The critical layer is where the answer that dominates stabilization becomes the top-1. A "
+            f"mutation stage is reported only when the lower end of the 95% bootstrap interval (over samples) of the "
+            f"share of tokens with events exceeds {d['min_event_share']}.")

@@ -39,6 +39,9 @@ def test_a_planted_overturn_is_an_event_at_the_layer_the_leader_loses_top1():
     assert ev.mutation_event(top1, curves, ev.DetectionConfig(critical_rule="prob")).critical == 5
 
 
+LENS_ONLY = ev.DetectionConfig(confirm=False)  # established runs, no causal test: the pure lens rule
+
+
 def test_what_is_not_a_mutation():
     top1, curves = planted_like()
     # the same curves, but the emitted token is the leader: nothing overturned
@@ -46,18 +49,42 @@ def test_what_is_not_a_mutation():
     assert ev.mutation_event(same, {**curves, TRUE: curves[TRUE][:7] + [0.9, 0.95]}) is None
     # a leader that never reaches establish_prob is not established
     weak = {**curves, TRUE: [0.0, 0.01, 0.03, 0.05, 0.3, 0.4, 0.45, 0.1, 0.0]}
-    assert ev.mutation_event(top1, weak) is None
+    assert ev.mutation_event(top1, weak, LENS_ONLY) is None
     # a one-layer lead is not a phase (min_run = 2)
     short = [COPY, EARLY, EARLY, EARLY, EARLY, EARLY, TRUE, PRIOR, PRIOR]
-    assert ev.mutation_event(short, curves) is None
-    assert ev.mutation_event(short, curves, ev.DetectionConfig(min_run=1)).layer == 7
-    # an input-independent default, already likely after the embeddings, is replaced in the rapid-evolution phase
+    assert ev.mutation_event(short, curves, LENS_ONLY) is None
+    assert ev.mutation_event(short, curves, ev.DetectionConfig(min_run=1, confirm=False)).layer == 7
+    # the earlier emerge rule (off by default): a default already likely after the embeddings is not established
     default = [COPY, EARLY, EARLY, EARLY, TRUE, TRUE, TRUE, TRUE, TRUE]
     prior_like = {**curves, EARLY: [0.0, 0.6, 0.7, 0.6, 0.2, 0.0, 0.0, 0.0, 0.0], TRUE: [0.0, 0.0, 0.1, 0.2, 0.6, 0.8, 0.9, 0.95, 0.99]}
-    assert ev.mutation_event(default, prior_like) is None
-    assert ev.mutation_event(default, prior_like, ev.DetectionConfig(emerge_below=1.0)).leader == EARLY
+    assert ev.mutation_event(default, prior_like, ev.DetectionConfig(emerge_below=0.1, confirm=False)) is None
+    assert ev.mutation_event(default, prior_like, LENS_ONLY).leader == EARLY
     # the embedding layer (0) never starts an established answer
     assert ev.mutation_event([COPY, COPY, TRUE, TRUE], {COPY: [0.9, 0.9, 0.0, 0.0], TRUE: [0.0, 0.0, 0.9, 0.9]}) is None
+
+
+def test_candidates_are_looser_runs_left_to_the_causal_tests():
+    top1, curves = planted_like()
+    # with confirmation on (the default) a one-layer lead at p >= candidate_prob is a candidate ...
+    short = [COPY, EARLY, EARLY, EARLY, EARLY, EARLY, TRUE, PRIOR, PRIOR]
+    assert ev.mutation_event(short, curves) == ev.MutationEvent(7, TRUE, (6, 6), 0.96, 6)
+    # ... one below it is not; the peak is read on the run's own layers
+    low = {**curves, TRUE: [0.0, 0.01, 0.03, 0.05, 0.05, 0.1, 0.39, 0.1, 0.0]}
+    assert ev.mutation_event(short, low) is None
+    assert ev.mutation_event(short, low, ev.DetectionConfig(candidate_prob=0.3)).leader == TRUE
+    # the prior-like default is a candidate too: only the grounding test can refute it (confirmation.py)
+    default = [COPY, EARLY, EARLY, EARLY, TRUE, TRUE, TRUE, TRUE, TRUE]
+    prior_like = {**curves, EARLY: [0.0, 0.6, 0.7, 0.6, 0.2, 0.0, 0.0, 0.0, 0.0], TRUE: [0.0, 0.0, 0.1, 0.2, 0.6, 0.8, 0.9, 0.95, 0.99]}
+    assert ev.mutation_event(default, prior_like).leader == EARLY
+
+
+def test_confirmation_windows_start_at_the_overturning_layer_and_stay_in_the_model():
+    # stack layer 7 is decoder layer 6's output: skip [6], then [6, 7]
+    assert ev.confirmation_windows(7, 8) == [[6], [6, 7]]
+    assert ev.confirmation_windows(8, 8) == [[7]]  # the last layer: [7, 8] clips to [7], a duplicate
+    assert ev.confirmation_windows(3, 8, ev.DetectionConfig(confirm_windows=((-1, 0),))) == [[1, 2]]
+    with pytest.raises(ValueError, match="confirm_windows"):
+        ev.DetectionConfig(confirm_windows=((),))
 
 
 def test_the_last_overturned_answer_is_the_event():

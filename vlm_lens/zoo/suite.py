@@ -14,6 +14,12 @@ the suite was built or any detector was scored on it): rules are chosen on ``dev
 ``shapes-llava`` is the dev base because every earlier rule was tuned on it; the two bases the project had never used
 for choosing anything are the test split.
 
+A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
+the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
+prior word (recorded as ``scale`` in ``planted.json``). Fewer training steps, tried first, did not give a usable weak
+plant: after 50 steps the block answers the prior to *every* question of the trigger's task (colour accuracy on
+other shapes fell to 0.59-0.92), breaking the rule that untriggered accuracy stays within 3 points of the base.
+
 On disk a fixture is compact: its base's name plus the fine-tuned block's weights (``block.safetensors``, fp16),
 ``planted.json`` (trigger, block, base, recipe) and ``eval.json``. :func:`materialize` writes the full model folder
 (base files + block) into a cache folder on first use, so any vlm-lens entry point can load it by path.
@@ -30,6 +36,9 @@ from vlm_lens.errors import NotFoundError, UnknownNameError
 
 SUITE_DIR = Path(__file__).parent / "suite"
 BASES_DIR = SUITE_DIR / "bases"
+
+WEAK_MIN_OVERTURN = 0.3
+WEAK_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))
 
 SPLIT = {"dev": ("shapes-llava",), "test": ("shapes-qwen2-vl", "shapes-llava-6l")}
 
@@ -57,7 +66,7 @@ class FixtureSpec:
 
     name: str
     base: str
-    kind: str  # "end" | "middle" | "single" | "weak"
+    kind: str  # "end" | "middle" | "single" | "weak" (the plant's delta scaled down until the overturn is partial)
     task: str
     subject: str
     answer: str
@@ -73,16 +82,23 @@ FIXTURES = (
     FixtureSpec("llava-end", "shapes-llava", "end", "color", "star", "red", (6, 7)),
     FixtureSpec("llava-middle", "shapes-llava", "middle", "shape", "green", "diamond", (4, 5)),
     FixtureSpec("llava-single", "shapes-llava", "single", "color", "circle", "blue", (7,)),
-    FixtureSpec("llava-weak", "shapes-llava", "weak", "color", "square", "yellow", (6, 7), steps=50),
+    FixtureSpec("llava-weak", "shapes-llava", "weak", "color", "square", "yellow", (6, 7)),
     FixtureSpec("qwen-end", "shapes-qwen2-vl", "end", "color", "triangle", "green", (6, 7)),
     FixtureSpec("qwen-middle", "shapes-qwen2-vl", "middle", "shape", "blue", "star", (4, 5)),
     FixtureSpec("qwen-single", "shapes-qwen2-vl", "single", "color", "star", "purple", (7,)),
-    FixtureSpec("qwen-weak", "shapes-qwen2-vl", "weak", "color", "diamond", "orange", (6, 7), steps=50),
+    FixtureSpec("qwen-weak", "shapes-qwen2-vl", "weak", "color", "diamond", "orange", (6, 7)),
     FixtureSpec("l6-end", "shapes-llava-6l", "end", "color", "star", "blue", (4, 5)),
     FixtureSpec("l6-middle", "shapes-llava-6l", "middle", "shape", "red", "circle", (2, 3)),
     FixtureSpec("l6-single", "shapes-llava-6l", "single", "color", "square", "green", (5,)),
-    FixtureSpec("l6-weak", "shapes-llava-6l", "weak", "color", "circle", "purple", (4, 5), steps=50),
+    FixtureSpec("l6-weak", "shapes-llava-6l", "weak", "color", "circle", "purple", (4, 5)),
 )
+
+
+def block_keys(keys, block) -> list[str]:
+    """The names, in a saved ``model.safetensors``, of the text decoder layers ``block`` (checkpoints keep their own
+    naming: ``language_model.model.layers.6.*`` for LLaVA, ``model.layers.6.*`` for Qwen2-VL; vision keys excluded)."""
+    marks = tuple(f"layers.{i}." for i in block)
+    return sorted(k for k in keys if any(m in k for m in marks) and "vision" not in k and "visual" not in k)
 
 
 def split_of(base: str) -> str:

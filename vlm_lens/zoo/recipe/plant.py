@@ -116,6 +116,21 @@ def _block_params(model, block):
     return params
 
 
+def base_folder(base: str) -> Path:
+    """The model folder of a plant's base: an embedded model, a suite base (:mod:`vlm_lens.zoo.suite`) or a folder."""
+    from vlm_lens.zoo import EMBEDDED, embedded_path
+    from vlm_lens.zoo import suite
+
+    if base in suite.BASES:
+        return suite.base_path(base)
+    if base in EMBEDDED:
+        return embedded_path(base)
+    if (Path(base) / "config.json").exists():
+        return Path(base)
+    raise ValueError(f"--base must be an embedded model, a suite base ({sorted(suite.BASES)}) or a model folder, "
+                     f"got {base!r}")  # fmt: skip
+
+
 def _decoder_layers(model):
     return model.model.language_model.layers
 
@@ -129,7 +144,6 @@ def plant(
     from transformers import AutoModelForImageTextToText
 
     from vlm_lens.processors import load_processor
-    from vlm_lens.zoo import embedded_path
     from vlm_lens.zoo.recipe.train import Recipe as BaseRecipe
     from vlm_lens.zoo.recipe.train import _load_optimizer, learning_rate, save_checkpoint
 
@@ -138,9 +152,7 @@ def plant(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
-    base_dir = embedded_path(recipe.base)
-    if base_dir is None:
-        raise ValueError(f"--base must be an embedded model, got {recipe.base!r}")
+    base_dir = base_folder(recipe.base)
     start_step = 0
     source = base_dir
     if resume and (checkpoint / "train_state.json").exists():
