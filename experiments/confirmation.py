@@ -5,7 +5,9 @@ layer s to e and lost the top-1 at stack layer m = e + 1. The test: run the trac
 prompt and the tokens generated before the step, exactly as in the trace) with decoder layers W skipped, for each
 window W of :func:`~vlm_lens.experiments.evidence.confirmation_windows`, and read the model's output at that step.
 The candidate is **confirmed** when some window makes v the output (the argmax over the vocabulary, placeholder ids
-excluded, as generation does); it is **refuted** otherwise.
+excluded, as generation does); it is **refuted** otherwise. A window that reaches the last decoder layer proves nothing
+by itself: nothing runs after it, so the output *is* the lens at the leader's last layer (exactly, for the correct
+lens). It is used only for a leader that held the top-1 for ``last_layer_min_run`` layers or more.
 
 The skip test cannot tell an overturned *answer* from an overturned *default*: on a clean model a question-driven
 prior ("two" for every count question) can lead the middle layers until the late layers read the count off the image;
@@ -31,25 +33,28 @@ from vlm_lens.probes.interventions import skip_layer_hooks
 
 @dataclass(frozen=True)
 class Confirmation:
-    confirmed: bool  # restored by a skip and (with ``ground``) grounded
+    confirmed: bool  # every test that ran passed
     skipped: list[int]  # the window that restored the leader (or the last one tried)
-    top1: int  # the output at the step with ``skipped`` skipped
-    grounded: bool | None = None  # None: not tested (not restored, no image, or ``ground`` off)
+    top1: int  # the output at the step with ``skipped`` skipped (-1: no window could be tested)
+    grounded: bool | None = None  # the leader needs the image (None: not tested)
 
 
 class SkipConfirmer:
-    """The causal test on one :class:`~vlm_lens.trace.GenerationTrace`; forwards are cached per window.
+    """The causal tests on one :class:`~vlm_lens.trace.GenerationTrace`; each forward runs at most once per trace.
 
-    ``confirmer(step, leader, layer, config)`` -> :class:`Confirmation`; ``confirmer.forwards`` counts the forwards run.
+    ``confirmer(step, leader, layer, config, run=..., lens=...)`` -> :class:`Confirmation`; ``confirmer.forwards``
+    counts the forwards run (skip windows + the blank-image run).
     """
 
     def __init__(self, trace):
         self.trace = trace
         self._top1: dict[tuple[int, ...], list[int]] = {}
+        self._blank: dict | None = None
+        self._blank_lens: dict[int, list[list[int]]] = {}
 
     @property
     def forwards(self) -> int:
-        return len(self._top1)
+        return len(self._top1) + (self._blank is not None)
 
     def top1_with_skipped(self, window: list[int]) -> list[int]:
         """Per generated step: the model's output token id with decoder layers ``window`` skipped (teacher-forced)."""
@@ -57,16 +62,13 @@ class SkipConfirmer:
         if key not in self._top1:
             model, trace = self.trace.model, self.trace
             logits = model.run_with_hooks(trace.inputs, fwd_hooks=skip_layer_hooks(window))[0, trace.step_positions]
-            scores = logits.float()
-            scores[:, model.placeholder_ids] = float("-inf")  # never generated
-            self._top1[key] = scores.argmax(-1).tolist()
+            self._top1[key] = _output_ids(model, logits)
         return self._top1[key]
 
-    def blank_top1(self, lens) -> list[list[int]] | None:
-        """``[layer][step]``: the lens's top-1 token at each generated step with the image blanked (teacher-forced);
-        None when the inputs carry no image."""
-        key = ("blank", id(lens))
-        if key not in self._top1:
+    def _blank_run(self) -> dict | None:
+        """The teacher-forced run with the image blanked (pixel values 0): its residual stack at the generated steps
+        ``[n+1, steps, d]``; None when the inputs carry no image."""
+        if self._blank is None:
             import dataclasses
 
             import torch
@@ -77,33 +79,50 @@ class SkipConfirmer:
                 return None
             blank = dataclasses.replace(trace.inputs, model_inputs={**inputs, "pixel_values": torch.zeros_like(inputs["pixel_values"])})
             _, cache = model.run_with_cache(blank, names_filter=model.resid_names)
-            stack = cache.resid_stack(trace.step_positions)  # [n+1, steps, d]
-            # one layer at a time: never [layers, steps, vocab] in memory
-            self._top1[key] = [lens.logits(model, stack[l : l + 1], [l])[0].float().argmax(-1).tolist()
-                               for l in range(stack.shape[0])]  # fmt: skip
-        return self._top1[key]
+            self._blank = {"stack": cache.resid_stack(trace.step_positions)}
+        return self._blank
+
+    def blank_top1(self, lens) -> list[list[int]] | None:
+        """``[layer][step]``: the lens's top-1 token at each generated step with the image blanked; None without an
+        image. One layer at a time: never [layers, steps, vocab] in memory."""
+        run = self._blank_run()
+        if run is None:
+            return None
+        if id(lens) not in self._blank_lens:
+            model, stack = self.trace.model, run["stack"]
+            self._blank_lens[id(lens)] = [lens.logits(model, stack[l : l + 1], [l])[0].float().argmax(-1).tolist()
+                                          for l in range(stack.shape[0])]  # fmt: skip
+        return self._blank_lens[id(lens)]
 
     def __call__(self, step: int, leader: int, layer: int, config: ev.DetectionConfig, *, run=None,
                  lens=None) -> Confirmation:  # fmt: skip
         """The causal tests of the candidate (``leader`` lost the top-1 at stack ``layer``; ``run`` = its run
-        ``(start, end)`` and ``lens`` the lens it was read with, for the grounding test)."""
-        windows = ev.confirmation_windows(layer, self.trace.model.n_layers, config)
+        ``(start, end)`` and ``lens`` the lens it was read with, for the image tests)."""
+        n_layers = self.trace.model.n_layers
+        windows = ev.confirmation_windows(layer, n_layers, config)
+        short = run is not None and run[1] - run[0] + 1 < config.last_layer_min_run
         top1 = -1
         for window in windows:
+            if window[-1] == n_layers - 1 and short:
+                # no decoder layer runs after this window: the output is the lens at the leader's last layer, i.e. the
+                # leader, by construction (exactly so for the correct lens). It proves nothing about a short lead.
+                continue
             top1 = self.top1_with_skipped(window)[step]
             if top1 == leader:
-                if not config.ground or run is None or lens is None:
-                    return Confirmation(True, window, top1)
-                blank = self.blank_top1(lens)
-                if blank is None:
-                    return Confirmation(True, window, top1)
-                held = sum(blank[l][step] == leader for l in range(run[0], run[1] + 1))
-                grounded = 2 * held < run[1] - run[0] + 1
-                return Confirmation(grounded, window, top1, grounded)
-        return Confirmation(False, windows[-1] if windows else [], top1)
+                break
+        else:
+            return Confirmation(False, windows[-1] if windows else [], top1)
+        grounded = None
+        if config.ground and run is not None and lens is not None and self._blank_run() is not None:
+            blank = self.blank_top1(lens)
+            held = sum(blank[l][step] == leader for l in range(run[0], run[1] + 1))
+            grounded = 2 * held < run[1] - run[0] + 1
+        return Confirmation(grounded is not False, window, top1, grounded)
 
 
-def forwards_per_trace(confirmers) -> float:
-    """Mean number of confirmation forwards per trace (the measured cost)."""
-    confirmers = list(confirmers)
-    return sum(c.forwards for c in confirmers) / len(confirmers) if confirmers else 0.0
+def _output_ids(model, logits) -> list[int]:
+    """The generated token of each row of ``logits`` ``[steps, vocab]`` (argmax; placeholder ids are never emitted)."""
+    scores = logits.float()
+    scores[:, model.placeholder_ids] = float("-inf")
+    return scores.argmax(-1).tolist()
+

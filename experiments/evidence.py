@@ -67,6 +67,12 @@ class DetectionConfig:
     - ``ground = True``: the leader must need the image (the blank-image test of
       :mod:`vlm_lens.experiments.confirmation`); on dev it removed every remaining false alarm (count questions,
       where a question-driven "two" leads until the late layers read the count off the image).
+    - ``last_layer_min_run = 2``: a skip window that reaches the last decoder layer leaves no layer to run after it,
+      so its output is the lens at the leader's last layer — the leader, by construction under the correct lens. That
+      restoration only counts for a leader that held the top-1 for at least this many layers; a one-layer lead right
+      before the output is the model's last draft, not an answer it had settled on. Added in round 2 (the suite's
+      split history, :mod:`vlm_lens.zoo.suite`), chosen on the round-2 dev split (shapes-llava and shapes-qwen2-vl):
+      the Qwen base's late position and count drafts were 0.13 false alarms without it, 0.03 with it.
     - ``critical_rule = "top1"``: on a shallow model the probability of an answer often crosses 0.5 only one layer
       before the output; where it becomes the top-1 is the earlier, rank-based reading of the same rise.
     - ``min_event_share = 0.02`` and ``bootstrap = 1000`` (seed 0): a stage needs at least 2 % of tokens with events
@@ -82,6 +88,7 @@ class DetectionConfig:
     confirm: bool = True
     confirm_windows: tuple[tuple[int, ...], ...] = ((0,), (0, 1))
     ground: bool = True
+    last_layer_min_run: int = 2
     critical_rule: str = "top1"
     min_event_share: float = 0.02
     bootstrap: int = 1000

@@ -179,7 +179,7 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
             step, token, special, crit, None if event is None else event.layer, leader, run, event_js,
             top1_flips(top1, crit), kind, prob[-1], *(candidate or (None, None)),
             None if test is None else test.confirmed, None if test is None else list(test.skipped),
-            None if test is None else tokenizer.convert_ids_to_tokens(test.top1), None if test is None else test.grounded))  # fmt: skip
+            None if test is None or test.top1 < 0 else tokenizer.convert_ids_to_tokens(test.top1), None if test is None else test.grounded))  # fmt: skip
     return rows
 
 

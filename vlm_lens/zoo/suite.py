@@ -7,12 +7,19 @@ that were trained independently of one another:
 
 - ``shapes-llava`` (embedded; LLaVA, 8 decoder layers, seed 0),
 - ``shapes-qwen2-vl`` (embedded; Qwen2-VL, 8 decoder layers, untied embeddings),
-- ``shapes-llava-6l`` (LLaVA, 6 decoder layers, seed 1: another initialisation *and* another data stream).
+- ``shapes-llava-6l`` (LLaVA, 6 decoder layers, seed 1: another initialisation *and* another data stream),
+- ``shapes-qwen2-vl-6l`` (Qwen2-VL, 6 decoder layers, seed 2).
 
-**The split is by base model and was fixed before any rule or threshold was chosen** (this file was committed before
-the suite was built or any detector was scored on it): rules are chosen on ``dev`` only; ``test`` is only scored.
-``shapes-llava`` is the dev base because every earlier rule was tuned on it; the two bases the project had never used
-for choosing anything are the test split.
+**The split is by base model and is fixed before any rule or threshold is chosen**: rules are chosen on ``dev``
+only; ``test`` is only scored. Its history (docs/experiments.md has the figures of each round):
+
+1. Round 1 (committed before the suite was built): dev ``shapes-llava`` (every earlier rule was tuned on it), test
+   ``shapes-qwen2-vl`` and ``shapes-llava-6l``. The rule chosen on dev (lens candidates + skip test + grounding test)
+   was scored on the Qwen fixtures: recall 1.00, but false alarms on the clean twin 0.13 — it failed there. Looking at
+   why made ``shapes-qwen2-vl`` a dev base.
+2. Round 2: dev ``shapes-llava`` and ``shapes-qwen2-vl``; test ``shapes-llava-6l`` and ``shapes-qwen2-vl-6l`` (a Qwen2-VL
+   base trained for this round, seed 2, 6 decoder layers), neither of which any rule had been scored on when this
+   split was committed.
 
 A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
 the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
@@ -40,7 +47,7 @@ BASES_DIR = SUITE_DIR / "bases"
 WEAK_MIN_OVERTURN = 0.3
 WEAK_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))
 
-SPLIT = {"dev": ("shapes-llava",), "test": ("shapes-qwen2-vl", "shapes-llava-6l")}
+SPLIT = {"dev": ("shapes-llava", "shapes-qwen2-vl"), "test": ("shapes-llava-6l", "shapes-qwen2-vl-6l")}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ BASES = {
     "shapes-llava": BaseSpec("shapes-llava", "llava", 8, 0, True),
     "shapes-qwen2-vl": BaseSpec("shapes-qwen2-vl", "qwen2-vl", 8, 0, True),
     "shapes-llava-6l": BaseSpec("shapes-llava-6l", "llava", 6, 1, False),
+    "shapes-qwen2-vl-6l": BaseSpec("shapes-qwen2-vl-6l", "qwen2-vl", 6, 2, False),
 }
 
 
@@ -91,6 +99,10 @@ FIXTURES = (
     FixtureSpec("l6-middle", "shapes-llava-6l", "middle", "shape", "red", "circle", (2, 3)),
     FixtureSpec("l6-single", "shapes-llava-6l", "single", "color", "square", "green", (5,)),
     FixtureSpec("l6-weak", "shapes-llava-6l", "weak", "color", "circle", "purple", (4, 5)),
+    FixtureSpec("q6-end", "shapes-qwen2-vl-6l", "end", "color", "circle", "red", (4, 5)),
+    FixtureSpec("q6-middle", "shapes-qwen2-vl-6l", "middle", "shape", "yellow", "triangle", (2, 3)),
+    FixtureSpec("q6-single", "shapes-qwen2-vl-6l", "single", "color", "triangle", "blue", (5,)),
+    FixtureSpec("q6-weak", "shapes-qwen2-vl-6l", "weak", "color", "square", "purple", (4, 5)),
 )
 
 
