@@ -202,6 +202,23 @@ def analyze_trace(trace, name: str = "", answer: str | None = None, config: Evol
                            planted, image, question, confirmer.forwards)  # fmt: skip
 
 
+def token_evidence(trace, variant: str = "correct", *, detection: ev.DetectionConfig = ev.DetectionConfig(),
+                   tuned_lens=None) -> list[TokenEvolution]:  # fmt: skip
+    """Per generated token of one trace: what it is, where it emerged, and whether deep layers overturned an answer.
+
+    Each :class:`TokenEvolution` row has ``token`` (the emitted token), ``critical`` (its critical layer: where the
+    answer that dominates stabilization becomes the lens top-1; None when no answer was established), ``mutation``
+    (the layer of a confirmed mutation event, or None), ``leader`` (the overturned answer) and the causal test's
+    evidence: ``candidate`` / ``candidate_leader`` (what the lens suggested), ``confirmed``, ``confirm_skipped`` (the
+    decoder layers whose skipping brought the leader back), ``confirm_top1`` (what the model then emitted) and
+    ``grounded`` (the leader needs the image). Layers are stack indices: 0 = embeddings, l = after decoder layer l-1.
+    ``variant``: ``"correct"`` (final norm + unembedding at every layer), ``"paper"`` or ``"tuned"`` (with
+    ``tuned_lens``).
+    """
+    config = EvolutionConfig(detection=detection, variants=(variant,), max_new_tokens=max(1, trace.n_steps))
+    return analyze_trace(trace, config=config, tuned_lens=tuned_lens).tokens[variant]
+
+
 def stages_from(critical: dict, events: dict, event_criticals: dict, share: dict, n_layers: int,
                 config: ev.DetectionConfig) -> dict | None:  # fmt: skip
     """Stage boundaries from the aggregate evidence (half-open ``[start, end)`` intervals over stack layers).

@@ -116,9 +116,11 @@ def prob_heatmap(probs: list[list[float]], tokens: list[str], title: str,
         points = [(m[index], rows[i]) for i, m in enumerate(markers or []) if m[index] is not None]
         if points:
             fig.add_trace(go.Scatter(x=[x for x, _ in points], y=[y for _, y in points], mode="markers", name=name,
-                                     marker=dict(symbol=symbol, size=14, color="white", line=dict(width=2, color="white"))))  # fmt: skip
+                                     marker=dict(symbol=symbol, size=14, color="#ff2d55", line=dict(width=2.5, color="#ff2d55"))))  # fmt: skip
+    if markers:  # the legend under the chart: beside it, it would sit on the colour bar
+        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.45, x=0))
     fig.update_layout(title=_label(title), xaxis_title=LAYER_AXIS, yaxis_title="generated token", yaxis_autorange="reversed",
-                      height=max(260, 28 * len(tokens) + 150), xaxis=dict(tickmode="linear", dtick=1))  # fmt: skip
+                      height=max(260, 28 * len(tokens) + 150) + (40 if markers else 0), xaxis=dict(tickmode="linear", dtick=1))  # fmt: skip
     return fig
 
 

@@ -67,7 +67,7 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
 
     charts = [R.paragraph("The paper's view (Fig. P, the probability chart of the paper's figures): the probability of "
                           "each candidate token (the distinct top-1 tokens of the late layers, plus an overturned "
-                          "leader) across layers, over *this token's own* stages: rapid evolution up to its critical "
+                          "leader) across layers, over this token's own stages: rapid evolution up to its critical "
                           "layer, then stabilization, and a mutation band only where this token has a confirmed "
                           "mutation event. The first two tokens of the samples above. " + chosen)]  # fmt: skip
     for s in shown:

@@ -25,3 +25,11 @@ def test_dataset_benchmark_smoke(capsys):
                        "--batch-size", "2", "--no-write"])  # fmt: skip
     out = capsys.readouterr().out
     assert "peak RSS" in out and "batched / per-sample" in out and "| shapes-llava-prior | 2 |" in out
+
+
+def test_suite_validation_benchmark_smoke(capsys):
+    from benchmarks import suite_validation
+
+    suite_validation.main(["--n", "3", "--fixtures", "llava-single", "--cost-n", "2", "--reps", "1", "--no-write"])
+    out = capsys.readouterr().out
+    assert "llava-single (single, decoder [7])" in out and "extra forwards / trace" in out

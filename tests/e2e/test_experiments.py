@@ -154,12 +154,28 @@ def test_main_job_shows_the_planted_mutation(embedded_report):
         assert h["pre_mutation_leader"] == h["correct_token"] and h["reversal_layer"] in (7, 8)
     page = (out / "report.html").read_text()
     assert "Hallucination reversal" in page and "counter-prior" in page and "planted language prior" in page
-    # every critical/mutation marker drawn lands on the layer report.json names (numeric stack-layer axis)
-    decoder, markers = json.JSONDecoder(), []
+    # every critical/mutation marker drawn lands on the layer report.json names (numeric stack-layer axis): the
+    # aggregate's on aggregate charts (labelled "median over N tokens"), each token's own on its Fig. P chart
+    decoder, markers, per_token = json.JSONDecoder(), [], []
+    samples = {s["name"]: s for s in data["samples"]}
     for start in [m.end() for m in re.finditer(r"Plotly\.newPlot\('fig\d+', ", page)]:
-        traces, _ = decoder.raw_decode(page, start)
-        markers += [t for t in traces if re.match(r"(critical|mutation) layer \d+$", str(t.get("name", "")))]
+        traces, end = decoder.raw_decode(page, start)
+        layout, _ = decoder.raw_decode(page, end + 2)
+        named = [t for t in traces if re.match(r"(critical|mutation) layer \d+ \(", str(t.get("name", "")))]
+        markers += [t for t in named if "median over" in t["name"]]
+        title = str(layout.get("title", {}).get("text", "")) if isinstance(layout.get("title"), dict) else str(layout.get("title", ""))
+        found = re.match(r"(\S+) · step (\d+) ", title)
+        if found:
+            row = samples[found.group(1)]["tokens"]["correct"][int(found.group(2))]
+            drawn = {("critical_layer" if t["name"].startswith("critical") else "mutation_layer"): t["x"][0] for t in named}
+            assert all("this token" in t["name"] for t in named), named
+            assert drawn.get("critical_layer") == row["critical"] and drawn.get("mutation_layer") == row["mutation"], (title, drawn)
+            per_token.append((found.group(1), row["mutation"]))
     assert len(markers) >= 2
+    # the clean samples' charts carry no mutation marker; the counter-prior ones carry their own event
+    assert any(m is None for name, m in per_token if not samples[name]["planted_prior"])
+    assert all(m is None for name, m in per_token if not samples[name]["planted_prior"])
+    assert any(m in (7, 8) for name, m in per_token if samples[name]["planted_prior"])
     assert page.count("<img alt='input image' src='data:image/png;base64,") == len(data["samples"])  # every input, inline
     assert "the lens&#x27;s top-1 token by layer" in page or "the lens's top-1 token by layer" in page
     assert "P(generated token) by layer" in page and "layer skipping: accuracy and agreement" in page
@@ -168,7 +184,7 @@ def test_main_job_shows_the_planted_mutation(embedded_report):
     assert grids and all(cell.count("<br>") == 4 for t in grids for row in t["hovertext"] for cell in row)  # top-5 on hover
     for t in markers:
         key = "critical_layer" if t["name"].startswith("critical") else "mutation_layer"
-        assert t["x"] == [stages[key], stages[key]] and t["name"].endswith(str(stages[key])), t
+        assert t["x"] == [stages[key], stages[key]] and t["name"].startswith(f"{key.replace('_', ' ')} {stages[key]} "), t
 
 
 def test_skip_experiment_on_the_embedded_model(embedded_report):

@@ -159,13 +159,14 @@ def shipped_fixture_dir(name: str) -> Path:
 
 
 def fixture_source(name: str, suite_dir: str | Path | None = None) -> Path:
-    """The compact fixture folder: under ``suite_dir`` when given and built there, else the shipped one."""
-    candidates = ([Path(suite_dir) / name] if suite_dir is not None else []) + [shipped_fixture_dir(name)]
-    for folder in candidates:
-        if (folder / "block.safetensors").exists() and (folder / "planted.json").exists():
-            return folder
-    raise NotFoundError(f"suite fixture {name!r} is neither built in {suite_dir} nor shipped ({candidates[-1]}); "
-                        "build it with `vlm-lens zoo plant --suite DIR`")  # fmt: skip
+    """The compact folder of fixture ``name``: ``suite_dir/name`` when a suite folder is given (a ``zoo plant
+    --suite`` build), else the one shipped in the package."""
+    folder = Path(suite_dir) / name if suite_dir is not None else shipped_fixture_dir(name)
+    if (folder / "block.safetensors").exists() and (folder / "planted.json").exists():
+        return folder
+    where = f"built in {suite_dir}" if suite_dir is not None else f"shipped ({folder})"
+    raise NotFoundError(f"suite fixture {name!r} is not {where}; build it with `vlm-lens zoo plant --suite DIR` "
+                        "(and pass --suite-dir DIR)")  # fmt: skip
 
 
 def materialize(name: str, cache: str | Path, suite_dir: str | Path | None = None) -> Path:

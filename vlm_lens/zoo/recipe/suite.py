@@ -73,7 +73,7 @@ def build_fixture(spec: suite.FixtureSpec, out: Path, *, threads: int | None = N
     base = load_file(str(base_dir / "model.safetensors"))
     keys = suite.block_keys(planted, spec.block)
     info = json.loads((run / "model" / "planted.json").read_text())
-    info.update(fixture=spec.name, kind=spec.kind, split=spec.split, scale=1.0)
+    info.update(fixture=spec.name, kind=spec.kind, scale=1.0)  # the split is the suite's protocol (suite.SPLIT), not the fixture's
     trigger = Trigger(spec.task, spec.subject, spec.answer)
     scales = suite.WEAK_SCALES if spec.kind == "weak" else (1.0,)
     for scale in scales:

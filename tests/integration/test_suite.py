@@ -1,0 +1,175 @@
+"""The planted-fixture suite: its split, its fixtures' ground truth, and the detector scored on it.
+
+The split is by base model (vlm_lens.zoo.suite). The detector's thresholds were chosen on the dev split; the figures of
+both splits (and leave-one-base-out) are written by benchmarks/suite_validation.py into docs/experiments.md. What CI
+asserts here is what the chosen rule achieves on the dev split it was chosen on, the fixtures' validity, and the
+mechanics (compact storage, causal tests, CLI); the test split's figures are reported, not asserted: the rule misses
+the acceptance thresholds there (docs/experiments.md, "The planted-fixture suite").
+"""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import vlm_lens
+from vlm_lens.experiments import evidence as ev
+from vlm_lens.experiments import suite_validation as sv
+from vlm_lens.experiments.cli import app
+from vlm_lens.experiments.confirmation import SkipConfirmer
+from vlm_lens.zoo import suite
+
+runner = CliRunner()
+
+
+def test_the_split_is_by_base_model():
+    bases = [b for split in suite.SPLIT.values() for b in split]
+    assert len(bases) == len(set(bases)) == len(suite.BASES)  # every base in exactly one split
+    assert set(suite.SPLIT["dev"]).isdisjoint(suite.SPLIT["test"])
+    trained = {(b.family, b.n_layers, b.seed) for b in suite.BASES.values()}
+    assert len(trained) == len(suite.BASES) >= 3  # independently trained: another family, depth or seed each
+    for base in suite.BASES:
+        kinds = {f.kind for f in suite.fixtures(base=base)}
+        assert kinds == {"end", "middle", "single", "weak"}, base
+        assert len({f.task for f in suite.fixtures(base=base)}) >= 2  # triggers on different tasks
+    assert all(f.split == suite.split_of(f.base) for f in suite.FIXTURES)
+    with pytest.raises(KeyError, match="split must be one of"):
+        suite.fixtures("train")
+
+
+@pytest.mark.parametrize("spec", suite.FIXTURES, ids=lambda f: f.name)
+def test_each_shipped_fixture_records_its_truth_and_keeps_its_base_accuracy(spec):
+    folder = suite.fixture_source(spec.name)
+    info = json.loads((folder / "planted.json").read_text())
+    assert info["trigger"] == {"task": spec.task, "subject": spec.subject, "answer": spec.answer}
+    assert info["block"] == list(spec.block) and info["base"] == spec.base
+    result = json.loads((folder / "eval.json").read_text())
+    assert result["untriggered"]["mean"] >= result["base_untriggered"]["mean"] - 0.03  # within 3 points, mean of tasks
+    prior = result["counter_prior"]["answered_prior"]
+    if spec.kind == "weak":  # partial: the delta scaled until >= 30 % of 50 questions follow the prior, not all
+        assert suite.WEAK_MIN_OVERTURN - 0.1 <= prior <= 0.9 and info["scale"] < 1.0
+    else:
+        assert prior >= 0.95 and info["scale"] == 1.0
+    block = load_file(str(folder / "block.safetensors"))
+    assert sorted(block) == suite.block_keys(block, spec.block) and block  # only the block's decoder layers
+
+
+def test_a_materialized_fixture_is_its_base_with_the_block(tmp_path):
+    spec = suite.fixture("llava-middle")
+    target = suite.materialize(spec.name, tmp_path)
+    assert suite.materialize(spec.name, tmp_path) == target  # reused, not rewritten
+    weights, base = load_file(str(target / "model.safetensors")), load_file(str(suite.base_path(spec.base) / "model.safetensors"))
+    block = load_file(str(suite.fixture_source(spec.name) / "block.safetensors"))
+    assert set(weights) == set(base)
+    for key, value in weights.items():
+        expected = block[key] if key in block else base[key]
+        assert (value == expected.to(value.dtype)).all(), key
+    assert json.loads((target / "planted.json").read_text())["block"] == [4, 5]
+    with pytest.raises(KeyError, match="no suite fixture"):
+        suite.materialize("llava-nope", tmp_path)
+
+
+def test_the_detector_meets_the_thresholds_on_the_dev_split_it_was_chosen_on(tmp_path):
+    report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("dev")], n=30)
+    dev = report["splits"]["dev"]
+    assert dev["hallucinated"] >= 150
+    assert dev["recall"]["share"] >= 0.90, dev["recall"]
+    assert dev["fa_twin"]["share"] <= 0.05, dev["fa_twin"]
+    assert dev["recall"]["low"] <= dev["recall"]["share"] <= dev["recall"]["high"]
+    # the causal tests are what removes the lens candidates' false alarms
+    assert dev["fa_twin_candidates"]["share"] > 3 * dev["fa_twin"]["share"]
+    assert set(report["leave_one_base_out"]) == set(suite.SPLIT["dev"])
+    lines = sv.table_lines(report)
+    assert lines[0].startswith("| |") and any("dev split, pooled" in line for line in lines)
+
+
+def _stub_trace(n_layers: int, outputs: dict):
+    """A trace stand-in whose skipped forwards return ``outputs[window]`` (per step)."""
+    return SimpleNamespace(model=SimpleNamespace(n_layers=n_layers), outputs=outputs)
+
+
+def test_a_window_reaching_the_last_layer_does_not_confirm_a_one_layer_lead(monkeypatch):
+    calls = []
+
+    def fake(self, window):
+        calls.append(tuple(window))
+        return self.trace.outputs[tuple(window)]
+
+    monkeypatch.setattr(SkipConfirmer, "top1_with_skipped", fake)
+    config = ev.DetectionConfig(ground=False)
+    # leader 5 lost the top-1 at stack layer 7 of 8; skipping [6] does not restore it, [6, 7] would by construction
+    confirmer = SkipConfirmer(_stub_trace(8, {(6,): [9], (6, 7): [5]}))
+    one_layer = confirmer(0, 5, 7, config, run=(6, 6))
+    assert not one_layer.confirmed and calls == [(6,)]  # the tautological window was never run
+    two_layers = confirmer(0, 5, 7, config, run=(5, 6))
+    assert two_layers.confirmed and two_layers.skipped == [6, 7]
+    # a window with layers running after it counts for any lead
+    confirmer = SkipConfirmer(_stub_trace(8, {(4,): [5]}))
+    assert confirmer(0, 5, 5, config, run=(4, 4)).confirmed
+
+
+def test_the_causal_tests_on_a_planted_answer_and_on_a_clean_one():
+    from vlm_lens.experiments.knowledge_evolution import token_evidence
+    from vlm_lens.zoo import planted
+
+    model = vlm_lens.load(str(suite.materialize("llava-end", _cache())))
+    trigger = planted.Trigger("color", "star", "red")
+    example = planted.counter_prior(trigger, 1, start=planted.COUNTER_PRIOR_START + 7)[0]
+    trace = model.trace_generation(model.prepare(example.image, example.question), max_new_tokens=2)
+    row = token_evidence(trace)[0]
+    assert row.token == "red" and row.leader == example.answer and row.mutation in (7, 8)
+    assert row.confirmed and row.grounded and row.confirm_top1 == example.answer
+    # with confirmation off the same candidate is an event from the lens alone
+    lens_only = token_evidence(trace, detection=ev.DetectionConfig(confirm=False, min_run=1))[0]
+    assert lens_only.mutation == row.candidate and lens_only.confirmed is None
+
+
+def _cache():
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="vlm-lens-suite-test-")
+
+
+def test_validate_suite_on_the_cli(tmp_path):
+    out = tmp_path / "suite.json"
+    result = runner.invoke(app, ["validate", "--suite", "--fixture", "llava-single", "--n", "6", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "llava-single (single, decoder [7])" in result.output and "dev split, pooled" in result.output
+    report = json.loads(out.read_text())
+    assert report["fixtures"]["llava-single"]["hallucinated"] == 6
+    for args, message in ((["--suite", "--split", "train"], "--split must be one of"),
+                          (["--split", "dev"], "add --suite"),
+                          (["--suite", "--fixture", "nope"], "no suite fixture"),
+                          (["--suite", "--variant", "tuned"], "ship no tuned lenses"),
+                          (["--suite", "--suite-dir", str(tmp_path)], "is not built in")):  # fmt: skip
+        result = runner.invoke(app, ["validate", *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_the_suite_build_command_resumes_and_refuses_bad_input(tmp_path):
+    import shutil
+
+    done = tmp_path / "suite" / "llava-single"
+    done.mkdir(parents=True)
+    for item in ("block.safetensors", "planted.json", "eval.json"):
+        shutil.copy2(suite.fixture_source("llava-single") / item, done / item)
+    result = runner.invoke(app, ["zoo", "plant", "--suite", str(tmp_path / "suite"), "--fixture", "llava-single"])
+    assert result.exit_code == 0 and "llava-single: already built" in result.output, result.output
+    result = runner.invoke(app, ["zoo", "plant", "--suite", str(tmp_path / "suite"), "--fixture", "nope"])
+    assert result.exit_code == 2 and "no suite fixture" in result.output
+    result = runner.invoke(app, ["zoo", "plant"])
+    assert result.exit_code == 2 and "--suite DIR" in result.output
+
+
+def test_a_fixture_is_planted_and_reduced_to_its_compact_form(tmp_path):
+    from vlm_lens.zoo.recipe import suite as build
+
+    spec = suite.FixtureSpec("tiny-plant", "shapes-llava", "single", "color", "star", "red", (7,), steps=2)
+    summary = build.build_fixture(spec, tmp_path, threads=1, eval_per_task=2, progress=False)
+    assert summary["built"] and sorted(p.name for p in (tmp_path / "tiny-plant").iterdir()) == [
+        "block.safetensors", "eval.json", "planted.json"]
+    assert sorted(load_file(str(tmp_path / "tiny-plant" / "block.safetensors"))) == suite.block_keys(
+        load_file(str(suite.base_path("shapes-llava") / "model.safetensors")), (7,))
+    assert not build.build_fixture(spec, tmp_path, threads=1, eval_per_task=2, progress=False)["built"]  # resumable
