@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     print(text)
     if not args.no_write:
         write_file(ROOT / "docs" / "suite-validation.md", text)
-        write_file(ROOT / "docs" / "suite-validation.json", json.dumps({"report": report, "costs": costs}, indent=1, default=str))
+
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ import typer
 from typer.core import TyperGroup
 
 _DEBUG = {"on": bool(os.environ.get("VLM_LENS_DEBUG"))}
+# typer ships its own copy of click: its usage errors (BadParameter, NoSuchOption, unknown commands ...) derive from
+# that copy's ClickException, not the standalone package's. Found through a public name, not typer's private module.
+_TYPER_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 class _ErrorsToExitCodes(TyperGroup):
@@ -32,8 +35,9 @@ class _ErrorsToExitCodes(TyperGroup):
 
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, typer.Exit):
-            raise
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, typer.Exit, typer.Abort,
+                _TYPER_CLICK_EXCEPTION):  # fmt: skip
+            raise  # usage errors: click prints the usage line and "Error: ..." and exits 2
         except VLMLensError as error:
             if _DEBUG["on"]:
                 raise
@@ -158,6 +162,22 @@ def _progress(console):
     return bar, update
 
 
+def check_output(path: Optional[Path], option: str, *, folder: bool = True) -> None:
+    """Refuse an output path that the run could only fail to write *after* its work: a file where a folder is wanted
+    (or the reverse), or a place under a folder this user cannot write. Checked before any model is loaded."""
+    if path is None:
+        return
+    if folder and path.exists() and not path.is_dir():
+        _fail(f"{option} {path} is a file: name a folder (it is created if missing)")
+    if not folder and path.is_dir():
+        _fail(f"{option} {path} is a folder: name the file to write")
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _fail(f"{option} {path}: {parent} is not writable by this user; choose a folder you can write")
+
+
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -213,6 +233,7 @@ def skip(
 
     if out is not None and out.is_dir():
         _fail(f"--out {out} is a folder: name the JSON file to write, e.g. {out / 'skip.json'}")
+    check_output(out, "--out", folder=False)
     depth = _n_layers_before_loading(model)
     if layers is not None and depth is not None:
         _parse_layers(layers, depth)  # a bad range fails before the model loads

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from vlm_lens.experiments.cli import (LensKind, Variant, _fail, _image_paths, _load, _progress, _samples, _tuned_lens,
+from vlm_lens.experiments.cli import (LensKind, Variant, _fail, check_output, _image_paths, _load, _progress, _samples, _tuned_lens,
                                       app, stage_summary, _fmt)  # fmt: skip
 
 
@@ -78,8 +78,8 @@ def analyze(
         _fail("--variant tuned shows the tuned lens: add --lens tuned")
     if threshold <= 0:
         _fail("--threshold must be > 0 (the probability an answer must reach to count as established)")
-    if out.exists() and not out.is_dir():
-        _fail(f"--out {out} is a file: name a folder for report.html and report.json")
+    check_output(out, "--out")
+    check_output(store, "--store")
     sources = [name for name, given in (("--manifest", manifest), ("--dataset", dataset), ("--image", image)) if given]
     if len(sources) > 1:
         _fail(f"{' and '.join(sources)} both name the samples: pass one of --manifest, --dataset, --image")
@@ -166,9 +166,12 @@ def report(
         opened = Store(store)
     except StoreError as error:
         _fail(str(error))
+    torn = opened.torn()
+    if torn:
+        _fail(f"{store}: {len(torn)} shard(s) were not durably committed (a part is missing, truncated or corrupted: "
+              f"{', '.join(torn[:3])}); delete them or run the analysis again with --resume to redo their samples")
     out = out or store.resolve().parent
-    if out.exists() and not out.is_dir():
-        _fail(f"--out {out} is a file: name a folder for report.html and report.json")
+    check_output(out, "--out")
     console = Console()
     bar, update = _progress(console)
     try:

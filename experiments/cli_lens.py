@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from vlm_lens.experiments.cli import Variant, _fail, _fmt, _image_paths, _load, _samples, _tuned_lens, app
+from vlm_lens.experiments.cli import Variant, _fail, _fmt, _image_paths, _load, _samples, _tuned_lens, app, check_output
 
 
 @app.command("tune-lens")
@@ -42,6 +42,7 @@ def tune_lens(
         _fail("--questions draws shapes-world questions; with --manifest or --image the pairs are yours: drop --questions")
     if prompt is not None and not image:
         _fail("--prompt is the question asked of every --image: add --image FILE_OR_DIR (a manifest has its own questions)")
+    check_output(out, "--out")
     paths = _image_paths(image)
     vlm = _load(model)
     if manifest is not None:
@@ -95,6 +96,7 @@ def validate(
     from vlm_lens.experiments import validation
 
     variant = variant.value
+    check_output(out, "--out", folder=False)
     if suite or split or fixture or suite_dir:
         if not suite:
             _fail("--split, --fixture and --suite-dir choose what --suite scores: add --suite")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from vlm_lens.experiments.cli import _fail, _load
+from vlm_lens.experiments.cli import _fail, _load, check_output
 
 zoo_app = typer.Typer(no_args_is_help=True, help="The embedded shapes-world models.")
 
@@ -33,6 +33,7 @@ def zoo_train(
     """Retrain an embedded shapes-world model from scratch (fixed seeds, checkpoints, held-out evaluation)."""
     from vlm_lens.zoo.recipe import train
 
+    check_output(out, "--out")
     if family not in train.RECIPES:
         _fail(f"--family must be one of {sorted(train.RECIPES)}, got {family!r}")
     if rewarm and not resume:
@@ -77,6 +78,8 @@ def zoo_plant(
     into DIR, resumably; --ship copies the compact fixtures into the package."""
     from vlm_lens.zoo.recipe import plant
 
+    check_output(suite_dir, "--suite")
+    check_output(out, "--out")
     if suite_dir is not None:
         from vlm_lens.zoo import suite as fixtures
         from vlm_lens.zoo.recipe import suite as build

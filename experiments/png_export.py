@@ -79,10 +79,10 @@ def network_namespace_prefix() -> list[str]:
     return [unshare, "-rn"] if ok else []
 
 
-def _wrapper(folder: Path, browser: str) -> Path:
-    """A script that records its process group and execs the browser, isolated and with the offline flags."""
+def _wrapper(folder: Path, browser: str, prefix: list[str]) -> Path:
+    """A script that records its process group and execs the browser, isolated (``prefix``) and with the offline flags."""
     script = folder / "browser"
-    command = " ".join(shlex.quote(part) for part in [*network_namespace_prefix(), browser, *OFFLINE_FLAGS])
+    command = " ".join(shlex.quote(part) for part in [*prefix, browser, *OFFLINE_FLAGS])
     # the browser's process group (choreographer starts it in a session of its own): field 5 of /proc/self/stat
     record = f'cut -d" " -f5 /proc/$$/stat > {shlex.quote(str(folder / "browser.pgid"))} 2>/dev/null'
     script.write_text(f'#!/bin/sh\n{record}\nexec {command} "$@"\n')
@@ -104,9 +104,18 @@ def export_pngs(out_dir: Path, figures: list, names: list[str] | None = None,
                 timeout: float = DEFAULT_TIMEOUT_S) -> tuple[list[str], str | None]:  # fmt: skip
     """PNG files of ``figures`` in ``out_dir`` (``names`` without suffix; default ``figure_01`` ...).
 
-    Returns ``(paths, None)``, or ``([], notice)`` with the reason when no PNG was written; never raises and never
-    leaves a browser or thread behind.
+    Returns ``(paths, None)``; ``(paths, notice)`` when the PNGs were written without network isolation (the kernel
+    refused a network namespace: said, never silent); or ``([], notice)`` with the reason when no PNG was written.
+    PNG export is optional: it never raises (any failure, a child that cannot even start included, is the notice),
+    never leaves its staging folder, a browser or a thread behind.
     """
+    try:
+        return _export(out_dir, figures, names, timeout)
+    except Exception as error:  # noqa: BLE001 - optional output: a failure is a notice, never a failed run
+        return [], f"PNG export skipped: {type(error).__name__}: {error}"
+
+
+def _export(out_dir: Path, figures: list, names: list[str] | None, timeout: float) -> tuple[list[str], str | None]:
     import importlib.util
 
     if importlib.util.find_spec("kaleido") is None:
@@ -122,10 +131,28 @@ def export_pngs(out_dir: Path, figures: list, names: list[str] | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     names = names or [f"figure_{i + 1:02d}" for i in range(len(figures))]
     paths = [out_dir / f"{name}.png" for name in names]
+    prefix = network_namespace_prefix()
     staging = Path(tempfile.mkdtemp(prefix=".png-", dir=out_dir))  # same file system as the PNGs: atomic renames
+    try:
+        result = _run_child(staging, browser, prefix, figures, paths, timeout)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if result is not None:
+        return [], result
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        return [], f"PNG export skipped: {len(missing)} of {len(paths)} files were not written"
+    unisolated = None if prefix else ("PNG export ran without network isolation: this kernel refused a new network "
+                                      "namespace (unshare -rn), so the browser had the network the process has")  # fmt: skip
+    return [str(p) for p in paths], unisolated
+
+
+def _run_child(staging: Path, browser: str, prefix: list[str], figures: list, paths: list[Path],
+               timeout: float) -> str | None:  # fmt: skip
+    """Write the PNGs in a child process; None on success, else the notice."""
     with tempfile.TemporaryDirectory(prefix="vlm-lens-png-") as tmp:
         folder = Path(tmp)
-        job = {"browser": str(_wrapper(folder, browser)), "figures": [], "paths": [str(p) for p in paths],
+        job = {"browser": str(_wrapper(folder, browser, prefix)), "figures": [], "paths": [str(p) for p in paths],
                "staging": str(staging)}  # fmt: skip
         for i, figure in enumerate(figures):
             spec = folder / f"fig{i}.json"
@@ -142,17 +169,13 @@ def export_pngs(out_dir: Path, figures: list, names: list[str] | None = None,
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.communicate()
-            return [], f"PNG export skipped: the browser did not finish within {timeout:.0f} s"
+            return f"PNG export skipped: the browser did not finish within {timeout:.0f} s"
         finally:
             _kill_group(folder / "browser.pgid")
-            shutil.rmtree(staging, ignore_errors=True)
         if child.returncode != 0:
             reason = (err or b"").decode(errors="replace").strip().splitlines()
-            return [], f"PNG export skipped: {reason[-1] if reason else f'exit status {child.returncode}'}"
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        return [], f"PNG export skipped: {len(missing)} of {len(paths)} files were not written"
-    return [str(p) for p in paths], None
+            return f"PNG export skipped: {reason[-1] if reason else f'exit status {child.returncode}'}"
+    return None
 
 
 def _run(job_file: str) -> None:

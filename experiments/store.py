@@ -13,7 +13,11 @@ Layout::
 ``W`` names the writer (``main``, or a Ray worker), ``SEQ`` counts its shards. Every file is written to a temporary
 sibling and renamed into place, so a reader never sees a half-written shard. A phase-1 shard counts only once its
 ``samples`` part exists (its other parts are written first), so a run killed between the two leaves orphans that
-readers ignore and ``resume`` rewrites. If a sample id appears in two committed shards (a retried Ray task whose
+readers ignore and ``resume`` rewrites. Commits are durable: each part is fsynced, and its folder after the rename,
+before the next is written; the ``samples`` part records the byte size of every other part of its shard in its
+Parquet metadata, and a reader counts a shard as committed only when every part has that size and ends in a Parquet
+footer. A shard torn by a power loss (a part empty, truncated or corrupted) is therefore uncommitted, and ``--resume``
+redoes its samples. If a sample id appears in two committed shards (a retried Ray task whose
 first attempt committed), readers keep the first by part name: no duplicates, no gaps.
 """
 
@@ -37,16 +41,34 @@ class StoreError(InputError):
     """A store that cannot be used as asked (exists without --resume, made by another model or settings...)."""
 
 
-def _write_parquet(path: Path, rows: list[dict]) -> None:
+PARTS_KEY = b"vlm_lens_parts"  # the samples part's metadata: {table: byte size} of the shard's other parts
+
+
+def _write_parquet(path: Path, rows: list[dict], parts: dict[str, int] | None = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows)
+    if parts is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARTS_KEY: json.dumps(parts).encode()})
     # per-layer arrays are float32 (what the model computed in), not Python's float64: half the disk
     fields = [pa.field(f.name, pa.list_(pa.float32())) if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)
               else f for f in table.schema]  # fmt: skip
-    table = table.cast(pa.schema(fields))
-    write_file(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    table = table.cast(pa.schema(fields, metadata=table.schema.metadata))
+    write_file(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"), durable=True)
+
+
+def _intact(path: Path, size: int | None = None) -> bool:
+    """A part file that has its recorded ``size`` (when given) and ends in a Parquet footer (``PAR1``)."""
+    try:
+        actual = path.stat().st_size
+        if actual < 12 or (size is not None and actual != size):
+            return False
+        with open(path, "rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            return handle.read(4) == b"PAR1"
+    except OSError:
+        return False
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -138,10 +160,39 @@ class Store:
             raise InputError(f"unknown store tables {sorted(unknown)}; tables are {TABLES}")
         part = f"part-{'p2-' if phase == 2 else ''}{writer}-{os.getpid()}-{self._seq:06d}-{uuid.uuid4().hex[:6]}"
         self._seq += 1
-        order = [t for t in TABLES if t != "samples" and tables.get(t)] + (["samples"] if "samples" in tables else [])
-        for table in order:
+        others = [t for t in TABLES if t != "samples" and tables.get(t)]
+        sizes = {}
+        for table in others:
             _write_parquet(self.path / table / f"{part}.parquet", tables[table])
+            sizes[table] = (self.path / table / f"{part}.parquet").stat().st_size
+        if "samples" in tables:  # the commit, written last, names what it commits
+            _write_parquet(self.path / "samples" / f"{part}.parquet", tables["samples"], parts=sizes)
         return part
+
+    def torn(self) -> list[str]:
+        """Shards that started a commit but did not finish it whole: a ``samples`` part, or a part its commit
+        records, is missing, truncated or corrupted (``resume`` redoes their samples; reports refuse them)."""
+        good = self.verified()
+        return sorted(p.stem for p in self._parts("samples") if p.stem not in good)
+
+    def verified(self) -> set[str]:
+        """Part names whose shard is durably committed: the ``samples`` part is intact and every part it records
+        exists with its recorded size and a Parquet footer (phase-2 parts: intact on their own)."""
+        import pyarrow.parquet as pq
+
+        out = set()
+        for file in self._parts("samples"):
+            if not _intact(file):
+                continue
+            try:
+                meta = pq.read_schema(file).metadata or {}
+            except Exception:  # noqa: BLE001 - an unreadable commit is no commit
+                continue
+            parts = json.loads(meta.get(PARTS_KEY, b"{}"))
+            if all(_intact(self.path / table / f"{file.stem}.parquet", size) for table, size in parts.items()):
+                out.add(file.stem)
+        out.update(p.stem for p in self._parts("skip") if p.stem.startswith("part-p2-") and _intact(p))
+        return out
 
     # -- reading ----------------------------------------------------------------------------------------------------
     def _parts(self, table: str) -> list[Path]:
@@ -158,7 +209,10 @@ class Store:
         wanted = None if columns is None else list(dict.fromkeys(["sample_id", *columns]))
         filters = None if samples is None else [("sample_id", "in", sorted(samples))]
         tables = []
-        for file in self._parts(table) if parts is None else parts:
+        if parts is None:  # only durably committed shards: a torn part is never read
+            good = self.verified()
+            parts = [p for p in self._parts(table) if p.stem in good]
+        for file in parts:
             try:
                 t = pq.read_table(file, columns=wanted, filters=filters) if samples != set() else None
             except Exception as error:  # noqa: BLE001 - a damaged shard (pyarrow raises its own types)
@@ -186,7 +240,8 @@ class Store:
         """Sample ids whose phase-1 shard is committed, or (``phase=2``) that have phase-2 skip rows."""
         if phase == 1:
             return set(self._index())
-        table = self._read("skip", ["sample_id"], [p for p in self._parts("skip") if p.stem.startswith("part-p2-")])
+        good = self.verified()
+        table = self._read("skip", ["sample_id"], [p for p in self._parts("skip") if p.stem.startswith("part-p2-") and p.stem in good])
         return set() if table is None else set(table["sample_id"].to_pylist())
 
     def frame(self, table: str, columns: Sequence[str] | None = None, samples: Iterable[str] | None = None):
@@ -216,7 +271,8 @@ class Store:
 
         committed = self.committed()
         seen: set[str] = set()
-        for file in self._parts(table):
+        good = self.verified()
+        for file in [p for p in self._parts(table) if p.stem in good]:
             for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows, columns=["sample_id", *columns]):
                 frame = batch.to_pandas()
                 frame = frame[(frame["sample_id"].map(committed) == file.stem) & ~frame["sample_id"].isin(seen)]

@@ -23,8 +23,20 @@ def _umask_mode(base: int) -> int:
     return base & ~mask
 
 
-def write_file(path: str | Path, data: str | bytes | Callable[[str], None]) -> Path:
-    """Write ``data`` (text, bytes, or a function that writes a given path) to ``path`` atomically."""
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or folder's data and metadata to the disk (a rename is durable once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str | Path, data: str | bytes | Callable[[str], None], *, durable: bool = False) -> Path:
+    """Write ``data`` (text, bytes, or a function that writes a given path) to ``path`` atomically.
+
+    ``durable=True``: the content is fsynced before the rename and the folder after it, so the file survives a power
+    loss whole once this returns (what the trusted stores do before they write a commit)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -36,7 +48,11 @@ def write_file(path: str | Path, data: str | bytes | Callable[[str], None]) -> P
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data.encode() if isinstance(data, str) else data)
         os.chmod(tmp, _umask_mode(0o666))
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -73,44 +89,42 @@ RUNS = ".runs"
 
 def write_set(out_dir: str | Path, files: dict[str, str | bytes], *, stale_after_s: float = 3600.0) -> dict[str, Path]:
     """Write ``files`` (name -> content) into ``out_dir`` as one consistent set: a reader never sees one file of a
-    run beside another file of a different run, and a write that fails (full disk, SIGINT) leaves the previous set.
+    run beside another file of a different run, and a write that fails or is interrupted at any instruction (full
+    disk, SIGINT) leaves either the previous set or the new one, complete; nothing published is deleted.
 
     The files go into a fresh folder ``out_dir/.runs/run-XXXX``; one atomic rename of the symlink
-    ``out_dir/.current`` then switches every name at once; ``out_dir/NAME`` is a fixed symlink to ``.current/NAME``
-    (a regular file from an older run is replaced by it atomically). Two writers racing on one folder each install a
-    complete set; the last rename wins. The previous set's folder is removed after the switch, and leftovers of killed
-    writers once older than ``stale_after_s``. To read two files of one set, resolve ``out_dir/.current`` once.
+    ``out_dir/.current`` then switches every name at once; ``out_dir/NAME`` is a fixed symlink to ``.current/NAME``.
+    A folder holding plain files from an older version is first turned into that layout *with its old content* (the
+    files are hard-linked into a run folder of their own, ``.current`` points at it, each name becomes a symlink to
+    the same bytes), so the switch stays one rename. Two writers racing on one folder each install a complete set;
+    the last rename wins. The previous set's folder is removed after the switch, and leftovers of killed writers once
+    older than ``stale_after_s``. To read two files of one set, resolve ``out_dir/.current`` once.
     """
     import time
 
     out = Path(out_dir)
     runs = out / RUNS
     runs.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        if "/" in name or name in (CURRENT, RUNS):
+            from vlm_lens.errors import InputError
+
+            raise InputError(f"a set's file names are plain names, got {name!r}")
     tmp = Path(tempfile.mkdtemp(dir=runs, prefix="run-"))
+    current = out / CURRENT
     try:
         for name, content in files.items():
-            if "/" in name or name in (CURRENT, RUNS):
-                from vlm_lens.errors import InputError
-
-                raise InputError(f"a set's file names are plain names, got {name!r}")
             (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
             os.chmod(tmp / name, _umask_mode(0o666))
         os.chmod(tmp, _umask_mode(0o777))
-        current = out / CURRENT
+        _adopt_plain_files(out, list(files))  # the old layout becomes the new one, content unchanged
         previous = os.readlink(current) if current.is_symlink() else None
-        link = out / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
-        os.symlink(os.path.relpath(tmp, out), link)
-        os.replace(link, current)  # the switch: one rename
+        _symlink_atomically(os.path.relpath(tmp, out), current)  # the switch: one rename
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # read the state, not a flag: an interrupt can land between the rename and any assignment after it
+        if not (current.is_symlink() and (out / os.readlink(current)).resolve() == tmp.resolve()):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for name in files:
-        target = os.path.join(CURRENT, name)
-        path = out / name
-        if not (path.is_symlink() and os.readlink(path) == target):
-            link = out / f".{name}.{uuid.uuid4().hex[:8]}"
-            os.symlink(target, link)
-            os.replace(link, path)
     if previous and (out / previous).resolve() != tmp.resolve():
         shutil.rmtree(out / previous, ignore_errors=True)
     now = time.time()
@@ -118,3 +132,39 @@ def write_set(out_dir: str | Path, files: dict[str, str | bytes], *, stale_after
         if old.resolve() != tmp.resolve() and now - old.stat().st_mtime > stale_after_s:
             shutil.rmtree(old, ignore_errors=True)
     return {name: out / name for name in files}
+
+
+def _symlink_atomically(target: str, path: Path) -> None:
+    """Make ``path`` a symlink to ``target`` in one rename (a temporary link beside it is removed if the rename fails)."""
+    link = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}"
+    os.symlink(target, link)
+    try:
+        os.replace(link, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(link)
+        raise
+
+
+def _adopt_plain_files(out: Path, names: list[str]) -> None:
+    """Turn ``out/NAME`` into symlinks to ``.current/NAME`` without changing what any name reads.
+
+    Plain files of an older version are hard-linked into a run folder of their own, which ``.current`` points at
+    when nothing else does; then each name is swapped for a symlink to the same bytes. Interrupted anywhere, every
+    name still reads its old content."""
+    current = out / CURRENT
+    plain = [n for n in names if (out / n).is_file() and not (out / n).is_symlink()]
+    if plain and not current.is_symlink():
+        legacy = Path(tempfile.mkdtemp(dir=out / RUNS, prefix="run-"))
+        for name in plain:
+            os.link(out / name, legacy / name)
+        os.chmod(legacy, _umask_mode(0o777))
+        _symlink_atomically(os.path.relpath(legacy, out), current)
+    for name in names:
+        target = os.path.join(CURRENT, name)
+        path = out / name
+        if path.is_symlink() and os.readlink(path) == target:
+            continue
+        if path.is_file() and not (current / name).is_file():
+            continue  # a plain file the current set lacks: keep it until a set that has it is current
+        _symlink_atomically(target, path)

@@ -35,6 +35,20 @@ class VLMInputs:
                 f"text, {int(layout.generated.sum())} generated; {self.n_images} image(s); prompt={self.prompt[-60:]!r})")
 
 
+def run_processor(processor, image_list: list, texts: list[str], named: Any = None, **kwargs):
+    """``processor(images=..., text=...)``, with the processor's refusal of an image (e.g. Qwen's "absolute aspect
+    ratio must be smaller than 200") raised as one :class:`InputError` that names the image, its size and the limit."""
+    try:
+        return processor(images=image_list or None, text=texts, return_tensors="pt", **kwargs)
+    except ValueError as error:
+        if not image_list:
+            raise
+        sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in image_list if hasattr(im, "size"))
+        where = f"{named} " if isinstance(named, (str, Path)) else ""
+        raise InputError(f"the processor refused the image {where}({sizes} px): {error}; resize, crop or pad it to a "
+                         "shape the model's processor accepts") from None
+
+
 def prepare(model, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMBatch:
     """Model inputs for ``images`` (PIL images or paths; one, a list, or none) and ``prompt``.
 
@@ -69,7 +83,7 @@ def prepare(model, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMB
         content = [{"type": "image"} for _ in image_list] + [{"type": "text", "text": prompt}]
         messages = [{"role": "user", "content": content}]
         text = model.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    encoded = model.processor(images=image_list or None, text=[text], return_tensors="pt")
+    encoded = run_processor(model.processor, image_list, [text], images)
     model_inputs = {k: v for k, v in encoded.items() if isinstance(v, Tensor)}
     if model.adapter.derive_inputs is not None:
         model_inputs = model.adapter.derive_inputs(model_inputs, model.image_token_id)

@@ -177,7 +177,7 @@ def test_report_rebuilds_from_the_store_without_the_model(streamed, tmp_path):
     shutil.copytree(out / "store", damaged)
     next((damaged / "tokens").glob("part-*")).write_bytes(b"garbage")
     run = CliRunner().invoke(app, ["report", str(damaged), "--out", str(tmp_path / "x"), "--no-png"])
-    assert run.exit_code == 2 and "delete it and run again with --resume" in run.output
+    assert run.exit_code == 2 and "run the analysis again with --resume" in run.output
     (damaged / "run.json").write_text("{")
     run = CliRunner().invoke(app, ["report", str(damaged), "--out", str(tmp_path / "x"), "--no-png"])
     assert run.exit_code == 2 and "--overwrite" in run.output and not (tmp_path / "x" / "report.json").exists()
@@ -340,3 +340,36 @@ def test_a_second_run_cannot_write_a_store_being_written(tmp_path):
         holder.kill()
         holder.wait()
     Store.create(tmp_path / "store", {"name": "m"}, {}, {"fingerprint": "f"}, overwrite=True)  # free again
+
+
+def test_a_torn_shard_is_uncommitted_and_resume_redoes_it(tmp_path):
+    """A power loss can leave a committed shard's parts empty, truncated or corrupted (the rename survived, the data
+    did not). Such a shard is not committed: the report refuses the store naming the fix, and --resume redoes exactly
+    those samples; the result equals an uninterrupted run."""
+    manifest = write_manifest(tmp_path, 5)
+    common = ["--model", MODEL, "--manifest", str(manifest), "--no-png", "--no-skip-sweep", "--batch-size", "1",
+              "--threads", "1"]  # fmt: skip
+    straight = CliRunner().invoke(app, ["analyze", *common, "--out", str(tmp_path / "straight")])
+    assert straight.exit_code == 0, straight.output
+    out, store = tmp_path / "torn", tmp_path / "torn" / "store"
+    first = CliRunner().invoke(app, ["analyze", *common, "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    committed = Store(store).committed()
+    parts = sorted(set(committed.values()))
+    tokens = store / "tokens" / f"{parts[1]}.parquet"
+    tokens.write_bytes(tokens.read_bytes()[: tokens.stat().st_size // 2])  # truncated
+    states = store / "states" / f"{parts[2]}.parquet"
+    states.write_bytes(b"\0" * states.stat().st_size)  # same size, zeroed: no footer
+    (store / "samples" / f"{parts[3]}.parquet").write_bytes(b"")  # the commit itself emptied
+    torn = sorted(Store(store).torn())
+    assert torn == sorted(parts[1:4]), torn
+    assert len(Store(store).committed()) == 2
+    refused = CliRunner().invoke(app, ["report", str(store), "--out", str(tmp_path / "r"), "--no-png"])
+    assert refused.exit_code == 2 and "not durably committed" in refused.output and "--resume" in refused.output
+    resumed = CliRunner().invoke(app, ["analyze", *common, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    after = Store(store).committed()
+    assert sorted(after) == sorted(committed) and all(after[s] == committed[s] for s in committed if committed[s] in (parts[0], parts[4]))
+    a, b = store_report.frames(store), store_report.frames(tmp_path / "straight" / "store")
+    for table in ("samples", "tokens", "states"):
+        numeric_equal(a[table], b[table])

@@ -109,3 +109,37 @@ def test_analyze_exits_with_the_report_when_the_browser_fails(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PNG export skipped" in done.stdout and (tmp_path / "report" / "report.json").exists()
     assert time.monotonic() - started < 240
+
+
+def test_a_child_that_cannot_start_is_a_notice_and_leaves_nothing(tmp_path, monkeypatch):
+    """subprocess.Popen itself raising (EAGAIN: no process slots) is a notice, never an exception; no .png-* folder."""
+    import plotly.graph_objects as go
+
+    fake = fake_browser(tmp_path, "exit 0")
+    monkeypatch.setenv("VLM_LENS_BROWSER", str(fake))
+
+    def refuse(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(png_export.subprocess, "Popen", refuse)
+    out = tmp_path / "out"
+    paths, notice = png_export.export_pngs(out, [go.Figure()])
+    assert paths == [] and notice.startswith("PNG export skipped: ") and "Resource temporarily" in notice
+    assert not list(out.glob(".png-*"))
+
+
+def test_running_without_network_isolation_is_said(tmp_path, monkeypatch):
+    import plotly.graph_objects as go
+
+    fake = fake_browser(tmp_path, "exit 0")
+    monkeypatch.setenv("VLM_LENS_BROWSER", str(fake))
+    monkeypatch.setattr(png_export, "network_namespace_prefix", lambda: [])
+
+    def child(staging, browser, prefix, figures, paths, timeout):
+        for path in paths:
+            path.write_bytes(b"PNG")
+        return None
+
+    monkeypatch.setattr(png_export, "_run_child", child)
+    paths, notice = png_export.export_pngs(tmp_path / "out", [go.Figure()])
+    assert len(paths) == 1 and "without network isolation" in notice

@@ -216,3 +216,78 @@ def test_concurrent_writers_always_leave_a_consistent_pair(tmp_path):
     assert html_id == json_id and seen > 0
     page, data = (out / "report.html").read_text(), json.loads((out / "report.json").read_text())
     assert data["run_id"] in page  # also through the fixed names
+
+
+def _commands(group, prefix=()):
+    """Every leaf command of the CLI as its argument path (zoo train, zoo plant, ...)."""
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group) or hasattr(command, "commands"):
+            yield from _commands(command, prefix + (name,))
+        else:
+            yield prefix + (name,), command
+
+
+def test_every_usage_error_exits_2_with_the_usage_line():
+    """typer's own click copy raises these; they are bad input (exit 2, usage + the error), never a failed run."""
+    import typer.main
+
+    from vlm_lens.experiments.cli import app
+
+    group = typer.main.get_command(app)
+    walked = 0
+    for path, command in _commands(group):
+        result = CliRunner().invoke(app, [*path, "--no-such-option"])
+        assert result.exit_code == 2 and "Usage:" in result.output and "the run failed" not in result.output, (path, result.output)
+        valued = [p for p in command.params if getattr(p, "opts", None) and not getattr(p, "is_flag", True)
+                  and p.param_type_name == "option"]  # fmt: skip
+        if valued:  # an option given without its value
+            result = CliRunner().invoke(app, [*path, valued[0].opts[0]])
+            # click reports this one before the command's context exists: the error panel without the usage line
+            assert result.exit_code == 2 and f"Option '{valued[0].opts[0]}'" in result.output, (path, valued[0].opts, result.output)
+        walked += 1
+    assert walked >= 10
+    for args in (["frobnicate"], ["analyze", "--lens", "foo"], ["analyze", "--threshold", "2"],
+                 ["analyze", "--max-new-tokens", "0"], ["tune-lens"], ["validate", "--n", "zero"]):  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "Usage:" in result.output and "the run failed" not in result.output, (args, result.output)
+
+
+def test_outputs_are_checked_before_any_model_loads(tmp_path, monkeypatch):
+    """An --out that can only fail after the run (a file where a folder goes, a folder nobody can write) is refused
+    first: exit 2, one line, and no model is loaded."""
+    import vlm_lens
+    from vlm_lens.experiments.cli import app
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output was checked")
+
+    monkeypatch.setattr(vlm_lens, "load", no_model)
+    existing = tmp_path / "lens"
+    existing.write_text("not a folder")
+    for args in (["tune-lens", "--out", str(existing)], ["analyze", "--out", str(existing)],
+                 ["zoo", "train", "--family", "llava", "--out", str(existing)],
+                 ["validate", "--out", str(tmp_path)], ["skip", "--out", str(tmp_path)]):  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and ("is a file" in result.output or "is a folder" in result.output), (args, result.output)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    for args in (["tune-lens", "--out", str(locked / "lens")], ["analyze", "--out", str(locked / "report")],
+                 ["validate", "--out", str(locked / "v.json")]):  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "is not writable by this user" in result.output, (args, result.output)
+
+
+def test_a_processor_refusing_an_image_is_bad_input(tmp_path):
+    from PIL import Image
+
+    from conftest import embedded
+    from vlm_lens.errors import InputError
+
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (8000, 20), "white").save(wide)
+    with pytest.raises(InputError, match=r"refused the image .*wide\.png \(8000x20 px\): absolute aspect ratio"):
+        embedded("shapes-qwen2-vl").prepare(str(wide), "what color is the star ?")

@@ -52,3 +52,65 @@ def test_probe_results_overwrite_atomically(tmp_path):
     second.save(tmp_path / "r")
     assert torch.equal(ProbeResult.load(tmp_path / "r")["v"], torch.zeros(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+_STEPS = [("os", "replace"), ("os", "rename"), ("os", "symlink"), ("os", "link"), ("os", "unlink"), ("os", "chmod"),
+          ("os", "rmdir"), ("shutil", "rmtree")]  # every state-changing call write_set and its helpers make
+
+
+def _interrupt_after(monkeypatch, k: int) -> list:
+    """Patch every state-changing call so that the k-th one (0-based) completes, then a KeyboardInterrupt lands."""
+    import shutil
+
+    calls = []
+    for module_name, name in _STEPS:
+        module = {"os": os, "shutil": shutil}[module_name]
+        real = getattr(module, name)
+
+        def wrapped(*args, __real=real, __name=name, **kwargs):
+            result = __real(*args, **kwargs)
+            calls.append(__name)
+            if len(calls) == k + 1:
+                raise KeyboardInterrupt
+            return result
+
+        monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def _pair(folder):
+    return tuple((folder / name).read_text() if (folder / name).exists() else None for name in ("report.json", "report.html"))
+
+
+@pytest.mark.parametrize("layout", ["set", "plain files", "empty"])
+def test_a_report_pair_survives_an_interrupt_after_every_step(tmp_path, monkeypatch, layout):
+    from vlm_lens.atomic import CURRENT, write_set
+
+    def prepare(folder):
+        folder.mkdir()
+        if layout == "set":
+            write_set(folder, {"report.json": "old", "report.html": "old"})
+        elif layout == "plain files":  # an earlier version wrote plain files
+            for name in ("report.json", "report.html"):
+                (folder / name).write_text("old")
+        return _pair(folder)
+
+    steps, k = None, 0
+    while steps is None or k < steps:
+        folder = tmp_path / f"{layout.replace(' ', '-')}-{k}"
+        before = prepare(folder)
+        with monkeypatch.context() as patch:
+            calls = _interrupt_after(patch, k)
+            try:
+                write_set(folder, {"report.json": "new", "report.html": "new"})
+                steps = len(calls)  # ran to the end: every step has been interrupted once
+            except KeyboardInterrupt:
+                pass
+        after = _pair(folder)
+        assert after in (before, ("new", "new")), (layout, k, calls, after)  # the old pair or the new one, whole
+        if (folder / CURRENT).is_symlink():
+            assert (folder / CURRENT).resolve().is_dir(), (layout, k, calls)  # nothing published was deleted
+        write_set(folder, {"report.json": "next", "report.html": "next"})  # and the folder stays usable
+        assert _pair(folder) == ("next", "next")
+        k += 1
+    assert steps >= 4
