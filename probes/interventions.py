@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from vlm_lens import checks
 from vlm_lens.probes.base import Probe, Source, as_source, register_probe
 from vlm_lens.probes.metrics import kl_divergence
 from vlm_lens.probes.result import ProbeResult
@@ -213,7 +214,9 @@ def _positions(inputs: "VLMInputs", which: str | Sequence[int]) -> Tensor:
         if which == "last_prompt":
             return torch.tensor([inputs.layout.last_prompt_position])
         return inputs.layout.positions(which)
-    return torch.as_tensor(which).reshape(-1).long()
+    positions = torch.as_tensor(which).reshape(-1).long()
+    checks.positions_in(positions, inputs.layout.n_positions)
+    return positions
 
 
 def _patch(source_activation: Tensor, positions: Tensor):

@@ -57,6 +57,7 @@ class ProbeResult:
     # -- aggregation ----------------------------------------------------------------------------------------
     def by_role(self, name: str, reduce: str = "mean") -> dict[str, Tensor]:
         """Reduce ``name`` over its ``position`` dim separately for image, prompt-text and generated tokens."""
+        self[name]  # an unknown name: the error lists the names there are
         if self.layout is None or "position" not in self.dims[name]:
             raise InputError(f"{name!r} has no position dim with a token layout to aggregate by role")
         axis = self.dims[name].index("position")

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from vlm_lens import checks
 from vlm_lens import inputs as inputs_module
 from vlm_lens import trace as trace_module
 from vlm_lens.adapters import AdapterSpec
@@ -123,6 +124,8 @@ class HookedVLM(TransformerLensNames):
     def _forward_args(self, inputs: VLMInputs | VLMBatch) -> tuple[Tensor, dict[str, Tensor]]:
         if not isinstance(inputs, (VLMInputs, VLMBatch)):
             raise InputTypeError(f"expected VLMInputs from model.prepare(images, prompt), got {type(inputs).__name__}")
+        for sample in inputs.samples if isinstance(inputs, VLMBatch) else [inputs]:
+            checks.inputs_fit(self, sample)
         kwargs = dict(inputs.model_inputs)
         return kwargs.pop("input_ids"), kwargs
 
@@ -148,7 +151,7 @@ class HookedVLM(TransformerLensNames):
         """Logits of a forward with ``fwd_hooks`` (``(name, fn(activation, hook))``); removed afterwards, even
         when a hook raises."""
         input_ids, kwargs = self._forward_args(inputs)
-        fwd_hooks = list(fwd_hooks)
+        fwd_hooks = checks.hook_pairs(fwd_hooks)
         self._check_names([n for n, _ in fwd_hooks if isinstance(n, str)])
         with torch.set_grad_enabled(grad), self.hooks(fwd_hooks):
             return self.bridge(input_ids, **kwargs)
@@ -156,7 +159,7 @@ class HookedVLM(TransformerLensNames):
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = ()):
         """Context manager: ``fwd_hooks`` are attached inside the block and removed on exit, raise or not."""
-        fwd_hooks = [(name, shape_checked(name, fn)) for name, fn in fwd_hooks]
+        fwd_hooks = [(name, shape_checked(name, fn)) for name, fn in checks.hook_pairs(fwd_hooks)]
         self._check_names([n for n, _ in fwd_hooks if isinstance(n, str)])
         with self.bridge.hooks(fwd_hooks=fwd_hooks):
             yield self
@@ -198,7 +201,7 @@ class HookedVLM(TransformerLensNames):
         later forward over the sequence (and fail for want of features). ``stop_at_eos=False`` suppresses EOS too,
         so exactly ``max_new_tokens`` tokens come out (fixed-length benchmarks).
         """
-        return self._generate(inputs, max_new_tokens, stop_at_eos)[0]
+        return self._generate(inputs, checks.new_tokens(max_new_tokens), stop_at_eos)[0]
 
     def _suppressed(self, stop_at_eos: bool) -> list[int]:
         eos = self.tokenizer.eos_token_id
@@ -239,7 +242,7 @@ class HookedVLM(TransformerLensNames):
         )
         if n_new == 0:
             layout = inputs.layout
-        return VLMInputs(model_inputs, layout, inputs.prompt, inputs.n_images)
+        return VLMInputs(model_inputs, layout, inputs.prompt, inputs.n_images, inputs.family, inputs.prepared_by)
 
     def _capture_generation(self, inputs, names, max_new_tokens: int, stop_at_eos: bool):
         return trace_module.capture_generation(self, inputs, names, max_new_tokens, stop_at_eos)
@@ -285,6 +288,7 @@ class HookedVLM(TransformerLensNames):
         ``ln_final.hook_normalized`` are recorded on the plain HF modules, then split per sample (its own positions,
         its generated ids up to its first EOS). With a hook of yours active, or on the nnsight backend, it traces the
         samples one at a time instead."""
+        max_new_tokens = checks.new_tokens(max_new_tokens)
         from vlm_lens.batch_trace import trace_generation_batch
 
         return trace_generation_batch(self, inputs, max_new_tokens, stop_at_eos=stop_at_eos)

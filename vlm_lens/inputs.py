@@ -24,6 +24,8 @@ class VLMInputs:
     layout: TokenLayout
     prompt: str
     n_images: int
+    family: str | None = None  # the family and name of the model that prepared them (checked at every forward)
+    prepared_by: str | None = None
 
     @property
     def input_ids(self) -> Int[Tensor, "1 pos"]:
@@ -95,7 +97,7 @@ def prepare(model, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMB
     warn_unknown_words(model, prompt, model_inputs["input_ids"])
     if image_list and not layout.image.any():
         raise InputError("the processor produced no image tokens; check that the prompt template keeps them")
-    return VLMInputs(model_inputs, layout, text, len(image_list))
+    return VLMInputs(model_inputs, layout, text, len(image_list), model.family, model.name)
 
 
 def position_limit(model) -> int | None:
@@ -167,6 +169,9 @@ def load_images(images: Any) -> list:
         if not isinstance(image, (str, Path)):
             raise InputTypeError(f"images must be PIL images or paths, got {type(image).__name__}")
         path = Path(image)
+        if path.is_dir():
+            raise InputError(f"{path} is a folder: pass an image file (or a list of files); the CLI's --image takes "
+                             "folders")  # fmt: skip
         if not path.is_file():
             raise NotFoundError(f"image not found: {path}")
         try:

@@ -209,12 +209,18 @@ def load_processor(folder: str | Path, *, trust_remote_code: bool = False):
         raise InputError(f"{folder} has no processor files (processor_config.json, tokenizer files): save the "
                          "processor beside the weights (processor.save_pretrained(folder)) or pass processor=")  # fmt: skip
     try:
-        return AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
         if isinstance(error, InputError):
             raise
         raise InputError(f"cannot load the processor in {folder} ({type(error).__name__}: {str(error)[:300]}); "
                          "re-save it with processor.save_pretrained(folder)") from error
+    if processor_class and not hasattr(processor, "tokenizer"):
+        # AutoProcessor falls back to the bare tokenizer when it does not know the class the config names
+        raise InputError(f"{config_path} names processor_class {processor_class!r}, which this transformers does not "
+                         f"know (it loaded a {type(processor).__name__} instead): fix the name in that file, upgrade "
+                         "transformers, or pass processor= to vlm_lens.load")  # fmt: skip
+    return processor
 
 
 def _has_video(folder: Path) -> bool:

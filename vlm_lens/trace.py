@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from vlm_lens import checks
 from vlm_lens.batch import VLMBatch
 from vlm_lens.cache import VLMCache
 from vlm_lens.inputs import VLMInputs
@@ -96,6 +97,7 @@ def trace_generation(
     """
     if isinstance(inputs, VLMBatch):
         raise InputError("trace_generation follows one sample: call it per sample (batch[i]); run_with_cache takes batches")
+    max_new_tokens = checks.new_tokens(max_new_tokens)
     names = list(model.resid_names + ["ln_final.hook_normalized"] if names_filter is None else
                  ([names_filter] if isinstance(names_filter, str) else names_filter))  # fmt: skip
     if capture == "auto":

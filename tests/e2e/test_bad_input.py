@@ -361,3 +361,35 @@ def test_plain_question_without_a_chat_template(t, monkeypatch):
     monkeypatch.setattr(t.model.processor, "chat_template", None)
     with pytest.raises(E.InputError, match="pre-templated prompt"):
         t.model.prepare(t.image, "what is this ?")
+
+
+def test_round_three_messages_name_the_fix(t, saved, tmp_path):
+    """Each of these failed deep inside a library with its own words (IndexError, TypeError, KeyError ...)."""
+    inputs = t.model.prepare(t.image, "what color is the star ?")
+    with pytest.raises(E.InputError, match="is a folder: pass an image file"):
+        t.model.prepare(str(tmp_path), "what color is the star ?")
+    qwen = tiny("qwen2-vl")
+    with pytest.raises(E.InputError, match="prepared by a qwen2-vl model .* not by this llava model"):
+        t.model.run_with_hooks(qwen.model.prepare(qwen.image, "what color is the star ?"))
+    foreign = vlm_lens.inputs.VLMInputs({**inputs.model_inputs, "input_ids": inputs.input_ids.clone().fill_(10_000)},
+                                        inputs.layout, inputs.prompt, inputs.n_images)  # fmt: skip
+    with pytest.raises(E.VocabularyError, match="outside this model's vocabulary"):
+        t.model.run_with_hooks(foreign)
+    with pytest.raises(E.InputTypeError, match=r"must take two arguments, fn\(activation, hook\)"):
+        t.model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.hook_resid_post", lambda a: a)])
+    with pytest.raises(E.InputTypeError, match=r"wrap it in a list"):
+        t.model.run_with_hooks(inputs, fwd_hooks=("blocks.0.hook_resid_post", lambda a, h: a))
+    with pytest.raises(E.InputTypeError, match="max_new_tokens must be an int"):
+        t.model.trace_generation(inputs, max_new_tokens="5")
+    source = t.model.prepare(t.image, "what color is the circle ?")
+    n = inputs.layout.n_positions
+    with pytest.raises(E.OutOfRangeError, match=rf"outside the sequence of {n} positions"):
+        ActivationPatching(positions=[999])(inputs, source, 1, 2, model=t.model)
+    result = LogitLensProbe()(t.model.trace_generation(inputs, max_new_tokens=2))
+    with pytest.raises(E.UnknownNameError, match=r"has no 'imag'; it has \["):
+        result.by_role("imag")
+    folder = _copy(saved, tmp_path)
+    config = json.loads((folder / "processor_config.json").read_text())
+    (folder / "processor_config.json").write_text(json.dumps({**config, "processor_class": "NopeProcessor"}))
+    with pytest.raises(E.InputError, match="processor_config.json names processor_class .NopeProcessor., which this transformers does not know"):
+        vlm_lens.load(str(folder))
