@@ -16,6 +16,8 @@ from typing import List, Optional
 
 import typer
 
+from vlm_lens.experiments.outputs import check_output
+
 from typer.core import TyperGroup
 
 _DEBUG = {"on": bool(os.environ.get("VLM_LENS_DEBUG"))}
@@ -160,22 +162,6 @@ def _progress(console):
         bar.update(tasks[stage], completed=done, total=total, rate=f"{speed:.2f}/s" if speed else "")
 
     return bar, update
-
-
-def check_output(path: Optional[Path], option: str, *, folder: bool = True) -> None:
-    """Refuse an output path that the run could only fail to write *after* its work: a file where a folder is wanted
-    (or the reverse), or a place under a folder this user cannot write. Checked before any model is loaded."""
-    if path is None:
-        return
-    if folder and path.exists() and not path.is_dir():
-        _fail(f"{option} {path} is a file: name a folder (it is created if missing)")
-    if not folder and path.is_dir():
-        _fail(f"{option} {path} is a folder: name the file to write")
-    parent = path if folder and path.is_dir() else path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        _fail(f"{option} {path}: {parent} is not writable by this user; choose a folder you can write")
 
 
 def _fmt(value) -> str:

@@ -9,7 +9,9 @@ from typing import List, Optional
 
 import typer
 
-from vlm_lens.experiments.cli import (LensKind, Variant, _fail, check_output, _image_paths, _load, _progress, _samples, _tuned_lens,
+from vlm_lens.experiments.outputs import check_output
+
+from vlm_lens.experiments.cli import (LensKind, Variant, _fail, _image_paths, _load, _progress, _samples, _tuned_lens,
                                       app, stage_summary, _fmt)  # fmt: skip
 
 

@@ -8,7 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from vlm_lens.experiments.cli import Variant, _fail, _fmt, _image_paths, _load, _samples, _tuned_lens, app, check_output
+from vlm_lens.experiments.outputs import check_output
+
+from vlm_lens.experiments.cli import Variant, _fail, _fmt, _image_paths, _load, _samples, _tuned_lens, app
 
 
 @app.command("tune-lens")

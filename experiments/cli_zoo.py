@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-from vlm_lens.experiments.cli import _fail, _load, check_output
+from vlm_lens.experiments.outputs import check_output
+
+from vlm_lens.experiments.cli import _fail, _load
 
 zoo_app = typer.Typer(no_args_is_help=True, help="The embedded shapes-world models.")
 

@@ -121,17 +121,6 @@ class SampleEvolution:
         return {tokenizer.convert_ids_to_tokens(i): lens["candidate_prob"][:, step, ids.index(i)].tolist() for i in chosen}
 
 
-def token_stages(row: TokenEvolution, n_layers: int) -> dict | None:
-    """One token's own stages, in the aggregate's format (half-open stack-layer intervals): rapid evolution up to its
-    critical layer, stabilization, and a mutation stage from its mutation layer only when it has an event; None when
-    the token has no critical layer."""
-    if row.critical is None:
-        return None
-    c, m = row.critical, row.mutation
-    return {"critical_layer": c, "mutation_layer": m, "mutation_detected": m is not None, "rapid_evolution": [0, c],
-            "stabilization": [c, n_layers + 1 if m is None else m], "mutation": None if m is None else [m, n_layers + 1]}
-
-
 def lens_probe(variant: str, tuned_lens, n_layers: int):
     every_layer = list(range(n_layers + 1))  # candidates from every layer: each top-1 token's full curve
     if variant == "tuned":

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.experiments import charts as C
 from vlm_lens.experiments import report as R
 
 
@@ -33,7 +33,7 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
                     "the layer each transition leads into, with the stages from the evidence: rapid evolution up to the "
                     "critical layer, stabilization, and a mutation stage only when mutation events are frequent enough "
                     "(see Summary). The dashed box spans the critical layers' interquartile range."),
-        R.named(R.stage_profile(layers, transitions, agg[variant]["median_js_adjacent"], stages,
+        R.named(C.stage_profile(layers, transitions, agg[variant]["median_js_adjacent"], stages,
                                 f"median adjacent-layer JS ({variant} lens) with stage bands", spread=crit,
                                 marker_label=f"median over {crit['n']} tokens"), "stages_median_js"),
     ]))  # fmt: skip
@@ -55,13 +55,13 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
         tokens = [s.trace.generated_tokens[j] for j in steps]
         lens = s.lens[variant]
         rows = {t.step: t for t in s.tokens[variant]}
-        views.append(R.named(R.prob_heatmap(lens["prob"][:, steps].T.tolist(), tokens,
+        views.append(R.named(C.prob_heatmap(lens["prob"][:, steps].T.tolist(), tokens,
                                             f"{s.name}: P(generated token) by layer ({variant} lens)",
                                             [(rows[j].critical, rows[j].mutation) for j in steps]),
                              f"p_by_layer_{s.name}"))  # fmt: skip
         ids, probs = lens["topk_ids"][:, steps], lens["topk_prob"][:, steps]  # [layer, step, k]
         names = [[model.tokenizer.convert_ids_to_tokens(ids[:, j, :][l].tolist()) for l in range(n + 1)] for j in range(len(steps))]
-        views.append(R.named(R.top1_grid(names, probs.permute(1, 0, 2).tolist(), tokens,
+        views.append(R.named(C.top1_grid(names, probs.permute(1, 0, 2).tolist(), tokens,
                                          f"{s.name}: the lens's top-1 token by layer"), f"top1_grid_{s.name}"))  # fmt: skip
     sections.append(("What each layer predicts", views))
 
@@ -73,9 +73,9 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
     for s in shown:
         for row in [t for t in s.tokens[variant] if show_special or not t.special][:2]:
             note = f", {row.leader} overturned at layer {row.mutation}" if row.mutation is not None else ""
-            charts.append(R.named(R.token_probability_chart(layers, s.curves(variant, row.step, model.tokenizer),
+            charts.append(R.named(C.token_probability_chart(layers, s.curves(variant, row.step, model.tokenizer),
                                                             f"{s.name} · step {row.step} ({row.token}{note})",
-                                                            ke.token_stages(row, n)),
+                                                            token_stages(row, n)),
                                   f"token_probs_{s.name}_step{row.step}"))  # fmt: skip
     sections.append(("Token probabilities across layers", charts))
 
@@ -83,10 +83,10 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
     heat = [R.paragraph("Adjacent-layer JS per generated token of the first sample: raw (nats, correct lens), then the "
                         "authors' heatmap (their reversed, vocabulary-averaged JS on the no-norm lens, each column "
                         "scaled to its maximum over the first 40 tokens)."),
-            R.named(R.js_heatmap(js_raw, first.trace.generated_tokens, transitions, f"adjacent-layer JS (nats), {first.name}"),
+            R.named(C.js_heatmap(js_raw, first.trace.generated_tokens, transitions, f"adjacent-layer JS (nats), {first.name}"),
                     f"js_heatmap_{first.name}")]  # fmt: skip
     if "paper" in first.shift:
-        heat.append(R.named(R.js_heatmap(first.shift["paper"]["js_adjacent_scaled"].T.tolist(),
+        heat.append(R.named(C.js_heatmap(first.shift["paper"]["js_adjacent_scaled"].T.tolist(),
                                          _heatmap_rows(first.shift["paper"]), transitions,
                                          "paper heatmap: authors' JS, column-wise MaxAbs"), f"js_heatmap_paper_{first.name}"))  # fmt: skip
     sections.append(("Distribution shift", heat))
@@ -104,16 +104,16 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
     views = [R.paragraph("t-SNE of the residual stream (the paper's settings), coloured by stage: one image's tokens "
                          "across layers, then all images at the answer position; below, how similar the images' "
                          "features are per layer and how well they separate by answer."),
-             R.named(R.scatter_view(fc["single"]["coords"], fc["single"]["layers"], fc["single"]["tokens"], fc["layer_groups"],
+             R.named(C.scatter_view(fc["single"]["coords"], fc["single"]["layers"], fc["single"]["tokens"], fc["layer_groups"],
                                     f"t-SNE, one image ({first.name}): layer x token"), "tsne_one_image")]  # fmt: skip
     if "across" in fc:
-        views.append(R.named(R.scatter_view(fc["across"]["coords"], fc["across"]["layers"], fc["across"]["images"],
+        views.append(R.named(C.scatter_view(fc["across"]["coords"], fc["across"]["layers"], fc["across"]["images"],
                                             fc["layer_groups"], "t-SNE, all images: layer x image at the answer position"),
                              "tsne_all_images"))  # fmt: skip
         series = {"mean pairwise cosine across images": fc["mean_cosine_per_layer"]}
         if any(v is not None for v in fc["silhouette_per_layer"]):
             series["silhouette of answers"] = fc["silhouette_per_layer"]
-        views.append(R.named(R.line_chart(layers, series, "feature geometry across images", "value"), "feature_geometry"))
+        views.append(R.named(C.line_chart(layers, series, "feature geometry across images", "value"), "feature_geometry"))
     sections.append(("Feature clusters", views))
 
     skip = data["layer_skip"]
@@ -125,7 +125,7 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
                         "the stabilization stage; skip.2: the mutation stage (only when one was detected); skip.3: from the "
                         "critical layer to the last layers; then every single layer. Accuracy is against the reference "
                         "answers, counter-prior samples included: skip.2 restoring them is the planted mutation undone."),
-            R.named(R.skip_chart(skip["sets"], skip["sweep"], "layer skipping: accuracy and agreement with the unskipped run"),
+            R.named(C.skip_chart(skip["sets"], skip["sweep"], "layer skipping: accuracy and agreement with the unskipped run"),
                     "layer_skipping"),
             R.table(["set", "skipped decoder layers", "generation agreement", "forced agreement", "mean KL", "answer p",
                      "accuracy"], skip_rows)]))  # fmt: skip
@@ -135,7 +135,7 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
                  R.table(["sample", "reference", "emitted", "pre-mutation leader", "mutation layer", "reversal layer"],
                          [[h["sample"], h["correct_token"], h["wrong_token"], h["pre_mutation_leader"], h["mutation_layer"],
                            h["reversal_layer"]] for h in data["hallucination"]])]  # fmt: skip
-        items += [R.named(R.line_chart(layers, {f"{h['correct_token']} (reference)": h["correct_prob"],
+        items += [R.named(C.line_chart(layers, {f"{h['correct_token']} (reference)": h["correct_prob"],
                                                 f"{h['wrong_token']} (emitted)": h["wrong_prob"]},
                                        f"{h['sample']}: reversal at layer {h['reversal_layer']}", "probability"),
                           f"reversal_{h['sample']}") for h in data["hallucination"]]  # fmt: skip
@@ -207,3 +207,14 @@ def _rule(d: dict) -> str:
     return (event + " The critical layer is where the answer that dominates stabilization becomes the top-1. A "
             f"mutation stage is reported only when the lower end of the 95% bootstrap interval (over samples) of the "
             f"share of tokens with events exceeds {d['min_event_share']}.")
+
+
+def token_stages(row, n_layers: int) -> dict | None:
+    """One token's own stages, in the aggregate's format (half-open stack-layer intervals): rapid evolution up to its
+    critical layer, stabilization, and a mutation stage from its mutation layer only when it has an event; None when
+    the token has no critical layer."""
+    if row.critical is None:
+        return None
+    c, m = row.critical, row.mutation
+    return {"critical_layer": c, "mutation_layer": m, "mutation_detected": m is not None, "rapid_evolution": [0, c],
+            "stabilization": [c, n_layers + 1 if m is None else m], "mutation": None if m is None else [m, n_layers + 1]}

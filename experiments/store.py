@@ -23,14 +23,14 @@ first attempt committed), readers keep the first by part name: no duplicates, no
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from vlm_lens.atomic import write_file
+from vlm_lens.experiments.identity import differences
 from vlm_lens.errors import InputError
 
 FORMAT = 1
@@ -71,17 +71,6 @@ def _intact(path: Path, size: int | None = None) -> bool:
         return False
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _diff(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            out.append(f"{prefix}{k}: {a.get(k)!r} in the store, {b.get(k)!r} now")
-    return out
-
-
 class Store:
     """A run store at ``path`` (see the module docstring). Create with :meth:`create`, open with :meth:`open`."""
 
@@ -120,7 +109,7 @@ class Store:
                 wanted = {"model": model, "settings": settings, "source_fingerprint": source.get("fingerprint")}
                 have = {"model": store.meta["model"], "settings": store.meta["settings"],
                         "source_fingerprint": store.meta["source"].get("fingerprint")}  # fmt: skip
-                differ = _diff(have, json.loads(json.dumps(wanted)))
+                differ = differences(have, json.loads(json.dumps(wanted)))
                 if differ:
                     raise StoreError(f"{path} was made by another run and cannot be resumed by this one ("
                                      + "; ".join(differ[:4]) + "): use another --store, or --overwrite to start over")
@@ -302,23 +291,3 @@ def _lock(path: Path):
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     return handle
-
-
-def fingerprint(*parts: Any) -> str:
-    """sha256 of the JSON of ``parts`` (sorted keys): stable identities for settings and models."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_identity(model) -> dict:
-    """What makes two runs' numbers comparable: the model's name, shape and a checksum of its weights (every
-    parameter, sampled at a stride of numel/4096 and summed in float64: changes with any fine-tune, and allocates a
-    few KB, never a copy of a weight matrix)."""
-    import torch
-
-    with torch.no_grad():
-        checksum = []
-        for p in model.hf_model.parameters():
-            flat = p.detach().reshape(-1)
-            checksum.append(round(float(flat[:: max(1, flat.numel() // 4096)].double().sum()), 6))
-    return {"name": model.name, "family": model.family, "n_layers": model.n_layers, "d_model": model.d_model,
-            "d_vocab": model.d_vocab, "weights": fingerprint(checksum)}  # fmt: skip

@@ -18,7 +18,8 @@ from typing import Callable, Iterable
 from vlm_lens.experiments import hallucination as hal
 from vlm_lens.experiments import knowledge_evolution as ke
 from vlm_lens.experiments import reduce as rd
-from vlm_lens.experiments.store import Store, fingerprint, model_identity
+from vlm_lens.experiments.identity import fingerprint, model_identity
+from vlm_lens.experiments.store import Store
 
 Progress = Callable[[str, int, int], None]
 

@@ -10,6 +10,7 @@ import pytest
 from vlm_lens.experiments import evidence as ev
 from vlm_lens.experiments import hallucination, layer_skip
 from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.experiments import charts as C
 from vlm_lens.experiments import report as R
 from vlm_lens.experiments.pipeline import analyze
 from vlm_lens import testing
@@ -245,7 +246,7 @@ def test_stage_chart_on_a_log_axis_keeps_its_markers():
     stages = {"rapid_evolution": [0, 3], "stabilization": [3, 6], "mutation": [6, 9], "critical_layer": 3,
               "mutation_layer": 6, "last_layer": 8, "mutation_detected": True}  # fmt: skip
     js = [2.0, 0.01, 0.008, 0.01, 0.012, 0.02, 0.015, 0.0]  # one transition dwarfs the rest, one is exactly 0
-    fig = R.stage_profile([str(i) for i in range(9)], [f"{i}→{i + 1}" for i in range(8)], js, stages, "t")
+    fig = C.stage_profile([str(i) for i in range(9)], [f"{i}→{i + 1}" for i in range(8)], js, stages, "t")
     assert fig.layout.yaxis.type == "log"
     markers = [t for t in fig.data if t.name and t.name.startswith(("critical layer", "mutation layer"))]
     assert len(markers) == 2 and all(t.y[0] > 0 for t in markers)  # drawable on a log axis
