@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -39,6 +40,7 @@ class _ErrorsToExitCodes(TyperGroup):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, typer.Exit, typer.Abort,
                 _TYPER_CLICK_EXCEPTION):  # fmt: skip
+            _attach_usage(self, ctx, sys.exc_info()[1])
             raise  # usage errors: click prints the usage line and "Error: ..." and exits 2
         except VLMLensError as error:
             if _DEBUG["on"]:
@@ -50,6 +52,17 @@ class _ErrorsToExitCodes(TyperGroup):
             if _DEBUG["on"]:
                 raise
             _fail(f"the run failed: {type(error).__name__}: {error} (rerun with --debug for the traceback)", 1)
+
+
+def _attach_usage(group, ctx, error) -> None:
+    """An option missing its value fails while the command's context is being made, so click has no context to print
+    the usage line from: give it the command's (parsed leniently, so it cannot fail itself)."""
+    name = getattr(ctx, "invoked_subcommand", None)  # set by click before it makes the command's context
+    if getattr(error, "ctx", True) is not None or not name:
+        return
+    command = group.get_command(ctx, name)
+    if command is not None:
+        error.ctx = command.make_context(name, [], parent=ctx, resilient_parsing=True)
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_ErrorsToExitCodes,
