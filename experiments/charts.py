@@ -103,9 +103,10 @@ def token_probability_chart(layers: list[str], curves: dict[str, list[float]], t
     return fig
 
 def stage_profile(layers: list[str], transitions: list[str], median_js: list[float], stages: dict | None, title: str,
-                  spread: dict | None = None, marker_label: str = "median"):  # fmt: skip
+                  spread: dict | None = None, marker_label: str | dict = "median"):  # fmt: skip
     """Median adjacent-layer JS plotted at the layer each transition leads into (1..n), with the aggregate stage
-    bands; ``marker_label`` says what the critical / mutation lines are (e.g. "median over 12 tokens")."""
+    bands; ``marker_label`` says what the critical / mutation lines are (e.g. "median over 12 tokens"; a dict gives
+    each line its own: ``{"critical_layer": ..., "mutation_layer": ...}``)."""
     import plotly.graph_objects as go
 
     x = list(range(1, len(layers)))
@@ -127,7 +128,7 @@ def stage_profile(layers: list[str], transitions: list[str], median_js: list[flo
     return fig
 
 def stage_bands(fig, stages: dict | None, n_layers: int, y_top: float, y_bottom: float = 0.0, *,
-                 label: str = "") -> None:  # fmt: skip
+                 label: str | dict = "") -> None:  # fmt: skip
     """Stage bands over stack layers (a half-open [start, end) covers x in [start - 0.5, end - 0.5]) and the
     critical / mutation layers as dashed / dotted lines with legend entries (``label`` says whose: "this token",
     "median over 12 tokens")."""
@@ -146,7 +147,8 @@ def stage_bands(fig, stages: dict | None, n_layers: int, y_top: float, y_bottom:
     for key, dash in (("critical_layer", "dash"), ("mutation_layer", "dot")):
         if stages.get(key) is not None:
             layer = stages[key]
-            name = f"{key.replace('_', ' ')} {layer}" + (f" ({label})" if label else "")
+            text = label.get(key, "") if isinstance(label, dict) else label
+            name = f"{key.replace('_', ' ')} {layer}" + (f" ({text})" if text else "")
             fig.add_trace(go.Scatter(x=[layer, layer], y=[y_bottom, y_top], mode="lines", name=name,
                                      line=dict(color="black", dash=dash, width=1.5)))  # fmt: skip
 

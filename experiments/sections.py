@@ -35,7 +35,9 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
                     "(see Summary). The dashed box spans the critical layers' interquartile range."),
         R.named(C.stage_profile(layers, transitions, agg[variant]["median_js_adjacent"], stages,
                                 f"median adjacent-layer JS ({variant} lens) with stage bands", spread=crit,
-                                marker_label=f"median over {crit['n']} tokens"), "stages_median_js"),
+                                marker_label={"critical_layer": f"median over {crit['n']} tokens",
+                                              "mutation_layer": f"median over {agg[variant]['mutation_layer']['n']} events"}),
+                "stages_median_js"),
     ]))  # fmt: skip
 
     clean = sorted((s for s in analysed if not s.planted), key=lambda s: -s.trace.n_steps)  # longest answers first

@@ -186,6 +186,8 @@ def test_main_job_shows_the_planted_mutation(embedded_report):
     for t in markers:
         key = "critical_layer" if t["name"].startswith("critical") else "mutation_layer"
         assert t["x"] == [stages[key], stages[key]] and t["name"].startswith(f"{key.replace('_', ' ')} {stages[key]} "), t
+        n = data["aggregate"]["correct"][key]["n"]
+        assert t["name"].endswith(f"(median over {n} tokens)" if key == "critical_layer" else f"(median over {n} events)"), t
 
 
 def test_skip_experiment_on_the_embedded_model(embedded_report):
