@@ -9,8 +9,9 @@ Notation (one generated token, one lens): stack layers ``l = 0..n`` (0 = embeddi
   input token's own embedding, not an answer) and its top-1 probability reaches ``establish_prob`` somewhere in it.
   (``emerge_below``, off by default, adds the earlier rule "its probability at layer ``min_start`` was below it"; that
   rule encoded one base model's early probabilities and missed most overturns on models it was not tuned on.)
-- A **candidate** is the overturn of an established answer read off the lens: the last established run ``[s, e]`` of a
-  token ``v != emitted`` that ends before the output (``e < n``). Its layer is ``m = e + 1``, the first layer at which
+- A **candidate** is an overturn read off the lens: the last run ``[s, e]`` of a token ``v != emitted`` that ends
+  before the output (``e < n``), starts at layer >= ``min_start``, lasts >= ``candidate_min_run`` layers and peaks at
+  p >= ``candidate_prob`` (with ``confirm=False``: the last *established* such run). Its layer is ``m = e + 1``, the first layer at which
   v is no longer top-1; v is the *pre-mutation leader*.
 - A **mutation event** is a candidate that passes a causal test (``confirm=True``, the default): skipping the
   decoder layers that overturned it must make the model emit the leader again at that step (the paper's layer-skip

@@ -166,9 +166,15 @@ class Store:
 
     def verified(self) -> set[str]:
         """Part names whose shard is durably committed: the ``samples`` part is intact and every part it records
-        exists with its recorded size and a Parquet footer (phase-2 parts: intact on their own)."""
+        exists with its recorded size and a Parquet footer (phase-2 parts: intact on their own). Checked once per
+        state of the store's commit files (a frame read calls it twice; 10,000 shards are 10,000 footers)."""
         import pyarrow.parquet as pq
 
+        commits = self._parts("samples") + [p for p in self._parts("skip") if p.stem.startswith("part-p2-")]
+        state = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in commits if p.exists())
+        cached = getattr(self, "_verified", None)
+        if cached is not None and cached[0] == state:
+            return cached[1]
         out = set()
         for file in self._parts("samples"):
             if not _intact(file):
@@ -181,6 +187,7 @@ class Store:
             if all(_intact(self.path / table / f"{file.stem}.parquet", size) for table, size in parts.items()):
                 out.add(file.stem)
         out.update(p.stem for p in self._parts("skip") if p.stem.startswith("part-p2-") and _intact(p))
+        self._verified = (state, out)
         return out
 
     # -- reading ----------------------------------------------------------------------------------------------------
