@@ -22,22 +22,16 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Sequence
 
-import torch
-
 from vlm_lens.experiments import evidence as ev
 from vlm_lens.experiments import knowledge_evolution as ke
 
 
 def share_interval(flags: Sequence[bool], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """The share of true flags and its percentile bootstrap interval (resampling the flags with replacement)."""
-    values = torch.tensor([float(f) for f in flags], dtype=torch.float64)
-    if not len(values):
-        return {"share": None, "low": None, "high": None, "n": 0}
-    generator = torch.Generator().manual_seed(seed)
-    means = values[torch.randint(0, len(values), (n_boot, len(values)), generator=generator)].mean(1)
-    alpha = (1 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
-    return {"share": float(values.mean()), "low": low, "high": high, "n": len(values)}
+    """The share of true flags and its percentile bootstrap interval over questions: the event-share bootstrap of
+    :func:`~vlm_lens.experiments.evidence.event_share_interval` with one "token" per question."""
+    flags = [int(bool(f)) for f in flags]
+    out = ev.event_share_interval(flags, [1] * len(flags), n_boot=n_boot, seed=seed, level=level)
+    return {"share": out["share"], "low": out["low"], "high": out["high"], "n": len(flags)}
 
 
 def _any_event(sample, variant: str, field: str = "mutation") -> bool:

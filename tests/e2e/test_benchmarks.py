@@ -27,7 +27,8 @@ def test_dataset_benchmark_smoke(capsys):
     assert "peak RSS" in out and "batched / per-sample" in out and "| shapes-llava-prior | 2 |" in out
 
 
-def test_suite_validation_benchmark_smoke(capsys):
+def test_suite_validation_benchmark_smoke(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     from benchmarks import suite_validation
 
     suite_validation.main(["--n", "3", "--fixtures", "llava-single", "--cost-n", "2", "--reps", "1", "--no-write"])

@@ -110,11 +110,11 @@ def test_a_window_reaching_the_last_layer_does_not_confirm_a_one_layer_lead(monk
     assert confirmer(0, 5, 5, config, run=(4, 4)).confirmed
 
 
-def test_the_causal_tests_on_a_planted_answer_and_on_a_clean_one():
+def test_the_causal_tests_confirm_a_planted_overturn(tmp_path):
     from vlm_lens.experiments.knowledge_evolution import token_evidence
     from vlm_lens.zoo import planted
 
-    model = vlm_lens.load(str(suite.materialize("llava-end", _cache())))
+    model = vlm_lens.load(str(suite.materialize("llava-end", tmp_path)))
     trigger = planted.Trigger("color", "star", "red")
     example = planted.counter_prior(trigger, 1, start=planted.COUNTER_PRIOR_START + 7)[0]
     trace = model.trace_generation(model.prepare(example.image, example.question), max_new_tokens=2)
@@ -126,13 +126,8 @@ def test_the_causal_tests_on_a_planted_answer_and_on_a_clean_one():
     assert lens_only.mutation == row.candidate and lens_only.confirmed is None
 
 
-def _cache():
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="vlm-lens-suite-test-")
-
-
-def test_validate_suite_on_the_cli(tmp_path):
+def test_validate_suite_on_the_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # fixtures materialize here, not in ~/.cache
     out = tmp_path / "suite.json"
     result = runner.invoke(app, ["validate", "--suite", "--fixture", "llava-single", "--n", "6", "--out", str(out)])
     assert result.exit_code == 0, result.output
