@@ -302,3 +302,20 @@ def test_zoo_plant_export_replaces_the_fixture_and_its_tuned_lens(tmp_path, monk
     exported = models / "shapes-llava-prior"
     assert (exported / "planted.json").exists() and (exported / "tuned-lens" / "lens.json").exists()
     assert "tuned lens retrained" in result.output
+
+
+def test_zoo_train_another_depth_and_seed(tmp_path):
+    """--n-layers and --seed: another depth, another initialisation and another data stream (an independent base)."""
+    from vlm_lens.zoo.recipe.train import data_offset, recipe_for
+
+    result = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "run"), "--steps", "2",
+                                 "--n-layers", "3", "--seed", "2", "--final-eval-per-task", "1", "--threads", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert recipe["size"]["n_layers"] == 3 and recipe["seed"] == 2
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 3
+    assert data_offset(recipe_for("llava", seed=2)) == 2_000_000 and data_offset(recipe_for("llava")) == 0
+    for args, message in ((["--seed", "9"], "past the training seed range"), (["--n-layers", "1"], "n_layers must be >= 2")):
+        bad = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "x"), *args])
+        assert bad.exit_code == 2 and message in bad.output, bad.output

@@ -143,15 +143,18 @@ def test_validate_suite_on_the_cli(tmp_path, monkeypatch):
         assert result.exit_code == 2 and message in result.output, (args, result.output)
 
 
-def test_the_suite_build_command_resumes_and_refuses_bad_input(tmp_path):
+def test_the_suite_build_command_resumes_and_refuses_bad_input(tmp_path, monkeypatch):
     import shutil
 
     done = tmp_path / "suite" / "llava-single"
     done.mkdir(parents=True)
     for item in ("block.safetensors", "planted.json", "eval.json"):
         shutil.copy2(suite.fixture_source("llava-single") / item, done / item)
-    result = runner.invoke(app, ["zoo", "plant", "--suite", str(tmp_path / "suite"), "--fixture", "llava-single"])
+    shipped = tmp_path / "package-suite"  # --ship copies into the package: here, a stand-in folder
+    monkeypatch.setattr(suite, "SUITE_DIR", shipped)
+    result = runner.invoke(app, ["zoo", "plant", "--suite", str(tmp_path / "suite"), "--fixture", "llava-single", "--ship"])
     assert result.exit_code == 0 and "llava-single: already built" in result.output, result.output
+    assert sorted(p.name for p in (shipped / "llava-single").iterdir()) == ["block.safetensors", "eval.json", "planted.json"]
     result = runner.invoke(app, ["zoo", "plant", "--suite", str(tmp_path / "suite"), "--fixture", "nope"])
     assert result.exit_code == 2 and "no suite fixture" in result.output
     result = runner.invoke(app, ["zoo", "plant"])
