@@ -61,7 +61,7 @@ def build(kind: str):
 
 
 def pipelines(plain, hooked, inputs, max_new_tokens: int):
-    from vlm_lens.experiments import knowledge_evolution as ke
+    from vlm_lens.experiments.analysis import knowledge_evolution as ke
     from vlm_lens.probes import TokenTrajectory
 
     tok = hooked.tokenizer
@@ -203,7 +203,7 @@ def backends(kind: str, reps: int, max_new_tokens: int) -> dict:
 
     import vlm_lens
     from vlm_lens import testing
-    from vlm_lens.experiments import knowledge_evolution as ke
+    from vlm_lens.experiments.analysis import knowledge_evolution as ke
 
     model, processor = testing.build("llava", kind)
     twin = copy.deepcopy(model)

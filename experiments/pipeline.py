@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.errors import InputError
 
 
@@ -68,12 +68,12 @@ def analyze(
 ) -> dict:
     """Run every experiment on ``samples`` and write ``report.html`` / ``report.json`` into ``out_dir``.
 
-    ``samples``: a list of :class:`~vlm_lens.experiments.knowledge_evolution.Sample`, or a dataset source
-    (:mod:`vlm_lens.experiments.datasets`: a manifest, a folder of images, a saved HF dataset). Every sample is
+    ``samples``: a list of :class:`~vlm_lens.experiments.analysis.knowledge_evolution.Sample`, or a dataset source
+    (:mod:`vlm_lens.experiments.runs.datasets`: a manifest, a folder of images, a saved HF dataset). Every sample is
     traced in batches of ``batch_size`` and reduced into the store (``store``, default ``OUT/store``, replaced unless
     ``resume``; an explicit ``store`` that exists needs ``resume`` or ``overwrite``), then the report is computed
-    from the store (:mod:`vlm_lens.experiments.store_report`). ``workers > 0`` shards the samples over Ray actors
-    (:mod:`vlm_lens.experiments.distributed`; ``model`` must then be loadable by name or path).
+    from the store (:mod:`vlm_lens.experiments.runs.store_analysis`). ``workers > 0`` shards the samples over Ray actors
+    (:mod:`vlm_lens.experiments.runs.distributed`; ``model`` must then be loadable by name or path).
 
     ``lens``: a :class:`~vlm_lens.probes.TunedLens`; the ``tuned`` variant is then analysed beside the others.
     ``progress(stage, done, total)`` reports each stage's work (samples traced, skipped generations, ...).
@@ -81,7 +81,10 @@ def analyze(
     """
     from dataclasses import replace
 
-    from vlm_lens.experiments import datasets, store_report, streaming
+    from vlm_lens.experiments.runs import datasets
+    from vlm_lens.experiments.report.build import build as build_report
+    from vlm_lens.experiments.runs import store_analysis
+    from vlm_lens.experiments.runs import streaming
 
     if isinstance(samples, (list, tuple)):
         if not samples:
@@ -100,14 +103,14 @@ def analyze(
     opened = streaming.open_store(store_path, model, samples, settings, tuned_lens=lens, resume=resume, overwrite=overwrite)
     with opened:  # released when the run ends, raise or not: the next run may open the store
         if workers:
-            from vlm_lens.experiments import distributed
+            from vlm_lens.experiments.runs import distributed
 
             distributed.run(model, samples, opened, settings, tuned_lens=lens, batch_size=batch_size, workers=workers,
                             address=ray_address, progress=progress)  # fmt: skip
         else:
             streaming.phase1(model, samples, opened, settings, tuned_lens=lens, batch_size=batch_size, progress=progress)
-            sets = store_report.skip_sets(opened, store_report.aggregate(opened))
+            sets = store_analysis.skip_sets(opened, store_analysis.aggregate(opened))
             if sets is not None:
                 streaming.phase2(model, samples, opened, sets, batch_size=batch_size, progress=progress)
-        return store_report.build(opened, out_dir, variant=variant, png=png, tsne_iter=tsne_iter,
+        return build_report(opened, out_dir, variant=variant, png=png, tsne_iter=tsne_iter,
                                   show_special=show_special, progress=progress)  # fmt: skip

@@ -17,7 +17,7 @@ from vlm_lens.layout import TokenLayout
 from vlm_lens.errors import InputError
 
 # inputs with one entry per sequence position: padded on the right (value), everything else is concatenated
-_PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
+PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
 
 
 @dataclass
@@ -36,10 +36,10 @@ class VLMBatch:
         keys = list(dict.fromkeys(k for s in samples for k in s.model_inputs))  # samples without images lack some
         for key in keys:
             values = [s.model_inputs[key] for s in samples if key in s.model_inputs]
-            if key in _PER_POSITION_PAD:
+            if key in PER_POSITION_PAD:
                 if len(values) != len(samples):
                     raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
-                fill = pad_id if _PER_POSITION_PAD[key] is None else _PER_POSITION_PAD[key]
+                fill = pad_id if PER_POSITION_PAD[key] is None else PER_POSITION_PAD[key]
                 inputs[key] = torch.cat([torch.nn.functional.pad(v, (0, length - v.shape[1]), value=fill) for v in values])
             else:
                 inputs[key] = torch.cat(values)  # pixel_values, image_grid_thw: one row per image (or patch), in order

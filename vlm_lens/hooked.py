@@ -23,6 +23,7 @@ from vlm_lens import inputs as inputs_module
 from vlm_lens import trace as trace_module
 from vlm_lens.adapters import AdapterSpec
 from vlm_lens.batch import VLMBatch
+from vlm_lens.capture import GenerationCapture, TransformerLensCapture, cut_at_eos
 from vlm_lens.cache import VLMCache, resid_names
 from vlm_lens.conventions import TransformerLensNames
 from vlm_lens.inputs import VLMInputs
@@ -34,13 +35,6 @@ from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError, ShapeEr
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 HookFn = Callable[..., Any]
-
-
-def cut_at_eos(ids: Int[Tensor, " step"], eos: int | None) -> Int[Tensor, " step"]:
-    """Generated ids up to and including the first EOS (what follows, in a batch, is padding)."""
-    if eos is not None and bool((ids == eos).any()):
-        ids = ids[: int(torch.nonzero(ids == eos)[0]) + 1]
-    return ids
 
 
 def shape_checked(name, fn: HookFn) -> HookFn:
@@ -82,6 +76,8 @@ class HookedVLM(TransformerLensNames):
         d_model = int(original(get_module(hf_model, adapter.embed_tokens)).weight.shape[1])
         self.unembedder = Unembedder(original(get_module(hf_model, adapter.final_norm)),
                                      original(get_module(hf_model, adapter.lm_head)), d_model)  # fmt: skip
+        # how this backend records a generation (the seam trace / batch_trace use; docs/backends.md)
+        self.capture: GenerationCapture = self.make_capture()
 
     # -- properties -----------------------------------------------------------------------------------------
     @property
@@ -136,9 +132,9 @@ class HookedVLM(TransformerLensNames):
         """Logits and the activations named by ``names_filter`` (all hooks when None: ~2x a forward)."""
         input_ids, kwargs = self._forward_args(inputs)
         if isinstance(names_filter, (list, tuple)):
-            self._check_names(names_filter)
+            self.check_hook_names(names_filter)
         elif isinstance(names_filter, str):
-            self._check_names([names_filter])
+            self.check_hook_names([names_filter])
         with torch.set_grad_enabled(grad):
             logits, cache = self.bridge.run_with_cache(input_ids, names_filter=names_filter, **kwargs)
         if isinstance(inputs, VLMBatch):  # split per sample with cache.sample(i)
@@ -152,7 +148,7 @@ class HookedVLM(TransformerLensNames):
         when a hook raises."""
         input_ids, kwargs = self._forward_args(inputs)
         fwd_hooks = checks.hook_pairs(fwd_hooks)
-        self._check_names([n for n, _ in fwd_hooks if isinstance(n, str)])
+        self.check_hook_names([n for n, _ in fwd_hooks if isinstance(n, str)])
         with torch.set_grad_enabled(grad), self.hooks(fwd_hooks):
             return self.bridge(input_ids, **kwargs)
 
@@ -160,11 +156,12 @@ class HookedVLM(TransformerLensNames):
     def hooks(self, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = ()):
         """Context manager: ``fwd_hooks`` are attached inside the block and removed on exit, raise or not."""
         fwd_hooks = [(name, shape_checked(name, fn)) for name, fn in checks.hook_pairs(fwd_hooks)]
-        self._check_names([n for n, _ in fwd_hooks if isinstance(n, str)])
+        self.check_hook_names([n for n, _ in fwd_hooks if isinstance(n, str)])
         with self.bridge.hooks(fwd_hooks=fwd_hooks):
             yield self
 
-    def _check_names(self, names: Iterable[str]) -> None:
+    def check_hook_names(self, names: Iterable[str]) -> None:
+        """Raise :class:`~vlm_lens.errors.UnknownNameError` (with close matches) for a name this model does not offer."""
         known = set(self.hook_names())  # each backend says which names it offers
         for name in names:
             if name not in known:
@@ -201,9 +198,10 @@ class HookedVLM(TransformerLensNames):
         later forward over the sequence (and fail for want of features). ``stop_at_eos=False`` suppresses EOS too,
         so exactly ``max_new_tokens`` tokens come out (fixed-length benchmarks).
         """
-        return self._generate(inputs, checks.new_tokens(max_new_tokens), stop_at_eos)[0]
+        return self.greedy_generate(inputs, checks.new_tokens(max_new_tokens), stop_at_eos)[0]
 
-    def _suppressed(self, stop_at_eos: bool) -> list[int]:
+    def suppressed_ids(self, stop_at_eos: bool) -> list[int]:
+        """Ids greedy generation never emits: the image/video placeholders, and EOS without ``stop_at_eos``."""
         eos = self.tokenizer.eos_token_id
         return self.placeholder_ids + ([] if stop_at_eos or eos is None else [eos])
 
@@ -220,10 +218,12 @@ class HookedVLM(TransformerLensNames):
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
                     top_k=None, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_token_id,
-                    suppress_tokens=self._suppressed(stop_at_eos), return_dict_in_generate=True,
+                    suppress_tokens=self.suppressed_ids(stop_at_eos), return_dict_in_generate=True,
                     output_logits=with_logits)  # fmt: skip
 
-    def _generate(self, inputs: VLMInputs, max_new_tokens: int, stop_at_eos: bool, with_logits: bool = False):
+    def greedy_generate(self, inputs: VLMInputs, max_new_tokens: int, stop_at_eos: bool, with_logits: bool = False):
+        """``(generated ids, step logits or None)`` of one greedy HF generation (:meth:`greedy_kwargs`): the ids up to
+        and including the first EOS, and with ``with_logits`` the float32 logits that chose each of them."""
         kwargs = self.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits)
         inputs_module.check_positions(self, inputs.input_ids.shape[1], max_new_tokens)
         with torch.no_grad():
@@ -244,10 +244,11 @@ class HookedVLM(TransformerLensNames):
             layout = inputs.layout
         return VLMInputs(model_inputs, layout, inputs.prompt, inputs.n_images, inputs.family, inputs.prepared_by)
 
-    def _capture_generation(self, inputs, names, max_new_tokens: int, stop_at_eos: bool):
-        return trace_module.capture_generation(self, inputs, names, max_new_tokens, stop_at_eos)
+    def make_capture(self) -> GenerationCapture:
+        """This backend's :class:`~vlm_lens.capture.GenerationCapture` (a backend subclass returns its own)."""
+        return TransformerLensCapture(self)
 
-    def _wrapper_hooks_active(self) -> bool:
+    def user_hooks_active(self) -> bool:
         """Whether a user's forward hook sits where unwrapping would skip it: on a hook point, or on a
         TransformerLens wrapper. Hooks on the HF modules themselves keep firing unwrapped, and the libraries' own
         bookkeeping hooks (transformers' output capturing, the bridge's capture wiring) are not the user's."""

@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from vlm_lens.cache import VLMCache
+from vlm_lens.capture import CapturedGeneration, cut_at_eos
 from vlm_lens.hooked import HookedVLM
 from vlm_lens.surgery import get_module
 from vlm_lens.errors import InputTypeError
@@ -79,7 +80,7 @@ class NNsightVLM(HookedVLM):
     def hook_names(self) -> list[str]:
         return list(self.adapter.hook_map(self.n_layers))
 
-    def _wrapper_hooks_active(self) -> bool:
+    def user_hooks_active(self) -> bool:
         return False  # no bridge wrappers: the plain-module capture is always safe
 
     def _ordered(self, names: Iterable[str]) -> list[str]:
@@ -115,7 +116,7 @@ class NNsightVLM(HookedVLM):
             return [n for n in every if names_filter(n)]
         else:
             names = list(names_filter)
-        self._check_names(names)
+        self.check_hook_names(names)
         return names
 
     def run_with_cache(self, inputs, names_filter=None, *, grad: bool = False
@@ -148,7 +149,7 @@ class NNsightVLM(HookedVLM):
         fwd_hooks = list(fwd_hooks)
         if any(not isinstance(name, str) for name, _ in fwd_hooks):
             raise InputTypeError("the nnsight backend takes hooks by name: (hook_name, fn) pairs")
-        self._check_names([name for name, _ in fwd_hooks])
+        self.check_hook_names([name for name, _ in fwd_hooks])
         by_name: dict[str, list[Callable]] = {}
         for name, fn in fwd_hooks:
             by_name.setdefault(name, []).append(fn)
@@ -178,41 +179,8 @@ class NNsightVLM(HookedVLM):
     def __call__(self, inputs, *, grad: bool = False) -> Float[Tensor, "batch pos vocab"]:
         return self.run_with_hooks(inputs, [], grad=grad)
 
-    def _capture_generation(self, inputs, names, max_new_tokens: int, stop_at_eos: bool):
-        """Greedy generation traced by nnsight (``TransformersModel.generate``, iterating ``tracer.iter[:]``): every forward
-        of the decode loop saves the mapped activations of ``names`` and the head's logits. The generated ids are
-        the greedy choices over those logits (placeholders, and EOS when ``stop_at_eos=False``, suppressed), which
-        is what HF's greedy decoding does; generation stops after EOS."""
-        from nnsight.modeling.transformers import TransformersModel
-
-        if getattr(self, "_generator", None) is None:
-            self._generator = TransformersModel(self.hf_model, task="image-text-to-text", processor=self.processor,
-                                                tokenizer=self.tokenizer)  # fmt: skip
-        generator = self._generator
-        from vlm_lens.hooked import cut_at_eos
-
-        kwargs = self.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits=False)
-        kwargs.pop("return_dict_in_generate"), kwargs.pop("output_logits")  # nnsight returns its own tracer
-        suppressed = kwargs["suppress_tokens"]
-        names = self._ordered(names)
-        chunks: dict[str, list] = {name: [] for name in names}
-        head_outputs: list = []
-        with torch.no_grad(), generator.generate(**inputs.model_inputs, **kwargs) as tracer:
-            for _ in tracer.iter[:]:  # every forward of the decode loop (nothing after this loop in the block runs)
-                for name in names:
-                    envoy, side = self._envoy(name, root=generator)
-                    if side == "input":
-                        args, call_kwargs = envoy.inputs
-                        chunks[name].append(args[0] if args else call_kwargs["hidden_states"])
-                    else:
-                        chunks[name].append(_first(envoy.output))
-                head_outputs.append(self._envoy("unembed.hook_out", root=generator)[0].output)
-        step_logits = torch.stack([out[0, -1] for out in head_outputs]).float()
-        masked = step_logits.clone()
-        masked[:, suppressed] = float("-inf")
-        generated = cut_at_eos(masked.argmax(-1), self.tokenizer.eos_token_id)
-        store = {name: [chunk.detach() for chunk in chunks[name]] for name in names}
-        return store, generated.to(self.device), step_logits[: len(generated)]
+    def make_capture(self) -> "NNsightCapture":
+        return NNsightCapture(self)
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[str, Callable]] = ()):
@@ -220,7 +188,7 @@ class NNsightVLM(HookedVLM):
         from vlm_lens.hooked import shape_checked
 
         fwd_hooks = [(name, shape_checked(name, fn)) for name, fn in fwd_hooks]
-        self._check_names([name for name, _ in fwd_hooks])
+        self.check_hook_names([name for name, _ in fwd_hooks])
         points = self.adapter.hook_map(self.n_layers)
         handles = []
         try:
@@ -248,3 +216,49 @@ class NNsightVLM(HookedVLM):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+class NNsightCapture:
+    """Generation capture of the nnsight backend (the :class:`~vlm_lens.capture.GenerationCapture` protocol)."""
+
+    def __init__(self, model: NNsightVLM):
+        self.model = model
+        self.generator = None  # nnsight's TransformersModel over the same HF model, made on first use
+
+    def generation(self, inputs, names, max_new_tokens: int, stop_at_eos: bool) -> CapturedGeneration:
+        """Greedy generation traced by nnsight (``TransformersModel.generate``, iterating ``tracer.iter[:]``): every forward
+        of the decode loop saves the mapped activations of ``names`` and the head's logits. The generated ids are
+        the greedy choices over those logits (placeholders, and EOS when ``stop_at_eos=False``, suppressed), which
+        is what HF's greedy decoding does; generation stops after EOS."""
+        from nnsight.modeling.transformers import TransformersModel
+
+        model = self.model
+        if self.generator is None:
+            self.generator = TransformersModel(model.hf_model, task="image-text-to-text", processor=model.processor,
+                                                tokenizer=model.tokenizer)  # fmt: skip
+        generator = self.generator
+        kwargs = model.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits=False)
+        kwargs.pop("return_dict_in_generate"), kwargs.pop("output_logits")  # nnsight returns its own tracer
+        suppressed = kwargs["suppress_tokens"]
+        names = model._ordered(names)
+        chunks: dict[str, list] = {name: [] for name in names}
+        head_outputs: list = []
+        with torch.no_grad(), generator.generate(**inputs.model_inputs, **kwargs) as tracer:
+            for _ in tracer.iter[:]:  # every forward of the decode loop (nothing after this loop in the block runs)
+                for name in names:
+                    envoy, side = model._envoy(name, root=generator)
+                    if side == "input":
+                        args, call_kwargs = envoy.inputs
+                        chunks[name].append(args[0] if args else call_kwargs["hidden_states"])
+                    else:
+                        chunks[name].append(_first(envoy.output))
+                head_outputs.append(model._envoy("unembed.hook_out", root=generator)[0].output)
+        step_logits = torch.stack([out[0, -1] for out in head_outputs]).float()
+        masked = step_logits.clone()
+        masked[:, suppressed] = float("-inf")
+        generated = cut_at_eos(masked.argmax(-1), model.tokenizer.eos_token_id)
+        store = {name: [chunk.detach() for chunk in chunks[name]] for name in names}
+        return CapturedGeneration(store, generated.to(model.device), step_logits[: len(generated)])
+
+    def generation_batch(self, samples, names, max_new_tokens: int, stop_at_eos: bool) -> None:
+        return None  # nnsight traces one generation at a time: the caller traces the samples one by one

@@ -1,16 +1,16 @@
 """Generation traces: greedy generation with the activations of every processed position recorded as it runs.
 
 :func:`trace_generation` is ``HookedVLM.trace_generation``; :class:`GenerationTrace` carries its model
-(``trace.model``), inputs, generated tokens and cache.
+(``trace.model``), inputs, generated tokens and cache. The recording itself is the backend's
+(``model.capture``, :mod:`vlm_lens.capture`); this module uses only the model's public members.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -21,7 +21,6 @@ from vlm_lens.batch import VLMBatch
 from vlm_lens.cache import VLMCache
 from vlm_lens.inputs import VLMInputs
 from vlm_lens.layout import TokenLayout
-from vlm_lens.surgery import get_module, original, unwrapped
 from vlm_lens.errors import InputError
 
 
@@ -66,8 +65,6 @@ class GenerationTrace:
                 f"cached={len(self.cache)} hooks, capture={self.capture!r}, lens_agrees={bool(self.lens_agrees.all())})")
 
 
-# residual-stream names a plain-HF capture can read (decoder layer inputs/outputs, the final norm's output)
-_PLAIN = re.compile(r"^(blocks\.\d+\.hook_resid_(pre|post)|ln_final\.hook_normalized)$")
 _PER_POSITION = re.compile(
     r"^(hook_embed|embed\.hook_out|ln_final\.hook_(in|normalized|out)|"
     r"blocks\.\d+\.(hook_(in|out|resid_pre|resid_mid|resid_post|attn_out|mlp_out)|ln[12]\.hook_normalized))$"
@@ -104,23 +101,32 @@ def trace_generation(
         capture = "generate" if all(_PER_POSITION.match(n) for n in names) else "reforward"
     if capture not in ("generate", "reforward"):
         raise InputError(f"capture must be 'auto', 'generate' or 'reforward', got {capture!r}")
-    model._check_names(names)
+    model.check_hook_names(names)
     logits = None
     if capture == "generate":
         bad = [n for n in names if not _PER_POSITION.match(n)]
         if bad:
             raise InputError(f"capture='generate' records one vector per position; {bad[:3]} are not: use capture='reforward'")
-        store, generated, step_logits = model._capture_generation(inputs, names, max_new_tokens, stop_at_eos)
+        captured = model.capture.generation(inputs, names, max_new_tokens, stop_at_eos)
+        generated, step_logits = captured.generated, captured.step_logits
         processed = model.extend(inputs, generated[:-1])
-        n_positions = processed.layout.n_positions
-        activations = {n: torch.cat(chunks, dim=1)[:, :n_positions] for n, chunks in store.items()}
-        cache = VLMCache(activations, processed.layout, model)
+        cache = cache_of(captured, processed, model)
     else:
         generated = model.generate_ids(inputs, max_new_tokens, stop_at_eos=stop_at_eos)
         processed = model.extend(inputs, generated[:-1])
         logits, cache = model.run_with_cache(processed, names_filter=names)
         step_logits = None
     return finish_trace(model, inputs, processed, generated, cache, step_logits, logits, capture, stop_at_eos)
+
+
+def cache_of(captured, processed: VLMInputs, model) -> VLMCache:
+    """The cache of a :class:`~vlm_lens.capture.CapturedGeneration`: each name's chunks joined along positions and cut
+    to the positions the generation processed (the prompt and every generated token but the last)."""
+    n_positions = processed.layout.n_positions
+    activations = {n: torch.cat(chunks, dim=1)[:, :n_positions] for n, chunks in captured.chunks.items()}
+    if any(a.shape[1] != n_positions for a in activations.values()):
+        raise RuntimeError(f"the capture recorded fewer than the {n_positions} processed positions")  # a backend bug
+    return VLMCache(activations, processed.layout, model)
 
 
 def finish_trace(model, inputs: VLMInputs, processed: VLMInputs, generated: Int[Tensor, " step"], cache: VLMCache,
@@ -157,64 +163,11 @@ def finish_trace(model, inputs: VLMInputs, processed: VLMInputs, generated: Int[
     )
 
 
-def capture_generation(model, inputs: VLMInputs, names: list[str], max_new_tokens: int, stop_at_eos: bool):
-    """Greedy HF generation with the per-position activations of ``names`` appended chunk by chunk (prefill, then
-    one position per step); returns ``(store, generated ids, step logits)``. The TransformerLens backend's way:
-    torch hooks on the plain modules when only residual values are wanted and no user hook is active, else the
-    bridge's hooks. The nnsight backend overrides ``model._capture_generation`` with nnsight's generation tracing."""
-    from functools import partial
-
-    store: dict[str, list[Tensor]] = {n: [] for n in names}
-
-    def grab(activation, hook, key):
-        store[key].append(activation.detach())
-        return activation
-
-    if all(_PLAIN.match(n) for n in names) and not model._wrapper_hooks_active():
-        # Only residual-stream values are wanted and no user hook must fire: generate through the plain HF
-        # modules (no wrapper dispatch, sdpa attention) and read them with torch hooks (docs/performance.md).
-        capture_context = plain_capture(model, names, store)
-    else:
-        capture_context = model.hooks([(n, partial(grab, key=n)) for n in names])
-    with capture_context:
-        generated, step_logits = model._generate(inputs, max_new_tokens, stop_at_eos, with_logits=True)
-    return store, generated, step_logits
-
-
-@contextlib.contextmanager
-def plain_capture(model, names: Sequence[str], store: dict[str, list[Tensor]]):
-    """Within the block, the HF model runs as plain HF: every TransformerLens wrapper is swapped for the module it
-    wraps, attention is sdpa, and torch hooks append the residual-stream values of ``names`` to ``store``.
-    Everything is put back on exit, also when the block raises."""
-    def keep(key: str, value) -> None:
-        store[key].append((value[0] if isinstance(value, tuple) else value).detach())
-
-    previous = model.hf_model.config._attn_implementation
-    with unwrapped(model.hf_model), contextlib.ExitStack() as cleanup:
-        try:
-            model.hf_model.set_attn_implementation("sdpa")
-            cleanup.callback(model.hf_model.set_attn_implementation, previous)
-        except (ValueError, ImportError):  # an architecture without sdpa: keep its attention, still unwrapped
-            pass
-        points = model.adapter.hook_map(model.n_layers)
-        for name in names:
-            module = original(get_module(model.hf_model, points[name].path))  # the map says where and which side
-            if points[name].side == "output":
-                handle = module.register_forward_hook(lambda m, a, out, key=name: keep(key, out))
-            else:
-                handle = module.register_forward_pre_hook(
-                    lambda m, args, kwargs, key=name: keep(key, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True,
-                )
-            cleanup.callback(handle.remove)
-        yield
-
-
 def lens_agreement(model, cache, step_logits, step_positions, generated, stop_at_eos) -> Tensor:
     last = f"blocks.{model.n_layers - 1}.hook_resid_post"
     if last in cache:
         scores = model.unembed(cache[last][0, step_positions.to(cache[last].device)])
     else:
         scores = step_logits.clone()
-    scores[:, model._suppressed(stop_at_eos)] = float("-inf")  # never generated
+    scores[:, model.suppressed_ids(stop_at_eos)] = float("-inf")  # never generated
     return (scores.argmax(-1).cpu() == generated.cpu())

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 
 def _figure_output(fig) -> dict:
     data = {"application/vnd.plotly.v1+json": json.loads(fig.to_json()), "text/plain": [f"<plotly figure: {fig.layout.title.text}>"]}
-    from vlm_lens.experiments.png_export import export_pngs
+    from vlm_lens.experiments.report.png_export import export_pngs
 
     with tempfile.TemporaryDirectory() as tmp:
         paths, _ = export_pngs(Path(tmp), [fig], ["figure"])

@@ -195,7 +195,7 @@ def test_validate_scores_the_shipped_fixture(tmp_path):
 
 
 def test_manifest_reader_csv_bom_lines_and_relative_paths(tmp_path):
-    from vlm_lens.experiments.manifest import read_manifest
+    from vlm_lens.experiments.runs.manifest import read_manifest
 
     (tmp_path / "imgs").mkdir()
     testing.sample_image(1, 32).save(tmp_path / "imgs" / "a.png")

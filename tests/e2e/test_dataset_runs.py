@@ -19,10 +19,11 @@ import torch
 from conftest import embedded
 from typer.testing import CliRunner
 
-from vlm_lens.experiments import knowledge_evolution as ke
-from vlm_lens.experiments import pipeline, store_report
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
+from vlm_lens.experiments import pipeline
+from vlm_lens.experiments.runs import store_analysis as store_report
 from vlm_lens.experiments.cli import app
-from vlm_lens.experiments.store import Store, StoreError
+from vlm_lens.experiments.runs.store import Store, StoreError
 
 MODEL = "shapes-llava-prior"
 VLM_LENS = [str(Path(sys.executable).parent / "vlm-lens")]  # the installed console script
@@ -119,7 +120,7 @@ def test_batched_store_equals_one_at_a_time(streamed, tmp_path):
 
 
 def test_feature_clusters_from_the_store_equal_the_trace_path(streamed):
-    from vlm_lens.experiments import feature_clusters
+    from vlm_lens.experiments.analysis import feature_clusters
 
     model, samples, out, result, live = streamed
     stored = result["data"]["feature_clusters"]
@@ -234,7 +235,8 @@ def test_sigkill_mid_run_then_resume(tmp_path):
 
 
 def test_store_refuses_another_model(tmp_path):
-    from vlm_lens.experiments import datasets, streaming
+    from vlm_lens.experiments.runs import datasets
+    from vlm_lens.experiments.runs import streaming
 
     source = datasets.from_manifest(write_manifest(tmp_path, 2))
     settings = streaming.StreamSettings()
@@ -320,7 +322,7 @@ def test_no_ray_import_without_workers(tmp_path):
 
 
 def test_default_threads_leave_busy_cores_alone():
-    from vlm_lens.experiments.cli_analyze import default_threads
+    from vlm_lens.experiments.cli.analyze import default_threads
 
     cores = len(os.sched_getaffinity(0))
     assert 1 <= default_threads() <= cores
@@ -329,7 +331,7 @@ def test_default_threads_leave_busy_cores_alone():
 def test_a_second_run_cannot_write_a_store_being_written(tmp_path):
     """Two runs sharing --out would delete or mix into each other's shards: the second is refused while the first
     holds the store, and may go on once it is released."""
-    code = ("import sys, time; from vlm_lens.experiments.store import Store;"
+    code = ("import sys, time; from vlm_lens.experiments.runs.store import Store;"
             "s = Store.create(sys.argv[1], {'name': 'm'}, {}, {'fingerprint': 'f'}); print('HELD', flush=True); time.sleep(60)")  # fmt: skip
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store")], stdout=subprocess.PIPE, text=True)
     try:

@@ -23,7 +23,10 @@ from test_dataset_runs import MODEL, _close, numeric_equal, write_manifest  # no
 
 from typer.testing import CliRunner  # noqa: E402
 
-from vlm_lens.experiments import datasets, pipeline, store_report, streaming  # noqa: E402
+from vlm_lens.experiments.runs import datasets
+from vlm_lens.experiments import pipeline
+from vlm_lens.experiments.runs import store_analysis as store_report
+from vlm_lens.experiments.runs import streaming# noqa: E402
 from vlm_lens.experiments.cli import app  # noqa: E402
 
 
@@ -34,7 +37,7 @@ def _free_port() -> int:
 
 
 def test_two_workers_equal_one_process_and_survive_a_killed_worker(tmp_path):
-    from vlm_lens.experiments import distributed
+    from vlm_lens.experiments.runs import distributed
 
     model = embedded(MODEL)
     source = datasets.from_manifest(write_manifest(tmp_path, 8))

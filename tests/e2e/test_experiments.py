@@ -7,11 +7,12 @@ import subprocess
 
 import pytest
 
-from vlm_lens.experiments import evidence as ev
-from vlm_lens.experiments import hallucination, layer_skip
-from vlm_lens.experiments import knowledge_evolution as ke
-from vlm_lens.experiments import charts as C
-from vlm_lens.experiments import report as R
+from vlm_lens.experiments.analysis import evidence as ev
+from vlm_lens.experiments.analysis import hallucination
+from vlm_lens.experiments.analysis import layer_skip
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
+from vlm_lens.experiments.report import charts as C
+from vlm_lens.experiments.report import page as R
 from vlm_lens.experiments.pipeline import analyze
 from vlm_lens import testing
 
@@ -220,7 +221,7 @@ def test_clean_model_reports_no_mutation_stage(tmp_path):
 
 
 def test_compare_aligns_layers_by_relative_depth(tiny_llava, tiny_qwen25):
-    from vlm_lens.experiments import compare
+    from vlm_lens.experiments.analysis import compare
 
     samples = [ke.Sample(testing.sample_image(1, 32), "what color is the star ?", None, "s1")]
     config = ke.EvolutionConfig(max_new_tokens=3, detection=ev.DetectionConfig(establish_prob=1e-6))  # random models
@@ -255,7 +256,7 @@ def test_stage_chart_on_a_log_axis_keeps_its_markers():
 
 
 def test_hallucination_reuses_the_analysis_and_agrees_with_a_fresh_pass(embedded_report):
-    from vlm_lens.experiments import hallucination
+    from vlm_lens.experiments.analysis import hallucination
     from vlm_lens.experiments.pipeline import default_samples
 
     model, result, _ = embedded_report

@@ -24,7 +24,7 @@ def run(args, cwd):
 
 def test_a_users_experiments_folder_and_probes_py_do_not_shadow_ours(tmp_path):
     folder = research_folder(tmp_path / "research")
-    api = run(["-c", "from vlm_lens.experiments import knowledge_evolution as ke; from vlm_lens.probes import "
+    api = run(["-c", "from vlm_lens.experiments.analysis import knowledge_evolution as ke; from vlm_lens.probes import "
                      "LogitLensProbe; import vlm_lens.experiments, vlm_lens.probes, pathlib; "
                      "print(pathlib.Path(vlm_lens.probes.__file__).parent.name, ke.EvolutionConfig().variants)"], folder)  # fmt: skip
     assert api.returncode == 0, api.stderr

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from vlm_lens.experiments import png_export
+from vlm_lens.experiments.report import png_export
 
 EXPORT_ONE = textwrap.dedent(
     """
     import sys, plotly.graph_objects as go
     from pathlib import Path
-    from vlm_lens.experiments.png_export import export_pngs
+    from vlm_lens.experiments.report.png_export import export_pngs
     paths, notice = export_pngs(Path(sys.argv[1]), [go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))], timeout=float(sys.argv[2]))
     print("PATHS", paths)
     print("NOTICE", notice)

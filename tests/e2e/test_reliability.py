@@ -95,12 +95,12 @@ def test_cli_bad_input_exits_2_with_one_line(name, files):
 
 
 def test_a_failed_run_exits_1_and_debug_shows_the_traceback(monkeypatch, tmp_path):
-    from vlm_lens.experiments import store_report
+    from vlm_lens.experiments.report import build as report_build
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(store_report, "build", broken)
+    monkeypatch.setattr(report_build, "build", broken)
     args = ["analyze", "--model", MODEL, "--out", str(tmp_path), "--no-png", "--no-skip-sweep"]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 1 and "the run failed: RuntimeError: disk on fire" in run.output and "--debug" in run.output
@@ -165,7 +165,7 @@ def _pair(out: Path) -> tuple[str, str]:
 WRITER = r"""
 import sys, time
 from pathlib import Path
-from vlm_lens.experiments import report as R
+from vlm_lens.experiments.report import page as R
 out, rounds, slow = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "slow"
 R.write_report(out, "first", [], {"n": 0}, png=False)
 if slow:  # stall between the two files of the second pair, so a SIGINT lands mid-pair

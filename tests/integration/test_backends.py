@@ -43,7 +43,7 @@ def test_traces_probes_patching_and_skipping_are_equal(tiny_family):
     inputs = tl.prepare(tiny_family.image, PROMPT)
     trace_tl, trace_nn = tl.trace_generation(inputs, max_new_tokens=5), nn.trace_generation(inputs, max_new_tokens=5)
     assert trace_nn.generated_ids.tolist() == trace_tl.generated_ids.tolist() and bool(trace_nn.lens_agrees.all())
-    assert trace_nn.capture == "generate" and nn._generator is not None  # recorded by nnsight's generation tracing
+    assert trace_nn.capture == "generate" and nn.capture.generator is not None  # recorded by nnsight's generation tracing
     torch.testing.assert_close(trace_nn.step_logits, trace_tl.step_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(trace_nn.cache.resid_stack(), trace_tl.cache.resid_stack(), atol=1e-5, rtol=1e-5)
     lens_tl, lens_nn = LogitLensProbe(positions="all")(trace_tl), LogitLensProbe(positions="all")(trace_nn)

@@ -179,13 +179,13 @@ def test_plain_capture_puts_the_bridge_back_and_defers_to_user_hooks(tiny_llava,
 
     before, attention = tree(), model.hf_model.config._attn_implementation
     seen = []
-    original_generate = model._generate
+    original_generate = model.greedy_generate
 
     def spying_generate(*args, **kwargs):
         seen.append((type(_layer0(model)).__name__, model.hf_model.config._attn_implementation))
         return original_generate(*args, **kwargs)
 
-    monkeypatch.setattr(model, "_generate", spying_generate)
+    monkeypatch.setattr(model, "greedy_generate", spying_generate)
     model.trace_generation(inputs, max_new_tokens=3)
     assert seen[-1] == ("LlamaDecoderLayer", "sdpa")
     assert tree() == before and model.hf_model.config._attn_implementation == attention
@@ -193,11 +193,11 @@ def test_plain_capture_puts_the_bridge_back_and_defers_to_user_hooks(tiny_llava,
     def failing_generate(*args, **kwargs):
         raise RuntimeError("generation failure")
 
-    monkeypatch.setattr(model, "_generate", failing_generate)
+    monkeypatch.setattr(model, "greedy_generate", failing_generate)
     with pytest.raises(RuntimeError, match="generation failure"):
         model.trace_generation(inputs, max_new_tokens=3)
     assert tree() == before and model.hf_model.config._attn_implementation == attention
-    monkeypatch.setattr(model, "_generate", spying_generate)
+    monkeypatch.setattr(model, "greedy_generate", spying_generate)
 
     calls = []
 

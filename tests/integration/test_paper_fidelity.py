@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_lens.experiments import feature_clusters
+from vlm_lens.experiments.analysis import feature_clusters
 from vlm_lens.probes import DistributionShift, FeatureProjection, LogitLensProbe, TokenTrajectory
 from vlm_lens.probes.base import as_source
 from vlm_lens.probes.lens_probes import late_layers

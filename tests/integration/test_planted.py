@@ -10,8 +10,8 @@ import pytest
 
 import vlm_lens
 from conftest import embedded
-from vlm_lens.experiments import validation
-from vlm_lens.experiments.tuned_lens import kl_per_layer
+from vlm_lens.experiments.analysis import validation
+from vlm_lens.experiments.analysis.tuned_lens import kl_per_layer
 from vlm_lens.probes import TunedLens
 from vlm_lens import zoo
 from vlm_lens.zoo import planted

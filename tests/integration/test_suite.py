@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import vlm_lens
-from vlm_lens.experiments import evidence as ev
-from vlm_lens.experiments import suite_validation as sv
+from vlm_lens.experiments.analysis import evidence as ev
+from vlm_lens.experiments.analysis import suite_validation as sv
 from vlm_lens.experiments.cli import app
-from vlm_lens.experiments.confirmation import SkipConfirmer
+from vlm_lens.experiments.analysis.confirmation import SkipConfirmer
 from vlm_lens.zoo import suite
 
 runner = CliRunner()
@@ -111,7 +111,7 @@ def test_a_window_reaching_the_last_layer_does_not_confirm_a_one_layer_lead(monk
 
 
 def test_the_causal_tests_confirm_a_planted_overturn(tmp_path):
-    from vlm_lens.experiments.knowledge_evolution import token_evidence
+    from vlm_lens.experiments.analysis.knowledge_evolution import token_evidence
     from vlm_lens.zoo import planted
 
     model = vlm_lens.load(str(suite.materialize("llava-end", tmp_path)))

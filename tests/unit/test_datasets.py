@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlm_lens.experiments import datasets as D
-from vlm_lens.experiments.knowledge_evolution import Sample
+from vlm_lens.experiments.runs import datasets as D
+from vlm_lens.experiments.analysis.knowledge_evolution import Sample
 
 COLORS = ("red", "green", "blue", "yellow", "white", "black")
 
@@ -158,7 +158,7 @@ def test_manifest_fingerprint_follows_the_bytes(tmp_path):
 
 
 def test_read_manifest_stays_compatible(tmp_path):
-    from vlm_lens.experiments.manifest import read_manifest
+    from vlm_lens.experiments.runs.manifest import read_manifest
 
     image(tmp_path / "imgs" / "a.png")
     manifest = jsonl(tmp_path / "m.jsonl", {"image": "imgs/a.png", "question": "q", "answer": "red"})

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vlm_lens.experiments import evidence as ev
+from vlm_lens.experiments.analysis import evidence as ev
 
 # stack layers 0..8; token ids: 1 = the true answer, 2 = the prior word, 3 = an early default, 9 = the embedding copy
 TRUE, PRIOR, EARLY, COPY = 1, 2, 3, 9
@@ -144,7 +144,7 @@ def test_detection_config_rejects_bad_thresholds(kwargs, message):
 
 
 def test_position_reservoir_is_bounded_and_uniform():
-    from vlm_lens.experiments.tuned_lens import PositionReservoir
+    from vlm_lens.experiments.analysis.tuned_lens import PositionReservoir
 
     reservoir = PositionReservoir(budget=50, seed=0)
     for chunk in range(40):  # 40 stacks of 25 positions: 1000 positions, each tagged with its index

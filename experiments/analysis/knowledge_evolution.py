@@ -2,7 +2,7 @@
 
 For every generated token of every sample and every lens variant (``correct``, ``paper``, and ``tuned`` when a tuned
 lens is given), one streaming lens pass gives the top-1 token at each stack layer (0 = embeddings, n = output) and
-the probability curve of every token that is top-1 somewhere. :mod:`vlm_lens.experiments.evidence` then finds
+the probability curve of every token that is top-1 somewhere. :mod:`vlm_lens.experiments.analysis.evidence` then finds
 
 - a **mutation event** when an established answer (top-1 for >= ``min_run`` layers, p >= ``establish_prob``, emerged
   from p < ``emerge_below``) is overturned before the output; its layer is where the leader loses the top-1;
@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from vlm_lens.experiments import evidence as ev
-from vlm_lens.experiments.confirmation import SkipConfirmer
+from vlm_lens.experiments.analysis import evidence as ev
+from vlm_lens.experiments.analysis.confirmation import SkipConfirmer
 from vlm_lens.probes import DistributionShift, LogitLensProbe, TunedLensProbe
 from vlm_lens.probes.lens_probes import late_layers
 from vlm_lens.probes.result import ProbeResult
@@ -134,7 +134,7 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
                   config: ev.DetectionConfig = ev.DetectionConfig(), confirm=None, lens_of=None) -> list[TokenEvolution]:  # fmt: skip
     """Per-token evidence from one lens result (``LogitLensProbe(..., candidates=every layer)``).
 
-    ``confirm``: the causal test of candidates (a :class:`~vlm_lens.experiments.confirmation.SkipConfirmer` of the
+    ``confirm``: the causal test of candidates (a :class:`~vlm_lens.experiments.analysis.confirmation.SkipConfirmer` of the
     trace), required when ``config.confirm`` is on; ``lens_of``: the lens ``lens`` was read with (the grounding test
     reads the blank-image run through it)."""
     if config.confirm and confirm is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
 
 
 def relative(layer: float | None, n_layers: int) -> float | None:

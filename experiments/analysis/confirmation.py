@@ -1,9 +1,9 @@
 """Causal confirmation of candidate mutation events: skip the layers that overturned the leader, see if it comes back.
 
-A candidate (:func:`vlm_lens.experiments.evidence.mutation_event`) says, from the lens alone, that token v led from
+A candidate (:func:`vlm_lens.experiments.analysis.evidence.mutation_event`) says, from the lens alone, that token v led from
 layer s to e and lost the top-1 at stack layer m = e + 1. The test: run the traced sequence again (teacher-forced: the
 prompt and the tokens generated before the step, exactly as in the trace) with decoder layers W skipped, for each
-window W of :func:`~vlm_lens.experiments.evidence.confirmation_windows`, and read the model's output at that step.
+window W of :func:`~vlm_lens.experiments.analysis.evidence.confirmation_windows`, and read the model's output at that step.
 The candidate is **confirmed** when some window makes v the output (the argmax over the vocabulary, placeholder ids
 excluded, as generation does); it is **refuted** otherwise. A window that reaches the last decoder layer proves nothing
 by itself: nothing runs after it, so the output *is* the lens at the leader's last layer (exactly, for the correct
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_lens.experiments import evidence as ev
+from vlm_lens.experiments.analysis import evidence as ev
 from vlm_lens.probes.interventions import skip_layer_hooks
 
 

@@ -2,7 +2,7 @@
 
 Phase 1 (per sample, batched generation): the traced generation, the knowledge-evolution evidence for every lens
 variant, the hallucination curves, the answer-position states and (with the sweep) every single-layer skip — all
-reduced to rows (:mod:`vlm_lens.experiments.reduce`) and written as one shard per batch. Nothing of a sample stays
+reduced to rows (:mod:`vlm_lens.experiments.runs.reduce`) and written as one shard per batch. Nothing of a sample stays
 in memory after its shard is written, so memory is flat in the number of samples.
 
 Phase 2 (after phase 1, because the skip sets come from the stages of the whole run): skip.1/2/3 on each sample,
@@ -15,11 +15,11 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
-from vlm_lens.experiments import hallucination as hal
-from vlm_lens.experiments import knowledge_evolution as ke
-from vlm_lens.experiments import reduce as rd
-from vlm_lens.experiments.identity import fingerprint, model_identity
-from vlm_lens.experiments.store import Store
+from vlm_lens.experiments.analysis import hallucination as hal
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
+from vlm_lens.experiments.runs import reduce as rd
+from vlm_lens.experiments.runs.identity import fingerprint, model_identity
+from vlm_lens.experiments.runs.store import Store
 
 Progress = Callable[[str, int, int], None]
 

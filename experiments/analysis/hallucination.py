@@ -2,7 +2,7 @@
 
 At the generation step where the model emitted ``wrong`` (by default the first step whose token differs from the
 reference answer's), the lens gives the per-layer probabilities of the reference token and the emitted one, and the
-evidence of :mod:`vlm_lens.experiments.evidence` at that step: the **pre-mutation leader** (the established answer that deep
+evidence of :mod:`vlm_lens.experiments.analysis.evidence` at that step: the **pre-mutation leader** (the established answer that deep
 layers overturned; None without a mutation event) and the **mutation layer** where it lost the top-1. The
 **reversal layer** is the first stack layer from which ``wrong`` stays above ``correct`` to the end.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from vlm_lens.probes import DistributionShift, TokenTrajectory
 
-from vlm_lens.experiments import evidence as ev
-from vlm_lens.experiments.confirmation import SkipConfirmer
-from vlm_lens.experiments.knowledge_evolution import lens_probe, detect_tokens
+from vlm_lens.experiments.analysis import evidence as ev
+from vlm_lens.experiments.analysis.confirmation import SkipConfirmer
+from vlm_lens.experiments.analysis.knowledge_evolution import lens_probe, detect_tokens
 from vlm_lens.errors import InputError
 
 
@@ -36,7 +36,7 @@ def analyze(trace, correct: str, wrong: str | None = None, step: int | None = No
             tuned_lens=None, config: ev.DetectionConfig = ev.DetectionConfig(), evolution=None) -> dict:  # fmt: skip
     """Evidence and curves of ``correct`` (the reference) vs ``wrong`` (default: the emitted token) at ``step``.
 
-    ``evolution``: the trace's :class:`~vlm_lens.experiments.knowledge_evolution.SampleEvolution`, when the
+    ``evolution``: the trace's :class:`~vlm_lens.experiments.analysis.knowledge_evolution.SampleEvolution`, when the
     analysis already ran; its per-token evidence is reused instead of a second lens pass."""
     model = trace.model
     correct_token = token_string(model, correct)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from vlm_lens.atomic import write_file
-from vlm_lens.experiments.identity import differences
+from vlm_lens.experiments.runs.identity import differences
 from vlm_lens.errors import InputError
 
 FORMAT = 1

@@ -8,12 +8,11 @@ from typing import List, Optional
 
 import typer
 
-from vlm_lens.experiments.outputs import check_output
+from vlm_lens.experiments.cli.outputs import check_output
 
-from vlm_lens.experiments.cli import Variant, _fail, _fmt, _image_paths, _load, _samples, _tuned_lens, app
+from vlm_lens.experiments.cli.common import Variant, fail, fmt, image_paths, load_model, samples_for, tuned_lens_from
 
 
-@app.command("tune-lens")
 def tune_lens(
     out: Path = typer.Option(..., help="folder for the trained lens"),
     model: Optional[str] = typer.Option(None),
@@ -32,41 +31,41 @@ def tune_lens(
     from rich.console import Console
     from rich.table import Table
 
-    from vlm_lens.experiments import tuned_lens as T
+    from vlm_lens.experiments.analysis import tuned_lens as T
 
     if not 0.0 < held_out < 1.0:
-        _fail(f"--held-out must be a share in (0, 1), got {held_out}")
+        fail(f"--held-out must be a share in (0, 1), got {held_out}")
     if not (lr > 0 and lr != float("inf")):
-        _fail(f"--lr must be a positive learning rate, got {lr}")
+        fail(f"--lr must be a positive learning rate, got {lr}")
     if manifest is not None and image:
-        _fail("give either --manifest or --image, not both")
+        fail("give either --manifest or --image, not both")
     if questions is not None and (manifest is not None or image):
-        _fail("--questions draws shapes-world questions; with --manifest or --image the pairs are yours: drop --questions")
+        fail("--questions draws shapes-world questions; with --manifest or --image the pairs are yours: drop --questions")
     if prompt is not None and not image:
-        _fail("--prompt is the question asked of every --image: add --image FILE_OR_DIR (a manifest has its own questions)")
+        fail("--prompt is the question asked of every --image: add --image FILE_OR_DIR (a manifest has its own questions)")
     check_output(out, "--out")
-    paths = _image_paths(image)
-    vlm = _load(model)
+    paths = image_paths(image)
+    vlm = load_model(model)
     if manifest is not None:
-        from vlm_lens.experiments.manifest import read_manifest
+        from vlm_lens.experiments.runs.manifest import read_manifest
 
         try:
             samples = read_manifest(manifest)
         except (FileNotFoundError, ValueError) as error:
-            _fail(str(error))
+            fail(str(error))
     elif paths:
-        samples = _samples(vlm, paths, prompt)
+        samples = samples_for(vlm, paths, prompt)
     elif "shapes" in vlm.name:
         samples = T.shapes_questions(questions or 400)
     else:
-        _fail("tune-lens needs training data: --manifest FILE, or --image DIR --prompt TEXT")
+        fail("tune-lens needs training data: --manifest FILE, or --image DIR --prompt TEXT")
     console = Console()
     try:
         result = T.train(vlm, samples, held_out=held_out, max_new_tokens=max_new_tokens, steps=steps, lr=lr,
                          max_positions=max_positions,
                          progress=lambda message: console.print(f"[dim]{message}"))  # fmt: skip
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
     result["lens"].save(out)
     table = Table(title=f"held-out KL(final || lens) per layer · {vlm.name} · {result['held_out_pairs']} pairs")
     for col in ("layer", "logit lens", "tuned lens"):
@@ -78,7 +77,6 @@ def tune_lens(
                   f"on {result['train_pairs']} pairs; saved to {out}")  # fmt: skip
 
 
-@app.command()
 def validate(
     planted: str = typer.Option("shapes-llava-prior", help="a model made by `vlm-lens zoo plant` (name or folder)"),
     base: str = typer.Option("shapes-llava", help="its clean twin"),
@@ -95,37 +93,37 @@ def validate(
     """Score mutation detection against a planted prior: recall in the block, false alarms on the clean twin, skips."""
     from rich.console import Console
 
-    from vlm_lens.experiments import validation
+    from vlm_lens.experiments.analysis import validation
 
     variant = variant.value
     check_output(out, "--out", folder=False)
     if suite or split or fixture or suite_dir:
         if not suite:
-            _fail("--split, --fixture and --suite-dir choose what --suite scores: add --suite")
+            fail("--split, --fixture and --suite-dir choose what --suite scores: add --suite")
         _validate_suite(n, variant, out, split, fixture, suite_dir)
         return
-    planted_model, base_model = _load(planted), _load(base)
-    tuned = _tuned_lens(planted_model, None) if variant == "tuned" else None
-    base_tuned = _tuned_lens(base_model, None) if variant == "tuned" else None
+    planted_model, base_model = load_model(planted), load_model(base)
+    tuned = tuned_lens_from(planted_model, None) if variant == "tuned" else None
+    base_tuned = tuned_lens_from(base_model, None) if variant == "tuned" else None
     try:
         report = validation.validate(planted_model, base_model, n=n, variant=variant, tuned_lens=tuned,
                                      base_tuned_lens=base_tuned)  # fmt: skip
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
     skip = report["skip"] or {}
     lines = [
         f"{report['planted_model']} ({variant} lens): trigger {report['trigger']}, block decoder layers "
         f"{report['block_decoder_layers']} (stack {report['block_stack_layers']})",
         f"hallucinated {report['hallucinated']}/{report['counter_prior_questions']} counter-prior questions; "
-        f"event in the block {_fmt(report['recall_in_block'])}, leader = true answer {_fmt(report['leader_is_true_answer'])}, "
+        f"event in the block {fmt(report['recall_in_block'])}, leader = true answer {fmt(report['leader_is_true_answer'])}, "
         f"event layers {sorted(set(report['event_layers']))}",
-        f"false alarms: base clean {_fmt(report['false_alarms_base_clean'])} ({report['base_clean_questions']} questions), "
-        f"base counter-prior {_fmt(report['false_alarms_base_counter_prior'])}, planted untriggered "
-        f"{_fmt(report['false_alarms_planted_untriggered'])}",
+        f"false alarms: base clean {fmt(report['false_alarms_base_clean'])} ({report['base_clean_questions']} questions), "
+        f"base counter-prior {fmt(report['false_alarms_base_counter_prior'])}, planted untriggered "
+        f"{fmt(report['false_alarms_planted_untriggered'])}",
     ]  # fmt: skip
     for name, row in skip.items():
-        lines.append(f"{name} skips decoder layers {row['skipped_layers']}: restored {_fmt(row['restored_true_answer'])}, "
-                     f"changed {_fmt(row['changed_answer'])}")  # fmt: skip
+        lines.append(f"{name} skips decoder layers {row['skipped_layers']}: restored {fmt(row['restored_true_answer'])}, "
+                     f"changed {fmt(row['changed_answer'])}")  # fmt: skip
     Console().print("\n".join(lines))
     if out:
         from vlm_lens.atomic import write_file as atomic_write
@@ -135,19 +133,19 @@ def validate(
 
 def _validate_suite(n: int, variant: str, out: Optional[Path], split: Optional[str], names: Optional[List[str]],
                     suite_dir: Optional[Path]) -> None:  # fmt: skip
-    from vlm_lens.experiments import suite_validation as sv
+    from vlm_lens.experiments.analysis import suite_validation as sv
     from vlm_lens.zoo import suite
 
     if variant == "tuned":
-        _fail("--suite scores the logit lens (correct or paper): the fixtures ship no tuned lenses")
+        fail("--suite scores the logit lens (correct or paper): the fixtures ship no tuned lenses")
     if split is not None and split not in suite.SPLIT:
-        _fail(f"--split must be one of {sorted(suite.SPLIT)}, got {split!r}")
+        fail(f"--split must be one of {sorted(suite.SPLIT)}, got {split!r}")
     chosen = [f.name for f in suite.fixtures(split)]
     for name in names or []:
         suite.fixture(name)  # unknown names: one clear line, exit 2
     chosen = [x for x in chosen if not names or x in names]
     if not chosen:
-        _fail(f"no fixture is both in --split {split} and among --fixture {names}")
+        fail(f"no fixture is both in --split {split} and among --fixture {names}")
     for name in chosen:
         suite.fixture_source(name, suite_dir)  # every fixture present before anything runs
     typer.echo(f"scoring {len(chosen)} fixtures, {n} counter-prior and {n} clean questions each ({variant} lens)")

@@ -4,7 +4,7 @@ kaleido 1.x drives a headless Chromium (through choreographer). Left alone, Chro
 prefetch, component and safe-browsing updates, variations, metrics, optimization hints) open outbound connections,
 and when the browser fails to start kaleido's threads can keep the Python process alive. So the export
 
-- runs in a **child process** (``python -m vlm_lens.experiments.png_export``) in a session of its own: whatever happens to the
+- runs in a **child process** (``python -m vlm_lens.experiments.report.png_export``) in a session of its own: whatever happens to the
   browser there, this process only waits for the child, with a deadline, and then kills its whole process group;
 - launches Chromium through a small **wrapper script** that adds :data:`OFFLINE_FLAGS` (background networking off,
   every host name resolved to "not found" inside the browser and every request sent to a closed loopback proxy, so
@@ -161,7 +161,7 @@ def _run_child(staging: Path, browser: str, prefix: list[str], figures: list, pa
         (folder / "job.json").write_text(json.dumps(job))
         # TMPDIR inside our temporary folder: the browser profile choreographer creates goes when the folder goes
         child = subprocess.Popen(
-            [sys.executable, "-m", "vlm_lens.experiments.png_export", str(folder / "job.json")],
+            [sys.executable, "-m", "vlm_lens.experiments.report.png_export", str(folder / "job.json")],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, "TMPDIR": tmp},
         )  # fmt: skip
         try:

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from vlm_lens.experiments.knowledge_evolution import SampleEvolution, TokenEvolution
-from vlm_lens.experiments.layer_skip import skip_summary
+from vlm_lens.experiments.analysis.knowledge_evolution import SampleEvolution, TokenEvolution
+from vlm_lens.experiments.analysis.layer_skip import skip_summary
 from vlm_lens.probes import LayerSkip
 from vlm_lens.probes.geometry import FeatureProjection, paper_states
 

@@ -9,10 +9,10 @@ from typing import List, Optional
 
 import typer
 
-from vlm_lens.experiments.outputs import check_output
+from vlm_lens.experiments.cli.outputs import check_output
 
-from vlm_lens.experiments.cli import (LensKind, Variant, _fail, _image_paths, _load, _progress, _samples, _tuned_lens,
-                                      app, stage_summary, _fmt)  # fmt: skip
+from vlm_lens.experiments.cli.common import (LensKind, Variant, fail, fmt, image_paths, load_model, progress_bar,
+                                             samples_for, stage_summary, tuned_lens_from)  # fmt: skip
 
 
 def default_threads() -> int:
@@ -32,7 +32,6 @@ def set_threads(threads: Optional[int]) -> int:
     return chosen
 
 
-@app.command()
 def analyze(
     model: Optional[str] = typer.Option(None, help="embedded name, checkpoint folder, or cached model id "
                                         "(default: shapes-llava-prior, the embedded model with a planted prior)"),
@@ -67,39 +66,39 @@ def analyze(
     """Trace, detect critical layers and mutation events, skip layers, cluster features; write report.html + .json."""
     from rich.console import Console
 
-    from vlm_lens.experiments.evidence import DetectionConfig
-    from vlm_lens.experiments.knowledge_evolution import EvolutionConfig
+    from vlm_lens.experiments.analysis.evidence import DetectionConfig
+    from vlm_lens.experiments.analysis.knowledge_evolution import EvolutionConfig
     from vlm_lens.experiments.pipeline import DEFAULT_ANALYSIS_MODEL
     from vlm_lens.experiments.pipeline import analyze as run_analysis
 
     if tuned_lens is not None:
         lens = LensKind.tuned  # a lens folder asks for the tuned lens
         if not (tuned_lens / "lens.json").exists():
-            _fail(f"--tuned-lens {tuned_lens} holds no lens.json: train one with `vlm-lens tune-lens --out DIR`")
+            fail(f"--tuned-lens {tuned_lens} holds no lens.json: train one with `vlm-lens tune-lens --out DIR`")
     if variant == Variant.tuned and lens != LensKind.tuned:
-        _fail("--variant tuned shows the tuned lens: add --lens tuned")
+        fail("--variant tuned shows the tuned lens: add --lens tuned")
     if threshold <= 0:
-        _fail("--threshold must be > 0 (the probability an answer must reach to count as established)")
+        fail("--threshold must be > 0 (the probability an answer must reach to count as established)")
     check_output(out, "--out")
     check_output(store, "--store")
     sources = [name for name, given in (("--manifest", manifest), ("--dataset", dataset), ("--image", image)) if given]
     if len(sources) > 1:
-        _fail(f"{' and '.join(sources)} both name the samples: pass one of --manifest, --dataset, --image")
+        fail(f"{' and '.join(sources)} both name the samples: pass one of --manifest, --dataset, --image")
     if workers and ray_address is None and workers > 64:
-        _fail(f"--workers {workers}: a local Ray cluster runs at most 64 workers; pass --ray-address for a cluster")
+        fail(f"--workers {workers}: a local Ray cluster runs at most 64 workers; pass --ray-address for a cluster")
     if resume and overwrite:
-        _fail("--resume continues a store and --overwrite starts it afresh: pass one")
+        fail("--resume continues a store and --overwrite starts it afresh: pass one")
     if store is not None and store.exists() and not store.is_dir():
-        _fail(f"--store {store} is a file: name a folder for the run store")
+        fail(f"--store {store} is a file: name a folder for the run store")
     source = _source(manifest, dataset, image, prompt, skip_bad, image_column, question_column, answer_column, split)
     set_threads(threads)
     console = Console()
-    vlm = _load(model or DEFAULT_ANALYSIS_MODEL)
-    tuned = _tuned_lens(vlm, tuned_lens) if lens == LensKind.tuned else None
-    samples = source if source is not None else _samples(vlm, [], prompt)
+    vlm = load_model(model or DEFAULT_ANALYSIS_MODEL)
+    tuned = tuned_lens_from(vlm, tuned_lens) if lens == LensKind.tuned else None
+    samples = source if source is not None else samples_for(vlm, [], prompt)
     variants = ("correct", "paper") + (("tuned",) if tuned is not None else ())
     config = EvolutionConfig(DetectionConfig(establish_prob=threshold), variants, max_new_tokens)
-    bar, update = _progress(console)
+    bar, update = progress_bar(console)
     try:
         with bar:
             result = run_analysis(vlm, samples, out, config=config, variant=variant.value, lens=tuned, png=png,
@@ -107,7 +106,7 @@ def analyze(
                                   resume=resume, overwrite=overwrite or None, batch_size=batch_size,
                                   skip_bad=skip_bad, workers=workers, ray_address=ray_address)  # fmt: skip
     except ImportError as error:  # bad input (VLMLensError) and failed runs are mapped by the command group
-        _fail(f"{error}: --workers needs Ray, pip install 'vlm-lens[distributed]'")
+        fail(f"{error}: --workers needs Ray, pip install 'vlm-lens[distributed]'")
     _print_result(console, result, variants)
 
 
@@ -116,7 +115,7 @@ def _print_result(console, result: dict, variants) -> None:
     info = data["store"]
     bad = f", {len(info['bad'])} bad rows recorded" if info["bad"] else ""
     console.print(f"{data['model']['name']}: {info['analysed']} samples ({info['planted']} counter-prior){bad}, accuracy "
-                  f"{_fmt(data['aggregate']['accuracy'])}", highlight=False)  # fmt: skip
+                  f"{fmt(data['aggregate']['accuracy'])}", highlight=False)  # fmt: skip
     for v in variants:
         console.print(f"{v} lens: {stage_summary(data['aggregate'][v])}")
     files = result["files"]
@@ -130,13 +129,13 @@ def _print_result(console, result: dict, variants) -> None:
 
 def _source(manifest, dataset, image, prompt, skip_bad, image_column, question_column, answer_column, split):
     """The dataset source the options name (None: the model's bundled samples), checked before any model loads."""
-    from vlm_lens.experiments import datasets
-    from vlm_lens.experiments.knowledge_evolution import Sample
+    from vlm_lens.experiments.runs import datasets
+    from vlm_lens.experiments.analysis.knowledge_evolution import Sample
     from vlm_lens.zoo.samples import DESCRIBE_PROMPT
 
     try:
         if image and not (len(image) == 1 and image[0].is_dir()):  # image files: one sample each
-            paths = _image_paths(image)
+            paths = image_paths(image)
             return datasets.from_samples([Sample(p, prompt or DESCRIBE_PROMPT, None, p.name) for p in paths])
         columns = (image_column, question_column, answer_column, split)
         if manifest is not None or dataset is not None or image or any(columns):
@@ -146,11 +145,10 @@ def _source(manifest, dataset, image, prompt, skip_bad, image_column, question_c
                                         image_column=image_column, question_column=question_column,
                                         answer_column=answer_column, split=split)  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
-        _fail(str(error))
+        fail(str(error))
     return None
 
 
-@app.command()
 def report(
     store: Path = typer.Argument(..., help="a run store (the --store of vlm-lens analyze; default OUT/store)"),
     out: Optional[Path] = typer.Option(None, help="report folder (default: the folder holding the store)"),
@@ -161,27 +159,27 @@ def report(
     """Rebuild report.html / report.json from a store, without the model."""
     from rich.console import Console
 
-    from vlm_lens.experiments import store_report
-    from vlm_lens.experiments.store import Store, StoreError
+    from vlm_lens.experiments.report.build import build as build_report
+    from vlm_lens.experiments.runs.store import Store, StoreError
 
     try:
         opened = Store(store)
     except StoreError as error:
-        _fail(str(error))
+        fail(str(error))
     torn = opened.torn()
     if torn:
-        _fail(f"{store}: {len(torn)} shard(s) were not durably committed (a part is missing, truncated or corrupted: "
+        fail(f"{store}: {len(torn)} shard(s) were not durably committed (a part is missing, truncated or corrupted: "
               f"{', '.join(torn[:3])}); delete them or run the analysis again with --resume to redo their samples")
     out = out or store.resolve().parent
     check_output(out, "--out")
     console = Console()
-    bar, update = _progress(console)
+    bar, update = progress_bar(console)
     try:
         with bar:
-            result = store_report.build(opened, out, variant=variant.value if variant else None, png=png,
+            result = build_report(opened, out, variant=variant.value if variant else None, png=png,
                                         show_special=special_tokens, progress=update)  # fmt: skip
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
     _print_result(console, result, opened.meta["settings"]["evolution"]["variants"])
 
 

@@ -1,11 +1,12 @@
-"""Aggregates and the report, computed from a store (no model needed): 10 samples and 10,000 take this path.
+"""What a store holds, read back and aggregated (no model needed): 10 samples and 10,000 take this path.
 
 - the knowledge-evolution aggregate (:func:`knowledge_evolution.aggregate`) over every committed sample's evidence;
 - the layer-skip tables: mean effects per skipped set (phase 2) and per single layer (the sweep);
 - feature clusters: the mean pairwise cosine per layer streamed over *all* answer states
   (:func:`feature_clusters.mean_pairwise_cosine`), t-SNE and silhouettes on the first ``max_images`` images;
-- the report: ``report.html`` / ``report.json``, with per-sample detail for the first ``detail`` samples (the store
-  holds every sample's numbers; :func:`frames` reads them as pandas frames).
+- :func:`frames`: every table as pandas frames (the store holds every sample's numbers).
+
+The report drawn from these is :func:`vlm_lens.experiments.report.build.build`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,12 @@ from types import SimpleNamespace
 
 import torch
 
-from vlm_lens.experiments import evidence as ev
-from vlm_lens.experiments import feature_clusters as fc
-from vlm_lens.experiments import knowledge_evolution as ke
-from vlm_lens.experiments import layer_skip
-from vlm_lens.experiments import reduce as rd
-from vlm_lens.experiments import report as R
-from vlm_lens.experiments.sections import sections as draw_sections
-from vlm_lens.experiments.store import Store
+from vlm_lens.experiments.analysis import evidence as ev
+from vlm_lens.experiments.analysis import feature_clusters as fc
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
+from vlm_lens.experiments.analysis import layer_skip
+from vlm_lens.experiments.runs import reduce as rd
+from vlm_lens.experiments.runs.store import Store
 from vlm_lens.errors import InputError
 
 DETAIL_SAMPLES = 100  # samples with per-token detail in report.json and the report's per-token table
@@ -45,7 +44,7 @@ def model_info(store: Store) -> SimpleNamespace:
     try:
         vocab = rd.Vocabulary(json.loads((store.path / "vocab.json").read_text()))
     except (OSError, ValueError) as error:
-        from vlm_lens.experiments.store import StoreError
+        from vlm_lens.experiments.runs.store import StoreError
 
         raise StoreError(f"{store.path / 'vocab.json'} is missing or damaged ({type(error).__name__}); rerun the "
                          "analysis with --resume (it rewrites the vocabulary, then the report)") from None
@@ -60,7 +59,7 @@ def frames(store: str | Path | Store) -> dict:
 
 
 def samples(store: Store, ids=None, arrays: bool = True) -> list[rd.StoredSample]:
-    """Good samples (``ids``: only these) as :class:`~vlm_lens.experiments.reduce.StoredSample`."""
+    """Good samples (``ids``: only these) as :class:`~vlm_lens.experiments.runs.reduce.StoredSample`."""
     sample_frame = store.frame("samples", _SAMPLE + (["thumbnail"] if arrays else []), samples=ids)
     sample_frame = sample_frame[sample_frame["status"] == "ok"]
     extra = ["prob", "topk_ids", "topk_prob", "curve_ids", "curve_prob"] if arrays else []
@@ -139,54 +138,3 @@ def feature_clusters(store: Store, agg: dict, variant: str, max_iter: int, max_i
                             crit, mut, max_iter=max_iter, variant="paper" if paper else "correct",
                             single_last_normed=single_normed, across_last_normed=across_normed,
                             n_images_total=n_images)  # fmt: skip
-
-
-def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None = None, png: bool = True,
-          tsne_iter: int = 1000, show_special: bool = False, detail: int = DETAIL_SAMPLES, progress=None) -> dict:  # fmt: skip
-    """Compute every aggregate from ``store`` and write ``report.html`` / ``report.json`` into ``out_dir``."""
-    store = store if isinstance(store, Store) else Store(store)
-    report = progress or (lambda *a: None)
-    config = config_of(store)
-    variant = variant or store.meta["settings"]["variant"]
-    if variant not in config.variants:
-        raise InputError(f"variant {variant!r} was not analysed in this store; it has {config.variants}")
-    model = model_info(store)
-    agg = aggregate(store)
-    sample_frame = store.frame("samples", ["index", "status", "error", "where", "planted", "hallucination"])
-    if not (sample_frame["status"] == "ok").any():
-        raise InputError(f"{store.path} holds no analysed sample yet: run the analysis (with --resume) first")
-    detailed = samples(store, ids=list(sample_frame.loc[sample_frame["status"] == "ok", "sample_id"][:detail]))
-    data = {"config": store.meta["settings"]["evolution"], "aggregate": agg, "model": store.meta["model"],
-            "shown_variant": variant, "shown_special": show_special,
-            "samples": [_sample_json(s) for s in detailed],
-            "store": {"path": str(store.path), "samples": int(len(sample_frame)),
-                      "analysed": int((sample_frame["status"] == "ok").sum()), "detail_samples": len(detailed),
-                      "planted": int(sample_frame.loc[sample_frame["status"] == "ok", "planted"].sum()),
-                      "bad": [{"sample": r.sample_id, "where": r.where, "error": r.error}
-                              for r in sample_frame.itertuples() if r.status == "bad"],
-                      "source": store.meta["source"]}}  # fmt: skip
-    data["layer_skip"] = skip_tables(store, agg)
-    report("feature clusters", 0, 1)
-    data["feature_clusters"] = feature_clusters(store, agg, variant, tsne_iter)
-    report("feature clusters", 1, 1)
-    data["hallucination"] = []
-    for r in sample_frame.itertuples():
-        found = json.loads(r.hallucination).get(variant) if isinstance(r.hallucination, str) else None
-        if found:
-            data["hallucination"].append({"sample": r.sample_id, "planted_prior": bool(r.planted), **found})
-    if store.meta["settings"].get("tuned_lens"):
-        data["tuned_lens"] = store.meta["settings"]["tuned_lens"]
-    stages = agg[variant]["stages"]
-    report("writing the report", 0, 1)
-    drawn = draw_sections(model, detailed, data, variant, stages, show_special)
-    written = R.write_report(Path(out_dir), f"Knowledge evolution · {model.name}", drawn, data, png=png)
-    report("writing the report", 1, 1)
-    return {"data": data, "files": written}
-
-
-def _sample_json(s: rd.StoredSample) -> dict:
-    return {"name": s.name, "index": s.index, "prompt": s.prompt, "question": s.question,
-            "generated_text": s.generated_text, "answer": s.answer, "correct": s.correct, "planted_prior": s.planted,
-            "tokens": {v: [vars(t) for t in rows] for v, rows in s.tokens.items()},
-            "token_prob": {v: s.lens[v]["prob"].T.tolist() for v in s.lens},
-            "js_adjacent": {v: s.shift[v]["js_adjacent"].T.tolist() for v in s.shift}}  # fmt: skip

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from vlm_lens.experiments.knowledge_evolution import Sample
+from vlm_lens.experiments.analysis.knowledge_evolution import Sample
 from vlm_lens.probes import LogitLensProbe, TunedLens, TunedLensProbe
 from vlm_lens.errors import InputError
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vlm_lens.experiments import streaming
-from vlm_lens.experiments.store import Store
+from vlm_lens.experiments.runs import streaming
+from vlm_lens.experiments.runs.store import Store
 from vlm_lens.errors import InputError
 
 
@@ -108,7 +108,7 @@ def run(model, source, store: Store, settings: "streaming.StreamSettings", *, tu
     """Phase 1 then phase 2 over ``workers`` Ray actors; returns ``{"phase1": n, "phase2": n, "restarts": k}``.
 
     ``on_started(pids)`` is called with the actors' process ids once they are up (tests kill one)."""
-    from vlm_lens.experiments import store_report
+    from vlm_lens.experiments.runs import store_analysis
 
     started_here = not _ray_running()
     ray = start(address, workers)
@@ -130,7 +130,7 @@ def run(model, source, store: Store, settings: "streaming.StreamSettings", *, tu
     pending = (e for e in source if e.id not in done)
     n1, restarts = _drive(ray, actors, spawn, pending, lambda a, chunk: a.phase1.remote(chunk, batch_size),
                           batch_size, lambda n: report("tracing", len(done) + n, len(source)))  # fmt: skip
-    sets = store_report.skip_sets(store, store_report.aggregate(store))
+    sets = store_analysis.skip_sets(store, store_analysis.aggregate(store))
     n2 = 0
     if sets is not None:
         wanted = streaming.skip_pending(store)

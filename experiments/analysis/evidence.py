@@ -66,7 +66,7 @@ class DetectionConfig:
     - ``confirm = True``, ``confirm_windows = ((0,), (0, 1))``: the skip test with the decoder layer that first lost
       the leader, then that layer and the next (a two-layer block may overturn across both).
     - ``ground = True``: the leader must need the image (the blank-image test of
-      :mod:`vlm_lens.experiments.confirmation`); on dev it removed every remaining false alarm (count questions,
+      :mod:`vlm_lens.experiments.analysis.confirmation`); on dev it removed every remaining false alarm (count questions,
       where a question-driven "two" leads until the late layers read the count off the image).
     - ``last_layer_min_run = 2``: a skip window that reaches the last decoder layer leaves no layer to run after it,
       so its output is the lens at the leader's last layer — the leader, by construction under the correct lens. That
@@ -183,7 +183,7 @@ def mutation_event(
 ) -> MutationEvent | None:
     """The candidate event of one token (lens evidence only): the overturn of its last established non-final answer,
     or None. With ``config.confirm`` it becomes a mutation event only after the causal test
-    (:mod:`vlm_lens.experiments.confirmation`).
+    (:mod:`vlm_lens.experiments.analysis.confirmation`).
 
     ``top1[l]``: the lens's top-1 token at stack layer l = 0..n; ``curves[v][l]``: the probability of token v at
     layer l for every v in ``top1``.

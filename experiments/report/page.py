@@ -3,7 +3,7 @@ behind it, and PNG files of each figure when a browser for kaleido is present.
 
 Token text reaches the page only through ``html.escape`` (tables) or plotly's JSON (figures, with ``<``/``>``/``&``
 escaped as unicode so no token can close a ``<script>``). Files are written atomically. The figures themselves are
-built in :mod:`vlm_lens.experiments.charts`.
+built in :mod:`vlm_lens.experiments.report.charts`.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def write_report(out_dir: Path, title: str, sections: list[tuple[str, list]], da
 
 def export_pngs(out_dir: Path, figures: list) -> tuple[list[str], str | None]:
     """PNG files of ``figures`` named by :func:`png_names` (offline browser, bounded in time;
-    :mod:`vlm_lens.experiments.png_export`), or a notice."""
-    from vlm_lens.experiments.png_export import export_pngs as export
+    :mod:`vlm_lens.experiments.report.png_export`), or a notice."""
+    from vlm_lens.experiments.report.png_export import export_pngs as export
 
     return export(out_dir, figures, png_names(figures))

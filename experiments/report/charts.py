@@ -1,5 +1,5 @@
 """The report's figures: plotly charts over stack layers, each a small function of plain lists (the report module
-turns them into HTML and PNG; :mod:`vlm_lens.experiments.sections` decides what goes where)."""
+turns them into HTML and PNG; :mod:`vlm_lens.experiments.report.sections` decides what goes where)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def skip_chart(sets: dict, sweep: dict, title: str):
 def token_probability_chart(layers: list[str], curves: dict[str, list[float]], title: str, stages: dict | None,
                             marker_label: str = "this token"):  # fmt: skip
     """Paper Fig. P: one filled area per candidate token, overlapping (not stacked); x = stack layer index. ``stages``
-    are this token's own (:func:`~vlm_lens.experiments.sections.token_stages`)."""
+    are this token's own (:func:`~vlm_lens.experiments.report.sections.token_stages`)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()

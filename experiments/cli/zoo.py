@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from vlm_lens.experiments.outputs import check_output
+from vlm_lens.experiments.cli.outputs import check_output
 
-from vlm_lens.experiments.cli import _fail, _load
+from vlm_lens.experiments.cli.common import fail, load_model
 
 zoo_app = typer.Typer(no_args_is_help=True, help="The embedded shapes-world models.")
 
@@ -37,15 +37,15 @@ def zoo_train(
 
     check_output(out, "--out")
     if family not in train.RECIPES:
-        _fail(f"--family must be one of {sorted(train.RECIPES)}, got {family!r}")
+        fail(f"--family must be one of {sorted(train.RECIPES)}, got {family!r}")
     if rewarm and not resume:
-        _fail("--rewarm restarts the schedule at a resumed step: add --resume")
+        fail("--rewarm restarts the schedule at a resumed step: add --resume")
     try:  # check every override before any training starts
         weights = train.parse_task_weights(task_weights)
         train.recipe_for(family, steps=steps, rope_theta=rope_theta, task_weights=weights, tie_embeddings=tie_embeddings,
                          n_layers=n_layers, seed=seed)
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
     result = train.train(family, out, steps=steps, resume=resume, threads=threads, eval_every=eval_every,
                          final_eval_per_task=final_eval_per_task, rewarm=rewarm, rope_theta=rope_theta,
                          task_weights=weights, tie_embeddings=tie_embeddings, n_layers=n_layers,
@@ -92,15 +92,15 @@ def zoo_plant(
             summaries = build.build(suite_dir, fixture or None, threads=threads, eval_per_task=eval_per_task,
                                     ship=ship, log=typer.echo)  # fmt: skip
         except (ValueError, FileNotFoundError) as error:
-            _fail(str(error))
+            fail(str(error))
         for s in summaries:
             typer.echo(f"{s['fixture']}: {'built' if s['built'] else 'already built'}")
         return
 
     if out is None:
-        _fail("vlm-lens zoo plant needs --out DIR (one fixture) or --suite DIR (the suite)")
+        fail("vlm-lens zoo plant needs --out DIR (one fixture) or --suite DIR (the suite)")
     if export and base != "shapes-llava":
-        _fail("--export replaces the embedded shapes-llava-prior, whose base is shapes-llava: drop --export, or use "
+        fail("--export replaces the embedded shapes-llava-prior, whose base is shapes-llava: drop --export, or use "
               "--base shapes-llava")  # fmt: skip
     try:
         recipe = plant.recipe_for(base=base, task=task, subject=subject, answer=answer, block=plant.parse_block(block),
@@ -108,12 +108,12 @@ def zoo_plant(
         result = plant.plant(out, recipe, resume=resume, threads=threads, eval_per_task=eval_per_task,
                              n_counter_prior=eval_per_task)  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
-        _fail(str(error))
+        fail(str(error))
     if export:
-        from vlm_lens.experiments import tuned_lens as T
+        from vlm_lens.experiments.analysis import tuned_lens as T
 
         folder = plant.export(out)
-        exported = _load(str(folder))
+        exported = load_model(str(folder))
         fitted = T.train(exported, T.shapes_questions(400))  # the shipped lens must match the new weights
         fitted["lens"].save(folder / "tuned-lens")
         typer.echo(f"exported to {folder}; tuned lens retrained (held-out KL by layer, tuned: "
@@ -133,5 +133,5 @@ def zoo_evaluate(
     try:
         result = evaluate.report(name, n, curves)
     except (FileNotFoundError, ValueError) as error:
-        _fail(str(error))
+        fail(str(error))
     typer.echo(json.dumps(result, indent=1))

@@ -22,13 +22,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Sequence
 
-from vlm_lens.experiments import evidence as ev
-from vlm_lens.experiments import knowledge_evolution as ke
+from vlm_lens.experiments.analysis import evidence as ev
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
 
 
 def share_interval(flags: Sequence[bool], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """The share of true flags and its percentile bootstrap interval over questions: the event-share bootstrap of
-    :func:`~vlm_lens.experiments.evidence.event_share_interval` with one "token" per question."""
+    :func:`~vlm_lens.experiments.analysis.evidence.event_share_interval` with one "token" per question."""
     flags = [int(bool(f)) for f in flags]
     out = ev.event_share_interval(flags, [1] * len(flags), n_boot=n_boot, seed=seed, level=level)
     return {"share": out["share"], "low": out["low"], "high": out["high"], "n": len(flags)}

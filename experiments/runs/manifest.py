@@ -2,15 +2,15 @@
 
 Columns: ``image`` (a path; relative paths resolve against the manifest's folder), ``question``, optional
 ``answer`` and ``id``. Errors name the file, the line and the fix. One implementation with ``vlm-lens analyze``'s
-streaming sources: :func:`vlm_lens.experiments.datasets.from_manifest`.
+streaming sources: :func:`vlm_lens.experiments.runs.datasets.from_manifest`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vlm_lens.experiments.datasets import from_manifest
-from vlm_lens.experiments.knowledge_evolution import Sample
+from vlm_lens.experiments.runs.datasets import from_manifest
+from vlm_lens.experiments.analysis.knowledge_evolution import Sample
 
 
 def read_manifest(path: str | Path) -> list[Sample]:

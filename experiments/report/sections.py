@@ -1,10 +1,10 @@
 """The report's sections, drawn from analysed samples (live :class:`SampleEvolution` or
-:class:`~vlm_lens.experiments.reduce.StoredSample` read back from a store) and the report data."""
+:class:`~vlm_lens.experiments.runs.reduce.StoredSample` read back from a store) and the report data."""
 
 from __future__ import annotations
 
-from vlm_lens.experiments import charts as C
-from vlm_lens.experiments import report as R
+from vlm_lens.experiments.report import charts as C
+from vlm_lens.experiments.report import page as R
 
 
 def sections(model, analysed, data, variant, stages, show_special: bool = False):
