@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
+
+from vlm_lens import adapters
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+# Extra adapter files (os.pathsep-separated) to register before the family matrix is drawn: how a new family is
+# tried before it joins vlm_lens/adapters/ (tests/integration/test_new_family.py runs the matrix on a throw-away one).
+for _path in filter(None, os.environ.get("VLM_LENS_TEST_ADAPTERS", "").split(os.pathsep)):
+    _spec = importlib.util.spec_from_file_location(f"vlm_lens_test_adapter_{abs(hash(_path))}", _path)
+    _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
+    adapters.register(_module.ADAPTER)
+FAMILIES = tuple(adapters.families(buildable=True))  # every family with a small random model, from the registry
 
 
 class TinyFamily:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vlm_lens.adapters import adapter_for
+from vlm_lens.adapters import adapter_for, adapter_for_processor
 from vlm_lens.hooked import HookedVLM
 from vlm_lens.errors import InputError, InputTypeError, NotFoundError
 
@@ -67,8 +67,6 @@ def load(
         with offline():
             hf_model = _load_hf_model(folder, dtype, trust_remote_code)
             if processor is None:
-                from vlm_lens.processors import load_processor
-
                 processor = load_processor(folder, trust_remote_code=trust_remote_code)
     else:
         from transformers import PreTrainedModel
@@ -103,6 +101,28 @@ def load(
 
     bridge = boot_bridge(hf_model, tokenizer, spec, name, str(device))
     return HookedVLM(hf_model, processor, spec, bridge, name=name, keepalive=keepalive)
+
+
+def load_processor(folder: str | Path, *, trust_remote_code: bool = False):
+    """Load a saved processor offline: through its family's quirk when the folder names a processor class an adapter
+    handles (:attr:`~vlm_lens.adapters.AdapterSpec.load_processor`), else with ``AutoProcessor``."""
+    from vlm_lens.processors import load_auto_processor, saved_processor_class
+
+    folder = Path(folder)
+    spec = adapter_for_processor(saved_processor_class(folder))
+    if spec is not None and spec.load_processor is not None:
+        processor = spec.load_processor(folder, trust_remote_code)
+        if processor is not None:
+            return processor
+    return load_auto_processor(folder, trust_remote_code=trust_remote_code)
+
+
+def save_and_reload(processor, folder: str | Path):
+    """Save ``processor`` to ``folder`` and load it back from there (its tokenizer then has a ``name_or_path``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(folder)
+    return load_processor(folder)
 
 
 def _check_pair(hf_model, processor, spec) -> None:

@@ -1,16 +1,14 @@
-"""Offline tokenizers and processors for models built from configs.
+"""Offline tokenizers and the generic processor loader, for every family.
 
 No model hub is reachable on the machines this project targets, so the tiny test models and the embedded
-shapes-world models carry processors built here: a word-level tokenizer (``tokenizers`` WordLevel, lower-cased,
-whitespace split), wrapped in ``PreTrainedTokenizerFast``, plus the real HF image processors (PIL backends, since
-torchvision is absent) and the real HF multimodal processors.
+shapes-world models carry processors built from a word-level tokenizer (``tokenizers`` WordLevel, lower-cased,
+whitespace split, wrapped in ``PreTrainedTokenizerFast``) and the chat template here, plus the family's real HF
+image and multimodal processors (each adapter's ``word_processor``, PIL backends since torchvision is absent).
 
-Two traps handled here (see shared docs, environment.md):
-- ``Qwen2VLProcessor`` derives its attributes from its ``__init__`` signature and demands a video processor, which
-  needs torchvision. :class:`Qwen2VLImageOnlyProcessor` drops that parameter; it saves, reloads, and feeds the
-  Qwen2-VL and Qwen2.5-VL families.
-- TransformerLens cannot boot on an in-memory tokenizer (``KeyError: 'name_or_path'``): processors built here are
-  saved to a folder and reloaded from it before use (:func:`save_and_reload`).
+TransformerLens cannot boot on an in-memory tokenizer (``KeyError: 'name_or_path'``): built processors are saved to
+a folder and reloaded from it before use (:func:`vlm_lens.loading.save_and_reload`), and an in-memory tokenizer is
+given a folder copy (:func:`tokenizer_from_folder`). Family quirks of loading (Qwen2-VL's video processor) sit in the
+adapters; :func:`vlm_lens.loading.load_processor` applies them before :func:`load_auto_processor`.
 """
 
 from __future__ import annotations
@@ -20,13 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 from vlm_lens.errors import InputError
 
-LLAVA_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
-QWEN_SPECIAL_TOKENS = LLAVA_SPECIAL_TOKENS + (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # every word-level vocabulary starts with these
 
 # "user : <image> what color is the star ? assistant :" -- the image placeholder comes from the processor's
 # ``image_token`` so one template serves LLaVA (<image>) and Qwen (<|vision_start|><|image_pad|><|vision_end|>).
@@ -39,8 +31,6 @@ _CHAT_TEMPLATE = (
     "{% endfor %}{% endif %} {% endfor %}"
     "{% if add_generation_prompt %}assistant :{% endif %}"
 )
-LLAVA_IMAGE_PLACEHOLDER = "<image>"
-QWEN_IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 CHAT_WORDS = ("user", "assistant", ":")
 
 
@@ -62,7 +52,7 @@ def word_pre_tokenizer():
     )
 
 
-def build_word_tokenizer(words: Iterable[str], special_tokens: Sequence[str] = LLAVA_SPECIAL_TOKENS):
+def build_word_tokenizer(words: Iterable[str], special_tokens: Sequence[str] = SPECIAL_TOKENS):
     """A lower-cased WordLevel tokenizer (whitespace split, punctuation isolated) over ``special_tokens + sorted(set(words | CHAT_WORDS))``.
 
     Ids are deterministic: specials first in the given order, then the words sorted. ``<pad>`` is id 0. The chat
@@ -89,90 +79,6 @@ def build_word_tokenizer(words: Iterable[str], special_tokens: Sequence[str] = L
     return tokenizer
 
 
-def build_llava_processor(tokenizer, *, image_size: int, patch_size: int):
-    """A ``LlavaProcessor`` for a CLIP tower of ``image_size``/``patch_size`` (CLS dropped: "default" strategy)."""
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-    )
-    tokenizer.chat_template = chat_template(LLAVA_IMAGE_PLACEHOLDER)
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
-    )
-
-
-def _qwen_processor_class():
-    from transformers import Qwen2VLProcessor
-
-    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-        """``Qwen2VLProcessor`` without a video processor (which would need torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(
-                image_processor=image_processor,
-                tokenizer=tokenizer,
-                video_processor=None,
-                chat_template=chat_template,
-                **kwargs,
-            )
-
-    return Qwen2VLImageOnlyProcessor
-
-
-def qwen_image_only_processor_class():
-    """The image-only Qwen2-VL processor class (built lazily: importing transformers is slow)."""
-    global _QWEN_CLASS
-    if _QWEN_CLASS is None:
-        _QWEN_CLASS = _qwen_processor_class()
-    return _QWEN_CLASS
-
-
-_QWEN_CLASS = None
-
-
-def build_qwen2_vl_processor(
-    tokenizer, *, image_size: int, patch_size: int, merge_size: int = 2, temporal_patch_size: int = 2
-):
-    """An image-only Qwen2-VL processor whose image processor keeps ``image_size``² images unresized.
-
-    ``image_size`` must be a multiple of ``patch_size * merge_size``; the image then yields
-    ``(image_size / patch_size / merge_size)²`` language-model tokens.
-    """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    factor = patch_size * merge_size
-    if image_size % factor:
-        raise InputError(f"image_size {image_size} must be a multiple of patch_size*merge_size = {factor}")
-    pixels = image_size * image_size
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=pixels,
-        max_pixels=pixels,
-        patch_size=patch_size,
-        merge_size=merge_size,
-        temporal_patch_size=temporal_patch_size,
-    )
-    tokenizer.chat_template = chat_template(QWEN_IMAGE_PLACEHOLDER)
-    cls = qwen_image_only_processor_class()
-    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
-
-
-def save_and_reload(processor, folder: str | Path):
-    """Save ``processor`` to ``folder`` and load it back from there (tokenizer gets a ``name_or_path``)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    processor.save_pretrained(folder)
-    return load_processor(folder)
-
-
 def tokenizer_from_folder(tokenizer, folder: str | Path):
     """A copy of an in-memory ``tokenizer`` saved to ``folder`` and loaded back (so it has a ``name_or_path``)."""
     from transformers import AutoTokenizer
@@ -189,21 +95,20 @@ def tokenizer_from_folder(tokenizer, folder: str | Path):
         ) from error
 
 
-def load_processor(folder: str | Path, *, trust_remote_code: bool = False):
-    """Load a processor saved by this module (or any local HF processor folder) without network access; a folder
-    without processor files is refused with the fix."""
+def saved_processor_class(folder: str | Path) -> str | None:
+    """The ``processor_class`` a saved processor folder names (None without ``processor_config.json``)."""
+    config_path = Path(folder) / "processor_config.json"
+    return json.loads(config_path.read_text()).get("processor_class") if config_path.exists() else None
+
+
+def load_auto_processor(folder: str | Path, *, trust_remote_code: bool = False):
+    """Load a local HF processor folder with ``AutoProcessor`` without network access; a folder without processor
+    files, or naming a class this transformers does not know, is refused with the fix."""
     from transformers import AutoProcessor
 
     folder = Path(folder)
     config_path = folder / "processor_config.json"
-    processor_class = None
-    if config_path.exists():
-        processor_class = json.loads(config_path.read_text()).get("processor_class")
-    if processor_class in ("Qwen2VLImageOnlyProcessor", "Qwen2VLProcessor", "Qwen2_5_VLProcessor") and not _has_video(
-        folder
-    ):
-        return qwen_image_only_processor_class().from_pretrained(folder, local_files_only=True,
-                                                                  trust_remote_code=trust_remote_code)  # fmt: skip
+    processor_class = saved_processor_class(folder)
     if not any((folder / f).exists() for f in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json",
                                                "tokenizer.json")):  # fmt: skip
         raise InputError(f"{folder} has no processor files (processor_config.json, tokenizer files): save the "
@@ -221,7 +126,3 @@ def load_processor(folder: str | Path, *, trust_remote_code: bool = False):
                          f"know (it loaded a {type(processor).__name__} instead): fix the name in that file, upgrade "
                          "transformers, or pass processor= to vlm_lens.load")  # fmt: skip
     return processor
-
-
-def _has_video(folder: Path) -> bool:
-    return (folder / "video_preprocessor_config.json").exists()

@@ -9,9 +9,9 @@ Models are built deterministically (fixed seeds); processors are saved to a temp
 from __future__ import annotations
 
 import tempfile
-from dataclasses import replace
 
-from vlm_lens.builders import FAMILIES, ModelSize, build_model, build_processor
+from vlm_lens.adapters import adapter_by_family
+from vlm_lens.builders import ModelSize, build_model, build_processor
 
 TINY = ModelSize(
     d_model=64, n_layers=4, n_heads=4, d_mlp=128, vision_width=32, vision_layers=2, vision_heads=2,
@@ -26,15 +26,12 @@ MEDIUM_VOCAB = 32000
 
 
 def size_for(family: str, size: str = "tiny") -> ModelSize:
-    """The size spec of ``size`` adapted to ``family`` (Qwen: patch halved, so a 2 x 2 merge keeps the count)."""
+    """The size spec of ``size`` adapted to ``family`` (:attr:`~vlm_lens.adapters.AdapterSpec.adapt_size`; Qwen:
+    patch halved, so a 2 x 2 merge keeps the count)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
-    spec = SIZES[size]
-    if family != "llava":
-        spec = replace(spec, patch_size=spec.patch_size // 2 if size == "tiny" else 14, image_size=spec.image_size)
-        if size == "medium":
-            spec = replace(spec, image_size=672)  # 672 / 14 / 2 = 24 -> 576 tokens like LLaVA-1.5
-    return spec
+    adapt = adapter_by_family(family).adapt_size  # the family's own version of the size, if it has one
+    return SIZES[size] if adapt is None else adapt(SIZES[size], size)
 
 
 def _words(size: str) -> list[str]:
@@ -51,8 +48,6 @@ _FOLDERS: list[tempfile.TemporaryDirectory] = []
 
 def build(family: str, size: str = "tiny", *, seed: int = 0):
     """``(hf_model, processor)`` of a random ``family`` model of ``size`` (float32, eval mode)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     spec = size_for(family, size)
     folder = tempfile.TemporaryDirectory(prefix=f"vlm-lens-{family}-")
     _FOLDERS.append(folder)  # keep the processor files for the life of the process

@@ -1,9 +1,12 @@
-"""What an adapter declares: where a vision-language family keeps its parts, and what its forward needs."""
+"""What an adapter declares: where a vision-language family keeps its parts, what its forward needs, its processor
+quirks, and how to build a small random model of it (tests, the embedded zoo)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
 from vlm_lens.errors import InputError
 
 
@@ -17,7 +20,33 @@ class HookPoint:
     side: str = "output"
 
 
-def _extend_ids(model_inputs: dict, new_ids) -> dict:
+@dataclass(frozen=True)
+class ModelSize:
+    """Dimensions of a built model. Qwen families use ``patch_size`` with a 2 x 2 spatial merge."""
+
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    d_mlp: int = 128
+    vision_width: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    image_size: int = 32
+    patch_size: int = 16
+    max_positions: int = 256
+    # Text-model rotary base. Qwen's mRoPE gives the image-width axis the lowest frequencies: at 1e4 a one-column
+    # step rotates by < 0.004 rad, too little to read a column from (docs/zoo.md); the shapes-world Qwen uses 10.
+    rope_theta: float = 10000.0
+    # Tied input/output embeddings: the lens at the embedding output then reads each token as itself instead of a
+    # learned prior over answers (docs/zoo.md: the untied shapes-llava put p > 0.1 on three answer words there).
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def extend_ids(model_inputs: dict, new_ids) -> dict:
     """``input_ids`` and ``attention_mask`` followed by ``new_ids`` ``[1, k]`` (generated tokens)."""
     import torch
 
@@ -42,6 +71,15 @@ class AdapterSpec:
     layer l-1 (``hook_resid_post``), ``"input"`` = the input of decoder layer l (``hook_resid_pre``). They differ for
     families that add to the residual between layers (Qwen3-VL's deepstack visual features), where the input is the
     residual the next layer actually reads.
+
+    Processor quirks: ``load_processor(folder, trust_remote_code)`` loads a saved processor whose
+    ``processor_config.json`` names one of ``processor_classes`` (None from it: use ``AutoProcessor``).
+
+    Small random models (tests, benchmarks, the zoo's initialisations): ``random_model(tokenizer, size, text)``
+    returns an untrained model of the family, where ``text`` holds the text-model settings every family shares
+    (:func:`vlm_lens.builders.text_settings`); ``word_processor(words, size)`` an offline processor over a word-level
+    vocabulary; ``adapt_size(size, name)`` the family's version of the ``"tiny"`` / ``"medium"`` size spec. A family
+    without ``random_model`` can be loaded and analysed but is left out of the family tests.
     """
 
     family: str
@@ -57,9 +95,14 @@ class AdapterSpec:
     image_token_keys: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token_keys: tuple[str, ...] = ()
     derive_inputs: Callable[[dict, int], dict] | None = field(default=None, compare=False)
-    extend_inputs: Callable[[dict, object], dict] = field(default=_extend_ids, compare=False)
+    extend_inputs: Callable[[dict, Any], dict] = field(default=extend_ids, compare=False)
     tl_adapter: Callable[[], type] | None = field(default=None, compare=False)
     resid_read: str = "output"
+    processor_classes: tuple[str, ...] = ()
+    load_processor: Callable[[Path, bool], Any] | None = field(default=None, compare=False)
+    random_model: Callable[[Any, ModelSize, dict], Any] | None = field(default=None, compare=False)
+    word_processor: Callable[[Iterable[str], ModelSize], Any] | None = field(default=None, compare=False)
+    adapt_size: Callable[[ModelSize, str], ModelSize] | None = field(default=None, compare=False)
 
     def hook_map(self, n_layers: int) -> dict[str, HookPoint]:
         """Every language-side hook name with the module it reads and the side (both backends use this map)."""

@@ -22,11 +22,23 @@ Quirks:
 - TransformerLens 4.3 has no Qwen2-VL adapter; :func:`qwen2_vl_tl_adapter` derives one from its Qwen2.5-VL adapter
   (vision MLP ``fc1``/``fc2``). Both drop the ``torchvision`` requirement the upstream adapter declares (the PIL
   image processors need none).
+- ``Qwen2VLProcessor`` derives its attributes from its ``__init__`` signature and demands a video processor, which
+  needs torchvision: :func:`image_only_processor_class` drops that parameter; saved Qwen2-VL / Qwen2.5-VL processor
+  folders without a video processor load through it (:func:`load_image_only_processor`).
 """
 
 from __future__ import annotations
 
-from vlm_lens.adapters.base import AdapterSpec
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+from vlm_lens.adapters.base import AdapterSpec, ModelSize, extend_ids
+from vlm_lens.errors import InputError
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                  "<|video_pad|>")  # fmt: skip
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def derive_mm_token_type_ids(model_inputs: dict, image_token_id: int) -> dict:
@@ -41,9 +53,7 @@ def extend_with_text_types(model_inputs: dict, new_ids) -> dict:
     """Generated tokens are text: ``mm_token_type_ids`` grows with zeros beside ``input_ids``."""
     import torch
 
-    from vlm_lens.adapters.base import _extend_ids
-
-    out = _extend_ids(model_inputs, new_ids)
+    out = extend_ids(model_inputs, new_ids)
     if "mm_token_type_ids" in out:
         out["mm_token_type_ids"] = torch.cat([out["mm_token_type_ids"], torch.zeros_like(new_ids)], dim=1)
     return out
@@ -88,20 +98,129 @@ def qwen2_vl_tl_adapter() -> type:
     return Qwen2VLAdapter
 
 
+@lru_cache(maxsize=None)
+def image_only_processor_class() -> type:
+    """``Qwen2VLProcessor`` without a video processor (which would need torchvision); built on first use (importing
+    transformers is slow)."""
+    from transformers import Qwen2VLProcessor
+
+    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+        """``Qwen2VLProcessor`` without a video processor (which would need torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                             chat_template=chat_template, **kwargs)  # fmt: skip
+
+    return Qwen2VLImageOnlyProcessor
+
+
+def load_image_only_processor(folder: Path, trust_remote_code: bool = False):
+    """A saved Qwen2-VL / Qwen2.5-VL processor without a video processor, loaded as the image-only class (None when
+    the folder has a video processor: ``AutoProcessor`` then loads it as saved)."""
+    if (folder / "video_preprocessor_config.json").exists():
+        return None
+    return image_only_processor_class().from_pretrained(folder, local_files_only=True,
+                                                        trust_remote_code=trust_remote_code)  # fmt: skip
+
+
+def qwen_processor(words: Iterable[str], size: ModelSize, *, merge_size: int = 2, temporal_patch_size: int = 2):
+    """An image-only Qwen2-VL processor over a word-level vocabulary whose image processor keeps ``image_size``²
+    images unresized: ``image_size`` must be a multiple of ``patch_size * merge_size``; the image then yields
+    ``(image_size / patch_size / merge_size)²`` language-model tokens. Serves Qwen2-VL, Qwen2.5-VL and Qwen3-VL."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vlm_lens.processors import build_word_tokenizer, chat_template
+
+    factor = size.patch_size * merge_size
+    if size.image_size % factor:
+        raise InputError(f"image_size {size.image_size} must be a multiple of patch_size*merge_size = {factor}")
+    pixels = size.image_size * size.image_size
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=size.patch_size,
+                                               merge_size=merge_size, temporal_patch_size=temporal_patch_size)  # fmt: skip
+    tokenizer = build_word_tokenizer(words, SPECIAL_TOKENS)
+    tokenizer.chat_template = chat_template(IMAGE_PLACEHOLDER)
+    return image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                        chat_template=tokenizer.chat_template)  # fmt: skip
+
+
+def qwen_size(size: ModelSize, name: str) -> ModelSize:
+    """The Qwen version of a size spec: the 2 x 2 merge keeps LLaVA's token count (tiny: patch halved; medium:
+    672 px / patch 14 / merge 2 = 24 x 24 = 576 tokens, like LLaVA-1.5)."""
+    from dataclasses import replace
+
+    if name == "medium":
+        return replace(size, patch_size=14, image_size=672)
+    return replace(size, patch_size=size.patch_size // 2)
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Split ``head_dim / 2`` rotary frequencies over (temporal, height, width) as Qwen does (sum must match)."""
+    half = head_dim // 2
+    spatial = (half * 3) // 8
+    return [half - 2 * spatial, spatial, spatial]
+
+
+def qwen_text(tokenizer, size: ModelSize, text: dict) -> tuple[dict, dict]:
+    """The Qwen text settings (mRoPE) and the vision special-token ids, read from the tokenizer."""
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}  # fmt: skip
+    rope = {"rope_type": "default", "rope_theta": size.rope_theta, "mrope_section": mrope_section(size.head_dim)}
+    return dict(text, rope_parameters=rope), ids
+
+
+def qwen_vision(size: ModelSize) -> dict:
+    """Vision settings shared by the Qwen2.5-VL and Qwen3-VL towers (2 x 2 merge to ``d_model``)."""
+    return dict(depth=size.vision_layers, hidden_size=size.vision_width, out_hidden_size=size.d_model,
+                intermediate_size=size.vision_width * 2, num_heads=size.vision_heads, patch_size=size.patch_size,
+                spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+
+
+def random_qwen2_vl(tokenizer, size: ModelSize, text: dict):
+    """An untrained ``Qwen2VLForConditionalGeneration`` of ``size``."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text, ids = qwen_text(tokenizer, size, text)
+    vision = dict(depth=size.vision_layers, embed_dim=size.vision_width, hidden_size=size.d_model,
+                  num_heads=size.vision_heads, mlp_ratio=4, patch_size=size.patch_size, spatial_merge_size=2,
+                  temporal_patch_size=2)  # fmt: skip
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=size.tie_embeddings, **ids)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def random_qwen2_5_vl(tokenizer, size: ModelSize, text: dict):
+    """An untrained ``Qwen2_5_VLForConditionalGeneration`` of ``size`` (window attention but in the last block)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text, ids = qwen_text(tokenizer, size, text)
+    vision = dict(qwen_vision(size), window_size=size.patch_size * 4, fullatt_block_indexes=[size.vision_layers - 1])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=size.tie_embeddings, **ids)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
 _COMMON = dict(
     vision_tower="model.visual",
     projector="model.visual.merger",
     video_token_keys=("video_token_id",),
     derive_inputs=derive_mm_token_type_ids,
     extend_inputs=extend_with_text_types,
+    processor_classes=("Qwen2VLImageOnlyProcessor", "Qwen2VLProcessor", "Qwen2_5_VLProcessor"),
+    load_processor=load_image_only_processor,
+    word_processor=qwen_processor,
+    adapt_size=qwen_size,
 )
 
 QWEN2_VL = AdapterSpec(
-    family="qwen2-vl", hf_classes=("Qwen2VLForConditionalGeneration",), tl_adapter=qwen2_vl_tl_adapter, **_COMMON
+    family="qwen2-vl",
+    hf_classes=("Qwen2VLForConditionalGeneration",),
+    tl_adapter=qwen2_vl_tl_adapter,
+    random_model=random_qwen2_vl,
+    **_COMMON,
 )
 QWEN2_5_VL = AdapterSpec(
     family="qwen2.5-vl",
     hf_classes=("Qwen2_5_VLForConditionalGeneration",),
     tl_adapter=qwen2_5_vl_tl_adapter,
+    random_model=random_qwen2_5_vl,
     **_COMMON,
 )

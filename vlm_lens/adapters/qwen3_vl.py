@@ -26,8 +26,9 @@ Quirks:
 
 from __future__ import annotations
 
-from vlm_lens.adapters.base import AdapterSpec
-from vlm_lens.adapters.qwen2_vl import derive_mm_token_type_ids, extend_with_text_types
+from vlm_lens.adapters.base import AdapterSpec, ModelSize
+from vlm_lens.adapters.qwen2_vl import (derive_mm_token_type_ids, extend_with_text_types, qwen_processor, qwen_size,
+                                        qwen_text, qwen_vision)  # fmt: skip
 
 
 def qwen3_vl_tl_adapter() -> type:
@@ -40,6 +41,19 @@ def qwen3_vl_tl_adapter() -> type:
     return Qwen3VLAdapter
 
 
+def random_qwen3_vl(tokenizer, size: ModelSize, text: dict):
+    """An untrained ``Qwen3VLForConditionalGeneration`` of ``size``; deepstack features add to decoder layers 0, 1."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text, ids = qwen_text(tokenizer, size, text)
+    text["head_dim"] = size.head_dim
+    text["rope_parameters"]["mrope_interleaved"] = True
+    vision = dict(qwen_vision(size), num_position_embeddings=max(4, (size.image_size // size.patch_size) ** 2),
+                  deepstack_visual_indexes=list(range(min(2, size.vision_layers))))  # fmt: skip
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=size.tie_embeddings, **ids)
+    return Qwen3VLForConditionalGeneration(config)
+
+
 QWEN3_VL = AdapterSpec(
     family="qwen3-vl",
     hf_classes=("Qwen3VLForConditionalGeneration",),
@@ -50,4 +64,7 @@ QWEN3_VL = AdapterSpec(
     extend_inputs=extend_with_text_types,
     tl_adapter=qwen3_vl_tl_adapter,
     resid_read="input",
+    random_model=random_qwen3_vl,
+    word_processor=qwen_processor,
+    adapt_size=qwen_size,
 )

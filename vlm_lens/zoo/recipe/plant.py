@@ -143,7 +143,7 @@ def plant(
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vlm_lens.processors import load_processor
+    from vlm_lens.loading import load_processor
     from vlm_lens.zoo.recipe.train import Recipe as BaseRecipe
     from vlm_lens.zoo.recipe.train import _load_optimizer, learning_rate, save_checkpoint
 

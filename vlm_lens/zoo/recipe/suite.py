@@ -43,7 +43,7 @@ def _load_compact(folder: Path, name: str):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vlm_lens.processors import load_processor
+    from vlm_lens.loading import load_processor
 
     cache = Path(tempfile.mkdtemp(prefix="vlm-lens-fixture-"))
     target = suite.materialize(name, cache, folder.parent)

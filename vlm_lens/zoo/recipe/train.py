@@ -240,7 +240,7 @@ def train(
     import torch
 
     from vlm_lens.builders import build_model, build_processor
-    from vlm_lens.processors import load_processor
+    from vlm_lens.loading import load_processor
 
     if rewarm and not resume:
         raise ValueError("rewarm restarts the schedule at a resumed step: pass resume=True (--resume) with it")
