@@ -13,7 +13,7 @@ from vlm_lens.probes import DistributionShift, TokenTrajectory
 
 from vlm_lens.experiments.analysis import evidence as ev
 from vlm_lens.experiments.analysis.confirmation import SkipConfirmer
-from vlm_lens.experiments.analysis.knowledge_evolution import lens_probe, detect_tokens
+from vlm_lens.experiments.analysis.tokens import detect_tokens, lens_probe
 from vlm_lens.errors import InputError
 
 

@@ -59,8 +59,8 @@ def validate(planted_model, base_model, n: int = 30, *, variant: str = "correct"
         found.append(row.mutation is not None)
         in_block.append(row.mutation in block)
         leader_true.append(row.leader == hallucination.token_string(planted_model, s.answer))
-        h = hallucination.analyze(s.trace, s.answer, variant=variant, tuned_lens=tuned_lens, config=config.detection,
-                                  evolution=s)  # fmt: skip
+        h = s.hallucination.get(variant) or hallucination.analyze(  # the pipeline's, unless the answer is not one token
+            s.trace, s.answer, variant=variant, tuned_lens=tuned_lens, config=config.detection, evolution=s)
         reversal_in_block.append(h["leader_is_reference"] and h["reversal_layer"] in block)
     stages = planted["aggregate"][variant]["stages"]
     skip = None

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from vlm_lens.errors import InputError
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.experiments.report import page as R
 from vlm_lens.experiments.report.sections import sections as draw_sections
 from vlm_lens.experiments.runs import reduce as rd
@@ -32,7 +33,7 @@ def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None
     detailed = samples(store, ids=list(sample_frame.loc[sample_frame["status"] == "ok", "sample_id"][:detail]))
     data = {"config": store.meta["settings"]["evolution"], "aggregate": agg, "model": store.meta["model"],
             "shown_variant": variant, "shown_special": show_special,
-            "samples": [sample_json(s) for s in detailed],
+            "samples": [ke.sample_json(s) for s in detailed],
             "store": {"path": str(store.path), "samples": int(len(sample_frame)),
                       "analysed": int((sample_frame["status"] == "ok").sum()), "detail_samples": len(detailed),
                       "planted": int(sample_frame.loc[sample_frame["status"] == "ok", "planted"].sum()),
@@ -56,11 +57,3 @@ def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None
     written = R.write_report(Path(out_dir), f"Knowledge evolution · {model.name}", drawn, data, png=png)
     report("writing the report", 1, 1)
     return {"data": data, "files": written}
-
-
-def sample_json(s: rd.StoredSample) -> dict:
-    return {"name": s.name, "index": s.index, "prompt": s.prompt, "question": s.question,
-            "generated_text": s.generated_text, "answer": s.answer, "correct": s.correct, "planted_prior": s.planted,
-            "tokens": {v: [vars(t) for t in rows] for v, rows in s.tokens.items()},
-            "token_prob": {v: s.lens[v]["prob"].T.tolist() for v in s.lens},
-            "js_adjacent": {v: s.shift[v]["js_adjacent"].T.tolist() for v in s.shift}}  # fmt: skip

@@ -50,7 +50,7 @@ def thumbnail(image, width: int = 144) -> bytes | None:
     return buffer.getvalue()
 
 
-def sample_row(entry, evolution: SampleEvolution | None, hallucination: dict | None = None, error: str | None = None) -> dict:
+def sample_row(entry, evolution: SampleEvolution | None, error: str | None = None) -> dict:
     """The ``samples`` row of one dataset entry (``evolution`` None and ``error`` set for a bad row)."""
     image = entry.image
     row = {"sample_id": entry.id, "index": entry.index, "where": entry.where, "question": entry.question,
@@ -62,7 +62,7 @@ def sample_row(entry, evolution: SampleEvolution | None, hallucination: dict | N
     if evolution is not None:
         row.update(prompt=evolution.prompt, generated_text=evolution.generated_text, correct=evolution.correct,
                    generated_tokens=list(evolution.trace.generated_tokens), n_steps=evolution.trace.n_steps,
-                   hallucination=json.dumps(hallucination or {}))  # fmt: skip
+                   hallucination=json.dumps(evolution.hallucination))  # fmt: skip
     return row
 
 

@@ -1,7 +1,8 @@
 """Streaming a dataset through the model into a store: trace -> reduce -> write -> release, one batch at a time.
 
-Phase 1 (per sample, batched generation): the traced generation, the knowledge-evolution evidence for every lens
-variant, the hallucination curves, the answer-position states and (with the sweep) every single-layer skip — all
+Phase 1 (per sample, batched generation): the traced generation, the per-sample analysis every entry point shares
+(:func:`vlm_lens.experiments.analysis.knowledge_evolution.analyze_sample`: the evidence for every lens variant and
+the hallucination curves), the answer-position states and (with the sweep) every single-layer skip — all
 reduced to rows (:mod:`vlm_lens.experiments.runs.reduce`) and written as one shard per batch. Nothing of a sample stays
 in memory after its shard is written, so memory is flat in the number of samples.
 
@@ -15,7 +16,6 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
-from vlm_lens.experiments.analysis import hallucination as hal
 from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.experiments.runs import reduce as rd
 from vlm_lens.experiments.runs.identity import fingerprint, model_identity
@@ -83,12 +83,6 @@ def _batches(entries: Iterable, size: int):
         yield batch
 
 
-def _trace_all(model, inputs: list, max_new_tokens: int) -> list:
-    if len(inputs) > 1 and hasattr(model, "trace_batch"):
-        return model.trace_batch(inputs, max_new_tokens)
-    return [model.trace_generation(x, max_new_tokens) for x in inputs]
-
-
 def _prepared(model, batch, skip_bad: bool, bad_rows: list) -> list:
     """(entry, inputs) for the good entries of ``batch``; bad ones become rows (``skip_bad``) or raise naming the row."""
     good = []
@@ -103,20 +97,6 @@ def _prepared(model, batch, skip_bad: bool, bad_rows: list) -> list:
                 raise type(error)(f"{entry.where}: {error}; fix the row or pass --skip-bad to skip and record it") from error
             bad_rows.append(rd.sample_row(entry, None, error=str(error)))
     return good
-
-
-def hallucination_rows(evolution, trace, answer, config: ke.EvolutionConfig, tuned_lens) -> dict:
-    """Per lens variant, the reversal analysis of a wrong single-token answer (empty when there is none)."""
-    out = {}
-    if answer is None or evolution.correct or len(answer.split()) != 1 or not trace.n_steps:
-        return out
-    for variant in config.variants:
-        try:
-            out[variant] = hal.analyze(trace, answer, variant=variant, tuned_lens=tuned_lens, config=config.detection,
-                                       evolution=evolution)  # fmt: skip
-        except ValueError:  # the reference answer is not one token of this vocabulary
-            return {}
-    return out
 
 
 def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=None, batch_size: int = 1,
@@ -135,12 +115,11 @@ def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=
     for batch in _batches(pending, batch_size):
         tables: dict[str, list] = {"samples": [], "tokens": [], "states": [], "single": [], "skip": []}
         good = _prepared(model, batch, settings.skip_bad, tables["samples"])
-        traces = _trace_all(model, [inputs for _, inputs in good], config.max_new_tokens)
+        traces = ke.trace_samples(model, [inputs for _, inputs in good], config.max_new_tokens)
         for (entry, _), trace in zip(good, traces):
-            evolution = ke.analyze_trace(trace, entry.id, entry.answer, config, tuned_lens=tuned_lens,
-                                         planted=entry.planted, question=entry.question)  # fmt: skip
-            halluc = hallucination_rows(evolution, trace, entry.answer, config, tuned_lens)
-            tables["samples"].append(rd.sample_row(entry, evolution, halluc))
+            evolution = ke.analyze_sample(trace, entry.id, entry.answer, config, tuned_lens=tuned_lens,
+                                          planted=entry.planted, question=entry.question, index=entry.index)  # fmt: skip
+            tables["samples"].append(rd.sample_row(entry, evolution))
             tables["tokens"] += rd.token_rows(entry.id, evolution, model.tokenizer)
             state, single = rd.state_rows(entry.id, trace, entry.index)
             tables["states"].append(state)
@@ -172,7 +151,7 @@ def phase2(model, source, store: Store, sets: dict[str, list[int]], *, batch_siz
     report("layer skipping", 0, len(wanted))
     for batch in _batches(todo, batch_size):
         good = _prepared(model, batch, True, [])
-        traces = _trace_all(model, [inputs for _, inputs in good], store.meta["settings"]["evolution"]["max_new_tokens"])
+        traces = ke.trace_samples(model, [inputs for _, inputs in good], store.meta["settings"]["evolution"]["max_new_tokens"])
         rows = []
         for (entry, _), trace in zip(good, traces):
             rows += rd.set_rows(entry.id, trace, entry.answer, sets)
