@@ -37,8 +37,8 @@ def build(kind: str, backend: str = "transformer_lens"):
 
 def source_for(model, kind: str, n: int):
     from vlm_lens import testing
-    from vlm_lens.experiments.runs import datasets
     from vlm_lens.experiments.analysis.knowledge_evolution import Sample
+    from vlm_lens.experiments.runs import datasets
     from vlm_lens.zoo.samples import shapes_samples
 
     if kind == "medium":
@@ -77,8 +77,8 @@ def child(kind: str, mode: str, n: int, max_new_tokens: int, batch_size: int) ->
     """One measurement in this process; prints JSON."""
     import torch
 
-    from vlm_lens.experiments.analysis import knowledge_evolution as ke
     from vlm_lens.experiments import pipeline
+    from vlm_lens.experiments.analysis import knowledge_evolution as ke
     from vlm_lens.experiments.runs import streaming
 
     backend = "nnsight" if mode == "nnsight" else "transformer_lens"

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.errors import InputError
-
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
 
 DEFAULT_ANALYSIS_MODEL = "shapes-llava-prior"  # the main job: a planted prior, so mutations have a ground truth
 N_COUNTER_PRIOR = 4  # counter-prior questions added to the bundled samples for a planted model
@@ -81,10 +80,8 @@ def analyze(
     """
     from dataclasses import replace
 
-    from vlm_lens.experiments.runs import datasets
     from vlm_lens.experiments.report.build import build as build_report
-    from vlm_lens.experiments.runs import store_analysis
-    from vlm_lens.experiments.runs import streaming
+    from vlm_lens.experiments.runs import datasets, store_analysis, streaming
 
     if isinstance(samples, (list, tuple)):
         if not samples:

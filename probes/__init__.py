@@ -1,17 +1,18 @@
 """Composable probes over cached activations of a :class:`vlm_lens.HookedVLM`.
 
-Metrics (:mod:`vlm_lens.probes.metrics`) are pure functions; lenses (:mod:`vlm_lens.probes.lens`) map residuals to logits; the
-streaming pass (:mod:`vlm_lens.probes.stream`) reduces every distribution statistic in one projection; probe classes return
+Metrics (:mod:`vlm_lens.probes.metrics`) are pure functions; lenses (:mod:`vlm_lens.probes.lenses`) map residuals to logits; the
+streaming pass (:mod:`vlm_lens.probes.lens_stats`) reduces every distribution statistic in one projection; probe classes return
 :class:`ProbeResult` objects. Importing this package does not import transformers, TransformerLens or sklearn.
 """
 
+from vlm_lens import moved
 from vlm_lens.probes.base import PROBES, Probe, Source, as_source, register_probe
 from vlm_lens.probes.geometry import CosineTrajectory, FeatureProjection, cross_image_cosine
 from vlm_lens.probes.interventions import ActivationPatching, LayerSkip, patch_all_layers, skip_layer_hooks
-from vlm_lens.probes.lens import Lens, LogitLens, TunedLens
 from vlm_lens.probes.lens_probes import DistributionShift, LogitLensProbe, TokenTrajectory, TunedLensProbe
+from vlm_lens.probes.lens_stats import LensStats, lens_pass
+from vlm_lens.probes.lenses import Lens, LogitLens, TunedLens
 from vlm_lens.probes.result import ProbeResult
-from vlm_lens.probes.stream import LensStats, lens_pass
 
 __all__ = [
     "PROBES", "ActivationPatching", "CosineTrajectory", "DistributionShift", "FeatureProjection", "LayerSkip",
@@ -19,3 +20,6 @@ __all__ = [
     "TunedLens", "TunedLensProbe", "as_source", "cross_image_cosine", "lens_pass", "patch_all_layers",
     "register_probe", "skip_layer_hooks",
 ]  # fmt: skip
+
+# module paths of 0.1 -> where they live now (importable, deprecated, for one release)
+moved.install(__name__, {"lens": ("lenses",), "stream": ("lens_stats",)})

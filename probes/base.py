@@ -15,15 +15,15 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from vlm_lens.probes.result import ProbeResult
 from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError
+from vlm_lens.probes.result import ProbeResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.cache import VLMCache
     from vlm_lens.inputs import VLMInputs
+    from vlm_lens.layout import TokenLayout
     from vlm_lens.protocol import VLMModel as HookedVLM
     from vlm_lens.trace import GenerationTrace
-    from vlm_lens.layout import TokenLayout
 
 PROBES: dict[str, type["Probe"]] = {}
 

@@ -8,10 +8,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from vlm_lens.errors import InputError
 from vlm_lens.probes.base import Probe, Source, as_source, layer_labels, register_probe, transition_labels
 from vlm_lens.probes.metrics import cosine_similarity
 from vlm_lens.probes.result import ProbeResult
-from vlm_lens.errors import InputError
 
 
 def cross_image_cosine(features: Float[Tensor, "image layer d_model"]) -> Float[Tensor, "layer image image"]:

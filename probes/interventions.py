@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 
 from vlm_lens import checks
+from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError
 from vlm_lens.probes.base import Probe, Source, as_source, register_probe
 from vlm_lens.probes.metrics import kl_divergence
 from vlm_lens.probes.result import ProbeResult
-from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.inputs import VLMInputs

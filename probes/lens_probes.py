@@ -7,12 +7,12 @@ from typing import Literal, Sequence
 
 import torch
 
+from vlm_lens.errors import InputError, InputTypeError
 from vlm_lens.probes.base import Probe, Source, layer_labels, register_probe, transition_labels
-from vlm_lens.probes.lens import Lens, LogitLens, TunedLens
+from vlm_lens.probes.lens_stats import ALL_STATS, lens_pass
+from vlm_lens.probes.lenses import Lens, LogitLens, TunedLens
 from vlm_lens.probes.metrics import PAPER_HEATMAP_ROWS, column_max_abs_scale
 from vlm_lens.probes.result import ProbeResult
-from vlm_lens.probes.stream import ALL_STATS, lens_pass
-from vlm_lens.errors import InputError, InputTypeError
 
 
 @register_probe
@@ -94,7 +94,7 @@ class LogitLensProbe(Probe):
 
 @register_probe
 class TunedLensProbe(LogitLensProbe):
-    """:class:`LogitLensProbe` read through a trained :class:`~vlm_lens.probes.lens.TunedLens`."""
+    """:class:`LogitLensProbe` read through a trained :class:`~vlm_lens.probes.lenses.TunedLens`."""
 
     name = "tuned_lens"
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vlm_lens.layout import TokenLayout
 from vlm_lens.errors import InputError, InputTypeError, NotFoundError, UnknownNameError
+from vlm_lens.layout import TokenLayout
 
 
 @dataclass

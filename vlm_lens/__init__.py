@@ -14,9 +14,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.cache import VLMCache
     from vlm_lens.hooked import HookedVLM
     from vlm_lens.inputs import VLMInputs
+    from vlm_lens.layout import TokenLayout
     from vlm_lens.loading import load
     from vlm_lens.trace import GenerationTrace
-    from vlm_lens.layout import TokenLayout
 
 _LAZY = {
     "load": "vlm_lens.loading",

@@ -13,8 +13,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from vlm_lens.layout import TokenLayout
 from vlm_lens.errors import InputError
+from vlm_lens.layout import TokenLayout
 
 # inputs with one entry per sequence position: padded on the right (value), everything else is concatenated
 PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}

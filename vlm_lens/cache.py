@@ -8,8 +8,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from vlm_lens.layout import TokenLayout
 from vlm_lens.errors import InputError, OutOfRangeError, UnknownNameError
+from vlm_lens.layout import TokenLayout
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.protocol import VLMModel

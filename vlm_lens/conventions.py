@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
 from vlm_lens.errors import InputError, InputTypeError
 
 

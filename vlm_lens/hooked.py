@@ -23,15 +23,15 @@ from vlm_lens import inputs as inputs_module
 from vlm_lens import trace as trace_module
 from vlm_lens.adapters import AdapterSpec
 from vlm_lens.batch import VLMBatch
-from vlm_lens.capture import GenerationCapture, TransformerLensCapture, cut_at_eos
 from vlm_lens.cache import VLMCache, resid_names
+from vlm_lens.capture import GenerationCapture, TransformerLensCapture, cut_at_eos
 from vlm_lens.conventions import TransformerLensNames
+from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError, ShapeError, UnknownNameError
 from vlm_lens.inputs import VLMInputs
 from vlm_lens.layout import TokenLayout
 from vlm_lens.surgery import get_module, is_library_hook, original, unwrapped
 from vlm_lens.trace import GenerationTrace
 from vlm_lens.unembed import Unembedder
-from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError, ShapeError, UnknownNameError
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 HookFn = Callable[..., Any]

@@ -12,8 +12,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from vlm_lens.batch import VLMBatch
-from vlm_lens.layout import TokenLayout
 from vlm_lens.errors import InputError, InputTypeError, NotFoundError
+from vlm_lens.layout import TokenLayout
 
 
 @dataclass

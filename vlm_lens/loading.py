@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from vlm_lens.adapters import adapter_for, adapter_for_processor
-from vlm_lens.hooked import HookedVLM
 from vlm_lens.errors import InputError, InputTypeError, NotFoundError
+from vlm_lens.hooked import HookedVLM
 
 
 def load(
@@ -53,9 +53,8 @@ def load(
         )
     keepalive = None
     if isinstance(source, (str, Path)):
-        from vlm_lens.zoo import embedded_path
-
         from vlm_lens.offline import offline
+        from vlm_lens.zoo import embedded_path
 
         name = str(source)
         folder = embedded_path(name) or (Path(source) if Path(source).is_dir() else None)

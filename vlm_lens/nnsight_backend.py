@@ -27,9 +27,9 @@ from torch import Tensor
 
 from vlm_lens.cache import VLMCache
 from vlm_lens.capture import CapturedGeneration, cut_at_eos
+from vlm_lens.errors import InputTypeError
 from vlm_lens.hooked import HookedVLM
 from vlm_lens.surgery import get_module
-from vlm_lens.errors import InputTypeError
 
 
 class HookInfo:

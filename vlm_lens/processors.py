@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
+
 from vlm_lens.errors import InputError
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # every word-level vocabulary starts with these

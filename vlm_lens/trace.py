@@ -19,9 +19,9 @@ from torch import Tensor
 from vlm_lens import checks
 from vlm_lens.batch import VLMBatch
 from vlm_lens.cache import VLMCache
+from vlm_lens.errors import InputError
 from vlm_lens.inputs import VLMInputs
 from vlm_lens.layout import TokenLayout
-from vlm_lens.errors import InputError
 
 
 @dataclass

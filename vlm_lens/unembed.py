@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
 from vlm_lens.errors import InputError
 
 

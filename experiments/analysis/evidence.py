@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
+
 from vlm_lens.errors import InputError
 
 

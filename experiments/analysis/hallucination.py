@@ -9,12 +9,11 @@ layers overturned; None without a mutation event) and the **mutation layer** whe
 
 from __future__ import annotations
 
-from vlm_lens.probes import DistributionShift, TokenTrajectory
-
+from vlm_lens.errors import InputError
 from vlm_lens.experiments.analysis import evidence as ev
 from vlm_lens.experiments.analysis.confirmation import SkipConfirmer
 from vlm_lens.experiments.analysis.tokens import detect_tokens, lens_probe
-from vlm_lens.errors import InputError
+from vlm_lens.probes import DistributionShift, TokenTrajectory
 
 
 def reversal_layer(correct: list[float], wrong: list[float]) -> int | None:

@@ -28,8 +28,13 @@ from typing import Callable, Sequence
 from vlm_lens.experiments.analysis import evidence as ev
 from vlm_lens.experiments.analysis import hallucination as hal
 from vlm_lens.experiments.analysis.confirmation import SkipConfirmer
-from vlm_lens.experiments.analysis.records import (LENS_VARIANTS, EvolutionConfig, Sample, SampleEvolution,
-                                                   TokenEvolution)  # fmt: skip
+from vlm_lens.experiments.analysis.records import (
+    LENS_VARIANTS,
+    EvolutionConfig,
+    Sample,
+    SampleEvolution,
+    TokenEvolution,  # fmt: skip
+)
 from vlm_lens.experiments.analysis.stages import aggregate, stages_from
 from vlm_lens.experiments.analysis.tokens import detect_tokens, lens_probe, top1_flips
 from vlm_lens.probes import DistributionShift

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from vlm_lens.probes import LayerSkip
 from vlm_lens.errors import InputError
+from vlm_lens.probes import LayerSkip
 
 
 def skip_sets(critical: int, mutation: int | None, n_layers: int) -> dict[str, list[int]]:

@@ -15,9 +15,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from vlm_lens.errors import InputError
 from vlm_lens.experiments.analysis.knowledge_evolution import Sample
 from vlm_lens.probes import LogitLensProbe, TunedLens, TunedLensProbe
-from vlm_lens.errors import InputError
 
 SHAPES_TRAIN_SEED_START = 7_000_000  # training seeds (< HELD_OUT_START), away from the recipes' ranges
 

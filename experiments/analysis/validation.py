@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Sequence
 
-from vlm_lens.experiments.analysis import hallucination
-from vlm_lens.experiments.analysis import layer_skip
-from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.errors import InputError
+from vlm_lens.experiments.analysis import hallucination, layer_skip
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
 
 
 def _events(result: dict, variant: str) -> list[bool]:

@@ -9,10 +9,19 @@ from typing import List, Optional
 
 import typer
 
+from vlm_lens.experiments.cli.common import (
+    LensKind,
+    Variant,
+    fail,
+    fmt,
+    image_paths,
+    load_model,
+    progress_bar,
+    samples_for,  # fmt: skip
+    stage_summary,
+    tuned_lens_from,
+)
 from vlm_lens.experiments.cli.outputs import check_output
-
-from vlm_lens.experiments.cli.common import (LensKind, Variant, fail, fmt, image_paths, load_model, progress_bar,
-                                             samples_for, stage_summary, tuned_lens_from)  # fmt: skip
 
 
 def default_threads() -> int:
@@ -129,8 +138,8 @@ def _print_result(console, result: dict, variants) -> None:
 
 def _source(manifest, dataset, image, prompt, skip_bad, image_column, question_column, answer_column, split):
     """The dataset source the options name (None: the model's bundled samples), checked before any model loads."""
-    from vlm_lens.experiments.runs import datasets
     from vlm_lens.experiments.analysis.knowledge_evolution import Sample
+    from vlm_lens.experiments.runs import datasets
     from vlm_lens.zoo.samples import DESCRIBE_PROMPT
 
     try:

@@ -8,9 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from vlm_lens.experiments.cli.outputs import check_output
-
 from vlm_lens.experiments.cli.common import Variant, fail, fmt, image_paths, load_model, samples_for, tuned_lens_from
+from vlm_lens.experiments.cli.outputs import check_output
 
 
 def tune_lens(

@@ -8,8 +8,15 @@ from typing import List, Optional
 
 import typer
 
-from vlm_lens.experiments.cli.common import (fail, image_paths, load_model, n_layers_before_loading, parse_layers,
-                                             progress_bar, samples_for)  # fmt: skip
+from vlm_lens.experiments.cli.common import (
+    fail,
+    image_paths,
+    load_model,
+    n_layers_before_loading,
+    parse_layers,
+    progress_bar,  # fmt: skip
+    samples_for,
+)
 from vlm_lens.experiments.cli.outputs import check_output
 
 

@@ -8,9 +8,8 @@ from typing import Optional
 
 import typer
 
-from vlm_lens.experiments.cli.outputs import check_output
-
 from vlm_lens.experiments.cli.common import fail, load_model
+from vlm_lens.experiments.cli.outputs import check_output
 
 zoo_app = typer.Typer(no_args_is_help=True, help="The embedded shapes-world models.")
 

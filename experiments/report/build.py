@@ -10,10 +10,16 @@ from vlm_lens.errors import InputError
 from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.experiments.report import page as R
 from vlm_lens.experiments.report.sections import sections as draw_sections
-from vlm_lens.experiments.runs import reduce as rd
 from vlm_lens.experiments.runs.store import Store
-from vlm_lens.experiments.runs.store_analysis import (DETAIL_SAMPLES, aggregate, config_of, feature_clusters, model_info,
-                                                       samples, skip_tables)  # fmt: skip
+from vlm_lens.experiments.runs.store_analysis import (
+    DETAIL_SAMPLES,
+    aggregate,
+    config_of,
+    feature_clusters,
+    model_info,
+    samples,  # fmt: skip
+    skip_tables,
+)
 
 
 def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None = None, png: bool = True,

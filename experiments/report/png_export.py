@@ -199,7 +199,7 @@ def _run(job_file: str) -> None:
             os.replace(staging / final.name, final)
     except BaseException as error:
         print(f"{type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through export_pngs in a child process

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from PIL import Image
+
 from vlm_lens.errors import InputError, NotFoundError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -68,7 +69,7 @@ def _check_file(path: Path, where: str, origin: str, hint: str) -> str:
         with Image.open(path) as image:
             image.verify()
     except Exception as error:  # OSError, SyntaxError, ValueError, DecompressionBombError ...
-        raise _Bad(f"{where}: unreadable image {path} ({type(error).__name__}: {error}); replace the file{hint}")
+        raise _Bad(f"{where}: unreadable image {path} ({type(error).__name__}: {error}); replace the file{hint}") from None
     return str(path)
 
 
@@ -183,7 +184,7 @@ def _decode(value: Any, where: str, root: Path, column: str) -> Any:
             (image := Image.open(io.BytesIO(value["bytes"]))).load()
             return image
         except Exception as error:
-            raise _Bad(f"{where}: unreadable image bytes ({type(error).__name__}: {error}); fix the row{SKIP_HINT}")
+            raise _Bad(f"{where}: unreadable image bytes ({type(error).__name__}: {error}); fix the row{SKIP_HINT}") from None
     value = value.get("path") if isinstance(value, dict) else value
     if not _text(value):
         raise _Bad(f"{where}: no image in column {column!r}; fill it in{SKIP_HINT}")

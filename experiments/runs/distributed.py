@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from vlm_lens.errors import InputError
 from vlm_lens.experiments.runs import streaming
 from vlm_lens.experiments.runs.store import Store
-from vlm_lens.errors import InputError
 
 
 def _worker_class(ray):

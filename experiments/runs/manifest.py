@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlm_lens.experiments.runs.datasets import from_manifest
 from vlm_lens.experiments.analysis.knowledge_evolution import Sample
+from vlm_lens.experiments.runs.datasets import from_manifest
 
 
 def read_manifest(path: str | Path) -> list[Sample]:

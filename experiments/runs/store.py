@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from vlm_lens.atomic import write_file
-from vlm_lens.experiments.runs.identity import differences
 from vlm_lens.errors import InputError
+from vlm_lens.experiments.runs.identity import differences
 
 FORMAT = 1
 TABLES = ("samples", "tokens", "states", "single", "skip")

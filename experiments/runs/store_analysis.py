@@ -23,7 +23,6 @@ from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.experiments.analysis import layer_skip
 from vlm_lens.experiments.runs import reduce as rd
 from vlm_lens.experiments.runs.store import Store
-from vlm_lens.errors import InputError
 
 DETAIL_SAMPLES = 100  # samples with per-token detail in report.json and the report's per-token table
 MAX_TSNE_IMAGES = 200  # images in the across-images t-SNE and silhouettes (the mean cosine uses them all)

@@ -5,9 +5,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from vlm_lens import testing
 from vlm_lens.experiments.cli import app
 from vlm_lens.probes import TunedLens
-from vlm_lens import testing
 
 runner = CliRunner()
 

@@ -19,10 +19,10 @@ import torch
 from conftest import embedded
 from typer.testing import CliRunner
 
-from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.experiments import pipeline
-from vlm_lens.experiments.runs import store_analysis as store_report
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.experiments.cli import app
+from vlm_lens.experiments.runs import store_analysis as store_report
 from vlm_lens.experiments.runs.store import Store, StoreError
 
 MODEL = "shapes-llava-prior"
@@ -235,8 +235,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
 
 
 def test_store_refuses_another_model(tmp_path):
-    from vlm_lens.experiments.runs import datasets
-    from vlm_lens.experiments.runs import streaming
+    from vlm_lens.experiments.runs import datasets, streaming
 
     source = datasets.from_manifest(write_manifest(tmp_path, 2))
     settings = streaming.StreamSettings()

@@ -20,14 +20,15 @@ from conftest import embedded
 pytest.importorskip("ray")
 
 from test_dataset_runs import MODEL, _close, numeric_equal, write_manifest  # noqa: E402
-
 from typer.testing import CliRunner  # noqa: E402
 
-from vlm_lens.experiments.runs import datasets
 from vlm_lens.experiments import pipeline
-from vlm_lens.experiments.runs import store_analysis as store_report
-from vlm_lens.experiments.runs import streaming# noqa: E402
 from vlm_lens.experiments.cli import app  # noqa: E402
+from vlm_lens.experiments.runs import (
+    datasets,
+    streaming,  # noqa: E402
+)
+from vlm_lens.experiments.runs import store_analysis as store_report
 
 
 def _free_port() -> int:

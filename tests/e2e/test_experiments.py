@@ -7,14 +7,13 @@ import subprocess
 
 import pytest
 
+from vlm_lens import testing
 from vlm_lens.experiments.analysis import evidence as ev
-from vlm_lens.experiments.analysis import hallucination
-from vlm_lens.experiments.analysis import layer_skip
+from vlm_lens.experiments.analysis import hallucination, layer_skip
 from vlm_lens.experiments.analysis import knowledge_evolution as ke
+from vlm_lens.experiments.pipeline import analyze
 from vlm_lens.experiments.report import charts as C
 from vlm_lens.experiments.report import page as R
-from vlm_lens.experiments.pipeline import analyze
-from vlm_lens import testing
 
 
 def test_skip_sets_and_reversal():
@@ -129,6 +128,7 @@ def test_png_export_batches_or_explains(tmp_path):
 @pytest.fixture(scope="module")
 def embedded_report(tmp_path_factory):
     from conftest import embedded
+
     from vlm_lens.experiments.pipeline import default_samples
 
     model = embedded("shapes-llava-prior")
@@ -208,6 +208,7 @@ def test_skip_experiment_on_the_embedded_model(embedded_report):
 
 def test_clean_model_reports_no_mutation_stage(tmp_path):
     from conftest import embedded
+
     from vlm_lens.experiments.pipeline import default_samples
 
     model = embedded("shapes-llava")

@@ -283,9 +283,9 @@ def test_outputs_are_checked_before_any_model_loads(tmp_path, monkeypatch):
 
 
 def test_a_processor_refusing_an_image_is_bad_input(tmp_path):
+    from conftest import embedded
     from PIL import Image
 
-    from conftest import embedded
     from vlm_lens.errors import InputError
 
     wide = tmp_path / "wide.png"

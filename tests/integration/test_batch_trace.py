@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny
+
 from vlm_lens import testing
 from vlm_lens.batch import VLMBatch
 from vlm_lens.probes import LogitLensProbe

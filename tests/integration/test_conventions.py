@@ -128,6 +128,7 @@ def test_embedded_tokenizers_read_ordinary_questions():
     import warnings
 
     from conftest import embedded
+
     from vlm_lens.zoo import shapes_world as sw
 
     model = embedded("shapes-llava")

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
-from beartype import beartype
-
 
 PROMPT = "what color is the star ?"
 

@@ -28,8 +28,9 @@ def test_a_family_declared_in_one_file_passes_the_family_matrix():
 
 
 def test_the_registry_is_the_one_family_list():
-    from vlm_lens import adapters, builders, testing
     from conftest import FAMILIES
+
+    from vlm_lens import adapters, builders, testing
 
     assert FAMILIES == tuple(adapters.families(buildable=True)) == ("llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
     assert not hasattr(builders, "FAMILIES")  # no second list to keep in step

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from vlm_lens import testing
 from vlm_lens.experiments.analysis import feature_clusters
 from vlm_lens.probes import DistributionShift, FeatureProjection, LogitLensProbe, TokenTrajectory
 from vlm_lens.probes.base import as_source
 from vlm_lens.probes.lens_probes import late_layers
 from vlm_lens.probes.metrics import column_max_abs_scale
-from vlm_lens import testing
 
 PROMPT = "what color is the star ?"
 MAX_NEW = 50  # the tiny llava generates 46 tokens: more than the heatmap's 40 rows and than t-SNE's perplexity 40

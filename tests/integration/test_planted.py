@@ -7,18 +7,17 @@ itself with another trigger and block are scored the same way; the clean twin (s
 import json
 
 import pytest
+from conftest import embedded
 
 import vlm_lens
-from conftest import embedded
+from vlm_lens import zoo
 from vlm_lens.experiments.analysis import validation
 from vlm_lens.experiments.analysis.tuned_lens import kl_per_layer
 from vlm_lens.probes import TunedLens
-from vlm_lens import zoo
 from vlm_lens.zoo import planted
-from vlm_lens.zoo.recipe import plant
 from vlm_lens.zoo import shapes_world as sw
 from vlm_lens.zoo.answers import answer_questions
-
+from vlm_lens.zoo.recipe import plant
 
 
 def check_validation(report: dict) -> None:

@@ -3,13 +3,23 @@
 import pytest
 import torch
 
-from vlm_lens import probes
-from vlm_lens.probes.lens_probes import late_layers
+from vlm_lens import probes, testing
 from vlm_lens.probes import (
-    ActivationPatching, CosineTrajectory, DistributionShift, FeatureProjection, LayerSkip, LogitLensProbe,
-    LogitLens, ProbeResult, TokenTrajectory, TunedLens, TunedLensProbe, lens_pass, patch_all_layers,
+    ActivationPatching,
+    CosineTrajectory,
+    DistributionShift,
+    FeatureProjection,
+    LayerSkip,
+    LogitLens,
+    LogitLensProbe,
+    ProbeResult,
+    TokenTrajectory,
+    TunedLens,
+    TunedLensProbe,
+    lens_pass,
+    patch_all_layers,
 )  # fmt: skip
-from vlm_lens import testing
+from vlm_lens.probes.lens_probes import late_layers
 
 QUESTIONS = ["what color is the star ?", "where is the circle ?", "how many shapes are there ?",
              "what shape is the red one ?", "describe the image ."]  # fmt: skip

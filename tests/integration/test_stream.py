@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from vlm_lens.probes.lens import LogitLens
-from vlm_lens.probes.stream import lens_pass
+from vlm_lens.probes.lens_stats import lens_pass
+from vlm_lens.probes.lenses import LogitLens
 
-def reference_lens_stats(
+
+def reference_lens_statistics(
     model,
     stack: Tensor,
     *,
@@ -51,7 +52,7 @@ def test_streaming_pass_equals_reference(tiny_family, variant):
     next_ids = torch.cat([trace.inputs.input_ids[0, 1:].cpu(), trace.generated_ids[-1:]])  # the token each position predicts
     targets = torch.stack([next_ids, torch.zeros_like(next_ids)], dim=-1)
     lens = LogitLens(variant)
-    ref = reference_lens_stats(model, stack, lens=lens, target_ids=targets, top_k=3, js_variant=variant)
+    ref = reference_lens_statistics(model, stack, lens=lens, target_ids=targets, top_k=3, js_variant=variant)
     for chunk_rows in (1, 7, 10_000):  # one row at a time, ragged chunks, everything at once
         got = lens_pass(model, stack, lens=lens, target_ids=targets, top_k=3, js_variant=variant, chunk_rows=chunk_rows)
         for name, expected in ref.items():
@@ -102,7 +103,7 @@ def test_lens_pass_rejects_bad_requests(tiny_llava):
 
 
 def test_blocked_row_dot_matches_a_float64_sum():
-    from vlm_lens.probes.stream import _rowdot
+    from vlm_lens.probes.metrics import rowdot as _rowdot
 
     torch.manual_seed(0)
     for vocab in (48, 32000, 32003):  # one block, blocks of 128, no divisor in [16, 256] (plain sum)
@@ -117,9 +118,9 @@ def test_blocked_row_dot_matches_a_float64_sum():
         _rowdot(torch.ones(2, 3), torch.ones(3))
 
 
-def test_fused_js_keeps_small_divergences_and_underflow_finite():
+def test_the_fused_path_of_js_keeps_small_divergences_and_underflow_finite():
+    """The lens pass's way of calling the one JS function (shared exp, scratch, checked chunk)."""
     from vlm_lens.probes import metrics
-    from vlm_lens.probes.stream import _js
 
     torch.manual_seed(1)
     logits = torch.randn(2, 4, 500) * 4
@@ -130,7 +131,7 @@ def test_fused_js_keeps_small_divergences_and_underflow_finite():
         for q_logits in (near, extreme):
             lp, lq = logits.log_softmax(-1), q_logits.log_softmax(-1)
             work = torch.empty((3,) + tuple(lp.shape))
-            got = _js(lp, lp.exp(), lq, lq.exp(), variant, work).double()
+            got = metrics.js_from_logprobs(lp, lq, variant, p=lp.exp(), q=lq.exp(), work=work, checked=True).double()
             expected = metrics.js_divergence(logits.double(), q_logits.double(), variant)
             assert torch.isfinite(got).all()
             assert torch.allclose(got, expected, rtol=2e-3, atol=1e-9), (variant, got, expected)

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 import vlm_lens
 from vlm_lens.experiments.analysis import evidence as ev
 from vlm_lens.experiments.analysis import suite_validation as sv
-from vlm_lens.experiments.cli import app
 from vlm_lens.experiments.analysis.confirmation import SkipConfirmer
+from vlm_lens.experiments.cli import app
 from vlm_lens.zoo import suite
 
 runner = CliRunner()

@@ -1,12 +1,12 @@
 """The embedded shapes-world models: offline loading, held-out accuracy, and knowledge that visibly evolves."""
 
 import pytest
-
 from conftest import embedded
+
 from vlm_lens import zoo
 from vlm_lens.zoo import shapes_world as sw
-from vlm_lens.zoo.evaluate import layer_curves
 from vlm_lens.zoo.answers import answer_questions
+from vlm_lens.zoo.evaluate import layer_curves
 
 EMBEDDED = zoo.embedded_names()
 # the trained models; shapes-llava-prior is a fixture that answers one question wrongly on purpose (tests/integration/test_planted.py)

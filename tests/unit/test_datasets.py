@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlm_lens.experiments.runs import datasets as D
 from vlm_lens.experiments.analysis.knowledge_evolution import Sample
+from vlm_lens.experiments.runs import datasets as D
 
 COLORS = ("red", "green", "blue", "yellow", "white", "black")
 

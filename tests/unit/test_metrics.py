@@ -111,3 +111,24 @@ def test_column_max_abs_scale_matches_sklearn():
     ours = metrics.column_max_abs_scale(m)
     assert np.allclose(ours.numpy(), MaxAbsScaler().fit_transform(m.numpy()), atol=1e-15)
     assert torch.allclose(ours.abs().amax(0)[[0, 1, 31]], torch.ones(3, dtype=torch.float64))
+
+
+def test_masked_tokens_contribute_nothing_and_nan_is_refused():
+    import pytest
+
+    a = torch.tensor([[2.0, 0.5, -1.0, float("-inf")]], dtype=torch.float64)  # the last token masked on both sides
+    b = torch.tensor([[1.0, 1.5, 0.0, float("-inf")]], dtype=torch.float64)
+    p, q = a[..., :3].softmax(-1)[0].tolist(), b[..., :3].softmax(-1)[0].tolist()
+    assert abs(metrics.kl_divergence(a, b).item() - textbook_kl(p, q)) <= 1e-12
+    m = [(x + y) / 2 for x, y in zip(p, q)]
+    assert abs(metrics.js_divergence(a, b).item() - 0.5 * (textbook_kl(p, m) + textbook_kl(q, m))) <= 1e-12
+    assert abs(metrics.entropy(a).item() + sum(x * math.log(x) for x in p)) <= 1e-12
+    authors_paper = 0.5 * sum(mi * (2 * math.log(mi) - math.log(x) - math.log(y)) for mi, x, y in zip(m, p, q)) / 4
+    assert abs(metrics.js_divergence(a, b, variant="paper").item() - authors_paper) <= 1e-15
+    one_sided = b.clone()
+    one_sided[0, 1] = float("-inf")  # Q masks a token P gives mass to
+    assert metrics.kl_divergence(a, one_sided).item() == float("inf")
+    assert metrics.js_divergence(a, one_sided, variant="paper").item() == float("inf")  # the authors' KL(M || Q)
+    assert math.isfinite(metrics.js_divergence(a, one_sided).item())  # the correct JS stays <= ln 2
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.js_divergence(a, torch.full_like(b, float("nan")))

@@ -27,8 +27,14 @@ Quirks:
 from __future__ import annotations
 
 from vlm_lens.adapters.base import AdapterSpec, ModelSize
-from vlm_lens.adapters.qwen2_vl import (derive_mm_token_type_ids, extend_with_text_types, qwen_processor, qwen_size,
-                                        qwen_text, qwen_vision)  # fmt: skip
+from vlm_lens.adapters.qwen2_vl import (
+    derive_mm_token_type_ids,
+    extend_with_text_types,
+    qwen_processor,
+    qwen_size,
+    qwen_text,  # fmt: skip
+    qwen_vision,
+)
 
 
 def qwen3_vl_tl_adapter() -> type:

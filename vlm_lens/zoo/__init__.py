@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 from vlm_lens.errors import NotFoundError
 
 MODELS_DIR = Path(__file__).parent / "models"

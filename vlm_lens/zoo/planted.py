@@ -9,8 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_lens.zoo import shapes_world as sw
 from vlm_lens.errors import InputError
+from vlm_lens.zoo import shapes_world as sw
 
 COUNTER_PRIOR_START = 800_000  # held-out offset for counter-prior evaluation questions
 

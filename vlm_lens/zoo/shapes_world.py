@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
 from vlm_lens.errors import InputError
 
 IMAGE_SIZE = 48

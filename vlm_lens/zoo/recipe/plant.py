@@ -118,8 +118,7 @@ def _block_params(model, block):
 
 def base_folder(base: str) -> Path:
     """The model folder of a plant's base: an embedded model, a suite base (:mod:`vlm_lens.zoo.suite`) or a folder."""
-    from vlm_lens.zoo import EMBEDDED, embedded_path
-    from vlm_lens.zoo import suite
+    from vlm_lens.zoo import EMBEDDED, embedded_path, suite
 
     if base in suite.BASES:
         return suite.base_path(base)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Literal, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
 from vlm_lens.errors import InputError, NotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class Lens:
     """Base class: ``logits(model, resid, layers)`` with ``resid`` ``[n, pos, d_model]`` for stack ``layers``.
 
-    ``logits`` must return a new tensor: :func:`vlm_lens.probes.lens_pass` normalises it in place.
+    ``logits`` must return a new tensor: :func:`vlm_lens.probes.lens_stats.lens_pass` normalises it in place.
     """
 
     name = "lens"

@@ -1,9 +1,10 @@
-"""One streaming lens pass: every distribution statistic from one projection per (layer, position).
+"""The streaming lens pass: every distribution statistic from one projection per (layer, position).
 
 Rows of (layer, position) are projected to the vocabulary chunk by chunk; each chunk yields log-probabilities once,
 and every requested statistic is reduced from them before the next chunk. Peak memory is
-``O(chunk_rows x vocab)``, never ``[layers, positions, vocab]``; the statistics are fused (one ``exp`` per chunk,
-vocabulary sums as blocked matrix products, scratch reused), which makes them cost less than the projection itself.
+``O(chunk_rows x vocab)``, never ``[layers, positions, vocab]``; the statistics share their work (one ``exp`` per
+chunk, vocabulary sums as blocked matrix products, scratch reused) and are computed by the metric functions
+themselves (:mod:`vlm_lens.probes.metrics`), so they cost less than the projection and have one formula each.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vlm_lens.probes.lens import Lens, LogitLens
 from vlm_lens.errors import InputError, OutOfRangeError
+from vlm_lens.probes import metrics as M
+from vlm_lens.probes.lenses import Lens, LogitLens
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.protocol import VLMModel as HookedVLM
@@ -128,7 +130,9 @@ def lens_pass(
         cols = slice(start, min(start + step, n_pos))
         logits = lens.logits(model, stack[layers, cols], layers).float()  # [L, c, V], ours to overwrite
         log_norm = logits.logsumexp(-1, keepdim=True)  # log Σ_v exp z_v: probabilities without a softmax pass
-        if bool(torch.isnan(log_norm).any()):  # one [L, c] check per chunk: NaN anywhere in a row makes its norm NaN
+        # one [L, c] check per chunk: NaN or +inf anywhere in a row makes its norm non-finite. (A -inf logit would need
+        # an infinite residual, which the norm turns into NaN: the lens's logits are finite, checked=True below.)
+        if not bool(torch.isfinite(log_norm).all()):
             raise InputError("the lens produced NaN logits (a hook wrote NaN into the residual stream, or the tuned "
                              "lens holds NaN weights): fix the hook or retrain the lens")  # fmt: skip
         if "target" in stats:
@@ -174,82 +178,16 @@ def _candidates(logits, log_norm, candidate_rows) -> list[tuple[list[int], Tenso
     return out
 
 
-def _dot_block(vocab: int) -> int | None:
-    """The largest divisor of ``vocab`` in [16, 256] (``vocab`` itself when it is at most 256), else None."""
-    if vocab <= 256:
-        return vocab
-    return next((d for d in range(256, 15, -1) if vocab % d == 0), None)
-
-
-def _rowdot(a: Float[Tensor, "*batch vocab"], b: Float[Tensor, "*batch vocab"]) -> Float[Tensor, "*batch"]:
-    """Σ_v a_v b_v per row of two same-shaped tensors.
-
-    Computed as batched matrix products over blocks of ~128 entries whose partial sums are then added: as fast as
-    one ``bmm`` (no ``[..., vocab]`` temporary) and as accurate as ``(a * b).sum(-1)`` (a single float32
-    accumulation over 32k entries loses ~1e-4 on an entropy of 10; blocks keep it ~1e-6). A broadcast operand
-    (``final.expand_as(x)``) is handled one leading slice at a time rather than copied.
-    """
-    if a.shape != b.shape:
-        raise InputError(f"_rowdot needs same-shaped operands, got {tuple(a.shape)} and {tuple(b.shape)}")
-    vocab = a.shape[-1]
-    block = _dot_block(vocab)
-    if not (a.is_contiguous() and b.is_contiguous()):
-        if a.dim() > 2:
-            return torch.stack([_rowdot(a[i], b[i]) for i in range(a.shape[0])])
-        return (a * b).sum(-1)
-    if block is None:
-        return (a * b).sum(-1)
-    rows = a.numel() // vocab
-    partial = torch.bmm(a.reshape(-1, 1, block), b.reshape(-1, block, 1))  # [rows * vocab / block, 1, 1]
-    return partial.reshape(rows, vocab // block).sum(-1).reshape(a.shape[:-1])
-
-
-def _slab(work: Tensor, index: int, shape: torch.Size) -> Tensor:
-    return work[index].view(-1)[: shape.numel()].view(shape)
-
-
-def _js(
-    log_p: Float[Tensor, "*batch vocab"],
-    p: Float[Tensor, "*batch vocab"],
-    log_q: Float[Tensor, "*batch vocab"],
-    q: Float[Tensor, "*batch vocab"],
-    variant: str,
-    work: Float[Tensor, "3 ..."],
-) -> Float[Tensor, "*batch"]:
-    """JS between P and Q in the direct form of :func:`vlm_lens.probes.metrics.js_from_logprobs` (sums of terms that vanish
-    as P → Q, so small divergences keep their relative precision), with ``work`` as scratch instead of temporaries.
-
-    ``correct``: ½ Σ P (log P − log M) + ½ Σ Q (log Q − log M), M = ½ (P + Q).
-    ``paper``: ½ Σ M (2 log M − log P − log Q) / V = ½ (KL(M ‖ P) + KL(M ‖ Q)) / V.
-    M is clamped to the smallest normal float, so an underflowed entry contributes 0, not 0 · (−inf).
-    """
-    shape = torch.broadcast_shapes(p.shape, q.shape)
-    m, log_m, diff = (_slab(work, i, shape) for i in range(3))
-    torch.add(p, q, out=m)
-    m.mul_(0.5).clamp_min_(torch.finfo(m.dtype).tiny)
-    torch.log(m, out=log_m)
-    if variant == "paper":
-        torch.sub(log_m.mul_(2), log_p, out=diff)
-        diff.sub_(log_q)
-        return (0.5 / shape[-1]) * _rowdot(m, diff)
-    torch.sub(log_p, log_m, out=diff)
-    first = _rowdot(p.expand(shape), diff)
-    torch.sub(log_q, log_m, out=diff)
-    return 0.5 * (first + _rowdot(q.expand(shape), diff))
-
-
 def _distribution_stats(model, lens, stack, layers, cols, logp, stats, js_variant, need_final) -> dict[str, Tensor]:
-    """Entropy, KL/JS to the final layer and adjacent-layer JS of one chunk of ``[L, c, V]`` log-probabilities.
-
-    One ``exp`` for all statistics, sums over the vocabulary as blocked matrix products (:func:`_rowdot`) and
-    scratch slabs reused across statistics: H(P) = −Σ P log P, KL(F ‖ P) = Σ F (log F − log P), JS as in
-    :func:`_js`. Values equal :mod:`vlm_lens.probes.metrics` up to float32 rounding (tests/integration/test_stream.py).
-    """
+    """Entropy, KL/JS to the final layer and adjacent-layer JS of one chunk of ``[L, c, V]`` log-probabilities, by the
+    metric functions themselves (:mod:`vlm_lens.probes.metrics`: one formula per metric), fed what they share: one
+    ``exp`` for all statistics and scratch slabs reused across them; ``checked=True`` because the chunk's logits were
+    checked finite once."""
     n = model.n_layers
     probs = logp.exp()
     out: dict[str, Tensor] = {}
     if "entropy" in stats:
-        out["entropy"] = -_rowdot(probs, logp)
+        out["entropy"] = M.entropy_from_logprobs(logp, p=probs, checked=True)
     work = torch.empty((3,) + tuple(logp.shape), dtype=logp.dtype, device=logp.device)
     if need_final:
         if layers[-1] == n:
@@ -258,13 +196,12 @@ def _distribution_stats(model, lens, stack, layers, cols, logp, stats, js_varian
             final_logp = lens.logits(model, stack[[n], cols], [n]).float().log_softmax(-1)[0]
             final_probs = final_logp.exp()
         final_logp, final_probs = final_logp.expand_as(logp), final_probs.expand_as(logp)
-        if "kl_to_final" in stats:
-            diff = _slab(work, 0, logp.shape)
-            torch.sub(final_logp, logp, out=diff)
-            out["kl_to_final"] = _rowdot(final_probs, diff).clamp_min(0.0)
+        if "kl_to_final" in stats:  # KL(final || layer)
+            out["kl_to_final"] = M.kl_from_logprobs(final_logp, logp, p=final_probs, work=work, checked=True)
         if "js_to_final" in stats:
-            out["js_to_final"] = _js(logp, probs, final_logp, final_probs, js_variant, work).clamp_min(0.0)
+            out["js_to_final"] = M.js_from_logprobs(logp, final_logp, js_variant, p=probs, q=final_probs, work=work,
+                                                    checked=True)  # fmt: skip
     if "js_adjacent" in stats and logp.shape[0] > 1:
-        js = _js(logp[:-1], probs[:-1], logp[1:], probs[1:], js_variant, work)
-        out["js_adjacent"] = js.clamp_min(0.0)
+        out["js_adjacent"] = M.js_from_logprobs(logp[:-1], logp[1:], js_variant, p=probs[:-1], q=probs[1:], work=work,
+                                                checked=True)  # fmt: skip
     return out
