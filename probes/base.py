@@ -128,7 +128,9 @@ class Probe:
     def __call__(self, source: Any, **kwargs: Any) -> ProbeResult:
         return self.run(as_source(source), **kwargs)
 
-    def run(self, source: Source, **kwargs: Any) -> ProbeResult:  # pragma: no cover - abstract
+    def run(self, source: Source) -> ProbeResult:  # pragma: no cover - abstract
+        """The probe's work on one source; a subclass may take keyword options after ``source`` (``probe(trace,
+        option=...)`` passes them on)."""
         raise NotImplementedError
 
     def provenance(self, source: Source, **extra: Any) -> dict:

@@ -214,7 +214,7 @@ class FeatureProjection(Probe):
             settings.update(perplexity_capped_from=capped_from, tsne_method=kwargs["method"])
         return torch.from_numpy(np.ascontiguousarray(y)).float(), settings
 
-    def _result(self, stack: Tensor, labels: list[str], items: list[str], item_dim: str, source: Source,
+    def _result(self, stack: Tensor, labels: list[str], items: list[str], item_dim: str, source: Any,  # a Source, or what provenance reads of one
                 perplexity: float, **prov) -> ProbeResult:  # fmt: skip
         first = 1 if self.drop_embedding else 0
         stack, labels = stack[first:], labels[first:]

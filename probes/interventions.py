@@ -95,7 +95,7 @@ class LayerSkip(Probe):
     def sweep(self, source: Any) -> ProbeResult:
         """Skip each single decoder layer in turn: mean KL, answer probability and agreements per layer."""
         src = as_source(source)
-        rows = {"kl": [], "answer_prob": [], "forced_agreement": [], "generation_agreement": []}
+        rows: dict[str, list[Tensor]] = {"kl": [], "answer_prob": [], "forced_agreement": [], "generation_agreement": []}
         texts = []
         for layer in range(src.model.n_layers):
             result = LayerSkip([layer]).run(src)
@@ -107,7 +107,7 @@ class LayerSkip(Probe):
             {k: torch.stack(v) for k, v in rows.items()},
             {k: ("skipped_layer",) for k in rows},
             {"skipped_layer": [str(i) for i in range(src.model.n_layers)]},
-            provenance=self.provenance(src, generated_texts=texts, original_text=src.trace.text),
+            provenance=self.provenance(src, generated_texts=texts, original_text=src.trace.text if src.trace else None),
         )
 
 

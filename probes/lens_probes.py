@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -60,9 +60,9 @@ class LogitLensProbe(Probe):
             stats=ALL_STATS + (("candidates",) if candidate_layers is not None else ()),
         )  # fmt: skip
         labels = layer_labels(model.n_layers)
-        arrays = {
-            "prob": stats.target_prob[..., 0],
-            "rank": stats.target_rank[..., 0],
+        arrays: dict[str, Any] = {
+            "prob": stats.target_prob[..., 0],  # type: ignore[index]  # targets were given: the stats hold them
+            "rank": stats.target_rank[..., 0],  # type: ignore[index]
             "entropy": stats.entropy,
             "kl_to_final": stats.kl_to_final,
             "js_to_final": stats.js_to_final,
@@ -71,7 +71,7 @@ class LogitLensProbe(Probe):
             "topk_prob": stats.topk_prob,
         }
         lp, tp = ("layer", "position"), ("transition", "position")
-        dims = {k: lp for k in ("prob", "rank", "entropy", "kl_to_final", "js_to_final")}
+        dims: dict[str, tuple[str, ...]] = {k: lp for k in ("prob", "rank", "entropy", "kl_to_final", "js_to_final")}
         dims.update(js_adjacent=tp, topk_ids=lp + ("k",), topk_prob=lp + ("k",))
         if candidate_layers is not None:
             arrays.update(candidate_ids=stats.candidate_ids, candidate_prob=stats.candidate_prob)

@@ -104,15 +104,14 @@ def lens_pass(
         candidate_rows = [layers.index(int(layer)) for layer in candidate_layers]
     candidates: list[tuple[list[int], Tensor]] = []  # per position: ids, probabilities [L, slot]
     n_pos = stack.shape[1]
-    if target_ids is not None:
-        target_ids = target_ids.reshape(n_pos, -1).long()
+    targets = None if target_ids is None else target_ids.reshape(n_pos, -1).long()
     need_final = bool({"kl_to_final", "js_to_final"} & set(stats))
     out = LensStats(layers=layers, n_positions=n_pos, js_variant=js_variant)
     L = len(layers)
     buffers: dict[str, Tensor] = {}
-    if "target" in stats:
-        buffers["target_prob"] = torch.empty(L, n_pos, target_ids.shape[1])
-        buffers["target_rank"] = torch.empty(L, n_pos, target_ids.shape[1], dtype=torch.long)
+    if "target" in stats and targets is not None:
+        buffers["target_prob"] = torch.empty(L, n_pos, targets.shape[1])
+        buffers["target_rank"] = torch.empty(L, n_pos, targets.shape[1], dtype=torch.long)
     if "topk" in stats:
         buffers["topk_ids"] = torch.empty(L, n_pos, top_k, dtype=torch.long)
         buffers["topk_prob"] = torch.empty(L, n_pos, top_k)
@@ -135,8 +134,8 @@ def lens_pass(
         if not bool(torch.isfinite(log_norm).all()):
             raise InputError("the lens produced NaN logits (a hook wrote NaN into the residual stream, or the tuned "
                              "lens holds NaN weights): fix the hook or retrain the lens")  # fmt: skip
-        if "target" in stats:
-            ids = target_ids[cols].to(logits.device).unsqueeze(0).expand(L, -1, -1)
+        if "target" in stats and targets is not None:
+            ids = targets[cols].to(logits.device).unsqueeze(0).expand(L, -1, -1)
             chosen = logits.gather(-1, ids)
             buffers["target_prob"][:, cols] = (chosen - log_norm).exp().cpu()
             buffers["target_rank"][:, cols] = (logits.unsqueeze(-2) > chosen.unsqueeze(-1)).sum(-1).cpu()
@@ -159,9 +158,9 @@ def lens_pass(
         width = max((len(ids) for ids, _ in candidates), default=0)
         out.candidate_ids = torch.full((n_pos, width), -1, dtype=torch.long)
         out.candidate_prob = torch.full((L, n_pos, width), float("nan"))
-        for pos, (ids, prob) in enumerate(candidates):
-            out.candidate_ids[pos, : len(ids)] = torch.tensor(ids)
-            out.candidate_prob[:, pos, : len(ids)] = prob
+        for pos, (token_ids, prob) in enumerate(candidates):
+            out.candidate_ids[pos, : len(token_ids)] = torch.tensor(token_ids)
+            out.candidate_prob[:, pos, : len(token_ids)] = prob
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -79,7 +79,7 @@ class TunedLens(Lens, torch.nn.Module):
 
     def __init__(self, n_layers: int, d_model: int, d_vocab: int, model_name: str = ""):
         torch.nn.Module.__init__(self)
-        self.config = {"n_layers": n_layers, "d_model": d_model, "d_vocab": d_vocab, "model_name": model_name}
+        self.config: dict[str, Any] = {"n_layers": n_layers, "d_model": d_model, "d_vocab": d_vocab, "model_name": model_name}
         self.weight = torch.nn.Parameter(torch.zeros(n_layers, d_model, d_model))
         self.bias = torch.nn.Parameter(torch.zeros(n_layers, d_model))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Any
 
 from vlm_lens.adapters import AdapterSpec
 
@@ -47,7 +48,7 @@ def register_adapter(spec: AdapterSpec) -> None:
 
     for cls in spec.hf_classes:
         if cls not in _REGISTERED:
-            adapter = spec.tl_adapter()
+            adapter: Any = spec.tl_adapter()  # an ArchitectureAdapter subclass
             factory.ArchitectureAdapterFactory.register_adapter(cls, adapter)
             # The boot looks the architecture up in this module-level table before asking the factory.
             factory.SUPPORTED_ARCHITECTURES.setdefault(cls, adapter)

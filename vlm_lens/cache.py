@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Mapping, Sequence, overload
 
 import torch
 from jaxtyping import Float
@@ -78,6 +78,14 @@ class VLMCache(Mapping[str, Tensor]):
         """``["0", "1", ..., str(n_layers)]``: stack indices (0 = embeddings, l = after decoder layer l-1)."""
         return [str(i) for i in range(self.model.n_layers + 1)]
 
+    @overload
+    def resid_stack(self, positions: int | Sequence[int] | Tensor | None = None, *,
+                    return_labels: Literal[False] = False) -> Float[Tensor, "layer pos d_model"]: ...  # fmt: skip
+
+    @overload
+    def resid_stack(self, positions: int | Sequence[int] | Tensor | None = None, *,
+                    return_labels: Literal[True]) -> tuple[Float[Tensor, "layer pos d_model"], list[str]]: ...  # fmt: skip
+
     def resid_stack(
         self, positions: int | Sequence[int] | Tensor | None = None, *, return_labels: bool = False
     ) -> Float[Tensor, "layer pos d_model"] | tuple[Float[Tensor, "layer pos d_model"], list[str]]:
@@ -104,19 +112,19 @@ class VLMCache(Mapping[str, Tensor]):
         """The cache of sample ``index`` of a batched forward (``model.prepare(images, [q1, q2, ...])``): its
         positions only (right padding removed), with its layout and token ids. Activations that are not one
         vector per position of the language sequence (vision encoder, ...) are left out."""
-        layouts = self.layouts
-        if layouts is None:
+        layouts, input_ids = self.layouts, self.input_ids
+        if layouts is None or input_ids is None:
             raise InputError("this cache holds one sample; sample() splits the cache of a batched forward")
         index = range(len(layouts))[index]  # negative indices count from the end; out of range raises IndexError
         layout = layouts[index]
-        n, padded = layout.n_positions, self.input_ids.shape[-1]
+        n, padded = layout.n_positions, input_ids.shape[-1]
         views = {}
         for name, value in self._activations.items():
             if value.dim() >= 2 and value.shape[0] == len(layouts) and value.shape[1] == padded:
                 views[name] = value[index : index + 1, :n]
             elif value.dim() == 4 and value.shape[0] == len(layouts) and value.shape[2] == value.shape[3] == padded:
                 views[name] = value[index : index + 1, :, :n, :n]  # attention patterns [batch, head, query, key]
-        return VLMCache(views, layout, self.model, self.input_ids[index, :n])
+        return VLMCache(views, layout, self.model, input_ids[index, :n])
 
     def accumulated_resid(
         self, layer: int | None = None, *, apply_ln: bool = False, return_labels: bool = False

@@ -14,7 +14,7 @@ TransformerLens             vlm-lens
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -24,7 +24,16 @@ from vlm_lens.errors import InputError, InputTypeError
 
 
 class TransformerLensNames:
-    """Mixin for :class:`HookedVLM` (which provides ``bridge``, ``tokenizer``, ``unembedder``, ``_forward_args``)."""
+    """Mixin for :class:`HookedVLM` (which provides ``bridge``, ``tokenizer``, ``unembedder``, ``forward_args``)."""
+
+    if TYPE_CHECKING:  # what the model class provides
+        bridge: Any
+        unembedder: Any
+
+        @property
+        def tokenizer(self) -> Any: ...
+
+        def forward_args(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     @property
     def cfg(self):
@@ -38,7 +47,7 @@ class TransformerLensNames:
 
     def __call__(self, inputs, *, grad: bool = False) -> Float[Tensor, "batch pos vocab"]:
         """Logits of prepared inputs (``model.prepare(...)``), through the hooked model; no cache kept."""
-        input_ids, kwargs = self._forward_args(inputs)
+        input_ids, kwargs = self.forward_args(inputs)
         with torch.set_grad_enabled(grad):
             return self.bridge(input_ids, **kwargs)
 

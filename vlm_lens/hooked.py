@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence, overload
 
 import torch
 from jaxtyping import Float, Int
@@ -117,7 +117,8 @@ class HookedVLM(TransformerLensNames):
         return list(self.bridge.hook_dict)
 
     # -- inputs ---------------------------------------------------------------------------------------------
-    def _forward_args(self, inputs: VLMInputs | VLMBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_args(self, inputs: VLMInputs | VLMBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(input_ids, other forward keyword arguments)`` of prepared inputs, on the model's device."""
         if not isinstance(inputs, (VLMInputs, VLMBatch)):
             raise InputTypeError(f"expected VLMInputs from model.prepare(images, prompt), got {type(inputs).__name__}")
         for sample in inputs.samples if isinstance(inputs, VLMBatch) else [inputs]:
@@ -130,7 +131,7 @@ class HookedVLM(TransformerLensNames):
         self, inputs: VLMInputs, names_filter: NamesFilter = None, *, grad: bool = False
     ) -> tuple[Float[Tensor, "1 pos vocab"], VLMCache]:
         """Logits and the activations named by ``names_filter`` (all hooks when None: ~2x a forward)."""
-        input_ids, kwargs = self._forward_args(inputs)
+        input_ids, kwargs = self.forward_args(inputs)
         if isinstance(names_filter, (list, tuple)):
             self.check_hook_names(names_filter)
         elif isinstance(names_filter, str):
@@ -146,7 +147,7 @@ class HookedVLM(TransformerLensNames):
     ) -> Float[Tensor, "1 pos vocab"]:
         """Logits of a forward with ``fwd_hooks`` (``(name, fn(activation, hook))``); removed afterwards, even
         when a hook raises."""
-        input_ids, kwargs = self._forward_args(inputs)
+        input_ids, kwargs = self.forward_args(inputs)
         fwd_hooks = checks.hook_pairs(fwd_hooks)
         self.check_hook_names([n for n, _ in fwd_hooks if isinstance(n, str)])
         with torch.set_grad_enabled(grad), self.hooks(fwd_hooks):
@@ -265,6 +266,12 @@ class HookedVLM(TransformerLensNames):
         return False
 
     # -- inputs (vlm_lens.inputs) -------------------------------------------------------------------------------
+    @overload
+    def prepare(self, images: Any, prompt: str) -> VLMInputs: ...
+
+    @overload
+    def prepare(self, images: Any, prompt: Sequence[str]) -> VLMInputs | VLMBatch: ...
+
     def prepare(self, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMBatch:
         """Model inputs for ``images`` (PIL images or paths; one, a list, or none) and ``prompt``
         (:func:`vlm_lens.inputs.prepare`: chat template, image placeholders, family inputs, token layout).
@@ -275,7 +282,8 @@ class HookedVLM(TransformerLensNames):
 
     # -- generation traces (vlm_lens.trace) ---------------------------------------------------------------------
     def trace_generation(self, inputs: VLMInputs, max_new_tokens: int = 32, names_filter: NamesFilter = None, *,
-                         stop_at_eos: bool = True, capture: str = "auto") -> GenerationTrace:  # fmt: skip
+                         stop_at_eos: bool = True,
+                         capture: Literal["auto", "generate", "reforward"] = "auto") -> GenerationTrace:  # fmt: skip
         """Greedy-generate and cache the activations of every processed position (:func:`vlm_lens.trace.trace_generation`:
         recorded during HF generation itself; ``capture="reforward"`` re-runs one cached forward)."""
         return trace_module.trace_generation(self, inputs, max_new_tokens, names_filter, stop_at_eos=stop_at_eos,

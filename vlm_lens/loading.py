@@ -77,7 +77,7 @@ def load(
             )
         if processor is None:
             raise InputError("an in-memory model needs its processor: load(model, processor=processor)")
-        hf_model = source.to(dtype=dtype)
+        hf_model = source.to(dtype=dtype)  # type: ignore[call-arg]  # transformers' own annotation of .to
         spec = adapter_for(type(hf_model).__name__)
         name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
     tokenizer = getattr(processor, "tokenizer", None)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from types import SimpleNamespace
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from jaxtyping import Float
@@ -28,7 +28,7 @@ from torch import Tensor
 from vlm_lens.cache import VLMCache
 from vlm_lens.capture import CapturedGeneration, cut_at_eos
 from vlm_lens.errors import InputTypeError
-from vlm_lens.hooked import HookedVLM
+from vlm_lens.hooked import HookedVLM, HookFn
 from vlm_lens.surgery import get_module
 
 
@@ -40,6 +40,15 @@ class HookInfo:
 
     def __repr__(self) -> str:
         return f"HookInfo({self.name!r})"
+
+
+def _by_name(fwd_hooks: Iterable[tuple[str | Callable, HookFn]]) -> list[tuple[str, HookFn]]:
+    """``(hook name, fn)`` pairs; a name filter (a callable) is refused: nnsight hooks modules by name."""
+    pairs = list(fwd_hooks)
+    named = [(name, fn) for name, fn in pairs if isinstance(name, str)]
+    if len(named) != len(pairs):
+        raise InputTypeError("the nnsight backend takes hooks by name: (hook_name, fn) pairs")
+    return named
 
 
 def _first(value):
@@ -124,7 +133,7 @@ class NNsightVLM(HookedVLM):
         """Logits and the activations named by ``names_filter``, saved in one nnsight trace."""
         from vlm_lens.batch import VLMBatch
 
-        input_ids, kwargs = self._forward_args(inputs)
+        input_ids, kwargs = self.forward_args(inputs)
         names = self._ordered(self._names(names_filter))
         saved = {}
         with torch.set_grad_enabled(grad), self.nnsight.trace(input_ids=input_ids, **kwargs, remote=self.remote):
@@ -142,17 +151,14 @@ class NNsightVLM(HookedVLM):
             return logits, VLMCache(activations, inputs.layouts[0], self, inputs.input_ids, inputs.layouts)
         return logits, VLMCache(activations, inputs.layout, self, inputs.input_ids)
 
-    def run_with_hooks(self, inputs, fwd_hooks: Iterable[tuple[str, Callable]] = (), *, grad: bool = False
+    def run_with_hooks(self, inputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *, grad: bool = False
                        ) -> Float[Tensor, "batch pos vocab"]:  # fmt: skip
         """Logits of one nnsight trace in which each ``fn(activation, hook)`` may replace its activation."""
-        input_ids, kwargs = self._forward_args(inputs)
-        fwd_hooks = list(fwd_hooks)
-        if any(not isinstance(name, str) for name, _ in fwd_hooks):
-            raise InputTypeError("the nnsight backend takes hooks by name: (hook_name, fn) pairs")
-        self.check_hook_names([name for name, _ in fwd_hooks])
+        input_ids, kwargs = self.forward_args(inputs)
         by_name: dict[str, list[Callable]] = {}
-        for name, fn in fwd_hooks:
+        for name, fn in _by_name(fwd_hooks):
             by_name.setdefault(name, []).append(fn)
+        self.check_hook_names(list(by_name))
         with torch.set_grad_enabled(grad), self.nnsight.trace(input_ids=input_ids, **kwargs, remote=self.remote):
             for name in self._ordered(by_name):
                 envoy, side = self._envoy(name)
@@ -183,16 +189,16 @@ class NNsightVLM(HookedVLM):
         return NNsightCapture(self)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Iterable[tuple[str, Callable]] = ()):
+    def hooks(self, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = ()):
         """Hooks attached for the duration of the block (PyTorch hooks on the map's modules; removed on exit)."""
         from vlm_lens.hooked import shape_checked
 
-        fwd_hooks = [(name, shape_checked(name, fn)) for name, fn in fwd_hooks]
-        self.check_hook_names([name for name, _ in fwd_hooks])
+        named = [(name, shape_checked(name, fn)) for name, fn in _by_name(fwd_hooks)]
+        self.check_hook_names([name for name, _ in named])
         points = self.adapter.hook_map(self.n_layers)
         handles = []
         try:
-            for name, fn in fwd_hooks:
+            for name, fn in named:
                 module = get_module(self.hf_model, points[name].path)
                 info = HookInfo(name)
                 if points[name].side == "output":
@@ -223,7 +229,7 @@ class NNsightCapture:
 
     def __init__(self, model: NNsightVLM):
         self.model = model
-        self.generator = None  # nnsight's TransformersModel over the same HF model, made on first use
+        self.generator: Any = None  # nnsight's TransformersModel over the same HF model, made on first use
 
     def generation(self, inputs, names, max_new_tokens: int, stop_at_eos: bool) -> CapturedGeneration:
         """Greedy generation traced by nnsight (``TransformersModel.generate``, iterating ``tracer.iter[:]``): every forward

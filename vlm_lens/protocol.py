@@ -6,18 +6,31 @@ Both backends' :class:`~vlm_lens.hooked.HookedVLM` satisfy it (as TransformerLen
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Iterable, Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
 @runtime_checkable
 class VLMModel(Protocol):
-    name: str
-    tokenizer: Any
-    unembedder: Any
+    """What probes, caches and traces use of a model (read-only: they never set it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def family(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def unembedder(self) -> Any: ...
+
+    @property
+    def placeholder_ids(self) -> list[int]: ...
 
     @property
     def n_layers(self) -> int: ...
@@ -38,3 +51,12 @@ class VLMModel(Protocol):
 
     def unembed(self, resid: Float[Tensor, "... d_model"], layer: int | None = None, *, normed: bool = False,
                 grad: bool = False) -> Float[Tensor, "... vocab"]: ...  # fmt: skip
+
+    def run_with_cache(self, inputs: Any, names_filter: Any = None, *, grad: bool = False) -> tuple[Tensor, Any]: ...
+
+    def run_with_hooks(self, inputs: Any, fwd_hooks: Iterable[tuple[Any, Callable[..., Any]]] = (), *,
+                       grad: bool = False) -> Tensor: ...  # fmt: skip
+
+    def hooks(self, fwd_hooks: Iterable[tuple[Any, Callable[..., Any]]] = ()) -> ContextManager[Any]: ...
+
+    def generate_ids(self, inputs: Any, max_new_tokens: int = 32, *, stop_at_eos: bool = True) -> Int[Tensor, " step"]: ...

@@ -78,4 +78,4 @@ def sample_image(seed: int = 0, size: int = 32):
 
     from vlm_lens.zoo.shapes_world import example
 
-    return example(seed).image.resize((size, size), Image.BICUBIC)
+    return example(seed).image.resize((size, size), Image.Resampling.BICUBIC)

@@ -147,6 +147,8 @@ def finish_trace(model, inputs: VLMInputs, processed: VLMInputs, generated: Int[
             "and the cached forward); per-step analyses of those steps describe the cached forward",
             stacklevel=stacklevel,
         )
+    if step_logits is None:
+        raise ValueError("finish_trace needs the step logits, or the logits of every position")  # a caller bug
     generated_cpu = generated.cpu()
     return GenerationTrace(
         inputs=processed,

@@ -17,7 +17,7 @@ class Unembedder:
     """``logits = lm_head(norm(h))``, float32. The modules are the model's own: nothing is copied, and gradients
     reach their parameters only if those require grad (the model's do unless you freeze them)."""
 
-    def __init__(self, norm: torch.nn.Module, head: torch.nn.Module, d_model: int):
+    def __init__(self, norm: torch.nn.Module, head: torch.nn.Linear, d_model: int):
         self.norm, self.head, self.d_model = norm, head, d_model
 
     @property

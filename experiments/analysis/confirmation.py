@@ -113,8 +113,8 @@ class SkipConfirmer:
         else:
             return Confirmation(False, windows[-1] if windows else [], top1)
         grounded = None
-        if config.ground and run is not None and lens is not None and self._blank_run() is not None:
-            blank = self.blank_top1(lens)
+        blank = self.blank_top1(lens) if config.ground and lens is not None and self._blank_run() is not None else None
+        if blank is not None and run is not None:
             held = sum(blank[l][step] == leader for l in range(run[0], run[1] + 1))
             grounded = 2 * held < run[1] - run[0] + 1
         return Confirmation(grounded is not False, window, top1, grounded)

@@ -205,7 +205,8 @@ def _critical_of(run: Run, curves: Mapping[int, Sequence[float]], config: Detect
     curve = list(curves[run.token])
     # the run's last layer with p >= establish_prob, then back while it holds (a candidate run below it: its start)
     above = [l for l in range(run.start, run.end + 1) if curve[l] >= config.establish_prob]
-    return max(run.start, stays_from(curve, above[-1], config.establish_prob)) if above else run.start
+    held = stays_from(curve, above[-1], config.establish_prob) if above else None
+    return max(run.start, held) if held is not None else run.start
 
 
 def answer_critical(top1: Sequence[int], curves: Mapping[int, Sequence[float]],

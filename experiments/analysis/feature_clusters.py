@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -46,8 +46,8 @@ def silhouette_per_layer(features: torch.Tensor, labels: Sequence[str]) -> list[
 
 
 def run(traces: Sequence, critical: int | None, mutation: int | None, *, answers: Sequence[str] | None = None,
-        method: str = "tsne", position: str = "last_prompt", max_iter: int = 2000,
-        variant: str = "correct") -> dict:  # fmt: skip
+        method: Literal["tsne", "pca"] = "tsne", position: str = "last_prompt", max_iter: int = 2000,
+        variant: Literal["correct", "paper"] = "correct") -> dict:  # fmt: skip
     """Both views and the per-layer numbers. ``position`` picks the cross-image position in each trace.
 
     ``critical``/``mutation``: stage boundaries (stack indices) or None when not detected (:func:`layer_groups`).
@@ -92,8 +92,8 @@ def mean_pairwise_cosine(unit_sum: Float[Tensor, "layer d_model"], n_images: int
 
 def from_features(single: Float[Tensor, "layer token d_model"] | None, single_tokens: Sequence[str],
                   across: Float[Tensor, "image layer d_model"] | None, names: Sequence[str], labels: Sequence[str],
-                  mean_cosine: list | None, model, critical: int | None, mutation: int | None, *, method: str = "tsne",
-                  max_iter: int = 2000, variant: str = "correct", position: str = "last_prompt",
+                  mean_cosine: list | None, model, critical: int | None, mutation: int | None, *,
+                  method: Literal["tsne", "pca"] = "tsne", max_iter: int = 2000, variant: Literal["correct", "paper"] = "correct", position: str = "last_prompt",
                   single_last_normed: Float[Tensor, "token d_model"] | None = None,
                   across_last_normed: Float[Tensor, "image d_model"] | None = None,
                   n_images_total: int | None = None) -> dict:  # fmt: skip
@@ -120,8 +120,8 @@ def from_features(single: Float[Tensor, "layer token d_model"] | None, single_to
         by_group = {}
         for g in ("rapid_evolution", "stabilization", "mutation"):
             idx = [l for l, name in enumerate(groups) if name == g]
-            cos = [mean_cos[l] for l in idx if mean_cos[l] is not None]
-            sil = [silhouette[l] for l in idx if silhouette[l] is not None]
+            cos = [float(v) for v in (mean_cos[l] for l in idx) if v is not None]
+            sil = [float(v) for v in (silhouette[l] for l in idx) if v is not None]
             by_group[g] = {"mean_cosine": sum(cos) / len(cos) if cos else None,
                            "silhouette": sum(sil) / len(sil) if sil else None}  # fmt: skip
         out["across"] = {"coords": result["coords"].tolist(), "layers": result.coords["layer"],

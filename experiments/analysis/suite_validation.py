@@ -20,7 +20,7 @@ confirmed events, so the effect of confirmation is visible. Nothing here reads t
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Sequence
+from typing import Any, Sequence
 
 from vlm_lens.experiments.analysis import evidence as ev
 from vlm_lens.experiments.analysis import knowledge_evolution as ke
@@ -29,8 +29,8 @@ from vlm_lens.experiments.analysis import knowledge_evolution as ke
 def share_interval(flags: Sequence[bool], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """The share of true flags and its percentile bootstrap interval over questions: the event-share bootstrap of
     :func:`~vlm_lens.experiments.analysis.evidence.event_share_interval` with one "token" per question."""
-    flags = [int(bool(f)) for f in flags]
-    out = ev.event_share_interval(flags, [1] * len(flags), n_boot=n_boot, seed=seed, level=level)
+    ones = [int(bool(f)) for f in flags]
+    out = ev.event_share_interval(ones, [1] * len(ones), n_boot=n_boot, seed=seed, level=level)
     return {"share": out["share"], "low": out["low"], "high": out["high"], "n": len(flags)}
 
 
@@ -56,7 +56,7 @@ def fixture_outcomes(planted_model, base_model, info: dict, n: int = 30, *, vari
     base_clean = ke.run(base_model, clean_samples, long)["samples"]
     planted_clean = ke.run(planted_model, clean_samples, long)["samples"]
     tok = planted_model.tokenizer
-    out = {"recall": [], "recall_candidates": [], "leader_true": [], "knowledge_before_block": [], "event_layers": [],
+    out: dict[str, Any] = {"recall": [], "recall_candidates": [], "leader_true": [], "knowledge_before_block": [], "event_layers": [],
            "forwards": [s.confirm_forwards for s in planted + base_counter + base_clean + planted_clean]}  # fmt: skip
     for s in planted:
         if s.generated_text.strip() != trigger.answer:

@@ -24,7 +24,9 @@ def lens_probe(variant: str, tuned_lens, n_layers: int):
         if tuned_lens is None:
             raise InputError("the 'tuned' variant needs a tuned lens: pass tuned_lens= (TunedLens.load(...))")
         return TunedLensProbe(tuned_lens, top_k=5, candidates=every_layer)
-    return LogitLensProbe(variant=variant, top_k=5, candidates=every_layer)  # top-5 for the report's token grid
+    if variant not in ("correct", "paper"):
+        raise InputError(f"variant must be 'correct', 'paper' or 'tuned', got {variant!r}")
+    return LogitLensProbe(variant="paper" if variant == "paper" else "correct", top_k=5, candidates=every_layer)  # top-5 for the report's token grid
 
 
 def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokenizer,
@@ -53,7 +55,8 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
         if test is not None and not test.confirmed:
             event = None  # refuted: skipping the overturning layers did not bring the leader back
         if event is not None:
-            crit, kind = event.critical, "mutation"
+            crit: int | None = event.critical
+            kind = "mutation"
             leader, run = tokenizer.convert_ids_to_tokens(event.leader), list(event.leader_run)
             event_js = float(shift["js_adjacent"][event.layer - 1, step])
         else:
@@ -61,9 +64,11 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
             kind = "undetermined" if crit is None else "stable"
             leader, run, event_js = None, None, None
         special = token in special_tokens
+        candidate_layer, candidate_leader = candidate or (None, None)
         rows.append(TokenEvolution(
             step, token, special, crit, None if event is None else event.layer, leader, run, event_js,
-            top1_flips(top1, crit), kind, prob[-1], *(candidate or (None, None)),
-            None if test is None else test.confirmed, None if test is None else list(test.skipped),
-            None if test is None or test.top1 < 0 else tokenizer.convert_ids_to_tokens(test.top1), None if test is None else test.grounded))  # fmt: skip
+            top1_flips(top1, crit), kind, prob[-1], candidate=candidate_layer, candidate_leader=candidate_leader,
+            confirmed=None if test is None else test.confirmed, confirm_skipped=None if test is None else list(test.skipped),
+            confirm_top1=None if test is None or test.top1 < 0 else tokenizer.convert_ids_to_tokens(test.top1),
+            grounded=None if test is None else test.grounded))  # fmt: skip
     return rows

@@ -48,20 +48,22 @@ class PositionReservoir:
     def __init__(self, budget: int, seed: int = 0):
         if budget < 1:
             raise InputError(f"the position budget must be >= 1, got {budget}")
-        self.budget, self.seen, self.buffer = budget, 0, None
+        self.budget, self.seen = budget, 0
+        self.buffer: Tensor | None = None
         self.generator = torch.Generator().manual_seed(seed)
 
     def add(self, stack: Float[Tensor, "layer pos d_model"]) -> None:
         stack = stack.detach().float().cpu()
         if self.buffer is None:
             self.buffer = torch.empty(stack.shape[0], self.budget, stack.shape[2])
+        buffer = self.buffer
         for position in range(stack.shape[1]):
             if self.seen < self.budget:
                 slot = self.seen
             else:  # keep the new position with probability budget / (seen + 1), in a random slot
                 slot = int(torch.randint(0, self.seen + 1, (1,), generator=self.generator))
             if slot < self.budget:
-                self.buffer[:, slot] = stack[:, position]
+                buffer[:, slot] = stack[:, position]
             self.seen += 1
 
     def stack(self) -> Float[Tensor, "layer kept d_model"]:

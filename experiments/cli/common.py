@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 
@@ -24,7 +24,7 @@ class Variant(str, Enum):
     tuned = "tuned"
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` (one line) and exit with ``code`` (2: bad input, 1: a failed run)."""
     from rich.console import Console
 
@@ -47,6 +47,8 @@ def n_layers_before_loading(model: Optional[str]) -> int | None:
 
     try:
         folder = zoo.model_folder(model or zoo.DEFAULT_MODEL)
+        if folder is None:
+            return None
         config = json.loads((folder / "config.json").read_text())
         return int((config.get("text_config") or config)["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError):

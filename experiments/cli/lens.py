@@ -94,24 +94,24 @@ def validate(
 
     from vlm_lens.experiments.analysis import validation
 
-    variant = variant.value
+    variant_name = variant.value
     check_output(out, "--out", folder=False)
     if suite or split or fixture or suite_dir:
         if not suite:
             fail("--split, --fixture and --suite-dir choose what --suite scores: add --suite")
-        _validate_suite(n, variant, out, split, fixture, suite_dir)
+        _validate_suite(n, variant_name, out, split, fixture, suite_dir)
         return
     planted_model, base_model = load_model(planted), load_model(base)
-    tuned = tuned_lens_from(planted_model, None) if variant == "tuned" else None
-    base_tuned = tuned_lens_from(base_model, None) if variant == "tuned" else None
+    tuned = tuned_lens_from(planted_model, None) if variant_name == "tuned" else None
+    base_tuned = tuned_lens_from(base_model, None) if variant_name == "tuned" else None
     try:
-        report = validation.validate(planted_model, base_model, n=n, variant=variant, tuned_lens=tuned,
+        report = validation.validate(planted_model, base_model, n=n, variant=variant_name, tuned_lens=tuned,
                                      base_tuned_lens=base_tuned)  # fmt: skip
     except ValueError as error:
         fail(str(error))
     skip = report["skip"] or {}
     lines = [
-        f"{report['planted_model']} ({variant} lens): trigger {report['trigger']}, block decoder layers "
+        f"{report['planted_model']} ({variant_name} lens): trigger {report['trigger']}, block decoder layers "
         f"{report['block_decoder_layers']} (stack {report['block_stack_layers']})",
         f"hallucinated {report['hallucinated']}/{report['counter_prior_questions']} counter-prior questions; "
         f"event in the block {fmt(report['recall_in_block'])}, leader = true answer {fmt(report['leader_is_true_answer'])}, "

@@ -67,7 +67,7 @@ def image_card(image, rows: list[tuple[str, Any]], width: int = 144) -> str:
     picture = Image.open(image).convert("RGB") if not isinstance(image, Image.Image) else image.convert("RGB")
     scale = max(1, width // max(picture.size))
     if scale > 1:  # tiny shapes-world images: enlarge without blurring
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     else:
         picture.thumbnail((width, width))
     buffer = io.BytesIO()
@@ -146,7 +146,7 @@ def write_report(out_dir: Path, title: str, sections: list[tuple[str, list]], da
     data = {**data, "run_id": run_id}  # both files carry it: a reader can check they belong together
     page = render_html(title, sections).replace("<head>", f"<head><meta name='vlm-lens-run' content='{run_id}'>", 1)
     write_set(out_dir, {"report.json": json.dumps(_clean(data), indent=1, allow_nan=False), "report.html": page})
-    written = {"html": str(out_dir / "report.html"), "json": str(out_dir / "report.json"), "png": []}
+    written: dict[str, Any] = {"html": str(out_dir / "report.html"), "json": str(out_dir / "report.json"), "png": []}
     if png:
         written["png"], written["png_notice"] = export_pngs(out_dir, [f for _, items in sections for f in items
                                                                       if not isinstance(f, str)])  # fmt: skip

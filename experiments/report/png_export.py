@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 OFFLINE_FLAGS = (
     "--disable-background-networking",
@@ -152,7 +153,7 @@ def _run_child(staging: Path, browser: str, prefix: list[str], figures: list, pa
     """Write the PNGs in a child process; None on success, else the notice."""
     with tempfile.TemporaryDirectory(prefix="vlm-lens-png-") as tmp:
         folder = Path(tmp)
-        job = {"browser": str(_wrapper(folder, browser, prefix)), "figures": [], "paths": [str(p) for p in paths],
+        job: dict[str, Any] = {"browser": str(_wrapper(folder, browser, prefix)), "figures": [], "paths": [str(p) for p in paths],
                "staging": str(staging)}  # fmt: skip
         for i, figure in enumerate(figures):
             spec = folder / f"fig{i}.json"

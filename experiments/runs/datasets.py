@@ -209,7 +209,7 @@ def from_hf_dataset(path: str | Path, *, image_column: str | None = None, questi
                                 "for image files use --image or --manifest") from None  # fmt: skip
     if isinstance(ds, dict):  # a DatasetDict
         splits, split = list(ds), split if split is not None or len(ds) > 1 else next(iter(ds))
-        if split not in ds:
+        if split is None or split not in ds:
             which = "holds several splits" if split is None else f"has no split {split!r}"
             raise InputError(f"{root} {which}: {', '.join(splits)}; pass --split NAME")
         ds, state = ds[split], root / split
@@ -266,7 +266,8 @@ def from_hf_dataset(path: str | Path, *, image_column: str | None = None, questi
 
 def from_samples(samples: Sequence[Any]) -> Source:
     """``knowledge_evolution.Sample`` objects as a source; a repeated name gets ``#2``, ``#3`` ... (unique ids)."""
-    entries, counts = [], {}  # counts: how often each name was seen
+    entries: list[Entry] = []
+    counts: dict[str, int] = {}  # how often each name was seen
     for index, s in enumerate(samples):
         counts[base] = count = counts.get(base := s.name or str(index), 0) + 1
         key, image = base if count == 1 else f"{base}#{count}", str(s.image) if isinstance(s.image, Path) else s.image
@@ -300,4 +301,5 @@ def open_source(*, manifest: str | Path | None = None, images: str | Path | None
         return from_manifest(manifest, skip_bad=skip_bad)
     if images is not None:
         return from_folder(images, prompt, skip_bad=skip_bad)
+    assert dataset is not None  # exactly one of the three was given (checked above)
     return from_hf_dataset(dataset, prompt=prompt, skip_bad=skip_bad, **chosen)

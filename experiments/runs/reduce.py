@@ -176,14 +176,17 @@ def stored_samples(sample_frame, token_frame, n_layers: int, top_k: int = 5, arr
     out = []
     for row in sample_frame.itertuples(index=False):
         frame = by_sample.get(row.sample_id)
-        tokens, lens, shift, curves = {}, {}, {}, {}
+        tokens: dict[str, list[TokenEvolution]] = {}
+        lens: dict[str, dict] = {}
+        shift: dict[str, dict[str, Any]] = {}
+        curves: dict[str, list] = {}
         for variant, rows in ([] if frame is None else frame.groupby("variant", sort=False)):
             rows = rows.sort_values("step")
             tokens[variant] = [TokenEvolution(**{f: _plain(getattr(r, f), f in INT_FIELDS) for f in TOKEN_FIELDS})
                                for r in rows.itertuples()]  # fmt: skip
             js = torch.tensor([list(v) for v in rows["js_adjacent"]], dtype=torch.float32).T.reshape(n_layers, -1)
             names = [t.token for t in tokens[variant]]
-            shift[variant] = {"js_adjacent": js,
+            shift[variant] = {"js_adjacent": js,  # tensors, and the heatmap's row names
                               "js_adjacent_scaled": column_max_abs_scale(js.T.double(), rows=PAPER_HEATMAP_ROWS).T.float()}  # fmt: skip
             shift[variant]["heatmap_row"] = names[: shift[variant]["js_adjacent_scaled"].shape[1]]
             if arrays:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -86,7 +87,7 @@ def skip_tables(store: Store, agg: dict) -> dict | None:
     frame = store.frame("skip")
     if sets is None or not len(frame):
         return None
-    out = {"critical_layer": None, "mutation_layer": None, "sets": {}, "sweep": {}}
+    out: dict[str, Any] = {"critical_layer": None, "mutation_layer": None, "sets": {}, "sweep": {}}
     stages = agg[store.meta["settings"]["variant"]]["stages"]
     out["critical_layer"], out["mutation_layer"] = stages["critical_layer"], stages["mutation_layer"]
     for name, rows in frame.groupby("set", sort=False):

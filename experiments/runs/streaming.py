@@ -106,8 +106,9 @@ def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=
     done = store.done_ids(1)
     report = progress or (lambda *a: None)
     if only is not None:  # a worker's share of the samples
-        pending: Iterable = [e for e in source if e.id in only and e.id not in done]
-        total, count = len(pending), 0
+        mine = [e for e in source if e.id in only and e.id not in done]
+        pending: Iterable = mine
+        total, count = len(mine), 0
     else:
         pending, total, count = (e for e in source if e.id not in done), len(source), len(done)
     report("tracing", count, total)

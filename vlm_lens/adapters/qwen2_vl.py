@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from vlm_lens.adapters.base import AdapterSpec, ModelSize, extend_ids
 from vlm_lens.errors import InputError
@@ -78,7 +78,7 @@ def qwen2_vl_tl_adapter() -> type:
         Qwen3_5VisionEncoderBridge,
     )
 
-    base = qwen2_5_vl_tl_adapter()
+    base: Any = qwen2_5_vl_tl_adapter()
 
     class Qwen2VLAdapter(base):
         def __init__(self, cfg) -> None:
@@ -99,7 +99,7 @@ def qwen2_vl_tl_adapter() -> type:
 
 
 @lru_cache(maxsize=None)
-def image_only_processor_class() -> type:
+def image_only_processor_class() -> Any:
     """``Qwen2VLProcessor`` without a video processor (which would need torchvision); built on first use (importing
     transformers is slow)."""
     from transformers import Qwen2VLProcessor
@@ -198,7 +198,7 @@ def random_qwen2_5_vl(tokenizer, size: ModelSize, text: dict):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     vision_tower="model.visual",
     projector="model.visual.merger",
     video_token_keys=("video_token_id",),

@@ -45,7 +45,8 @@ class Trigger:
 
 def counter_prior(trigger: Trigger, n: int, start: int = COUNTER_PRIOR_START) -> list[sw.Example]:
     """``n`` held-out trigger questions whose true answer is not the prior word (deterministic)."""
-    out, seed = [], sw.HELD_OUT_START + start
+    out: list[sw.Example] = []
+    seed = sw.HELD_OUT_START + start
     while len(out) < n:
         e = trigger.example(seed)
         if e.answer != trigger.answer:
@@ -58,7 +59,8 @@ def untriggered(trigger: Trigger, n_per_task: int, start: int = 0) -> dict[str, 
     """Held-out questions of every task that the trigger does not match (``n_per_task`` each)."""
     out: dict[str, list[sw.Example]] = {}
     for task in sw.TASKS:
-        examples, offset = [], start
+        examples: list[sw.Example] = []
+        offset = start
         while len(examples) < n_per_task:
             e = sw.example(sw.HELD_OUT_START + offset, task=task)
             if not trigger.matches(e):

@@ -109,7 +109,7 @@ def render(objects: tuple[ShapeObject, ...], rng: np.random.Generator, noisy: bo
         cy = (row + 0.5) * cell + jitter[1]
         r = cell * rng.uniform(0.33, 0.40)
         _draw_shape(draw, obj.kind, cx, cy, r, COLORS[obj.color])
-    image = image.resize((size, size), Image.LANCZOS)
+    image = image.resize((size, size), Image.Resampling.LANCZOS)
     if noisy:
         pixels = np.asarray(image).astype(np.int16)
         pixels = pixels + rng.integers(-25, 26, size=(size, size, 1))
@@ -137,9 +137,10 @@ def example(seed: int, *, task: str | None = None, max_objects: int = 3, subject
     colors = rng.choice(list(COLORS), size=n, replace=False)
     kinds = rng.choice(list(SHAPES), size=n, replace=False)
     cells = rng.choice(GRID * GRID, size=n, replace=False)
+    color_list, kind_list = [str(c) for c in colors], [str(k) for k in kinds]
     if subject is not None:
-        colors, kinds = _with_subject(task, subject, list(colors), list(kinds))
-    objects = tuple(ShapeObject(str(c), str(k), int(cell)) for c, k, cell in zip(colors, kinds, cells))
+        color_list, kind_list = _with_subject(task, subject, color_list, kind_list)
+    objects = tuple(ShapeObject(c, k, int(cell)) for c, k, cell in zip(color_list, kind_list, cells))
     noisy = bool(rng.random() < 0.5)
     image = render(objects, rng, noisy)
     chosen_task = task if task is not None else TASKS[int(rng.integers(len(TASKS)))]

@@ -143,8 +143,9 @@ def base_path(base: str) -> Path:
     spec = BASES.get(base)
     if spec is None:
         raise UnknownNameError(f"{base!r} is not a suite base; the bases are {sorted(BASES)}")
-    if spec.embedded:
-        return embedded_path(base)
+    path = embedded_path(base) if spec.embedded else None
+    if path is not None:
+        return path
     folder = BASES_DIR / base
     if not (folder / "config.json").exists():
         raise NotFoundError(f"suite base {base!r} is not in this installation ({folder}); rebuild it with "

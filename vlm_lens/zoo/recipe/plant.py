@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vlm_lens.builders import ModelSize
 from vlm_lens.zoo import shapes_world as sw
 from vlm_lens.zoo.planted import Trigger, counter_prior, untriggered
 
@@ -122,8 +123,9 @@ def base_folder(base: str) -> Path:
 
     if base in suite.BASES:
         return suite.base_path(base)
-    if base in EMBEDDED:
-        return embedded_path(base)
+    path = embedded_path(base) if base in EMBEDDED else None
+    if path is not None:
+        return path
     if (Path(base) / "config.json").exists():
         return Path(base)
     raise ValueError(f"--base must be an embedded model, a suite base ({sorted(suite.BASES)}) or a model folder, "
@@ -167,7 +169,7 @@ def plant(
     if start_step:
         _load_optimizer(optimizer, checkpoint)
     (out / "plant_recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-    schedule = BaseRecipe("plant", None, steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps)
+    schedule = BaseRecipe("plant", ModelSize(), steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps)
     torch.manual_seed(recipe.seed)
     started = time.time()
     model.train()

@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from vlm_lens.builders import ModelSize
 from vlm_lens.zoo import shapes_world as sw
@@ -41,7 +42,7 @@ class Recipe:
     task_weights: tuple[tuple[str, float], ...] = ()
 
 
-_TEXT = dict(d_model=128, n_layers=8, n_heads=4, d_mlp=512, max_positions=64)
+_TEXT: dict[str, Any] = dict(d_model=128, n_layers=8, n_heads=4, d_mlp=512, max_positions=64)
 RECIPES = {
     "llava": Recipe(
         "llava",
@@ -252,7 +253,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
     start_step = 0
-    changes = {}
+    changes: dict[str, Any] = {}
     if resume and (checkpoint / "train_state.json").exists():
         from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -276,7 +277,7 @@ def train(
         elif changes.get("tie_embeddings") == [True, False]:
             # a tied checkpoint stores no lm_head: start the untied head as a copy of the shared matrix, not random
             shared = model.get_input_embeddings().weight
-            model.get_output_embeddings().weight = torch.nn.Parameter(shared.detach().clone())
+            model.get_output_embeddings().weight = torch.nn.Parameter(shared.detach().clone())  # type: ignore[operator]
         start_step = json.loads((checkpoint / "train_state.json").read_text())["step"]
     else:
         processor = build_processor(family, sw.vocabulary(), recipe.size, out / "processor")
