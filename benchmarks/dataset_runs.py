@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the benchmarks package beside it
 PROMPT = "Please describe this image in detail."
 
 
@@ -181,17 +182,12 @@ def write_docs(results: dict, command: str) -> None:
 
     import torch
 
-    doc = ROOT / "docs" / "performance.md"
-    text = doc.read_text()
-    start, end = "<!-- datasets:start -->", "<!-- datasets:end -->"
-    block = (f"{start}\nMeasured with `{command.strip()}` on {platform.machine()}, {os.cpu_count()} cores, torch "
-             f"{torch.__version__}, float32, {time.strftime('%Y-%m-%d')}.\n\n{tables(results)}\n\n<details><summary>raw "
-             f"numbers</summary>\n\n```json\n{json.dumps(results, indent=1)}\n```\n</details>\n{end}")  # fmt: skip
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += "\n## Dataset runs: memory and throughput\n\n" + block + "\n"
-    doc.write_text(text)
+    from benchmarks.docs_blocks import write_block
+
+    body = (f"Measured with `{command.strip()}` on {platform.machine()}, {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, float32, {time.strftime('%Y-%m-%d')}.\n\n{tables(results)}\n\n<details><summary>raw "
+            f"numbers</summary>\n\n```json\n{json.dumps(results, indent=1)}\n```\n</details>")  # fmt: skip
+    write_block("performance.md", "datasets", body, "## Dataset runs: memory and throughput")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import backends as compare_backends  # noqa: E402
 from benchmarks import seed_pipeline  # noqa: E402
+from benchmarks.docs_blocks import write_block  # noqa: E402
+from benchmarks.timing import time_pipelines  # noqa: E402
 
 PIPELINES = ("floor", "seed", "vlm_lens")
 
@@ -85,20 +88,6 @@ def pipelines(plain, hooked, inputs, max_new_tokens: int):
         return trace.generated_ids
 
     return {"floor": floor, "seed": seed, "vlm_lens": ours}
-
-
-def time_pipelines(fns: dict, reps: int) -> dict[str, list[float]]:
-    times = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    names = list(fns)
-    for rep in range(reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def lens_throughput(hooked, rows: int = 2048, reps: int = 5) -> dict:
@@ -196,46 +185,6 @@ def bench(kind: str, reps: int, max_new_tokens: int, with_memory: bool) -> dict:
     return result
 
 
-def backends(kind: str, reps: int, max_new_tokens: int) -> dict:
-    """The same work on both backends over identical weights: a residual-stack cache of the prompt, and a traced
-    generation with the lens analysis (``trace_generation`` + ``analyze_trace``)."""
-    import copy
-
-    import vlm_lens
-    from vlm_lens import testing
-    from vlm_lens.experiments.analysis import knowledge_evolution as ke
-
-    model, processor = testing.build("llava", kind)
-    twin = copy.deepcopy(model)
-    twin.set_attn_implementation("eager")  # what the bridge forces: the backends then do identical arithmetic
-    tl = vlm_lens.load(model, processor=processor)
-    nn = vlm_lens.load(twin, processor=processor, backend="nnsight")
-    image = testing.sample_image(0, testing.size_for("llava", kind).image_size)
-    inputs = tl.prepare(image, "Please describe this image in detail.")
-    config = ke.EvolutionConfig(variants=("correct",), max_new_tokens=max_new_tokens)
-    fns = {}
-    for label, hooked in (("transformer_lens", tl), ("nnsight", nn)):
-        fns[f"{label}.cache"] = lambda h=hooked: h.run_with_cache(inputs, names_filter=h.resid_names)
-        fns[f"{label}.trace"] = lambda h=hooked: ke.analyze_trace(
-            h.trace_generation(inputs, max_new_tokens=max_new_tokens, stop_at_eos=False), config=config)
-    same = torch.equal(fns["transformer_lens.cache"]()[0], fns["nnsight.cache"]()[0])
-    med = {k: statistics.median(v) for k, v in time_pipelines(fns, reps).items()}
-    return {"model": f"random LLaVA ({kind})", "reps": reps, "new_tokens": max_new_tokens, "median_s": med,
-            "same_logits": bool(same)}  # fmt: skip
-
-
-def backend_table(row: dict) -> str:
-    m = row["median_s"]
-    return "\n".join([
-        "| backend | run_with_cache, residual stack (s) | trace_generation + analysis (s) |",
-        "|---|---|---|",
-        f"| TransformerLens bridge | {m['transformer_lens.cache']:.2f} | {m['transformer_lens.trace']:.2f} |",
-        f"| nnsight | {m['nnsight.cache']:.2f} | {m['nnsight.trace']:.2f} |",
-        f"| nnsight / bridge | {m['nnsight.cache'] / m['transformer_lens.cache']:.2f}x | "
-        f"{m['nnsight.trace'] / m['transformer_lens.trace']:.2f}x |",
-    ])  # fmt: skip
-
-
 def table(results: list[dict]) -> str:
     lines = [
         "| model | prompt / image tokens | new tokens | floor: HF generate + hidden states (s) | seed pipeline (s) | vlm-lens analysis (s) | vlm-lens / floor | seed / vlm-lens | memory added: seed / vlm-lens (MB) | lens vs raw matmul |",
@@ -254,32 +203,11 @@ def table(results: list[dict]) -> str:
 
 
 def write_docs(results: list[dict], command: str) -> None:
-    from vlm_lens.atomic import write_file as atomic_write
-
-    path = ROOT / "docs" / "performance.md"
-    text = path.read_text() if path.exists() else "# Performance\n\n<!-- bench:start -->\n<!-- bench:end -->\n"
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
     machine = (f"{platform.machine()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}, "
                f"float32, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    block = f"{start}\nMeasured with `{command}` on {machine}.\n\n{table(results)}\n\n<details><summary>raw numbers</summary>\n\n```json\n{json.dumps(results, indent=1)}\n```\n</details>\n{end}"
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    atomic_write(path, head + block + tail)
-
-
-def write_backends(row: dict, command: str) -> None:
-    from vlm_lens.atomic import write_file as atomic_write
-
-    path = ROOT / "docs" / "performance.md"
-    text = path.read_text()
-    start, end = "<!-- backends:start -->", "<!-- backends:end -->"
-    if start not in text:
-        text += f"\n## The two backends\n\n{start}\n{end}\n"
-    block = (f"{start}\nMeasured with `{command}` ({row['model']}, {row['new_tokens']} new tokens, median of {row['reps']}; "
-             f"identical logits: {row['same_logits']}).\n\n{backend_table(row)}\n{end}")  # fmt: skip
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    atomic_write(path, head + block + tail)
+    body = (f"Measured with `{command}` on {machine}.\n\n{table(results)}\n\n<details><summary>raw numbers</summary>\n\n"
+            f"```json\n{json.dumps(results, indent=1)}\n```\n</details>")  # fmt: skip
+    write_block("performance.md", "bench", body, "## vlm-lens beside the seed pipeline")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,10 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     if args.backends:
         print(f"backends on {args.backends} ...", flush=True)
-        row = backends(args.backends, args.reps, args.max_new_tokens)
-        print(backend_table(row), flush=True)
+        row = compare_backends.backends(args.backends, args.reps, args.max_new_tokens)
+        print(compare_backends.backend_table(row), flush=True)
         if not args.no_write:
-            write_backends(row, " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]))
+            compare_backends.write_backends(row, " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]))
     for kind in [k for k in args.models.split(",") if k]:
         print(f"benchmarking {kind} ...", flush=True)
         results.append(bench(kind, args.reps, args.max_new_tokens, not args.no_memory))

@@ -249,10 +249,13 @@ class FeatureProjection(Probe):
         """The feature vectors :meth:`run` projects, before scaling: ``[layer, token, d_model]`` over stack layers
         1..n (0..n with ``drop_embedding=False``) at this probe's positions (see the class docstring)."""
         src = as_source(source)
-        stack, _, _ = self._stack(src)
+        stack, _, _ = self.stack_of(src)
         return stack[1 if self.drop_embedding else 0 :]
 
-    def _stack(self, source: Source) -> tuple[Tensor, Tensor, list[str]]:
+    def stack_of(self, source: Any) -> tuple[Float[Tensor, "layer token d_model"], Tensor, list[str]]:
+        """The whole residual stack (stack layers 0..n, float32, CPU) at this probe's positions, the positions, and
+        their ``"position:token"`` labels: what :meth:`run` projects (the paper variant's last layer normed)."""
+        source = as_source(source)
         positions = source.positions(self.positions if source.trace is not None or self.positions != "steps" else "all")
         stack = source.cache.resid_stack(positions)
         if self.variant == "paper":
@@ -261,7 +264,7 @@ class FeatureProjection(Probe):
         return stack.float().cpu(), positions, tokens
 
     def run(self, source: Source) -> ProbeResult:
-        stack, _, tokens = self._stack(source)
+        stack, _, tokens = self.stack_of(source)
         perplexity = PAPER_PERPLEXITY["single"] if self.perplexity is None else self.perplexity
         return self._result(stack, layer_labels(source.model.n_layers), tokens, "token", source, perplexity,
                             positions=str(self.positions))  # fmt: skip

@@ -6,7 +6,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Iterable
 
-from vlm_lens.errors import InputError, InputTypeError, VocabularyError
+from torch import Tensor
+
+from vlm_lens.errors import InputError, InputTypeError, ShapeError, VocabularyError
 
 HOOK_SIGNATURE = "fn(activation, hook) -> None | Tensor"
 
@@ -72,3 +74,27 @@ def positions_in(positions, n_positions: int, what: str = "positions") -> None:
         from vlm_lens.errors import OutOfRangeError
 
         raise OutOfRangeError(f"{what} {bad[:5]} are outside the sequence of {n_positions} positions (0..{n_positions - 1})")
+
+
+HookFn = Callable[..., Any]
+
+
+def shape_checked(name, fn: HookFn) -> HookFn:
+    """``fn`` with its output checked: a hook may return None (keep the activation) or a tensor of the activation's
+    shape; anything else would silently change every later shape (a wrong batch size, a wrong width)."""
+
+    label = name if isinstance(name, str) else None
+
+    def hook(activation, hook=None):
+        out = fn(activation, hook)
+        if out is not None and isinstance(activation, Tensor):
+            if not isinstance(out, Tensor):
+                raise ShapeError(f"hook on {label or getattr(hook, 'name', '?')!r} returned {type(out).__name__}; return None "
+                                 "(keep the activation) or a tensor of the same shape")  # fmt: skip
+            if out.shape != activation.shape:
+                raise ShapeError(f"hook on {label or getattr(hook, 'name', '?')!r} returned shape {tuple(out.shape)} for an "
+                                 f"activation of shape {tuple(activation.shape)}; return a tensor of the same shape "
+                                 "(edit it in place or index-assign into a copy)")  # fmt: skip
+        return out
+
+    return hook

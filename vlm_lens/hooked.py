@@ -25,8 +25,9 @@ from vlm_lens.adapters import AdapterSpec
 from vlm_lens.batch import VLMBatch
 from vlm_lens.cache import VLMCache, resid_names
 from vlm_lens.capture import GenerationCapture, TransformerLensCapture, cut_at_eos
+from vlm_lens.checks import HookFn, shape_checked
 from vlm_lens.conventions import TransformerLensNames
-from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError, ShapeError, UnknownNameError
+from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError, UnknownNameError
 from vlm_lens.inputs import VLMInputs
 from vlm_lens.layout import TokenLayout
 from vlm_lens.surgery import get_module, is_library_hook, original, unwrapped
@@ -34,30 +35,6 @@ from vlm_lens.trace import GenerationTrace
 from vlm_lens.unembed import Unembedder
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
-HookFn = Callable[..., Any]
-
-
-def shape_checked(name, fn: HookFn) -> HookFn:
-    """``fn`` with its output checked: a hook may return None (keep the activation) or a tensor of the activation's
-    shape; anything else would silently change every later shape (a wrong batch size, a wrong width)."""
-
-    label = name if isinstance(name, str) else None
-
-    def hook(activation, hook=None):
-        out = fn(activation, hook)
-        if out is not None and isinstance(activation, Tensor):
-            if not isinstance(out, Tensor):
-                raise ShapeError(f"hook on {label or getattr(hook, 'name', '?')!r} returned {type(out).__name__}; return None "
-                                 "(keep the activation) or a tensor of the same shape")  # fmt: skip
-            if out.shape != activation.shape:
-                raise ShapeError(f"hook on {label or getattr(hook, 'name', '?')!r} returned shape {tuple(out.shape)} for an "
-                                 f"activation of shape {tuple(activation.shape)}; return a tensor of the same shape "
-                                 "(edit it in place or index-assign into a copy)")  # fmt: skip
-        return out
-
-    return hook
-
-
 class HookedVLM(TransformerLensNames):
     """A vision-language model with TransformerLens hook points (``blocks.{i}.hook_resid_post`` ...).
 

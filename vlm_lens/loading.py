@@ -96,7 +96,7 @@ def load(
         keepalive = tempfile.TemporaryDirectory(prefix="vlm-lens-tokenizer-")
         tokenizer = tokenizer_from_folder(tokenizer, keepalive.name)
     hf_model = hf_model.to(device).eval()
-    from vlm_lens._boot import boot_bridge
+    from vlm_lens.bridge_boot import boot_bridge
 
     bridge = boot_bridge(hf_model, tokenizer, spec, name, str(device))
     return HookedVLM(hf_model, processor, spec, bridge, name=name, keepalive=keepalive)

@@ -27,8 +27,9 @@ from torch import Tensor
 
 from vlm_lens.cache import VLMCache
 from vlm_lens.capture import CapturedGeneration, cut_at_eos
+from vlm_lens.checks import HookFn, shape_checked
 from vlm_lens.errors import InputTypeError
-from vlm_lens.hooked import HookedVLM, HookFn
+from vlm_lens.hooked import HookedVLM
 from vlm_lens.surgery import get_module
 
 
@@ -191,8 +192,6 @@ class NNsightVLM(HookedVLM):
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = ()):
         """Hooks attached for the duration of the block (PyTorch hooks on the map's modules; removed on exit)."""
-        from vlm_lens.hooked import shape_checked
-
         named = [(name, shape_checked(name, fn)) for name, fn in _by_name(fwd_hooks)]
         self.check_hook_names([name for name, _ in named])
         points = self.adapter.hook_map(self.n_layers)

@@ -62,7 +62,7 @@ def run(traces: Sequence, critical: int | None, mutation: int | None, *, answers
     from vlm_lens.probes.geometry import paper_states
 
     model = traces[0].cache.model
-    single, _, tokens = FeatureProjection()._stack(as_source(traces[0]))  # raw [n+1, token, d] and its labels
+    single, _, tokens = FeatureProjection().stack_of(as_source(traces[0]))  # raw [n+1, token, d] and its labels
     across = features_at(traces, position) if len(traces) >= 2 else None  # raw [image, n+1, d]
     labels = list(answers) if answers is not None else [t.text for t in traces]
     return from_features(single, tokens, across, [str(i) for i in range(len(traces))], labels,

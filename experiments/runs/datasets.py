@@ -9,89 +9,23 @@ import functools
 import hashlib
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from PIL import Image
 
 from vlm_lens.errors import InputError, NotFoundError
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-SKIP_HINT = " or pass --skip-bad to skip and record bad rows"
-
-
-@dataclass(frozen=True)
-class Entry:
-    index: int  # 0-based position in the source; stable across runs
-    id: str  # unique sample id
-    image: Any  # a path string, a PIL.Image (HF rows with embedded bytes), or None (a bad row)
-    question: str
-    answer: str | None
-    where: str  # "m.jsonl:12", "m.csv:5", "dataset DIR row 12", "DIR/cat.jpg"
-    error: str | None = None  # a bad row's message, when skip_bad
-    planted: bool = False  # a counter-prior question of a planted fixture (from_samples only)
-
-
-class Source:
-    """A sized, re-iterable, lazy sequence of :class:`Entry`; ``fingerprint`` is computed on first use."""
-
-    def __init__(self, description: str, length: int, entries: Callable[[], Iterator[Entry]], fingerprint: Callable):
-        self.description, self._length, self._entries, self._fingerprint = description, length, entries, fingerprint
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self) -> Iterator[Entry]:
-        return self._entries()
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        return self._fingerprint()
-
-
-class _Bad(Exception):
-    """A bad row: ``_Bad(message[, the exception type to raise, InputError by default])``."""
-
-
-def _sha(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value).strip()
-
-
-def _check_file(path: Path, where: str, origin: str, hint: str) -> str:
-    if not path.is_file():
-        raise _Bad(f"{where}: image not found: {path}{origin}; fix the path{hint}", NotFoundError)
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as error:  # OSError, SyntaxError, ValueError, DecompressionBombError ...
-        raise _Bad(f"{where}: unreadable image {path} ({type(error).__name__}: {error}); replace the file{hint}") from None
-    return str(path)
-
-
-def _entries(records: Callable[[], Iterable[tuple]], resolve: Callable, skip_bad: bool, unit: str, check: bool = True):
-    """Entries of ``(where, here, id, question, answer, image or a _Bad)`` records; a repeated id is a bad row."""
-    seen: dict[str, str] = {}
-    for index, (where, here, key, question, answer, image) in enumerate(records()):
-        key = key or f"row-{index}"
-        try:
-            if isinstance(image, _Bad):
-                raise image
-            if key in seen:  # the bad row's own id becomes key@line-N
-                first, key = seen[key], f"{key}@{unit}-{here}"
-                raise _Bad(f"{where}: id {key.rsplit('@', 1)[0]!r} at {unit} {here} repeats {unit} {first}; "
-                           "give every row a unique id")  # fmt: skip
-            seen[key] = here
-            entry = Entry(index, key, resolve(image, where) if check else None, question, answer, where)
-        except _Bad as bad:
-            if not skip_bad:
-                raise (bad.args[1:] or [InputError])[0](bad.args[0]) from None
-            entry = Entry(index, key, None, question, answer, where, error=bad.args[0])
-        yield entry
+from vlm_lens.experiments.runs.sources import (
+    IMAGE_SUFFIXES,
+    SKIP_HINT,
+    BadRow,
+    Entry,
+    Source,
+    check_file,
+    digest,
+    entries_from,  # fmt: skip
+    text_of,
+)
 
 
 def _manifest_records(path: Path, hint: str) -> Iterator[tuple]:
@@ -110,20 +44,20 @@ def _manifest_records(path: Path, hint: str) -> Iterator[tuple]:
             try:
                 row = json.loads(row) if isinstance(row, str) else row
             except json.JSONDecodeError as error:
-                row = _Bad(f"{where}: not valid JSON ({error.msg}); write one object per line{hint}")
+                row = BadRow(f"{where}: not valid JSON ({error.msg}); write one object per line{hint}")
             if not isinstance(row, dict):
-                yield where, str(line), None, "", None, row if isinstance(row, _Bad) else _Bad(
+                yield where, str(line), None, "", None, row if isinstance(row, BadRow) else BadRow(
                     f"{where}: expected an object with 'image' and 'question', got {type(row).__name__}; "
                     f"write one JSON object per line{hint}")  # fmt: skip
                 continue
-            question, key = str(row.get("question") or ""), _text(row.get("id"))
-            answer = str(row["answer"]) if _text(row.get("answer")) else None
-            missing = [name for name in ("image", "question") if not _text(row.get(name))]
+            question, key = str(row.get("question") or ""), text_of(row.get("id"))
+            answer = str(row["answer"]) if text_of(row.get("answer")) else None
+            missing = [name for name in ("image", "question") if not text_of(row.get(name))]
             image = path.parent / str(row.get("image") or "")  # an absolute path replaces the folder
             if not key and not missing:
                 derived[image.name] = count = derived.get(image.name, 0) + 1
                 key = image.name if count == 1 else f"{image.name}#{count}"
-            bad = _Bad(f"{where}: missing {', '.join(missing)}; every row needs 'image' and 'question': fill them in"
+            bad = BadRow(f"{where}: missing {', '.join(missing)}; every row needs 'image' and 'question': fill them in"
                        f"{hint}") if missing else None  # fmt: skip
             yield where, str(line), key, question, answer, bad or image
 
@@ -134,8 +68,8 @@ def from_manifest(path: str | Path, *, skip_bad: bool = False, _hint: str = SKIP
     path, origin = Path(path), " (relative paths resolve against the manifest's folder)"
     if not path.is_file():
         raise NotFoundError(f"manifest not found: {path}")
-    resolve = functools.partial(_check_file, origin=origin, hint=_hint)
-    entries = functools.partial(_entries, functools.partial(_manifest_records, path, _hint), resolve, skip_bad, "line")
+    resolve = functools.partial(check_file, origin=origin, hint=_hint)
+    entries = functools.partial(entries_from, functools.partial(_manifest_records, path, _hint), resolve, skip_bad, "line")
     length = sum(1 for _ in entries(check=False))  # the structure and ids now; images as their rows are yielded
     if not length:
         raise InputError(f"{path} lists no samples; add one row per (image, question)")
@@ -150,7 +84,7 @@ def from_folder(path: str | Path, prompt: str | None, *, answers: Mapping[str, s
     root, answers = Path(path), dict(answers or {})
     if not root.is_dir():
         raise NotFoundError(f"image folder not found: {root} (a single file: use --image FILE, a list: --manifest)")
-    if not _text(prompt):
+    if not text_of(prompt):
         raise InputError(f"{root}: a folder of images needs the question to ask of every image: pass --prompt TEXT")
     files = sorted(rel.as_posix() for rel in (p.relative_to(root) for p in root.rglob("*"))
                    if rel.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in rel.parts)
@@ -163,10 +97,10 @@ def from_folder(path: str | Path, prompt: str | None, *, answers: Mapping[str, s
         for rel in files:
             yield str(root / rel), rel, rel, prompt, answers.get(rel, answers.get(Path(rel).name)), root / rel
 
-    resolve = functools.partial(_check_file, origin="", hint=SKIP_HINT)
+    resolve = functools.partial(check_file, origin="", hint=SKIP_HINT)
     sizes = lambda: [(rel, (root / rel).stat().st_size) for rel in files]  # noqa: E731
-    fingerprint = lambda: _sha(sizes(), prompt, sorted(answers.items()))  # noqa: E731
-    entries = functools.partial(_entries, records, resolve, skip_bad, "file")
+    fingerprint = lambda: digest(sizes(), prompt, sorted(answers.items()))  # noqa: E731
+    entries = functools.partial(entries_from, records, resolve, skip_bad, "file")
     return Source(f"folder {root} ({len(files)} images)", len(files), entries, fingerprint)
 
 
@@ -184,11 +118,11 @@ def _decode(value: Any, where: str, root: Path, column: str) -> Any:
             (image := Image.open(io.BytesIO(value["bytes"]))).load()
             return image
         except Exception as error:
-            raise _Bad(f"{where}: unreadable image bytes ({type(error).__name__}: {error}); fix the row{SKIP_HINT}") from None
+            raise BadRow(f"{where}: unreadable image bytes ({type(error).__name__}: {error}); fix the row{SKIP_HINT}") from None
     value = value.get("path") if isinstance(value, dict) else value
-    if not _text(value):
-        raise _Bad(f"{where}: no image in column {column!r}; fill it in{SKIP_HINT}")
-    return _check_file(root / str(value), where, " (relative paths resolve against the dataset's folder)", SKIP_HINT)
+    if not text_of(value):
+        raise BadRow(f"{where}: no image in column {column!r}; fill it in{SKIP_HINT}")
+    return check_file(root / str(value), where, " (relative paths resolve against the dataset's folder)", SKIP_HINT)
 
 
 def from_hf_dataset(path: str | Path, *, image_column: str | None = None, question_column: str | None = None,
@@ -246,21 +180,21 @@ def from_hf_dataset(path: str | Path, *, image_column: str | None = None, questi
         for i, row in enumerate(dict(zip(batch, values)) for batch in batches for values in zip(*batch.values())):
             where, question = f"{label} row {i}", prompt or str(row.get(question_col) or "")
             answer = _answer(row[answer_col], features[answer_col]) if answer_col in row else None
-            image = row.get(image_col) if question.strip() or columns == [id_col] else _Bad(
+            image = row.get(image_col) if question.strip() or columns == [id_col] else BadRow(
                 f"{where}: empty question in column {question_col!r}; fill it in or pass --prompt TEXT{SKIP_HINT}")
-            yield where, str(i), _text(row.get(id_col)), question, answer, image
+            yield where, str(i), text_of(row.get(id_col)), question, answer, image
 
     resolve = functools.partial(_decode, root=root, column=image_col)
     if id_col and not skip_bad:  # unique ids now (one small column), before any model loads
-        sum(1 for _ in _entries(functools.partial(records, [id_col]), resolve, False, "row", check=False))
+        sum(1 for _ in entries_from(functools.partial(records, [id_col]), resolve, False, "row", check=False))
 
     def fingerprint() -> str:
         saved = state / "state.json"
         content = json.loads(saved.read_text()).get("_fingerprint") if saved.is_file() else None
         files = [(Path(f["filename"]).name, Path(f["filename"]).stat().st_size) for f in ds.cache_files]
-        return _sha(content or files, split, image_col, question_col, answer_col, id_col, prompt)
+        return digest(content or files, split, image_col, question_col, answer_col, id_col, prompt)
 
-    entries = functools.partial(_entries, functools.partial(records, view.column_names), resolve, skip_bad, "row")
+    entries = functools.partial(entries_from, functools.partial(records, view.column_names), resolve, skip_bad, "row")
     return Source(f"{label} ({len(ds)} rows)", len(ds), entries, fingerprint)
 
 
@@ -278,7 +212,7 @@ def from_samples(samples: Sequence[Any]) -> Source:
     def fingerprint() -> str:  # an in-memory image by its mode, size and pixels
         image = lambda im: hashlib.sha256(f"{im.mode}{im.size}".encode() + im.tobytes()).hexdigest()  # noqa: E731
         pictures = [image(e.image) if isinstance(e.image, Image.Image) else str(e.image) for e in entries]
-        return _sha([(e.id, e.question, e.answer, e.planted) for e in entries], pictures)
+        return digest([(e.id, e.question, e.answer, e.planted) for e in entries], pictures)
 
     return Source(f"{len(entries)} samples", len(entries), lambda: iter(entries), fingerprint)
 

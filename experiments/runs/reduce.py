@@ -99,7 +99,7 @@ def state_rows(sample_id: str, trace, index: int) -> tuple[dict, dict | None]:
              "d_model": stack.shape[1]}  # fmt: skip
     single = None
     if index < DETAIL_SAMPLES:
-        stack_all, positions, labels = FeatureProjection()._stack(source)  # [n+1, steps, d], correct features
+        stack_all, positions, labels = FeatureProjection().stack_of(source)  # [n+1, steps, d], correct features
         last_normed = paper_states(trace.model, stack_all)[-1]  # [steps, d]
         single = {"sample_id": sample_id, "stack": stack_all.reshape(-1).tolist(), "last_normed": last_normed.reshape(-1).tolist(),
                   "labels": labels, "n_tokens": len(labels)}  # fmt: skip

@@ -97,15 +97,16 @@ def test_zoo_train_smoke(tmp_path):
 def test_task_weights_choose_tasks_deterministically():
     from dataclasses import replace
 
-    from vlm_lens.zoo.recipe.train import RECIPES, _task_for
+    from vlm_lens.zoo.recipe.data import task_for
+    from vlm_lens.zoo.recipe.train import RECIPES
 
     recipe = replace(RECIPES["llava"], task_weights=(("position", 3.0),))
-    tasks = [_task_for(seed, recipe) for seed in range(3500)]
-    assert tasks == [_task_for(seed, recipe) for seed in range(3500)]
+    tasks = [task_for(seed, recipe) for seed in range(3500)]
+    assert tasks == [task_for(seed, recipe) for seed in range(3500)]
     assert 0.38 <= tasks.count("position") / len(tasks) <= 0.48  # 3 / 7 expected
-    assert _task_for(5, RECIPES["llava"]) is None  # no weights: the seed's own uniform choice
+    assert task_for(5, RECIPES["llava"]) is None  # no weights: the seed's own uniform choice
     with pytest.raises(ValueError, match="unknown tasks"):
-        _task_for(0, replace(recipe, task_weights=(("smell", 1.0),)))
+        task_for(0, replace(recipe, task_weights=(("smell", 1.0),)))
 
 
 def test_analyze_with_the_shipped_tuned_lens(tmp_path):
@@ -306,7 +307,8 @@ def test_zoo_plant_export_replaces_the_fixture_and_its_tuned_lens(tmp_path, monk
 
 def test_zoo_train_another_depth_and_seed(tmp_path):
     """--n-layers and --seed: another depth, another initialisation and another data stream (an independent base)."""
-    from vlm_lens.zoo.recipe.train import data_offset, recipe_for
+    from vlm_lens.zoo.recipe.data import data_offset
+    from vlm_lens.zoo.recipe.train import recipe_for
 
     result = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "run"), "--steps", "2",
                                  "--n-layers", "3", "--seed", "2", "--final-eval-per-task", "1", "--threads", "1"])  # fmt: skip

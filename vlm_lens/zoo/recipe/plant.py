@@ -146,7 +146,7 @@ def plant(
 
     from vlm_lens.loading import load_processor
     from vlm_lens.zoo.recipe.train import Recipe as BaseRecipe
-    from vlm_lens.zoo.recipe.train import _load_optimizer, learning_rate, save_checkpoint
+    from vlm_lens.zoo.recipe.train import learning_rate, load_optimizer, save_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -167,7 +167,7 @@ def plant(
     params = _block_params(model, recipe.block)
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
     if start_step:
-        _load_optimizer(optimizer, checkpoint)
+        load_optimizer(optimizer, checkpoint)
     (out / "plant_recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     schedule = BaseRecipe("plant", ModelSize(), steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps)
     torch.manual_seed(recipe.seed)

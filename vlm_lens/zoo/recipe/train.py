@@ -22,7 +22,9 @@ from typing import Any
 
 from vlm_lens.builders import ModelSize
 from vlm_lens.zoo import shapes_world as sw
-from vlm_lens.zoo.answers import answer_questions, prompt_text
+from vlm_lens.zoo.answers import answer_questions
+from vlm_lens.zoo.recipe.checkpoints import load_optimizer, save_checkpoint
+from vlm_lens.zoo.recipe.data import data_offset, task_for, training_batch
 
 
 @dataclass(frozen=True)
@@ -59,55 +61,6 @@ RECIPES = {
 }
 
 
-def training_batch(processor, step: int, recipe: Recipe):
-    """Model inputs and labels for ``step``; loss only on the answer words and ``</s>``."""
-    import torch
-
-    max_objects = 1 if step < recipe.single_shape_steps else 3
-    first = data_offset(recipe) + step * recipe.batch_size
-    seeds = range(first, first + recipe.batch_size)
-    examples = [sw.example(s, task=_task_for(s, recipe), max_objects=max_objects) for s in seeds]
-    texts = [f"{prompt_text(processor, e.question)} {e.answer} </s>" for e in examples]
-    inputs = processor(images=[e.image for e in examples], text=texts, padding=True, return_tensors="pt")
-    labels = torch.full_like(inputs["input_ids"], -100)
-    lengths = inputs["attention_mask"].sum(1)
-    for row, e in enumerate(examples):
-        n_answer = len(e.answer.split()) + 1  # word-level tokenizer: one token per word, plus </s>
-        end = int(lengths[row])
-        labels[row, end - n_answer : end] = inputs["input_ids"][row, end - n_answer : end]
-    inputs["labels"] = labels
-    return inputs
-
-
-DATA_STREAM_STRIDE = 1_000_000  # training seeds per recipe seed: seed k draws its data from [k * 1M, ...)
-
-
-def data_offset(recipe: Recipe) -> int:
-    """First training seed of ``recipe``'s data stream: seed 0 is the shipped models' stream ``[0, ...)``; another
-    seed trains on other images and questions (an independent run, not only another initialisation)."""
-    offset = recipe.seed * DATA_STREAM_STRIDE
-    if offset + recipe.steps * recipe.batch_size > 4_000_000:  # plant seeds start at 5M, held-out at 10M
-        raise ValueError(f"seed {recipe.seed} with {recipe.steps} steps runs past the training seed range; use seed <= 3")
-    return offset
-
-
-def _task_for(seed: int, recipe: Recipe) -> str | None:
-    """The task of training seed ``seed`` under ``recipe.task_weights`` (None: the seed's own uniform choice)."""
-    if not recipe.task_weights:
-        return None
-    import numpy as np
-
-    weights = dict(recipe.task_weights)
-    unknown = set(weights) - set(sw.TASKS)
-    if unknown:
-        raise ValueError(f"unknown tasks in task_weights: {sorted(unknown)}; choose from {sw.TASKS}")
-    p = np.array([weights.get(task, 1.0) for task in sw.TASKS], dtype=float)
-    if (p < 0).any() or p.sum() <= 0:
-        raise ValueError(f"task weights must be >= 0 with a positive total, got {dict(recipe.task_weights)}")
-    rng = np.random.default_rng([seed, 1])  # a stream of its own: the seed's image stays the same
-    return sw.TASKS[int(rng.choice(len(p), p=p / p.sum()))]
-
-
 def learning_rate(step: int, recipe: Recipe) -> float:
     """Linear warm-up, then cosine decay to ``final_lr_fraction * lr`` at the last step."""
     if step < recipe.warmup_steps:
@@ -126,48 +79,6 @@ def evaluate(model, processor, n_per_task: int, *, start: int = 0) -> dict:
         result[task] = sum(p == e.answer for p, e in zip(predictions, examples)) / len(examples)
     result["mean"] = sum(result[t] for t in sw.TASKS) / len(sw.TASKS)
     return result
-
-
-def _save_optimizer(optimizer, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = optimizer.state_dict()
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
-    for pid, entry in state["state"].items():
-        meta["state"][str(pid)] = {}
-        for key, value in entry.items():
-            if hasattr(value, "shape"):
-                tensors[f"{pid}.{key}"] = value.contiguous()
-                meta["state"][str(pid)][key] = "tensor"
-            else:
-                meta["state"][str(pid)][key] = value
-    save_file(tensors, str(path / "optimizer.safetensors"))
-    (path / "optimizer.json").write_text(json.dumps(meta))
-
-
-def _load_optimizer(optimizer, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    meta = json.loads((path / "optimizer.json").read_text())
-    state = {}
-    for pid, entry in meta["state"].items():
-        state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in entry.items()}
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def save_checkpoint(model, processor, optimizer, step: int, out: Path, name: str = "checkpoint") -> Path:
-    """Write weights, processor, optimizer and step to ``out/name`` atomically (temp folder, then rename)."""
-    from vlm_lens.atomic import write_folder
-
-    final = out / name
-    with write_folder(final) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if optimizer is not None:
-            _save_optimizer(optimizer, tmp)
-        (tmp / "train_state.json").write_text(json.dumps({"step": step}))
-    return final
 
 
 def recipe_for(
@@ -209,7 +120,7 @@ def recipe_for(
     data_offset(recipe)  # the data range check
     if task_weights:
         recipe = replace(recipe, task_weights=tuple(sorted((k, float(v)) for k, v in task_weights.items())))
-        _task_for(0, recipe)  # validate the task names and weights now
+        task_for(0, recipe)  # validate the task names and weights now
     return recipe
 
 
@@ -287,7 +198,7 @@ def train(
         model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
     )
     if start_step and "tie_embeddings" not in changes:  # tying removes a parameter: fresh moments then
-        _load_optimizer(optimizer, checkpoint)
+        load_optimizer(optimizer, checkpoint)
     log = (out / "train_log.jsonl").open("a")
     origin = start_step if rewarm else 0
     if start_step and recipe.task_weights:

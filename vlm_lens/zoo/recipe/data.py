@@ -1,0 +1,61 @@
+"""The training data of a zoo recipe: which shapes-world seeds a step draws (each recipe seed its own stream), the
+task mix, and the batch with its answer-only labels."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vlm_lens.zoo import shapes_world as sw
+from vlm_lens.zoo.answers import prompt_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vlm_lens.zoo.recipe.train import Recipe
+
+
+def training_batch(processor, step: int, recipe: Recipe):
+    """Model inputs and labels for ``step``; loss only on the answer words and ``</s>``."""
+    import torch
+
+    max_objects = 1 if step < recipe.single_shape_steps else 3
+    first = data_offset(recipe) + step * recipe.batch_size
+    seeds = range(first, first + recipe.batch_size)
+    examples = [sw.example(s, task=task_for(s, recipe), max_objects=max_objects) for s in seeds]
+    texts = [f"{prompt_text(processor, e.question)} {e.answer} </s>" for e in examples]
+    inputs = processor(images=[e.image for e in examples], text=texts, padding=True, return_tensors="pt")
+    labels = torch.full_like(inputs["input_ids"], -100)
+    lengths = inputs["attention_mask"].sum(1)
+    for row, e in enumerate(examples):
+        n_answer = len(e.answer.split()) + 1  # word-level tokenizer: one token per word, plus </s>
+        end = int(lengths[row])
+        labels[row, end - n_answer : end] = inputs["input_ids"][row, end - n_answer : end]
+    inputs["labels"] = labels
+    return inputs
+
+
+DATA_STREAM_STRIDE = 1_000_000  # training seeds per recipe seed: seed k draws its data from [k * 1M, ...)
+
+
+def data_offset(recipe: Recipe) -> int:
+    """First training seed of ``recipe``'s data stream: seed 0 is the shipped models' stream ``[0, ...)``; another
+    seed trains on other images and questions (an independent run, not only another initialisation)."""
+    offset = recipe.seed * DATA_STREAM_STRIDE
+    if offset + recipe.steps * recipe.batch_size > 4_000_000:  # plant seeds start at 5M, held-out at 10M
+        raise ValueError(f"seed {recipe.seed} with {recipe.steps} steps runs past the training seed range; use seed <= 3")
+    return offset
+
+
+def task_for(seed: int, recipe: Recipe) -> str | None:
+    """The task of training seed ``seed`` under ``recipe.task_weights`` (None: the seed's own uniform choice)."""
+    if not recipe.task_weights:
+        return None
+    import numpy as np
+
+    weights = dict(recipe.task_weights)
+    unknown = set(weights) - set(sw.TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks in task_weights: {sorted(unknown)}; choose from {sw.TASKS}")
+    p = np.array([weights.get(task, 1.0) for task in sw.TASKS], dtype=float)
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"task weights must be >= 0 with a positive total, got {dict(recipe.task_weights)}")
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the seed's image stays the same
+    return sw.TASKS[int(rng.choice(len(p), p=p / p.sum()))]
