@@ -3,13 +3,29 @@ task mix, and the batch with its answer-only labels."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from vlm_lens.zoo import shapes_world as sw
 from vlm_lens.zoo.answers import prompt_text
 
-if TYPE_CHECKING:  # pragma: no cover
-    from vlm_lens.zoo.recipe.train import Recipe
+
+class Recipe(Protocol):
+    """What the data stream reads of a training recipe (:class:`vlm_lens.zoo.recipe.train.Recipe`)."""
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def single_shape_steps(self) -> int: ...
+
+    @property
+    def task_weights(self) -> tuple[tuple[str, float], ...]: ...
 
 
 def training_batch(processor, step: int, recipe: Recipe):
