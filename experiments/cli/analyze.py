@@ -13,12 +13,10 @@ from vlm_lens.experiments.cli.common import (
     LensKind,
     Variant,
     fail,
-    fmt,
     image_paths,
     load_model,
     progress_bar,
     samples_for,  # fmt: skip
-    stage_summary,
     tuned_lens_from,
 )
 from vlm_lens.experiments.cli.outputs import check_output
@@ -120,20 +118,10 @@ def analyze(
 
 
 def _print_result(console, result: dict, variants) -> None:
-    data = result["data"]
-    info = data["store"]
-    bad = f", {len(info['bad'])} bad rows recorded" if info["bad"] else ""
-    console.print(f"{data['model']['name']}: {info['analysed']} samples ({info['planted']} counter-prior){bad}, accuracy "
-                  f"{fmt(data['aggregate']['accuracy'])}", highlight=False)  # fmt: skip
-    for v in variants:
-        console.print(f"{v} lens: {stage_summary(data['aggregate'][v])}")
-    files = result["files"]
-    if files.get("png_notice"):
-        console.print(f"[yellow]{files['png_notice']}")
-    pngs = [Path(p).name for p in files.get("png") or []]
-    console.print(f"wrote {Path(files['html']).parent}/: report.html, report.json"
-                  + (f", {len(pngs)} PNGs ({', '.join(pngs)})" if pngs else "") + f"; store {info['path']}",
-                  highlight=False)  # fmt: skip
+    from vlm_lens.experiments.cli.summary import closing_summary
+
+    for line in closing_summary(result, variants):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _source(manifest, dataset, image, prompt, skip_bad, image_column, question_column, answer_column, split):

@@ -35,9 +35,12 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def load_model(model: Optional[str]):
     """The model named by ``--model`` (default: the embedded default); a name that is neither embedded, a folder nor
     cached fails with suggestions (:func:`vlm_lens.load`), mapped to exit 2 by the command group."""
+    from transformers.utils import logging as transformers_logging
+
     import vlm_lens
     from vlm_lens import zoo
 
+    transformers_logging.disable_progress_bar()  # the "Loading weights" bar: the command prints its own progress
     return vlm_lens.load(model or zoo.DEFAULT_MODEL)
 
 

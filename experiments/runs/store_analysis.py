@@ -90,12 +90,16 @@ def skip_tables(store: Store, agg: dict) -> dict | None:
     out: dict[str, Any] = {"critical_layer": None, "mutation_layer": None, "sets": {}, "sweep": {}}
     stages = agg[store.meta["settings"]["variant"]]["stages"]
     out["critical_layer"], out["mutation_layer"] = stages["critical_layer"], stages["mutation_layer"]
+    planted = set(store.frame("samples", ["planted"]).query("planted")["sample_id"])
     for name, rows in frame.groupby("set", sort=False):
         rows = rows.to_dict("records")
         for r in rows:
             r["correct"] = None if r["correct"] is None or r["correct"] != r["correct"] else bool(r["correct"])
         mean = layer_skip.mean_skip_rows(rows, [int(x) for x in rows[0]["skipped_layers"]])
         mean["texts"] = mean["texts"][:DETAIL_SAMPLES]
+        # the planted prior's counter-prior questions answered right with these layers skipped (the repair)
+        on_planted = [r["correct"] for r in rows if r["sample_id"] in planted and r["correct"] is not None]
+        mean["planted_restored"] = {"restored": sum(on_planted), "of": len(on_planted)} if on_planted else None
         (out["sets"] if name in sets else out["sweep"])[name] = mean
     out["sets"] = {k: out["sets"][k] for k in sets if k in out["sets"]}
     out["sweep"] = dict(sorted(out["sweep"].items(), key=lambda kv: int(kv[0])))

@@ -114,7 +114,7 @@ def test_analyze_with_the_shipped_tuned_lens(tmp_path):
     result = runner.invoke(app, ["analyze", "--lens", "tuned", "--variant", "tuned", "--max-new-tokens", "3",
                                  "--out", str(out), "--no-png"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "tuned lens: critical layer" in result.output
+    assert "Read with the tuned lens (a learned per-layer translator" in result.output
     data = json.loads((out / "report.json").read_text())
     assert data["model"]["name"] == "shapes-llava-prior" and data["shown_variant"] == "tuned"
     assert set(data["aggregate"]) == {"correct", "paper", "tuned", "accuracy"}
@@ -262,7 +262,7 @@ def test_demo_and_zoo_evaluate_and_the_closing_line(tiny_folder, tmp_path):
     result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(images), "--prompt", "what ?",
                                  "--max-new-tokens", "2", "--out", str(tmp_path / "r"), "--no-png", "--no-skip-sweep"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert f"wrote {tmp_path / 'r'}/: report.html, report.json" in result.output.replace("\n", "")
+    assert f"Report: {(tmp_path / 'r' / 'report.html').absolute()} (" in result.output
     assert "━" not in result.output  # no progress bar when the output is not a terminal
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert data["layer_skip"] is None or data["layer_skip"]["sweep"] == {}
@@ -321,3 +321,20 @@ def test_zoo_train_another_depth_and_seed(tmp_path):
     for args, message in ((["--seed", "9"], "past the training seed range"), (["--n-layers", "1"], "n_layers must be >= 2")):
         bad = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "x"), *args])
         assert bad.exit_code == 2 and message in bad.output, bad.output
+
+
+def test_the_closing_summary_says_what_was_found_in_plain_words(tmp_path):
+    """The main job ends with what it found: the stages with their evidence, each overturn, what skipping repaired,
+    the report's absolute path; no PNG list and no weight-loading bar."""
+    result = runner.invoke(app, ["analyze", "--max-new-tokens", "2", "--out", str(tmp_path / "r"), "--no-png",
+                                 "--no-skip-sweep"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0] == "shapes-llava-prior: 10 samples (4 counter-prior questions), accuracy 0.50."  # 2 tokens: captions cut
+    assert "Read with the correct lens (the model's final norm and unembedding, read at every layer):" in lines
+    assert "  Answers become the top token at layer 4 (median over 10 tokens)." in lines
+    assert any(line.startswith("  Deep layers overturn established answers at layer 7 of 8: 4 of ") for line in lines)
+    assert "  counter_prior_2: blue led from layer 4, overturned to red at layer 7" in lines
+    assert "Skipping decoder layers 6-7 (skip.2) restored 4 of 4 counter-prior answers." in lines
+    assert lines[-1].startswith(f"Report: {(tmp_path / 'r' / 'report.html').absolute()} (")
+    assert len(lines) <= 24 and "Loading weights" not in result.output and ".png" not in result.output

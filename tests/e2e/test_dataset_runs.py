@@ -169,7 +169,7 @@ def test_report_rebuilds_from_the_store_without_the_model(streamed, tmp_path):
     first = json.loads((out / "report.json").read_text())
     assert again["aggregate"] == first["aggregate"] and again["layer_skip"] == first["layer_skip"]
     assert again["samples"] == first["samples"] and again["hallucination"] == first["hallucination"]
-    assert "10 samples (4 counter-prior)" in run.output
+    assert "10 samples (4 counter-prior questions)" in run.output
     for name in ("report.html", "report.json"):  # readable by others (umask 022), not mkstemp's 0600
         assert (tmp_path / "again" / name).stat().st_mode & 0o777 == 0o644 & ~_umask()
     bad = CliRunner().invoke(app, ["report", str(tmp_path)])
