@@ -126,15 +126,31 @@ class VLMCache(Mapping[str, Tensor]):
                 views[name] = value[index : index + 1, :, :n, :n]  # attention patterns [batch, head, query, key]
         return VLMCache(views, layout, self.model, input_ids[index, :n])
 
+    def stack_activation(self, activation_name: str, layer: int = -1) -> Float[Tensor, "layer batch pos d_model"]:
+        """One activation of every decoder layer below ``layer`` stacked, as in TransformerLens:
+        ``cache.stack_activation("resid_post")`` is ``[n_layers, batch, pos, d_model]`` (``-1``: every layer)."""
+        upto = self.model.n_layers if layer == -1 else layer
+        if not 0 < upto <= self.model.n_layers:
+            raise OutOfRangeError(f"layer {layer} out of range: 1..{self.model.n_layers} (or -1 for all)")
+        return torch.stack([self[activation_name, i] for i in range(upto)])
+
+    def to(self, device: str | torch.device) -> "VLMCache":
+        """Every activation moved to ``device`` (in place, as TransformerLens's ``ActivationCache.to``); returns the
+        cache."""
+        self._activations = {name: value.to(device) for name, value in self._activations.items()}
+        return self
+
     def accumulated_resid(
-        self, layer: int | None = None, *, apply_ln: bool = False, return_labels: bool = False
+        self, layer: int | None = None, *, incl_mid: bool = False, apply_ln: bool = False, return_labels: bool = False
     ) -> Float[Tensor, "layer batch pos d_model"] | tuple[Tensor, list[str]]:
         """The residual stream before each layer, TransformerLens style: ``[component, batch, pos, d_model]``.
 
         As in TransformerLens, ``layer=l`` gives the residual *entering* decoder layer l and everything before it:
         stack indices 0..l (``l + 1`` entries); ``None``, ``-1`` or ``n_layers`` give every stack index 0..n (the last
         is the final output), i.e. :meth:`resid_stack` with the batch dimension. ``apply_ln`` applies the final norm
-        to each vector, as the logit lens does (:meth:`apply_ln_to_stack`).
+        to each vector, as the logit lens does (:meth:`apply_ln_to_stack`). ``incl_mid`` adds each layer's
+        ``hook_resid_mid`` (after attention, before the MLP) after its input, labelled ``"l_mid"`` (TransformerLens
+        backend; cache ``blocks.{l}.hook_resid_mid``).
         """
         n = self.model.n_layers
         names = self.model.resid_names
@@ -142,13 +158,18 @@ class VLMCache(Mapping[str, Tensor]):
             if not 0 <= layer < n:
                 raise OutOfRangeError(f"layer {layer} out of range: 0..{n} (or -1 / None for all)")
             names = names[: layer + 1]
+        labels = [str(i) for i in range(len(names))]
+        if incl_mid:  # stack index l (the input of layer l) then layer l's mid-residual, for every layer below the top
+            pairs = [(name, label) for i, (name, label) in enumerate(zip(names, labels)) for name, label in
+                     ([(name, label)] + ([(f"blocks.{i}.hook_resid_mid", f"{i}_mid")] if i < n else []))]  # fmt: skip
+            names, labels = [p[0] for p in pairs], [p[1] for p in pairs]
         missing = [name for name in names if name not in self._activations]
         if missing:
-            raise UnknownNameError(f"accumulated_resid needs {missing[0]!r}: run with names_filter=model.resid_names")
+            hint = " and the blocks.{l}.hook_resid_mid names" if incl_mid else ""
+            raise UnknownNameError(f"accumulated_resid needs {missing[0]!r}: run with names_filter=model.resid_names{hint}")
         stack = torch.stack([self._activations[name] for name in names])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack)
-        labels = [str(i) for i in range(len(names))]
         return (stack, labels) if return_labels else stack
 
     def apply_ln_to_stack(self, stack: Float[Tensor, "... d_model"], *, grad: bool = False) -> Float[Tensor, "... d_model"]:

@@ -79,6 +79,29 @@ def positions_in(positions, n_positions: int, what: str = "positions") -> None:
 HookFn = Callable[..., Any]
 
 
+def return_type(value: Any) -> None:
+    """``run_with_hooks(return_type=...)``: ``"logits"`` or None, as in TransformerLens; ``"loss"`` needs labels a
+    prompt-and-image forward does not have."""
+    if value not in ("logits", None):
+        raise InputError(f"return_type must be 'logits' or None, got {value!r}; for a loss, take the log-softmax of the "
+                         "logits at the positions you score")  # fmt: skip
+
+
+class NamedHook:
+    """The hook point a hook function receives, named as the hook was registered: a TransformerLens alias such as
+    ``blocks.6.hook_mlp_out`` resolves to the bridge's ``blocks.6.mlp.hook_out``, and a name check inside the hook
+    (``if hook.name == "blocks.6.hook_mlp_out"``) must still match. Everything else is the hook point's own."""
+
+    def __init__(self, hook: Any, name: str):
+        self._hook, self.name = hook, name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._hook, attribute)
+
+    def __repr__(self) -> str:
+        return f"NamedHook({self.name!r} -> {self._hook!r})"
+
+
 def shape_checked(name, fn: HookFn) -> HookFn:
     """``fn`` with its output checked: a hook may return None (keep the activation) or a tensor of the activation's
     shape; anything else would silently change every later shape (a wrong batch size, a wrong width)."""
@@ -86,6 +109,8 @@ def shape_checked(name, fn: HookFn) -> HookFn:
     label = name if isinstance(name, str) else None
 
     def hook(activation, hook=None):
+        if label is not None and hook is not None and getattr(hook, "name", label) != label:
+            hook = NamedHook(hook, label)
         out = fn(activation, hook)
         if out is not None and isinstance(activation, Tensor):
             if not isinstance(out, Tensor):

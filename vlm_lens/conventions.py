@@ -9,6 +9,9 @@ TransformerLens             vlm-lens
 ``model.to_str_tokens``     token strings of prepared inputs, of a string, or of ids
 ``model.to_single_token``   the id of a string that is exactly one token (ValueError naming the count otherwise)
 ``model.to_tokens``         ids of a string (no special tokens, no chat template)
+``model.generate``          greedy text of prepared inputs (``return_type="tokens"``: the ids)
+``model.blocks``            the decoder blocks (the bridge's on TransformerLens, the HF layers on nnsight)
+``model.hook_dict``         hook name -> hook point (TransformerLens) or the HF module it reads (nnsight)
 ==========================  ===================================================================================
 """
 
@@ -29,6 +32,13 @@ class TransformerLensNames:
     if TYPE_CHECKING:  # what the model class provides
         bridge: Any
         unembedder: Any
+        hf_model: Any
+        adapter: Any
+
+        @property
+        def n_layers(self) -> int: ...
+
+        def generate_ids(self, inputs: Any, max_new_tokens: int = 32, *, stop_at_eos: bool = True) -> Tensor: ...
 
         @property
         def tokenizer(self) -> Any: ...
@@ -50,6 +60,35 @@ class TransformerLensNames:
         input_ids, kwargs = self.forward_args(inputs)
         with torch.set_grad_enabled(grad):
             return self.bridge(input_ids, **kwargs)
+
+    @property
+    def blocks(self) -> Any:
+        """The decoder blocks, indexable by decoder layer: the bridge's (TransformerLens backend) or the HF layers."""
+        from vlm_lens.surgery import get_module
+
+        if self.bridge is not None:
+            return self.bridge.blocks
+        return get_module(self.hf_model, self.adapter.layers)
+
+    @property
+    def hook_dict(self) -> dict[str, Any]:
+        """Hook name -> the hook point (TransformerLens backend), or -> the HF module the name reads (nnsight)."""
+        from vlm_lens.surgery import get_module
+
+        if self.bridge is not None:
+            return dict(self.bridge.hook_dict)
+        return {name: get_module(self.hf_model, point.path) for name, point in self.adapter.hook_map(self.n_layers).items()}
+
+    def generate(self, inputs: Any, max_new_tokens: int = 32, *, stop_at_eos: bool = True,
+                 return_type: str = "str") -> str | Int[Tensor, " step"]:  # fmt: skip
+        """Greedy generation of prepared inputs (``model.prepare(image, question)``), as TransformerLens's
+        ``model.generate`` (greedy only): the text (``return_type="str"``) or the generated ids (``"tokens"``)."""
+        if return_type not in ("str", "tokens"):
+            raise InputError(f"return_type must be 'str' or 'tokens', got {return_type!r}")
+        ids = self.generate_ids(inputs, max_new_tokens, stop_at_eos=stop_at_eos)
+        if return_type == "tokens":
+            return ids
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
 
     def to_tokens(self, text: str) -> Int[Tensor, " pos"]:
         """Token ids of ``text`` as the tokenizer encodes it (no special tokens, no chat template)."""

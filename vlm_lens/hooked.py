@@ -119,16 +119,27 @@ class HookedVLM(TransformerLensNames):
             return logits, VLMCache(dict(cache.items()), inputs.layouts[0], self, inputs.input_ids, inputs.layouts)
         return logits, VLMCache(dict(cache.items()), inputs.layout, self, inputs.input_ids)
 
+    @overload
+    def run_with_hooks(self, inputs: VLMInputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *,
+                       grad: bool = False, return_type: Literal["logits"] = "logits") -> Float[Tensor, "1 pos vocab"]: ...
+
+    @overload
+    def run_with_hooks(self, inputs: VLMInputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *,
+                       grad: bool = False, return_type: None) -> None: ...
+
     def run_with_hooks(
-        self, inputs: VLMInputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *, grad: bool = False
-    ) -> Float[Tensor, "1 pos vocab"]:
+        self, inputs: VLMInputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *, grad: bool = False,
+        return_type: Literal["logits"] | None = "logits",
+    ) -> Float[Tensor, "1 pos vocab"] | None:
         """Logits of a forward with ``fwd_hooks`` (``(name, fn(activation, hook))``); removed afterwards, even
-        when a hook raises."""
+        when a hook raises. ``return_type=None`` returns nothing (the hooks' side effects are the point)."""
+        checks.return_type(return_type)
         input_ids, kwargs = self.forward_args(inputs)
         fwd_hooks = checks.hook_pairs(fwd_hooks)
         self.check_hook_names([n for n, _ in fwd_hooks if isinstance(n, str)])
         with torch.set_grad_enabled(grad), self.hooks(fwd_hooks):
-            return self.bridge(input_ids, **kwargs)
+            logits = self.bridge(input_ids, **kwargs)
+        return logits if return_type == "logits" else None
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = ()):

@@ -124,16 +124,25 @@ def check_positions(model, n_positions: int, max_new_tokens: int = 0) -> None:
                       f"{max(1, limit - n_positions)}", stacklevel=3)  # fmt: skip
 
 
+def unknown_words(model, text: str) -> list[str]:
+    """The words of ``text`` the model's tokenizer reads as its unknown token (empty when it knows them all, or has
+    no unknown token); ``["?"]`` when some are unknown but a slow tokenizer cannot say which."""
+    unk = model.tokenizer.unk_token_id
+    if unk is None:
+        return []
+    try:
+        encoded = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [text[a:b] for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk]
+    except (NotImplementedError, TypeError, KeyError):  # slow tokenizers have no offsets
+        return ["?"] if unk in model.tokenizer(text, add_special_tokens=False)["input_ids"] else []
+
+
 def warn_unknown_words(model, prompt: str, input_ids: Tensor) -> None:
     """Warn, naming the words, when part of the prompt becomes the unknown token (the model never saw it)."""
     unk = model.tokenizer.unk_token_id
     if unk is None or not bool((input_ids == unk).any()):
         return
-    try:
-        encoded = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-        words = [prompt[a:b] for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if i == unk]
-    except (NotImplementedError, TypeError, KeyError):  # slow tokenizers have no offsets
-        words = []
+    words = [w for w in unknown_words(model, prompt) if w != "?"]
     warnings.warn(
         f"{model.name}: {', '.join(repr(w) for w in words) or 'part of the prompt'} not in the vocabulary, read as "
         f"{model.tokenizer.unk_token}; rephrase with words the model knows",

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal, overload
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from vlm_lens import checks
 from vlm_lens.cache import VLMCache
 from vlm_lens.capture import CapturedGeneration, cut_at_eos
 from vlm_lens.checks import HookFn, shape_checked
@@ -152,9 +153,18 @@ class NNsightVLM(HookedVLM):
             return logits, VLMCache(activations, inputs.layouts[0], self, inputs.input_ids, inputs.layouts)
         return logits, VLMCache(activations, inputs.layout, self, inputs.input_ids)
 
-    def run_with_hooks(self, inputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *, grad: bool = False
-                       ) -> Float[Tensor, "batch pos vocab"]:  # fmt: skip
+    @overload
+    def run_with_hooks(self, inputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *, grad: bool = False,
+                       return_type: Literal["logits"] = "logits") -> Float[Tensor, "batch pos vocab"]: ...  # fmt: skip
+
+    @overload
+    def run_with_hooks(self, inputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *, grad: bool = False,
+                       return_type: None) -> None: ...  # fmt: skip
+
+    def run_with_hooks(self, inputs, fwd_hooks: Iterable[tuple[str | Callable, HookFn]] = (), *, grad: bool = False,
+                       return_type: Literal["logits"] | None = "logits") -> Float[Tensor, "batch pos vocab"] | None:  # fmt: skip
         """Logits of one nnsight trace in which each ``fn(activation, hook)`` may replace its activation."""
+        checks.return_type(return_type)
         input_ids, kwargs = self.forward_args(inputs)
         by_name: dict[str, list[Callable]] = {}
         for name, fn in _by_name(fwd_hooks):
@@ -181,7 +191,7 @@ class NNsightVLM(HookedVLM):
                 else:
                     envoy.output = value
             logits = self.nnsight.output.logits.save()
-        return logits
+        return logits if return_type == "logits" else None
 
     def __call__(self, inputs, *, grad: bool = False) -> Float[Tensor, "batch pos vocab"]:
         return self.run_with_hooks(inputs, [], grad=grad)

@@ -103,6 +103,7 @@ def analyze(
     vlm = load_model(model or DEFAULT_ANALYSIS_MODEL)
     tuned = tuned_lens_from(vlm, tuned_lens) if lens == LensKind.tuned else None
     samples = source if source is not None else samples_for(vlm, [], prompt)
+    _say_what_is_asked(console, vlm, image, manifest, dataset, prompt, len(samples))
     variants = ("correct", "paper") + (("tuned",) if tuned is not None else ())
     config = EvolutionConfig(DetectionConfig(establish_prob=threshold), variants, max_new_tokens)
     bar, update = progress_bar(console)
@@ -115,6 +116,22 @@ def analyze(
     except ImportError as error:  # bad input (VLMLensError) and failed runs are mapped by the command group
         fail(f"{error}: --workers needs Ray, pip install 'vlm-lens[distributed]'")
     _print_result(console, result, variants)
+
+
+def _say_what_is_asked(console, vlm, image, manifest, dataset, prompt, n_samples: int) -> None:
+    """A default the user did not choose is said, or refused when the model cannot read it."""
+    from vlm_lens.inputs import unknown_words
+    from vlm_lens.zoo.samples import DESCRIBE_PROMPT
+
+    if image and prompt is None:
+        unknown = unknown_words(vlm, DESCRIBE_PROMPT)
+        if unknown:
+            fail(f"no --prompt: the default caption prompt {DESCRIBE_PROMPT!r} has words {vlm.name} does not know "
+                 f"({', '.join(unknown)}); ask with --prompt, e.g. --prompt 'what color is the star ?'")
+        console.print(f"no --prompt: asking the paper's caption prompt {DESCRIBE_PROMPT!r}", highlight=False, soft_wrap=True)
+    elif prompt is not None and not (image or manifest or dataset):
+        console.print(f"asking {prompt!r} about the {n_samples} bundled images (their reference answers are for "
+                      "other questions: no accuracy)", highlight=False, markup=False, soft_wrap=True)  # fmt: skip
 
 
 def _print_result(console, result: dict, variants) -> None:
@@ -147,7 +164,7 @@ def _source(manifest, dataset, image, prompt, skip_bad, image_column, question_c
 
 
 def report(
-    store: Path = typer.Argument(..., help="a run store (the --store of vlm-lens analyze; default OUT/store)"),
+    store: Path = typer.Argument(..., help="a run store (the --store of vlm-lens analyze), or the --out folder holding it"),
     out: Optional[Path] = typer.Option(None, help="report folder (default: the folder holding the store)"),
     variant: Optional[Variant] = typer.Option(None, help="the lens the report shows (default: the run's)"),
     png: bool = typer.Option(True, help="also export PNG figures (needs Chromium)"),
@@ -159,6 +176,8 @@ def report(
     from vlm_lens.experiments.report.build import build as build_report
     from vlm_lens.experiments.runs.store import Store, StoreError
 
+    if not (store / "run.json").exists() and (store / "store" / "run.json").exists():
+        store = store / "store"  # the report folder a run wrote: its store is inside
     try:
         opened = Store(store)
     except StoreError as error:

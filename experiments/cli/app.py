@@ -62,7 +62,7 @@ def _attach_usage(group, ctx, error) -> None:
         error.ctx = command.make_context(name, [], parent=ctx, resilient_parsing=True)
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_ErrorsToExitCodes,
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_ErrorsToExitCodes, rich_markup_mode=None,
                   help="How knowledge evolves inside vision-language models.")  # fmt: skip
 
 

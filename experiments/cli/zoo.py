@@ -11,7 +11,7 @@ import typer
 from vlm_lens.experiments.cli.common import fail, load_model
 from vlm_lens.experiments.cli.outputs import check_output
 
-zoo_app = typer.Typer(no_args_is_help=True, help="The embedded shapes-world models.")
+zoo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The embedded shapes-world models.")
 
 
 @zoo_app.command("train")

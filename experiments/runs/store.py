@@ -78,7 +78,7 @@ class Store:
         self.path = Path(path)
         meta = self.path / "run.json"
         if not meta.is_file():
-            raise StoreError(f"{self.path} is not a vlm-lens store (no run.json): pass the folder a run wrote with --store")
+            raise StoreError(f"{self.path} is not a vlm-lens store (no run.json): pass the --store of a run, or the --out folder holding it")
         try:
             self.meta = json.loads(meta.read_text())
             self.meta["model"], self.meta["settings"], self.meta["source"]  # noqa: B018 - the keys a store needs

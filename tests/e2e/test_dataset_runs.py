@@ -174,6 +174,9 @@ def test_report_rebuilds_from_the_store_without_the_model(streamed, tmp_path):
         assert (tmp_path / "again" / name).stat().st_mode & 0o777 == 0o644 & ~_umask()
     bad = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert bad.exit_code == 2 and "not a vlm-lens store" in bad.output
+    from_out = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "from-out"), "--no-png"])
+    assert from_out.exit_code == 0, from_out.output  # the --out folder a run wrote: its store is inside
+    assert json.loads((tmp_path / "from-out" / "report.json").read_text())["aggregate"] == first["aggregate"]
     damaged = tmp_path / "damaged"  # a copy of the store with one shard and then run.json damaged
     shutil.copytree(out / "store", damaged)
     next((damaged / "tokens").glob("part-*")).write_bytes(b"garbage")
