@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from vlm_lens import checks
+from vlm_lens.cache import act_name
 from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError
 from vlm_lens.probes.base import Probe, Source, as_source, register_probe
 from vlm_lens.probes.metrics import kl_divergence
@@ -138,14 +139,25 @@ class ActivationPatching(Probe):
     """Patch the residual stream from a *source* run (e.g. another image) into a *target* run, layer by layer.
 
     Metric: ``logit[token_a] - logit[token_b]`` at the target's last prompt position. Arrays: ``logit_diff`` and
-    ``effect`` = (patched − target) / (source − target) per layer (``[layer]``, or ``[layer, position]`` with
-    ``per_position=True``). ``hook`` is the TransformerLens hook suffix patched (``hook_resid_post`` by default).
+    ``effect`` = (patched − target) / (source − target) per patched block (``[decoder_layer]``, or
+    ``[decoder_layer, position]`` with ``per_position=True``). The coordinate is ``decoder_layer`` (0..n-1, the
+    ``blocks.{i}`` a hook name counts), not the lens's stack ``layer`` (0..n): patching ``blocks.i.hook_resid_post``
+    changes stack index i+1.
+
+    ``hook``: what is patched in each block: a hook suffix (``"hook_resid_post"``, the default; ``"hook_attn_out"``,
+    ``"hook_mlp_out"``), a TransformerLens short name (``"resid_post"``, ``"attn_out"``), or one full hook name
+    (``"blocks.6.hook_attn_out"``: that block only, unless ``layers`` says otherwise).
     """
 
     name = "activation_patching"
 
     def __init__(self, layers: Sequence[int] | None = None, positions: str | Sequence[int] = "all",
                  hook: str = "hook_resid_post", per_position: bool = False):  # fmt: skip
+        if hook.startswith("blocks."):  # a full hook name: its block, and the suffix in every block patched
+            _, block, suffix = hook.split(".", 2)
+            if not block.isdigit():
+                raise InputError(f"hook {hook!r}: a full hook name reads blocks.<layer>.<name>, e.g. 'blocks.6.hook_attn_out'")
+            layers, hook = ([int(block)] if layers is None else layers), suffix
         self.layers, self.positions, self.hook, self.per_position = layers, positions, hook, per_position
 
     def __call__(self, target: Any, source: Any, token_a: int | str, token_b: int | str, model: "HookedVLM | None" = None) -> ProbeResult:  # type: ignore[override]
@@ -163,7 +175,7 @@ class ActivationPatching(Probe):
                 "patching needs aligned sequences (same prompt, images with the same number of image tokens)"
             )
         layers = _layer_set(model, range(model.n_layers) if self.layers is None else self.layers)
-        names = [f"blocks.{i}.{self.hook}" for i in layers]
+        names = [f"blocks.{i}.{self.hook}" if "." in self.hook else act_name(self.hook, i) for i in layers]
         position = target.layout.last_prompt_position
         positions = _positions(target, self.positions)
 
@@ -183,8 +195,8 @@ class ActivationPatching(Probe):
         effect = (diffs - clean) / denominator if denominator != 0 else torch.full_like(diffs, float("nan"))
         if not self.per_position:
             diffs, effect = diffs[:, 0], effect[:, 0]
-        dims = ("layer", "position") if self.per_position else ("layer",)
-        coords = {"layer": [str(i) for i in layers]}
+        dims = ("decoder_layer", "position") if self.per_position else ("decoder_layer",)
+        coords = {"decoder_layer": [str(i) for i in layers]}
         if self.per_position:
             coords["position"] = positions.tolist()
         return ProbeResult(

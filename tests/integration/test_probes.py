@@ -196,6 +196,13 @@ def test_patching_every_layer_reproduces_the_source(tiny_llava):
     assert result["effect"][-1].item() == pytest.approx(1.0, abs=1e-4)  # the last residual is the whole answer
     grid = ActivationPatching(layers=[0, 3], per_position=True)(target, source, "red", "blue", model=model)
     assert grid["effect"].shape == (2, target.layout.n_positions)
+    assert grid.dims["effect"] == ("decoder_layer", "position") and grid.coords["decoder_layer"] == ["0", "3"]
+    # the hook by suffix, TransformerLens short name or full name: the same patch of block 2's attention output
+    by_suffix = ActivationPatching(layers=[2], hook="hook_attn_out")(target, source, "red", "blue", model=model)
+    by_short = ActivationPatching(layers=[2], hook="attn_out")(target, source, "red", "blue", model=model)
+    by_name = ActivationPatching(hook="blocks.2.hook_attn_out")(target, source, "red", "blue", model=model)
+    assert by_name.coords["decoder_layer"] == ["2"]
+    assert torch.equal(by_suffix["logit_diff"], by_short["logit_diff"]) and torch.equal(by_short["logit_diff"], by_name["logit_diff"])
     with pytest.raises(ValueError, match="aligned"):
         ActivationPatching()(target, model.prepare(None, QUESTIONS[0]), "red", "blue", model=model)
 
