@@ -153,7 +153,8 @@ def stage_bands(fig, stages: dict | None, n_layers: int, y_top: float, y_bottom:
                                      line=dict(color="black", dash=dash, width=1.5)))  # fmt: skip
 
 def scatter_view(coords: list, layers: list[str], items: list[str], groups: list[str], title: str):
-    """t-SNE/PCA points (layer x item), coloured by the stage of their layer (embedding layer dropped)."""
+    """t-SNE/PCA points (layer x item), coloured by the stage of their layer, marker size growing with the layer
+    (embedding layer dropped)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -161,15 +162,17 @@ def scatter_view(coords: list, layers: list[str], items: list[str], groups: list
     offset = len(groups) - len(layers)  # the projection dropped the embedding layer
     for li, layer in enumerate(layers):
         group = groups[li + offset]
-        bucket = by_group.setdefault(group, {"x": [], "y": [], "text": []})
+        bucket = by_group.setdefault(group, {"x": [], "y": [], "text": [], "size": []})
+        size = 4 + 10 * li / max(1, len(layers) - 1)  # the layer cue: small points early, large points deep
         for ii, item in enumerate(items):
             x, y = coords[li][ii]
             bucket["x"].append(x)
             bucket["y"].append(y)
             bucket["text"].append(label(f"layer {layer} · {item}"))
+            bucket["size"].append(size)
     for group, pts in by_group.items():
         fig.add_trace(go.Scatter(x=pts["x"], y=pts["y"], text=pts["text"], mode="markers", name=group,
-                                 marker=dict(color=GROUP_COLORS.get(group), size=6, opacity=0.75)))  # fmt: skip
+                                 marker=dict(color=GROUP_COLORS.get(group), size=pts["size"], opacity=0.75)))  # fmt: skip
     fig.update_layout(title=label(title), height=420, xaxis_showticklabels=False, yaxis_showticklabels=False)
     return fig
 

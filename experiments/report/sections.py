@@ -6,6 +6,8 @@ from __future__ import annotations
 from vlm_lens.experiments.report import charts as C
 from vlm_lens.experiments.report import page as R
 
+MIN_HEATMAP_ROWS = 4  # the authors' column-wise MaxAbs heatmap over fewer rows paints each column's maximum solid
+
 
 def sections(model, analysed, data, variant, stages, show_special: bool = False):
     n = model.n_layers
@@ -67,7 +69,7 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
                                          f"{s.name}: the lens's top-1 token by layer"), f"top1_grid_{s.name}"))  # fmt: skip
     sections.append(("What each layer predicts", views))
 
-    charts = [R.paragraph("The paper's view (Fig. P, the probability chart of the paper's figures): the probability of "
+    charts = [R.paragraph("The paper's token-probability view (its figures' per-token charts): the probability of "
                           "each candidate token (the distinct top-1 tokens of the late layers, plus an overturned "
                           "leader) across layers, over this token's own stages: rapid evolution up to its critical "
                           "layer, then stabilization, and a mutation band only where this token has a confirmed "
@@ -81,16 +83,23 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
                                   f"token_probs_{s.name}_step{row.step}"))  # fmt: skip
     sections.append(("Token probabilities across layers", charts))
 
-    js_raw = first.shift["correct" if "correct" in first.shift else variant]["js_adjacent"].T.tolist()
-    heat = [R.paragraph("Adjacent-layer JS per generated token of the first sample: raw (nats, correct lens), then the "
-                        "authors' heatmap (their reversed, vocabulary-averaged JS on the no-norm lens, each column "
-                        "scaled to its maximum over the first 40 tokens)."),
-            R.named(C.js_heatmap(js_raw, first.trace.generated_tokens, transitions, f"adjacent-layer JS (nats), {first.name}"),
-                    f"js_heatmap_{first.name}")]  # fmt: skip
-    if "paper" in first.shift:
-        heat.append(R.named(C.js_heatmap(first.shift["paper"]["js_adjacent_scaled"].T.tolist(),
-                                         _heatmap_rows(first.shift["paper"]), transitions,
-                                         "paper heatmap: authors' JS, column-wise MaxAbs"), f"js_heatmap_paper_{first.name}"))  # fmt: skip
+    longest = max(analysed, key=lambda s: s.trace.n_steps)  # the most rows: a heatmap of one or two rows says little
+    js_raw = longest.shift["correct" if "correct" in longest.shift else variant]["js_adjacent"].T.tolist()
+    rows_scaled = len(_heatmap_rows(longest.shift["paper"])) if "paper" in longest.shift else 0
+    heat = [R.paragraph(f"Adjacent-layer JS per generated token of {longest.name}, the sample with the most generated "
+                        f"tokens ({longest.trace.n_steps}; every sample's is in report.json, js_adjacent): raw (nats, "
+                        "correct lens), then the authors' heatmap (their reversed, vocabulary-averaged JS on the no-norm "
+                        "lens, each column scaled to its maximum over the first 40 tokens)."
+                        + ("" if rows_scaled >= MIN_HEATMAP_ROWS or "paper" not in longest.shift else
+                           f" The authors' heatmap is left out: with {rows_scaled} rows its column scaling paints each "
+                           "column's largest cell solid whatever its value; it needs "
+                           f"{MIN_HEATMAP_ROWS} generated tokens or more.")),
+            R.named(C.js_heatmap(js_raw, longest.trace.generated_tokens, transitions, f"adjacent-layer JS (nats), {longest.name}"),
+                    f"js_heatmap_{longest.name}")]  # fmt: skip
+    if "paper" in longest.shift and rows_scaled >= MIN_HEATMAP_ROWS:
+        heat.append(R.named(C.js_heatmap(longest.shift["paper"]["js_adjacent_scaled"].T.tolist(),
+                                         _heatmap_rows(longest.shift["paper"]), transitions,
+                                         "paper heatmap: authors' JS, column-wise MaxAbs"), f"js_heatmap_paper_{longest.name}"))  # fmt: skip
     sections.append(("Distribution shift", heat))
 
     token_rows = [[s.name, t.step, t.token, t.critical, t.mutation, t.leader, _test(t), t.event_js, t.kind, t.final_prob]
@@ -103,9 +112,10 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
          "kind", "final p"], token_rows)]))  # fmt: skip
 
     fc = data["feature_clusters"]
-    views = [R.paragraph("t-SNE of the residual stream (the paper's settings), coloured by stage: one image's tokens "
-                         "across layers, then all images at the answer position; below, how similar the images' "
-                         "features are per layer and how well they separate by answer."),
+    views = [R.paragraph("t-SNE of the residual stream (the paper's settings), coloured by stage, each point larger the "
+                         "deeper its layer (hover for the layer): one image's tokens across layers, then all images at "
+                         "the answer position; below, how similar the images' features are per layer and how well they "
+                         "separate by answer."),
              R.named(C.scatter_view(fc["single"]["coords"], fc["single"]["layers"], fc["single"]["tokens"], fc["layer_groups"],
                                     f"t-SNE, one image ({first.name}): layer x token"), "tsne_one_image")]  # fmt: skip
     if "across" in fc:
@@ -150,7 +160,9 @@ def summary(model, analysed, data, variants, planted) -> list:
     intro = [R.paragraph(
         f"Model {model.name} ({model.family}, {model.n_layers} decoder layers). Layers are stack indices everywhere: "
         f"0 = embeddings, l = after decoder layer l-1, {model.n_layers} = the model's output. Stage intervals are "
-        "half-open [start, end).")]  # fmt: skip
+        "half-open [start, end). Lenses: the correct lens reads every layer through the model's own final norm and "
+        "unembedding; the paper lens is the authors' code (lm_head on the raw residual, without the final norm, and "
+        "their JS); the tuned lens adds a learned per-layer translator before the unembedding.")]  # fmt: skip
     if planted:
         t = planted["trigger"]
         intro.append(R.paragraph(
@@ -163,8 +175,9 @@ def summary(model, analysed, data, variants, planted) -> list:
     for v in variants:
         a = agg[v]
         st, share = a["stages"], a["event_share"]
-        rows.append([v, a["critical_layer"]["median"], a["critical_layer"]["q1"], a["critical_layer"]["q3"],
-                     a["mutation_layer"]["median"], f"{share['events']}/{share['tokens']}",
+        crit, mut = a["critical_layer"], a["mutation_layer"]
+        rows.append([f"{v} lens", _layer(crit["median"]), _layer(crit["q1"]), _layer(crit["q3"]), _layer(mut["median"]),
+                     f"{share['events']}/{share['tokens']}",
                      f"{R.fmt(share['low'])}-{R.fmt(share['high'])}",
                      "yes" if st and st["mutation_detected"] else "no mutation stage detected",
                      a["token_kinds"]["stable"], a["token_kinds"]["mutation"], a["token_kinds"]["undetermined"]])  # fmt: skip
@@ -174,6 +187,11 @@ def summary(model, analysed, data, variants, planted) -> list:
         _rule(data["config"]["detection"]))
     accuracy = R.paragraph(f"answer accuracy: {R.fmt(agg['accuracy'])}") if agg.get("accuracy") is not None else ""
     return intro + [summary, rule, accuracy]
+
+
+def _layer(value: float | None) -> int | None:
+    """A layer order statistic (an actual layer: ``lower`` interpolation) as the integer it is."""
+    return None if value is None else int(value)
 
 
 def _heatmap_rows(shift) -> list[str]:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,15 @@ def _commands(group, prefix=()):
             yield prefix + (name,), command
 
 
+def _value_kind(param):
+    """The Python type an option's value converts to (typer keeps it on the parameter's type descriptor)."""
+    import typing
+
+    annotation = param.type_descriptor.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
 def test_every_usage_error_exits_2_with_the_usage_line():
     """typer's own click copy raises these; they are bad input (exit 2, usage + the error), never a failed run."""
     import typer.main
@@ -236,7 +246,7 @@ def test_every_usage_error_exits_2_with_the_usage_line():
     from vlm_lens.experiments.cli import app
 
     group = typer.main.get_command(app)
-    walked = 0
+    walked = bad_values = 0
     for path, command in _commands(group):
         result = CliRunner().invoke(app, [*path, "--no-such-option"])
         assert result.exit_code == 2 and "Usage:" in result.output and "the run failed" not in result.output, (path, result.output)
@@ -247,8 +257,14 @@ def test_every_usage_error_exits_2_with_the_usage_line():
             # click raises this one before the command's context exists; the group lends it one for the usage line
             assert result.exit_code == 2 and f" {path[0]} " in result.output.split("Usage:")[1].splitlines()[0], (path, result.output)
             assert f"Option '{valued[0].opts[0]}'" in result.output, (path, valued[0].opts, result.output)
+        typed = [p for p in valued if _value_kind(p) in (int, float) or isinstance(_value_kind(p), type)
+                 and issubclass(_value_kind(p), Enum)]  # fmt: skip
+        if typed:  # a value of the wrong type: click's BadParameter
+            result = CliRunner().invoke(app, [*path, typed[0].opts[0], "not-a-value"])
+            assert result.exit_code == 2 and "Usage:" in result.output and "Invalid value" in result.output, (path, result.output)
+            bad_values += 1
         walked += 1
-    assert walked >= 10
+    assert walked >= 10 and bad_values >= 8
     for args in (["frobnicate"], ["analyze", "--lens", "foo"], ["analyze", "--threshold", "2"],
                  ["analyze", "--max-new-tokens", "0"], ["tune-lens"], ["validate", "--n", "zero"]):  # fmt: skip
         result = CliRunner().invoke(app, args)
