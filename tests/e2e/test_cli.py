@@ -57,6 +57,12 @@ def test_skip_hooks_and_tune_lens(tiny_folder, tmp_path):
     result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(images),  # --tuned-lens implies it
                                  "--tuned-lens", str(tmp_path / "lens"), "--max-new-tokens", "2",
                                  "--out", str(tmp_path / "r"), "--no-png"])  # fmt: skip
+    # no --prompt: the default caption prompt has words this word-level model never saw, so it is refused, named
+    assert result.exit_code == 2 and "no --prompt" in result.output and "'Please'" not in result.output, result.output
+    assert "(Please, this, in, detail)" in result.output
+    result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(images), "--prompt", "what color ?",
+                                 "--tuned-lens", str(tmp_path / "lens"), "--max-new-tokens", "2",
+                                 "--out", str(tmp_path / "r"), "--no-png"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r" / "report.json").read_text())["tuned_lens"]["lens"] == "tuned"
 

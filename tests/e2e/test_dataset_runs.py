@@ -276,7 +276,7 @@ def test_bad_rows_stop_the_run_or_are_recorded(tmp_path):
     assert skipped.exit_code == 0, skipped.output
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [b["sample"] for b in data["store"]["bad"]] == ["gone", "broken"]
-    assert data["store"]["analysed"] == 3 and "2 bad rows recorded" in skipped.output
+    assert data["store"]["analysed"] == 3 and "2 unreadable rows recorded" in skipped.output
     frame = store_report.frames(tmp_path / "out" / "store")["samples"]
     assert list(frame["sample_id"]) == ["s00", "gone", "s01", "s02", "broken"]  # in manifest order, none dropped
 
