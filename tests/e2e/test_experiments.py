@@ -269,3 +269,26 @@ def test_hallucination_reuses_the_analysis_and_agrees_with_a_fresh_pass(embedded
     reported = next(h for h in data["hallucination"] if h["sample"] == sample["name"])
     for key in ("pre_mutation_leader", "mutation_layer", "reversal_layer", "critical_layer"):
         assert fresh[key] == reported[key], key
+
+
+def test_the_report_defines_its_lenses_and_says_what_each_section_shows(embedded_report):
+    """Summary: the lenses defined, layer statistics as the integers they are; distribution shift on the sample with
+    the most tokens, the authors' heatmap only with enough rows (said otherwise); t-SNE points carry a layer cue;
+    skip sets count the repaired counter-prior answers."""
+    from vlm_lens.experiments.report.sections import MIN_HEATMAP_ROWS
+
+    model, result, out = embedded_report
+    data = json.loads((out / "report.json").read_text())
+    page = (out / "report.html").read_text()
+    assert "Lenses: the correct lens reads every layer through the model" in page
+    summary = page[page.index("<th>lens</th>"): page.index("</table>", page.index("<th>lens</th>"))]
+    assert re.search(r"<td>correct lens</td>(<td>\d+</td>){4}<td>", summary), summary  # layers: 4, not 4.000
+    longest = max(data["samples"], key=lambda s: len(s["tokens"]["correct"]))
+    assert f"Adjacent-layer JS per generated token of {longest['name']}, the sample with the most generated" in page
+    assert ("paper heatmap: authors" in page) == (len(longest["tokens"]["correct"]) >= MIN_HEATMAP_ROWS)
+    assert "each point larger the deeper its layer" in page and "Fig. P" not in page
+    sizes = [t["marker"]["size"] for start in [m.end() for m in re.finditer(r"Plotly\.newPlot\('fig\d+', ", page)]
+             for t in json.JSONDecoder().raw_decode(page, start)[0] if t.get("mode") == "markers" and isinstance(t.get("marker", {}).get("size"), list)]
+    assert sizes and any(len(set(s)) > 1 for s in sizes)  # marker sizes vary with the layer
+    assert data["layer_skip"]["sets"]["skip.2"]["planted_restored"] == {"restored": 4, "of": 4}
+    assert data["layer_skip"]["sets"]["skip.1"]["planted_restored"]["of"] == 4
