@@ -221,6 +221,16 @@ class HookedVLM(TransformerLensNames):
         logits = torch.stack(out.logits)[: len(generated), 0].float() if with_logits else None
         return generated, logits
 
+    def image_grids(self, inputs: VLMInputs | None = None, n_image_tokens: int | None = None) -> list[tuple[int, int]]:
+        """``(rows, cols)`` of each image's tokens in ``inputs`` (row-major within an image, images in order): the
+        family's rule (:meth:`~vlm_lens.adapters.AdapterSpec.grids`; Qwen-VL reads ``image_grid_thw`` from the
+        inputs, LLaVA needs only the number of image tokens)."""
+        if n_image_tokens is None:
+            if inputs is None:
+                raise InputError("image_grids needs the prepared inputs (model.prepare(...)) or the number of image tokens")
+            n_image_tokens = int(inputs.layout.image.sum())
+        return self.adapter.grids(self.hf_model.config, None if inputs is None else inputs.model_inputs, n_image_tokens)
+
     def extend(self, inputs: VLMInputs, new_ids: Int[Tensor, " step"]) -> VLMInputs:
         """``inputs`` followed by ``new_ids`` (marked ``generated`` in the layout)."""
         new_ids = new_ids.to(self.device).reshape(1, -1)

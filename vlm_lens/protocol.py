@@ -49,6 +49,8 @@ class VLMModel(Protocol):
 
     def to_single_token(self, text: str) -> int: ...
 
+    def image_grids(self, inputs: Any = None, n_image_tokens: int | None = None) -> list[tuple[int, int]]: ...
+
     def unembed(self, resid: Float[Tensor, "... d_model"], layer: int | None = None, *, normed: bool = False,
                 grad: bool = False) -> Float[Tensor, "... vocab"]: ...  # fmt: skip
 

@@ -34,3 +34,11 @@ def test_suite_validation_benchmark_smoke(capsys, tmp_path, monkeypatch):
     suite_validation.main(["--n", "3", "--fixtures", "llava-single", "--cost-n", "2", "--reps", "1", "--no-write"])
     out = capsys.readouterr().out
     assert "llava-single (single, decoder [7])" in out and "extra forwards / trace" in out
+
+
+def test_patch_localization_smoke(capsys):
+    from benchmarks import patch_localization
+
+    patch_localization.main(["--n", "2", "--no-write"])
+    out = capsys.readouterr().out
+    assert "**shapes-llava** (2 fresh images" in out and "| pointing, colour word |" in out and "chance 0.11" in out

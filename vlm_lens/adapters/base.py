@@ -103,6 +103,19 @@ class AdapterSpec:
     random_model: Callable[[Any, ModelSize, dict], Any] | None = field(default=None, compare=False)
     word_processor: Callable[[Iterable[str], ModelSize], Any] | None = field(default=None, compare=False)
     adapt_size: Callable[[ModelSize, str], ModelSize] | None = field(default=None, compare=False)
+    image_grids: Callable[[Any, dict | None, int], list[tuple[int, int]]] | None = field(default=None, compare=False)
+
+    def grids(self, config, model_inputs: dict | None, n_image_tokens: int) -> list[tuple[int, int]]:
+        """``(rows, cols)`` of each image's tokens in the language sequence, in order (row-major within an image):
+        the family's ``image_grids`` rule, else square images of equal size (LLaVA-1.5: ``(image_size / patch)²``
+        tokens each, read from the vision config)."""
+        if self.image_grids is not None:
+            return self.image_grids(config, model_inputs, n_image_tokens)
+        vision = config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        if n_image_tokens % (side * side):
+            raise InputError(f"{self.family}: {n_image_tokens} image tokens are not whole {side} x {side} images")
+        return [(side, side)] * (n_image_tokens // (side * side))
 
     def hook_map(self, n_layers: int) -> dict[str, HookPoint]:
         """Every language-side hook name with the module it reads and the side (both backends use this map)."""

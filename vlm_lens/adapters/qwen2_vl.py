@@ -198,6 +198,19 @@ def random_qwen2_5_vl(tokenizer, size: ModelSize, text: dict):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
+def merged_grids(config, model_inputs: dict | None, n_image_tokens: int) -> list[tuple[int, int]]:
+    """Each image's token grid: its ``image_grid_thw`` (patches) divided by the spatial merge (one frame per image)."""
+    if model_inputs is None or "image_grid_thw" not in model_inputs:
+        raise InputError("the image grid of a Qwen-VL input comes from its image_grid_thw: pass the prepared inputs (or a "
+                         "trace, which keeps them)")  # fmt: skip
+    merge = int(getattr(config.vision_config, "spatial_merge_size", 2))
+    grids = [(int(h) // merge, int(w) // merge) for _, h, w in model_inputs["image_grid_thw"].tolist()]
+    if sum(r * c for r, c in grids) != n_image_tokens:
+        raise InputError(f"image_grid_thw describes {sum(r * c for r, c in grids)} image tokens, the sequence has "
+                         f"{n_image_tokens}: prepare the inputs with this model's processor")  # fmt: skip
+    return grids
+
+
 _COMMON: dict[str, Any] = dict(
     vision_tower="model.visual",
     projector="model.visual.merger",
@@ -208,6 +221,7 @@ _COMMON: dict[str, Any] = dict(
     load_processor=load_image_only_processor,
     word_processor=qwen_processor,
     adapt_size=qwen_size,
+    image_grids=merged_grids,
 )
 
 QWEN2_VL = AdapterSpec(

@@ -30,9 +30,10 @@ from vlm_lens.adapters.base import AdapterSpec, ModelSize
 from vlm_lens.adapters.qwen2_vl import (
     derive_mm_token_type_ids,
     extend_with_text_types,
+    merged_grids,
     qwen_processor,
     qwen_size,
-    qwen_text,  # fmt: skip
+    qwen_text,
     qwen_vision,
 )
 
@@ -73,4 +74,5 @@ QWEN3_VL = AdapterSpec(
     random_model=random_qwen3_vl,
     word_processor=qwen_processor,
     adapt_size=qwen_size,
+    image_grids=merged_grids,
 )

@@ -1,0 +1,74 @@
+"""ImagePatchLens: the lens at image-token positions on each image's grid, equal to a plain-HF reference on every
+family and both backends."""
+
+import pytest
+import torch
+
+import vlm_lens
+from vlm_lens import testing
+from vlm_lens.errors import InputError
+from vlm_lens.probes import ImagePatchLens
+
+PROMPT = "what color is the star ?"
+WORDS = ["red", "star", "blue"]
+
+
+def reference_grid(fam, inputs, words, grid):
+    """P(word) at every image position and stack layer from the untouched HF twin: the input of decoder layer l (what
+    stack index l reads), the raw output of the last layer, then the twin's own final norm and lm_head."""
+    reference = fam.reference
+    layers = reference.model.language_model.layers
+    seen, last = [], {}
+    handles = [layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
+                                               with_kwargs=True) for layer in layers]  # fmt: skip
+    handles.append(layers[-1].register_forward_hook(lambda m, a, out: last.update(raw=out[0] if isinstance(out, tuple) else out)))
+    try:
+        with torch.no_grad():
+            reference(**inputs.model_inputs)
+            stack = torch.stack([s[0] for s in seen] + [last["raw"][0]])  # [n + 1, pos, d]
+            image = stack[:, inputs.layout.image]
+            logits = reference.lm_head(reference.model.language_model.norm(image)).double()
+    finally:
+        for handle in handles:
+            handle.remove()
+    ids = [fam.model.to_single_token(w) for w in words]
+    prob = logits.softmax(-1)[..., ids]  # [layer, image positions, word]
+    rows, cols = grid
+    return prob.reshape(prob.shape[0], rows, cols, len(ids))
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_patch_probabilities_equal_a_plain_hf_reference(tiny_family, backend):
+    model = tiny_family.model
+    if backend == "nnsight":
+        hf_model, processor = testing.build(tiny_family.family)
+        model = vlm_lens.load(hf_model, processor=processor, backend="nnsight")
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    trace = model.trace_generation(inputs, max_new_tokens=2)
+    result = ImagePatchLens(WORDS, top_k=3)(trace)
+    (grid,) = model.image_grids(inputs)
+    assert result["prob"].shape == (model.n_layers + 1, 1, *grid, len(WORDS))
+    assert result.dims["prob"] == ("layer", "image", "row", "col", "word") and result.coords["word"] == WORDS
+    expected = reference_grid(tiny_family, inputs, WORDS, grid)
+    assert (result["prob"][:, 0].double() - expected).abs().max() <= 1e-6
+    top = result["topk_prob"][:, 0, ..., 0]  # the top-1 probability bounds every word's
+    assert (result["prob"][:, 0].max(-1).values <= top + 1e-6).all()
+    chosen = ImagePatchLens(WORDS, layers=[1, model.n_layers])(trace)
+    assert chosen.coords["layer"] == ["1", str(model.n_layers)]
+    assert torch.equal(chosen["prob"], result["prob"][[1, model.n_layers]])
+
+
+def test_a_cache_needs_the_inputs_and_words_must_be_one_token(tiny_family):
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    _, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
+    from_cache = ImagePatchLens(WORDS)(cache, inputs=inputs)
+    from_trace = ImagePatchLens(WORDS)(model.trace_generation(inputs, max_new_tokens=1))
+    assert (from_cache["prob"] - from_trace["prob"]).abs().max() <= 1e-5
+    with pytest.raises(InputError):
+        ImagePatchLens("red")
+    with pytest.raises(ValueError):
+        ImagePatchLens(["not-a-word-here"])(cache, inputs=inputs)
+    if tiny_family.family != "llava":  # Qwen's grid comes from image_grid_thw: a cache alone does not keep it
+        with pytest.raises(InputError, match="image_grid_thw"):
+            ImagePatchLens(WORDS)(cache)
