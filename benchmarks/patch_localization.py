@@ -63,6 +63,47 @@ def score(name: str, n: int) -> dict:
             **{f"mass_{k}": (v / count).tolist() for k, v in mass.items()}}  # fmt: skip
 
 
+def ablation(name: str, n: int) -> dict:
+    """Colour questions on fresh images: accuracy and answer probability as they are, with the asked object's
+    token(s) ablated (mean, zero), and with as many random other image tokens ablated (mean)."""
+    import random
+
+    import vlm_lens
+    from vlm_lens.probes import TokenAblation
+    from vlm_lens.zoo import shapes_world as sw
+
+    model = vlm_lens.load(name)
+    rng = random.Random(0)
+    right = {"original": 0, "object (mean)": 0, "object (zero)": 0, "random (mean)": 0}
+    prob = dict.fromkeys(right, 0.0)
+    for i in range(n):
+        example = sw.example(START + i, task="color")
+        inputs = model.prepare(example.image, example.question)
+        image = inputs.layout.positions("image").tolist()
+        (rows, cols), = model.image_grids(inputs)
+        asked = next(o for o in example.objects if o.color == example.answer)  # colours are distinct in an image
+        own = [image[r * cols + c] for r in range(rows) for c in range(cols) if cell_of(r, c, rows, cols, sw.GRID) == asked.cell]
+        others = rng.sample([p for p in image if p not in own], len(own))
+        for label, positions, mode in (("object (mean)", own, "mean"), ("object (zero)", own, "zero"), ("random (mean)", others, "mean")):
+            result = TokenAblation(mode)(inputs, positions, example.answer, model=model)
+            right[label] += result.provenance["generated"][1] == example.answer
+            prob[label] += float(result["answer_prob"][1])
+            if label == "object (mean)":
+                right["original"] += result.provenance["generated"][0] == example.answer
+                prob["original"] += float(result["answer_prob"][0])
+    return {"model": name, "questions": n, "accuracy": {k: v / n for k, v in right.items()},
+            "answer_prob": {k: v / n for k, v in prob.items()}}
+
+
+def ablation_table(rows: list[dict]) -> str:
+    labels = list(rows[0]["accuracy"])
+    lines = ["| model (colour questions) | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for r in rows:
+        cells = [f"{r['accuracy'][k]:.2f} (p {r['answer_prob'][k]:.2f})" for k in labels]
+        lines.append(f"| {r['model']} ({r['questions']} fresh images) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
@@ -83,14 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     rows = [score(name, args.n) for name in MODELS]
-    text = table(rows)
+    ablations = [ablation(name, args.n) for name in MODELS]
+    text = table(rows) + "\n\nToken ablation (`TokenAblation`): accuracy (mean answer probability) as the model is, with the " \
+        "asked object's image token replaced by the image tokens' mean or by zeros, and with as many random other " \
+        "image tokens mean-ablated:\n\n" + ablation_table(ablations)  # fmt: skip
     print(text)
     if not args.no_write:
         from benchmarks.docs_blocks import write_block
 
         command = "python benchmarks/patch_localization.py" + (f" --n {args.n}" if args.n != 60 else "")
         body = f"Measured with `{command}`.\n\n{text}\n\n<details><summary>raw numbers</summary>\n\n```json\n" \
-               f"{json.dumps(rows, indent=1)}\n```\n</details>"  # fmt: skip
+               f"{json.dumps({'localization': rows, 'ablation': ablations}, indent=1)}\n```\n</details>"  # fmt: skip
         write_block("experiments.md", "patch-localization", body, "## Where in the image: the lens on image tokens")
 
 

@@ -64,6 +64,7 @@ def analyze(
     skip_bad: bool = False,
     workers: int = 0,
     ray_address: str | None = None,
+    patch_maps: int = 6,
 ) -> dict:
     """Run every experiment on ``samples`` and write ``report.html`` / ``report.json`` into ``out_dir``.
 
@@ -77,6 +78,8 @@ def analyze(
     ``lens``: a :class:`~vlm_lens.probes.TunedLens`; the ``tuned`` variant is then analysed beside the others.
     ``progress(stage, done, total)`` reports each stage's work (samples traced, skipped generations, ...).
     ``show_special``: also chart special tokens (EOS ...), which are always left out of the aggregates.
+    ``patch_maps``: how many samples (the first, by dataset index) keep the lens map of their answer over the image
+    tokens, drawn on the input image in the report (0: none).
     """
     from dataclasses import replace
 
@@ -93,7 +96,9 @@ def analyze(
         raise InputError(f"variant {variant!r} is not among the analysed variants {config.variants}")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    settings = streaming.StreamSettings(config, variant, skip_sweep, skip_bad)
+    if patch_maps < 0:
+        raise InputError(f"patch_maps is a number of samples (0: none), got {patch_maps}")
+    settings = streaming.StreamSettings(config, variant, skip_sweep, skip_bad, patch_maps)
     store_path = Path(store) if store is not None else Path(out_dir) / "store"
     if overwrite is None:
         overwrite = store is None and not resume  # the default store belongs to the report folder: start afresh

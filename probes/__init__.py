@@ -6,6 +6,7 @@ streaming pass (:mod:`vlm_lens.probes.lens_stats`) reduces every distribution st
 """
 
 from vlm_lens import moved
+from vlm_lens.probes.ablation import TokenAblation
 from vlm_lens.probes.base import PROBES, Probe, Source, as_source, register_probe
 from vlm_lens.probes.geometry import CosineTrajectory, FeatureProjection, cross_image_cosine
 from vlm_lens.probes.image_patch_lens import ImagePatchLens
@@ -18,7 +19,7 @@ from vlm_lens.probes.result import ProbeResult
 __all__ = [
     "PROBES", "ActivationPatching", "CosineTrajectory", "DistributionShift", "FeatureProjection", "ImagePatchLens", "LayerSkip",
     "Lens", "LensStats", "LogitLens", "LogitLensProbe", "Probe", "ProbeResult", "Source", "TokenTrajectory",
-    "TunedLens", "TunedLensProbe", "as_source", "cross_image_cosine", "lens_pass", "patch_all_layers",
+    "TokenAblation", "TunedLens", "TunedLensProbe", "as_source", "cross_image_cosine", "lens_pass", "patch_all_layers",
     "register_probe", "skip_layer_hooks",
 ]  # fmt: skip
 

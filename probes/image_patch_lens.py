@@ -37,7 +37,8 @@ def on_grids(values: Float[Tensor, "layer pos *rest"], grids: Sequence[tuple[int
 class ImagePatchLens(Probe):
     """The lens over the image-token positions, on each image's grid.
 
-    ``words``: the words whose probability is read at every patch (each must be one token); ``layers``: stack indices
+    ``words``: the words whose probability is read at every patch (each must be one token; an int is a token id);
+    ``layers``: stack indices
     (default all: 0 = embeddings, l = after decoder layer l-1); ``variant``: ``"correct"`` (final norm + unembedding)
     or ``"paper"`` (the authors' lens); ``lens``: another :class:`~vlm_lens.probes.lenses.Lens` (a tuned lens);
     ``top_k`` > 0 also keeps the top-k token ids and probabilities per patch.
@@ -49,7 +50,7 @@ class ImagePatchLens(Probe):
 
     name = "image_patch_lens"
 
-    def __init__(self, words: Sequence[str], layers: Sequence[int] | None = None,
+    def __init__(self, words: Sequence[str | int], layers: Sequence[int] | None = None,
                  variant: Literal["correct", "paper"] = "correct", lens: Lens | None = None, top_k: int = 0,
                  chunk_rows: int | None = None):  # fmt: skip
         if isinstance(words, str) or not words:
@@ -66,7 +67,7 @@ class ImagePatchLens(Probe):
         if not len(positions):
             raise InputError("this input has no image tokens: ImagePatchLens reads the lens at image positions")
         grids = model.image_grids(inputs, n_image_tokens=len(positions))
-        ids = torch.tensor([model.to_single_token(word) for word in self.words])
+        ids = torch.tensor([model.to_single_token(w) if isinstance(w, str) else int(w) for w in self.words])
         layers = list(range(model.n_layers + 1)) if self.layers is None else [int(layer) for layer in self.layers]
         stats = lens_pass(model, source.cache.resid_stack(positions), lens=self.lens, layers=layers,
                           target_ids=ids.expand(len(positions), -1), top_k=max(1, self.top_k),
@@ -81,7 +82,8 @@ class ImagePatchLens(Probe):
         every = layer_labels(model.n_layers)
         coords: dict[str, list] = {"layer": [every[layer] for layer in layers], "image": [str(i) for i in range(len(grids))],
                   "row": list(range(max(r for r, _ in grids))), "col": list(range(max(c for _, c in grids))),
-                  "word": self.words, "k": list(range(self.top_k))}  # fmt: skip
+                  "word": [w if isinstance(w, str) else model.tokenizer.convert_ids_to_tokens(int(w)) for w in self.words],
+                  "k": list(range(self.top_k))}  # fmt: skip
         coords = {k: v for k, v in coords.items() if any(k in d for d in dims.values())}
         return ProbeResult(self.name, arrays, dims, coords,
                            provenance=self.provenance(source, **self.lens.describe(), grids=[list(g) for g in grids]))  # fmt: skip

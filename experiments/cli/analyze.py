@@ -69,6 +69,8 @@ def analyze(
     workers: int = typer.Option(0, min=0, help="Ray workers (needs pip install 'vlm-lens[distributed]'); 0: this process"),
     ray_address: Optional[str] = typer.Option(None, help="an existing Ray cluster (default: start a local one)"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: free cores, see docs/datasets.md)"),
+    patch_maps: int = typer.Option(6, min=0, help="samples whose answer is mapped onto the image tokens in the report "
+                                   "(the first ones; 0: none)"),
 ) -> None:
     """Trace, detect critical layers and mutation events, skip layers, cluster features; write report.html + .json."""
     from rich.console import Console
@@ -112,7 +114,8 @@ def analyze(
             result = run_analysis(vlm, samples, out, config=config, variant=variant.value, lens=tuned, png=png,
                                   skip_sweep=skip_sweep, show_special=special_tokens, progress=update, store=store,
                                   resume=resume, overwrite=overwrite or None, batch_size=batch_size,
-                                  skip_bad=skip_bad, workers=workers, ray_address=ray_address)  # fmt: skip
+                                  skip_bad=skip_bad, workers=workers, ray_address=ray_address,
+                                  patch_maps=patch_maps)  # fmt: skip
     except ImportError as error:  # bad input (VLMLensError) and failed runs are mapped by the command group
         fail(f"{error}: --workers needs Ray, pip install 'vlm-lens[distributed]'")
     _print_result(console, result, variants)

@@ -50,6 +50,7 @@ def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None
     report("feature clusters", 0, 1)
     data["feature_clusters"] = feature_clusters(store, agg, variant, tsne_iter)
     report("feature clusters", 1, 1)
+    data["patch_maps"] = {s.name: s.patch_map for s in detailed if s.patch_map}  # the image-token lens maps drawn
     data["hallucination"] = []
     for r in sample_frame.itertuples():
         found = json.loads(r.hallucination).get(variant) if isinstance(r.hallucination, str) else None

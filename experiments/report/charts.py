@@ -176,6 +176,39 @@ def scatter_view(coords: list, layers: list[str], items: list[str], groups: list
     fig.update_layout(title=label(title), height=420, xaxis_showticklabels=False, yaxis_showticklabels=False)
     return fig
 
+def patch_overlay(image, prob: list, layers: list[int], title: str):
+    """Small multiples: the probability of a token at every image token (``prob`` ``[layer][row][col]``) drawn over
+    the input image for each of ``layers`` (stack indices), the token grid visible (one cell per image token)."""
+    import base64
+    import io
+
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    rows, cols = len(prob[0]), len(prob[0][0])
+    fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {layer}" for layer in layers],
+                        horizontal_spacing=0.04)  # fmt: skip
+    source = None
+    if image is not None:
+        from PIL import Image
+
+        picture = image if isinstance(image, Image.Image) else Image.open(image)
+        buffer = io.BytesIO()
+        picture.convert("RGB").save(buffer, format="PNG")
+        source = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    for k, layer in enumerate(layers, start=1):
+        fig.add_trace(go.Heatmap(z=prob[layer], zmin=0, zmax=1, colorscale="Magma", opacity=0.55, xgap=2, ygap=2,
+                                 showscale=k == len(layers), hovertemplate="row %{y}, col %{x}: p=%{z:.3f}<extra></extra>"),
+                      row=1, col=k)  # fmt: skip
+        if source is not None:
+            fig.add_layout_image(source=source, xref=f"x{k}", yref=f"y{k}", x=-0.5, y=-0.5, sizex=cols, sizey=rows,
+                                 sizing="stretch", layer="below", xanchor="left", yanchor="top")  # fmt: skip
+        fig.update_xaxes(showticklabels=False, range=[-0.5, cols - 0.5], row=1, col=k)
+        fig.update_yaxes(showticklabels=False, range=[rows - 0.5, -0.5], scaleanchor=f"x{k}", row=1, col=k)
+    fig.update_layout(title=label(title), height=300, margin=dict(t=70))
+    return fig
+
+
 def line_chart(x: list[str], series: dict[str, list[float | None]], title: str, y_title: str):
     """Per-layer series; x = stack layer index (``x`` gives the number of layers)."""
     import plotly.graph_objects as go

@@ -68,6 +68,7 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
         views.append(R.named(C.top1_grid(names, probs.permute(1, 0, 2).tolist(), tokens,
                                          f"{s.name}: the lens's top-1 token by layer"), f"top1_grid_{s.name}"))  # fmt: skip
     sections.append(("What each layer predicts", views))
+    sections += where_in_the_image(analysed, variant, n)
 
     charts = [R.paragraph("The paper's token-probability view (its figures' per-token charts): the probability of "
                           "each candidate token (the distinct top-1 tokens of the late layers, plus an overturned "
@@ -187,6 +188,25 @@ def summary(model, analysed, data, variants, planted) -> list:
         _rule(data["config"]["detection"]))
     accuracy = R.paragraph(f"answer accuracy: {R.fmt(agg['accuracy'])}") if agg.get("accuracy") is not None else ""
     return intro + [summary, rule, accuracy]
+
+
+def where_in_the_image(analysed, variant: str, n: int) -> list:
+    """The answer's probability at every image token, over the input image, for a few layers (the critical one among
+    them): what the model reads where, for the samples that kept a patch map."""
+    mapped = [s for s in analysed if getattr(s, "patch_map", None)]
+    if not mapped:
+        return []
+    views = [R.paragraph("Where in the image: the lens's probability of the first generated token at every image token "
+                         "(one cell per token, drawn over the input image), at the first layer, the middle, the "
+                         "token's own critical layer and the output. Kept for the first samples of a run (--patch-maps); "
+                         f"shown: {len(mapped)}.")]  # fmt: skip
+    for s in mapped:
+        pm = s.patch_map
+        critical = s.tokens[variant][pm["step"]].critical if s.tokens.get(variant) else None
+        layers = sorted({1, n // 2, n} | ({critical} if critical is not None else set()))
+        title = f"{s.name}: P({pm['token']}) on the image tokens" + (f", critical layer {critical}" if critical else "")
+        views.append(R.named(C.patch_overlay(s.image, pm["prob"], layers, title), f"patch_map_{s.name}"))
+    return [("Where in the image", views)]
 
 
 def _layer(value: float | None) -> int | None:

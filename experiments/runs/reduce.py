@@ -50,19 +50,37 @@ def thumbnail(image, width: int = 144) -> bytes | None:
     return buffer.getvalue()
 
 
-def sample_row(entry, evolution: SampleEvolution | None, error: str | None = None) -> dict:
-    """The ``samples`` row of one dataset entry (``evolution`` None and ``error`` set for a bad row)."""
+def patch_map(trace) -> dict | None:
+    """The first generated token's probability at every image token of the first image, every stack layer, on the
+    image's token grid (:class:`~vlm_lens.probes.ImagePatchLens`): what the report overlays on the input image."""
+    from vlm_lens.probes import ImagePatchLens
+
+    if not trace.n_steps or not bool(trace.layout.image.any()):
+        return None
+    token = int(trace.generated_ids[0])
+    result = ImagePatchLens([token])(trace)
+    rows, cols = result.provenance["grids"][0]
+    prob = result["prob"][:, 0, :rows, :cols, 0]  # [layer, row, col]
+    return {"token": result.coords["word"][0], "step": 0, "grid": [rows, cols], "prob": prob.float().tolist()}
+
+
+def sample_row(entry, evolution: SampleEvolution | None, error: str | None = None, patch_maps: int = 0) -> dict:
+    """The ``samples`` row of one dataset entry (``evolution`` None and ``error`` set for a bad row); the first
+    ``patch_maps`` samples (by dataset index) keep their :func:`patch_map`."""
     image = entry.image
     row = {"sample_id": entry.id, "index": entry.index, "where": entry.where, "question": entry.question,
            "answer": entry.answer, "planted": bool(entry.planted),
            "image_path": str(image) if image is not None and not hasattr(image, "size") else None,
            "thumbnail": thumbnail(image) if image is not None and entry.index < THUMBNAIL_SAMPLES and error is None else None,
            "status": "bad" if error else "ok", "error": error, "prompt": None, "generated_text": None,
-           "generated_tokens": None, "correct": None, "n_steps": 0, "hallucination": None}  # fmt: skip
+           "generated_tokens": None, "correct": None, "n_steps": 0, "hallucination": None, "patch_map": None}  # fmt: skip
     if evolution is not None:
         row.update(prompt=evolution.prompt, generated_text=evolution.generated_text, correct=evolution.correct,
                    generated_tokens=list(evolution.trace.generated_tokens), n_steps=evolution.trace.n_steps,
                    hallucination=json.dumps(evolution.hallucination))  # fmt: skip
+        if entry.index < patch_maps:
+            found = patch_map(evolution.trace)
+            row["patch_map"] = json.dumps(found) if found is not None else None
     return row
 
 
@@ -157,6 +175,7 @@ class StoredSample:
     shift: dict[str, dict] = field(default_factory=dict, repr=False)
     curve_data: dict = field(default_factory=dict, repr=False)
     hallucination: dict = field(default_factory=dict, repr=False)
+    patch_map: dict | None = field(default=None, repr=False)  # reduce.patch_map, for the first samples
 
     def curves(self, variant: str, step: int, tokenizer) -> dict[str, list[float]]:
         ids, probs = self.curve_data[variant][step]
@@ -205,7 +224,8 @@ def stored_samples(sample_frame, token_frame, n_layers: int, top_k: int = 5, arr
             row.sample_id, int(row.index), row.question, row.prompt or "", row.generated_text or "", row.answer,
             None if row.correct is None or row.correct != row.correct else bool(row.correct), bool(row.planted), image,
             tokens, _Trace(int(row.n_steps), list(row.generated_tokens) if row.generated_tokens is not None else []),
-            lens, shift, curves, json.loads(row.hallucination) if isinstance(row.hallucination, str) else {}))  # fmt: skip
+            lens, shift, curves, json.loads(row.hallucination) if isinstance(row.hallucination, str) else {},
+            json.loads(row.patch_map) if isinstance(getattr(row, "patch_map", None), str) else None))  # fmt: skip
     return out
 
 

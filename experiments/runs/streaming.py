@@ -33,6 +33,7 @@ class StreamSettings:
     variant: str = "correct"
     skip_sweep: bool = True
     skip_bad: bool = False
+    patch_maps: int = 6  # the first samples keep their image-token lens map (reduce.patch_map) for the report
 
     def to_json(self, tuned_lens=None) -> dict:
         lens = None
@@ -40,7 +41,8 @@ class StreamSettings:
             weights = [round(float(p.detach().double().sum()), 6) for p in tuned_lens.parameters()]
             lens = {**tuned_lens.describe(), "fingerprint": fingerprint(tuned_lens.describe(), weights)}
         return json.loads(json.dumps({"evolution": asdict(self.config), "variant": self.variant,
-                                      "skip_sweep": self.skip_sweep, "tuned_lens": lens}))  # fmt: skip
+                                      "skip_sweep": self.skip_sweep, "patch_maps": self.patch_maps,
+                                      "tuned_lens": lens}))  # fmt: skip
 
 
 def open_store(path, model, source, settings: StreamSettings, *, tuned_lens=None, resume=False, overwrite=False) -> Store:
@@ -120,7 +122,7 @@ def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=
         for (entry, _), trace in zip(good, traces):
             evolution = ke.analyze_sample(trace, entry.id, entry.answer, config, tuned_lens=tuned_lens,
                                           planted=entry.planted, question=entry.question, index=entry.index)  # fmt: skip
-            tables["samples"].append(rd.sample_row(entry, evolution))
+            tables["samples"].append(rd.sample_row(entry, evolution, patch_maps=settings.patch_maps))
             tables["tokens"] += rd.token_rows(entry.id, evolution, model.tokenizer)
             state, single = rd.state_rows(entry.id, trace, entry.index)
             tables["states"].append(state)

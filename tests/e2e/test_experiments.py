@@ -292,3 +292,39 @@ def test_the_report_defines_its_lenses_and_says_what_each_section_shows(embedded
     assert sizes and any(len(set(s)) > 1 for s in sizes)  # marker sizes vary with the layer
     assert data["layer_skip"]["sets"]["skip.2"]["planted_restored"] == {"restored": 4, "of": 4}
     assert data["layer_skip"]["sets"]["skip.1"]["planted_restored"]["of"] == 4
+
+
+def test_the_report_maps_the_answer_onto_the_image_where_the_object_is(tmp_path):
+    """A fixture image whose asked object sits in cell 5 (row 1, col 2): on shapes-qwen2-vl the answer's hottest image
+    token at the middle layer is that cell (docs/experiments.md: colour pointing 0.55 there), in report.json and in the
+    overlay the page draws; the page renders in headless Chromium."""
+    import shutil
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from vlm_lens.experiments.cli import app
+    from vlm_lens.zoo import shapes_world as sw
+
+    example = sw.example(40_000_006, task="color")
+    asked = next(o for o in example.objects if o.color == example.answer)
+    assert (example.answer, asked.cell) == ("purple", 5)
+    example.image.save(tmp_path / "square.png")
+    result = CliRunner().invoke(app, ["analyze", "--model", "shapes-qwen2-vl", "--image", str(tmp_path / "square.png"),
+                                      "--prompt", example.question, "--max-new-tokens", "2", "--no-png",
+                                      "--no-skip-sweep", "--out", str(tmp_path / "r")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    patch_map = data["patch_maps"]["square.png"]
+    assert patch_map["token"] == "purple" and patch_map["grid"] == [3, 3]
+    middle = len(patch_map["prob"]) // 2
+    flat = [p for row in patch_map["prob"][middle] for p in row]
+    assert flat.index(max(flat)) == asked.cell
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "Where in the image" in page and "square.png: P(purple) on the image tokens" in page
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium:  # the overlay is drawn: one heatmap per layer over the image
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                              "--dump-dom", (tmp_path / "r" / "report.html").resolve().as_uri()],
+                             capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+        assert "square.png: P(purple) on the image tokens" in dom and dom.count("class=\"hm\"") >= 3

@@ -69,6 +69,29 @@ def test_a_cache_needs_the_inputs_and_words_must_be_one_token(tiny_family):
         ImagePatchLens("red")
     with pytest.raises(ValueError):
         ImagePatchLens(["not-a-word-here"])(cache, inputs=inputs)
-    if tiny_family.family != "llava":  # Qwen's grid comes from image_grid_thw: a cache alone does not keep it
+    if model.adapter.image_grids is not None:  # Qwen: the grid comes from image_grid_thw, which a cache does not keep
         with pytest.raises(InputError, match="image_grid_thw"):
             ImagePatchLens(WORDS)(cache)
+
+
+def test_token_ablation_removes_what_the_positions_carry(tiny_llava):
+    from vlm_lens.probes import TokenAblation
+
+    model = tiny_llava.model
+    inputs = model.prepare(tiny_llava.image, PROMPT)
+    image = inputs.layout.positions("image")
+    everything = TokenAblation("zero")(inputs, "image", "red", model=model)
+    assert everything.coords["condition"] == ["original", "ablated"]
+    original = model(inputs)[0, inputs.layout.last_prompt_position].float().softmax(-1)[model.to_single_token("red")]
+    assert torch.isclose(everything["answer_prob"][0], original, atol=1e-6)
+    assert not torch.isclose(everything["answer_prob"][1], original, atol=1e-4)  # the image mattered
+    # by hand: zero the image rows of the language model's input
+    zeroed = model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: a.index_fill(1, image, 0.0))])
+    expected = zeroed[0, inputs.layout.last_prompt_position].float().softmax(-1)[model.to_single_token("red")]
+    assert torch.isclose(everything["answer_prob"][1], expected, atol=1e-6)
+    one = TokenAblation("mean", max_new_tokens=3)(inputs, image[:1], "red", model=model)  # generation ran: 2 texts
+    assert len(one.provenance["generated"]) == 2 and one.provenance["positions"] == image[:1].tolist()
+    with pytest.raises(InputError, match="image-token positions"):
+        TokenAblation()(inputs, [int(inputs.layout.last_prompt_position)], "red", model=model)
+    with pytest.raises(InputError, match="mode"):
+        TokenAblation("blur")
