@@ -95,3 +95,23 @@ def test_token_ablation_removes_what_the_positions_carry(tiny_llava):
         TokenAblation()(inputs, [int(inputs.layout.last_prompt_position)], "red", model=model)
     with pytest.raises(InputError, match="mode"):
         TokenAblation("blur")
+
+
+def test_several_images_per_prompt_are_kept_apart(tiny_family):
+    model = tiny_family.model
+    size = testing.size_for(tiny_family.family).image_size
+    images = [testing.sample_image(1, size), testing.sample_image(2, size)]
+    inputs = model.prepare(images, "what color is the star ?")
+    grids = model.image_grids(inputs)
+    assert len(grids) == 2
+    result = ImagePatchLens(WORDS)(model.trace_generation(inputs, max_new_tokens=1))
+    assert result["prob"].shape[1] == 2 and result.coords["image"] == ["0", "1"]
+    _, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
+    stack = cache.resid_stack(inputs.layout.positions("image"))  # [layer, image tokens in order, d]
+    ids = [model.to_single_token(w) for w in WORDS]
+    direct = model.unembed(stack).softmax(-1)[..., ids]
+    start = 0
+    for index, (rows, cols) in enumerate(grids):  # image i's tokens, row-major, in its own slot
+        expected = direct[:, start : start + rows * cols].reshape(-1, rows, cols, len(ids))
+        assert (result["prob"][:, index, :rows, :cols] - expected).abs().max() <= 1e-5
+        start += rows * cols
