@@ -29,7 +29,6 @@ from vlm_lens.checks import HookFn, shape_checked
 from vlm_lens.conventions import TransformerLensNames
 from vlm_lens.errors import InputError, InputTypeError, OutOfRangeError, UnknownNameError
 from vlm_lens.inputs import VLMInputs
-from vlm_lens.layout import TokenLayout
 from vlm_lens.surgery import get_module, is_library_hook, original, unwrapped
 from vlm_lens.trace import GenerationTrace
 from vlm_lens.unembed import Unembedder
@@ -232,16 +231,8 @@ class HookedVLM(TransformerLensNames):
         return self.adapter.grids(self.hf_model.config, None if inputs is None else inputs.model_inputs, n_image_tokens)
 
     def extend(self, inputs: VLMInputs, new_ids: Int[Tensor, " step"]) -> VLMInputs:
-        """``inputs`` followed by ``new_ids`` (marked ``generated`` in the layout)."""
-        new_ids = new_ids.to(self.device).reshape(1, -1)
-        n_new = new_ids.shape[1]
-        model_inputs = self.adapter.extend_inputs(dict(inputs.model_inputs), new_ids)  # the family knows its inputs
-        layout = TokenLayout.from_ids(
-            model_inputs["input_ids"][0].cpu(), self.image_token_id, n_prompt=inputs.layout.n_prompt
-        )
-        if n_new == 0:
-            layout = inputs.layout
-        return VLMInputs(model_inputs, layout, inputs.prompt, inputs.n_images, inputs.family, inputs.prepared_by)
+        """``inputs`` followed by ``new_ids`` (marked ``generated`` in the layout; :func:`vlm_lens.inputs.extend`)."""
+        return inputs_module.extend(self, inputs, new_ids)
 
     def make_capture(self) -> GenerationCapture:
         """This backend's :class:`~vlm_lens.capture.GenerationCapture` (a backend subclass returns its own)."""

@@ -189,3 +189,14 @@ def load_images(images: Any) -> list:
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
             raise InputError(f"cannot read {path} as an image ({error}); pass a PNG/JPEG file or a PIL image") from error
     return loaded
+
+
+def extend(model, inputs: VLMInputs, new_ids: Int[Tensor, " step"]) -> VLMInputs:
+    """``inputs`` followed by ``new_ids`` (marked ``generated`` in the layout): the family extends its own forward
+    inputs (``AdapterSpec.extend_inputs``: Qwen's ``mm_token_type_ids`` grow with text types)."""
+    new_ids = new_ids.to(model.device).reshape(1, -1)
+    model_inputs = model.adapter.extend_inputs(dict(inputs.model_inputs), new_ids)
+    layout = inputs.layout
+    if new_ids.shape[1]:
+        layout = TokenLayout.from_ids(model_inputs["input_ids"][0].cpu(), model.image_token_id, n_prompt=layout.n_prompt)
+    return VLMInputs(model_inputs, layout, inputs.prompt, inputs.n_images, inputs.family, inputs.prepared_by)
