@@ -17,6 +17,7 @@ from vlm_lens.experiments.cli.common import (
     load_model,
     progress_bar,
     samples_for,  # fmt: skip
+    say_what_is_asked,
     tuned_lens_from,
 )
 from vlm_lens.experiments.cli.outputs import check_output
@@ -105,7 +106,7 @@ def analyze(
     vlm = load_model(model or DEFAULT_ANALYSIS_MODEL)
     tuned = tuned_lens_from(vlm, tuned_lens) if lens == LensKind.tuned else None
     samples = source if source is not None else samples_for(vlm, [], prompt)
-    _say_what_is_asked(console, vlm, image, manifest, dataset, prompt, len(samples))
+    say_what_is_asked(console, vlm, bool(image), bool(manifest or dataset), prompt, len(samples))
     variants = ("correct", "paper") + (("tuned",) if tuned is not None else ())
     config = EvolutionConfig(DetectionConfig(establish_prob=threshold), variants, max_new_tokens)
     bar, update = progress_bar(console)
@@ -119,22 +120,6 @@ def analyze(
     except ImportError as error:  # bad input (VLMLensError) and failed runs are mapped by the command group
         fail(f"{error}: --workers needs Ray, pip install 'vlm-lens[distributed]'")
     _print_result(console, result, variants)
-
-
-def _say_what_is_asked(console, vlm, image, manifest, dataset, prompt, n_samples: int) -> None:
-    """A default the user did not choose is said, or refused when the model cannot read it."""
-    from vlm_lens.inputs import unknown_words
-    from vlm_lens.zoo.samples import DESCRIBE_PROMPT
-
-    if image and prompt is None:
-        unknown = unknown_words(vlm, DESCRIBE_PROMPT)
-        if unknown:
-            fail(f"no --prompt: the default caption prompt {DESCRIBE_PROMPT!r} has words {vlm.name} does not know "
-                 f"({', '.join(unknown)}); ask with --prompt, e.g. --prompt 'what color is the star ?'")
-        console.print(f"no --prompt: asking the paper's caption prompt {DESCRIBE_PROMPT!r}", highlight=False, soft_wrap=True)
-    elif prompt is not None and not (image or manifest or dataset):
-        console.print(f"asking {prompt!r} about the {n_samples} bundled images (their reference answers are for "
-                      "other questions: no accuracy)", highlight=False, markup=False, soft_wrap=True)  # fmt: skip
 
 
 def _print_result(console, result: dict, variants) -> None:

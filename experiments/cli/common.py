@@ -177,3 +177,21 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     if not chosen:
         fail(f"--layers names no layer: {spec!r}")
     return sorted(set(chosen))
+
+
+def say_what_is_asked(console, vlm, images: bool, other_source: bool, prompt: Optional[str], n_samples: int) -> None:
+    """A default the user did not choose is said, or refused when the model cannot read it: images without --prompt
+    get the paper's caption prompt (refused, naming the words, when the model does not know them); --prompt without
+    images asks the bundled images (whose reference answers are for other questions)."""
+    from vlm_lens.inputs import unknown_words
+    from vlm_lens.zoo.samples import DESCRIBE_PROMPT
+
+    if images and prompt is None:
+        unknown = unknown_words(vlm, DESCRIBE_PROMPT)
+        if unknown:
+            fail(f"no --prompt: the default caption prompt {DESCRIBE_PROMPT!r} has words {vlm.name} does not know "
+                 f"({', '.join(unknown)}); ask with --prompt, e.g. --prompt 'what color is the star ?'")
+        console.print(f"no --prompt: asking the paper's caption prompt {DESCRIBE_PROMPT!r}", highlight=False, soft_wrap=True)
+    elif prompt is not None and not (images or other_source):
+        console.print(f"asking {prompt!r} about the {n_samples} bundled images (their reference answers are for "
+                      "other questions: no accuracy)", highlight=False, markup=False, soft_wrap=True)  # fmt: skip

@@ -8,7 +8,16 @@ from typing import List, Optional
 
 import typer
 
-from vlm_lens.experiments.cli.common import Variant, fail, fmt, image_paths, load_model, samples_for, tuned_lens_from
+from vlm_lens.experiments.cli.common import (
+    Variant,
+    fail,
+    fmt,
+    image_paths,
+    load_model,
+    samples_for,
+    say_what_is_asked,
+    tuned_lens_from,  # fmt: skip
+)
 from vlm_lens.experiments.cli.outputs import check_output
 
 
@@ -54,6 +63,7 @@ def tune_lens(
             fail(str(error))
     elif paths:
         samples = samples_for(vlm, paths, prompt)
+        say_what_is_asked(Console(), vlm, True, False, prompt, len(samples))
     elif "shapes" in vlm.name:
         samples = T.shapes_questions(questions or 400)
     else:

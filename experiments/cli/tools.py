@@ -16,6 +16,7 @@ from vlm_lens.experiments.cli.common import (
     parse_layers,
     progress_bar,  # fmt: skip
     samples_for,
+    say_what_is_asked,
 )
 from vlm_lens.experiments.cli.outputs import check_output
 
@@ -46,6 +47,7 @@ def skip(
     vlm = load_model(model)
     chosen = parse_layers(layers, vlm.n_layers) if layers is not None else None
     samples = samples_for(vlm, paths, prompt)
+    say_what_is_asked(console, vlm, bool(paths), False, prompt, len(samples))
     bar, update = progress_bar(console)
     with bar:
         evolution = ke.run(vlm, samples, ke.EvolutionConfig(max_new_tokens=max_new_tokens, variants=("correct",)),

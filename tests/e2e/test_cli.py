@@ -47,6 +47,9 @@ def test_skip_hooks_and_tune_lens(tiny_folder, tmp_path):
     folder, images = tiny_folder
     result = runner.invoke(app, ["skip", "--model", str(folder), "--image", str(images), "--layers", "1,2",
                                  "--max-new-tokens", "3", "--out", str(tmp_path / "skip.json")])  # fmt: skip
+    assert result.exit_code == 2 and "no --prompt" in result.output, result.output  # as analyze: the default is unreadable
+    result = runner.invoke(app, ["skip", "--model", str(folder), "--image", str(images), "--prompt", "what color ?",
+                                 "--layers", "1,2", "--max-new-tokens", "3", "--out", str(tmp_path / "skip.json")])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "skip.json").read_text())["sets"]["given"]["skipped_layers"] == [1, 2]
     result = runner.invoke(app, ["hooks", "--model", str(folder)])
