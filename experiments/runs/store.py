@@ -210,7 +210,9 @@ class Store:
             parts = [p for p in self._parts(table) if p.stem in good]
         for file in parts:
             try:
-                t = pq.read_table(file, columns=wanted, filters=filters) if samples != set() else None
+                # a column a later version added is absent from older parts: read what the part has (nulls after concat)
+                present = None if wanted is None else [c for c in wanted if c in pq.read_schema(file).names]
+                t = pq.read_table(file, columns=present, filters=filters) if samples != set() else None
             except Exception as error:  # noqa: BLE001 - a damaged shard (pyarrow raises its own types)
                 raise StoreError(f"{file} is unreadable ({type(error).__name__}: {str(error)[:200]}); delete it and run "
                                  "again with --resume to redo its samples") from None

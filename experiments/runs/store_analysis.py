@@ -60,13 +60,7 @@ def frames(store: str | Path | Store) -> dict:
 
 def samples(store: Store, ids=None, arrays: bool = True) -> list[rd.StoredSample]:
     """Good samples (``ids``: only these) as :class:`~vlm_lens.experiments.runs.reduce.StoredSample`."""
-    sample_frame = store.frame("samples", _SAMPLE + (["thumbnail"] if arrays else []), samples=ids)
-    if arrays:
-        try:  # stores written before patch maps existed have no such column
-            maps = store.frame("samples", ["patch_map"], samples=list(sample_frame["sample_id"]))
-            sample_frame = sample_frame.merge(maps, on="sample_id", how="left")
-        except Exception:  # noqa: BLE001 - pyarrow's missing-column errors vary by version
-            sample_frame = sample_frame.assign(patch_map=None)
+    sample_frame = store.frame("samples", _SAMPLE + (["thumbnail", "patch_map"] if arrays else []), samples=ids)
     sample_frame = sample_frame[sample_frame["status"] == "ok"]
     extra = ["prob", "topk_ids", "topk_prob", "curve_ids", "curve_prob"] if arrays else []
     tokens = store.frame("tokens", _EVIDENCE + extra, samples=list(sample_frame["sample_id"]))

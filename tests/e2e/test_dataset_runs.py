@@ -377,3 +377,17 @@ def test_a_torn_shard_is_uncommitted_and_resume_redoes_it(tmp_path):
     a, b = store_report.frames(store), store_report.frames(tmp_path / "straight" / "store")
     for table in ("samples", "tokens", "states"):
         numeric_equal(a[table], b[table])
+
+
+def test_a_column_newer_parts_carry_reads_as_missing_from_older_parts(tmp_path):
+    """A store column added by a later version (patch_map) is absent from parts an older version wrote: reading it
+    gives nothing for those rows, not an error."""
+    import math
+
+    store = Store.create(tmp_path / "store", {"name": "m"}, {}, {"fingerprint": "f"})
+    old = {"sample_id": "a", "index": 0, "status": "ok"}  # no patch_map: an older writer
+    store.write_shard("w", {"samples": [old]})
+    store.write_shard("w", {"samples": [{**old, "sample_id": "b", "index": 1, "patch_map": "{\"token\": \"red\"}"}]})
+    frame = store.frame("samples", ["index", "patch_map"])
+    values = dict(zip(frame["sample_id"], frame["patch_map"]))
+    assert values["b"] == "{\"token\": \"red\"}" and (values["a"] is None or math.isnan(values["a"]))
