@@ -122,23 +122,6 @@ def fmt(value) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def stage_summary(agg: dict) -> str:
-    """One line: the stages (half-open stack-layer intervals) and the evidence for a mutation stage."""
-    stages, share = agg["stages"], agg["event_share"]
-    if stages is None:
-        return "no critical layer (no answer was established)"
-    evidence = (f"{share['events']}/{share['tokens']} tokens with mutation events, share {fmt(share['share'])} "
-                f"(95% bootstrap {fmt(share['low'])}-{fmt(share['high'])})")  # fmt: skip
-    if not stages["mutation_detected"]:
-        return (f"critical layer {stages['critical_layer']}; no mutation stage detected ({evidence}); rapid evolution "
-                f"[{stages['rapid_evolution'][0]}, {stages['rapid_evolution'][1]}), stabilization "
-                f"[{stages['stabilization'][0]}, {stages['stabilization'][1]})")  # fmt: skip
-    return (f"critical layer {stages['critical_layer']}, mutation layer {stages['mutation_layer']} of "
-            f"{stages['last_layer']} ({evidence}); rapid evolution [{stages['rapid_evolution'][0]}, "
-            f"{stages['rapid_evolution'][1]}), stabilization [{stages['stabilization'][0]}, {stages['stabilization'][1]}), "
-            f"mutation [{stages['mutation'][0]}, {stages['mutation'][1]})")  # fmt: skip
-
-
 def tuned_lens_from(vlm, folder: Optional[Path]):
     from vlm_lens.probes import TunedLens
 
