@@ -38,6 +38,21 @@ class TinyFamily:
         self.image = testing.sample_image(1, testing.size_for(family).image_size)
 
 
+_NN: dict = {}
+
+
+def nnsight_twin(family: str):
+    """The nnsight backend over a fresh build of the same tiny weights (eager attention, as the bridge forces),
+    shared by the suite."""
+    from vlm_lens import load, testing
+
+    if family not in _NN:
+        hf_model, processor = testing.build(family)
+        hf_model.set_attn_implementation("eager")
+        _NN[family] = load(hf_model, processor=processor, backend="nnsight")
+    return _NN[family]
+
+
 _CACHE: dict[str, TinyFamily] = {}
 
 

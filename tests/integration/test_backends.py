@@ -3,21 +3,12 @@ nnsight), and the nnsight object is there for interventions of your own."""
 
 import pytest
 import torch
+from conftest import nnsight_twin
 
 from vlm_lens import load, testing
 from vlm_lens.probes import ActivationPatching, LayerSkip, LogitLensProbe, patch_all_layers
 
 PROMPT = "what color is the star ?"
-_NN: dict = {}
-
-
-def nnsight_twin(family):
-    """The nnsight backend over a fresh build of the same weights (eager attention, as the bridge forces)."""
-    if family not in _NN:
-        hf_model, processor = testing.build(family)
-        hf_model.set_attn_implementation("eager")
-        _NN[family] = load(hf_model, processor=processor, backend="nnsight")
-    return _NN[family]
 
 
 def test_caches_logits_and_hooks_are_equal(tiny_family):

@@ -3,8 +3,8 @@ family and both backends."""
 
 import pytest
 import torch
+from conftest import nnsight_twin
 
-import vlm_lens
 from vlm_lens import testing
 from vlm_lens.errors import InputError
 from vlm_lens.probes import ImagePatchLens
@@ -39,10 +39,7 @@ def reference_grid(fam, inputs, words, grid):
 
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
 def test_patch_probabilities_equal_a_plain_hf_reference(tiny_family, backend):
-    model = tiny_family.model
-    if backend == "nnsight":
-        hf_model, processor = testing.build(tiny_family.family)
-        model = vlm_lens.load(hf_model, processor=processor, backend="nnsight")
+    model = tiny_family.model if backend == "transformer_lens" else nnsight_twin(tiny_family.family)
     inputs = model.prepare(tiny_family.image, PROMPT)
     trace = model.trace_generation(inputs, max_new_tokens=2)
     result = ImagePatchLens(WORDS, top_k=3)(trace)

@@ -48,11 +48,9 @@ def test_stack_activation_to_and_accumulated_resid_with_mid(tiny_llava):
 
 
 def test_on_nnsight_the_same_names_reach_the_hf_modules(tiny_llava):
-    import vlm_lens
-    from vlm_lens import testing
+    from conftest import nnsight_twin
 
-    hf_model, processor = testing.build("llava")
-    nn = vlm_lens.load(hf_model, processor=processor, backend="nnsight")
+    nn = nnsight_twin("llava")
     inputs = nn.prepare(tiny_llava.image, PROMPT)
     assert len(nn.blocks) == nn.n_layers and nn.hook_dict["blocks.0.hook_resid_post"] is nn.blocks[0]
     assert nn.run_with_hooks(inputs, return_type=None) is None
