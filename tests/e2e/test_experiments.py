@@ -328,3 +328,9 @@ def test_the_report_maps_the_answer_onto_the_image_where_the_object_is(tmp_path)
                               "--dump-dom", (tmp_path / "r" / "report.html").resolve().as_uri()],
                              capture_output=True, text=True, timeout=120).stdout  # fmt: skip
         assert "square.png: P(purple) on the image tokens" in dom and dom.count("class=\"hm\"") >= 3
+    off = CliRunner().invoke(app, ["analyze", "--model", "shapes-qwen2-vl", "--image", str(tmp_path / "square.png"),
+                                   "--prompt", example.question, "--max-new-tokens", "2", "--no-png", "--no-skip-sweep",
+                                   "--patch-maps", "0", "--out", str(tmp_path / "off")])  # fmt: skip
+    assert off.exit_code == 0, off.output  # --patch-maps 0: no maps kept, no section
+    assert json.loads((tmp_path / "off" / "report.json").read_text())["patch_maps"] == {}
+    assert "Where in the image" not in (tmp_path / "off" / "report.html").read_text()
