@@ -148,6 +148,13 @@ class HookedVLM(TransformerLensNames):
         with self.bridge.hooks(fwd_hooks=fwd_hooks):
             yield self
 
+    def block_attention(self, queries, keys, layers, heads=None):
+        """Context manager blocking attention from ``queries`` to ``keys`` in decoder ``layers`` (all heads, or ``heads``)
+        around any forward, trace or generation; removed on exit (:func:`vlm_lens.attention_block.blocking`)."""
+        from vlm_lens.attention_block import blocking
+
+        return blocking(self.hf_model, self.adapter, queries, keys, layers, heads)
+
     def check_hook_names(self, names: Iterable[str]) -> None:
         """Raise :class:`~vlm_lens.errors.UnknownNameError` (with close matches) for a name this model does not offer."""
         known = set(self.hook_names())  # each backend says which names it offers

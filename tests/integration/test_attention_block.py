@@ -1,0 +1,177 @@
+"""model.block_attention against a reference written on plain HF: eager attention, a 4-D mask built from scratch and
+handed to each decoder layer by a torch pre-hook (no vlm-lens code), on every family and both backends."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from tests.conftest import FAMILIES, nnsight_twin, tiny
+
+PROMPT = "what color is the star ?"
+CASES = {  # name: (queries, keys, layers, heads) and the same rule written for the reference
+    "last<-image": (("last",), ("image",), [1], None),
+    "text<-image, layers 0-1": (("text", "generated"), ("image",), [0, 1], None),
+    "question<-image, heads 0 and 2": (("question",), ("image",), [0], [0, 2]),
+}
+
+
+def reference_rule(case: str, ids: torch.Tensor, image_id: int, n_prompt: int):
+    """``blocked(q, k)`` over absolute positions, written out per case."""
+    image = (ids[0] == image_id).tolist()
+
+    def rule(q: int, k: int) -> bool:
+        if not image[k] if k < len(image) else True:
+            return False
+        if case == "last<-image":
+            return q == n_prompt - 1
+        if case == "text<-image, layers 0-1":
+            return q >= n_prompt or not image[q]
+        return q < n_prompt - 1 and not image[q]
+
+    return rule
+
+
+@contextlib.contextmanager
+def reference_block(hf_model, case: str, ids: torch.Tensor):
+    """Per-layer pre-hooks that replace the attention mask with causal + blocked edges (float, eager convention)."""
+    _, _, layers, heads = CASES[case]
+    n_heads = hf_model.config.get_text_config().num_attention_heads
+    image_id = hf_model.config.image_token_id
+    rule = reference_rule(case, ids, image_id, ids.shape[1])
+    handles = []
+
+    def make(layer):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"]
+            cache = kwargs.get("past_key_values")
+            past = 0 if cache is None else cache.get_seq_length(layer)
+            q, kv = hidden.shape[1], past + hidden.shape[1]
+            mask = torch.zeros(1, n_heads, q, kv)
+            for i in range(q):
+                for k in range(kv):
+                    if k > past + i:
+                        mask[0, :, i, k] = torch.finfo(torch.float32).min
+                    elif rule(past + i, k):
+                        chosen = range(n_heads) if heads is None else heads
+                        mask[0, list(chosen), i, k] = torch.finfo(torch.float32).min
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        return hook
+
+    for layer in layers:
+        attention = hf_model.model.language_model.layers[layer].self_attn
+        handles.append(attention.register_forward_pre_hook(make(layer), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def backend_model(family: str, backend: str):
+    return tiny(family).model if backend == "transformer_lens" else nnsight_twin(family)
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_matches_plain_hf_reference(family, backend):
+    t = tiny(family)
+    model = backend_model(family, backend)
+    inputs = model.prepare(t.image, PROMPT)
+    plain = model(inputs)
+    empty = model.block_attention("generated", "image", [0, 1])  # a prompt forward has no generated position
+    with empty:
+        assert (model(inputs) - plain).abs().max() <= 1e-6
+    for case, (queries, keys, layers, heads) in CASES.items():
+        with model.block_attention(queries, keys, layers, heads):
+            ours = model(inputs)
+            hooked = model.run_with_hooks(inputs, [("blocks.0.hook_resid_post", lambda x, hook: x)])
+        assert (hooked - ours).abs().max() <= 1e-6
+        with torch.no_grad(), reference_block(t.reference, case, inputs.input_ids):
+            theirs = t.reference(**inputs.model_inputs).logits
+        assert (ours - theirs).abs().max() <= 1e-5, case
+        assert (ours - plain).abs().max() > 1e-4, f"{case}: the block changed nothing"
+    assert (model(inputs) - plain).abs().max() == 0  # removed on exit
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_and_trace_match_reference(family, backend):
+    t = tiny(family)
+    model = backend_model(family, backend)
+    inputs = model.prepare(t.image, PROMPT)
+    case = "text<-image, layers 0-1"
+    queries, keys, layers, _ = CASES[case]
+    with model.block_attention(queries, keys, layers):
+        ids = model.generate_ids(inputs, max_new_tokens=4, stop_at_eos=False)
+        trace = model.trace_generation(inputs, max_new_tokens=4, stop_at_eos=False)
+    with torch.no_grad(), reference_block(t.reference, case, inputs.input_ids):
+        out = t.reference.generate(**inputs.model_inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4,
+                                   suppress_tokens=model.suppressed_ids(False), return_dict_in_generate=True,
+                                   output_logits=True, pad_token_id=model.pad_token_id)  # fmt: skip
+    assert ids.tolist() == out.sequences[0, inputs.input_ids.shape[1] :].tolist()
+    assert trace.generated_ids.tolist() == ids.tolist()
+    assert (trace.step_logits - torch.stack(out.logits)[:, 0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sdpa_and_eager_agree_on_a_plain_hf_model(family):
+    """The block on a plain HF model (no bridge, no nnsight) in both attention implementations."""
+    from vlm_lens import testing
+    from vlm_lens.adapters import adapter_by_family
+    from vlm_lens.attention_block import blocking
+
+    t = tiny(family)
+    inputs = t.model.prepare(t.image, PROMPT)
+    out = {}
+    for implementation in ("sdpa", "eager"):
+        hf_model, _ = testing.build(family)
+        hf_model.set_attn_implementation(implementation)
+        with torch.no_grad(), blocking(hf_model, adapter_by_family(family), "last", "image", [1], heads=[1]):
+            out[implementation] = hf_model(**inputs.model_inputs).logits
+    assert (out["sdpa"] - out["eager"]).abs().max() <= 1e-5
+    with torch.no_grad():
+        plain = t.reference(**inputs.model_inputs).logits
+    assert (out["eager"] - plain).abs().max() > 1e-4
+
+
+def test_batched_forward_equals_one_at_a_time(tiny_llava):
+    """Rows of one length (a padded forward moves the positions of the shorter rows, block or not)."""
+    model = tiny_llava.model
+    prompts = ["what color is the star ?", "what color is the square ?"]
+    batch = model.prepare([tiny_llava.image, tiny_llava.image], prompts)
+    with model.block_attention("last", "image", [0, 1, 2]):
+        together = model(batch)
+        alone = [model(model.prepare(tiny_llava.image, p))[0, -1] for p in prompts]
+    for row, logits in enumerate(alone):
+        assert (together[row, -1] - logits).abs().max() <= 1e-5
+
+
+def test_refusals_and_removal_after_a_raise(tiny_llava):
+    from vlm_lens.errors import InputError, OutOfRangeError
+
+    model = tiny_llava.model
+    inputs = model.prepare(tiny_llava.image, PROMPT)
+    plain = model(inputs)
+    with pytest.raises(InputError, match="attend to nothing"):
+        with model.block_attention("last", "all", [0]):
+            model(inputs)
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.block_attention("last", "image", [0]):
+            raise RuntimeError("inside")
+    assert (model(inputs) - plain).abs().max() == 0
+    with pytest.raises(InputError, match="unknown token role 'images'"):
+        model.block_attention("images", "image", [0])
+    with pytest.raises(OutOfRangeError, match="decoder layers 0..3"):
+        model.block_attention("last", "image", [4])
+    with pytest.raises(InputError, match="queries is empty"):
+        model.block_attention([], "image", [0])
+    with pytest.raises(OutOfRangeError, match="heads 0..3"):
+        model.block_attention("last", "image", [0], heads=[7])
+    with pytest.raises(OutOfRangeError, match="outside"):
+        with model.block_attention([99], "image", [0]):
+            model(inputs)
