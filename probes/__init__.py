@@ -10,6 +10,7 @@ from vlm_lens.probes.ablation import TokenAblation
 from vlm_lens.probes.base import PROBES, Probe, Source, as_source, register_probe
 from vlm_lens.probes.geometry import CosineTrajectory, FeatureProjection, cross_image_cosine
 from vlm_lens.probes.image_patch_lens import ImagePatchLens
+from vlm_lens.probes.knockout import AttentionKnockout
 from vlm_lens.probes.interventions import ActivationPatching, LayerSkip, patch_all_layers, skip_layer_hooks
 from vlm_lens.probes.lens_probes import DistributionShift, LogitLensProbe, TokenTrajectory, TunedLensProbe
 from vlm_lens.probes.lens_stats import LensStats, lens_pass
@@ -17,7 +18,7 @@ from vlm_lens.probes.lenses import Lens, LogitLens, TunedLens
 from vlm_lens.probes.result import ProbeResult
 
 __all__ = [
-    "PROBES", "ActivationPatching", "CosineTrajectory", "DistributionShift", "FeatureProjection", "ImagePatchLens", "LayerSkip",
+    "PROBES", "ActivationPatching", "AttentionKnockout", "CosineTrajectory", "DistributionShift", "FeatureProjection", "ImagePatchLens", "LayerSkip",
     "Lens", "LensStats", "LogitLens", "LogitLensProbe", "Probe", "ProbeResult", "Source", "TokenTrajectory",
     "TokenAblation", "TunedLens", "TunedLensProbe", "as_source", "cross_image_cosine", "lens_pass", "patch_all_layers",
     "register_probe", "skip_layer_hooks",

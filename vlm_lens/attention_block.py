@@ -40,11 +40,14 @@ PositionSet = str | Sequence[str] | Sequence[int] | Tensor
 
 @dataclass
 class SequenceState:
-    """The token ids and validity of the sequence being processed, as forwards have shown them so far."""
+    """The token ids and validity of the sequence being processed, as forwards have shown them so far: the prompt is
+    what the forward that started the KV cache saw (``n_fresh`` positions wide; a row's last prompt position is its
+    last valid one there, so right and left padding both work); later positions are generated."""
 
     ids: Tensor  # [batch, pos]
     valid: Tensor  # [batch, pos] bool: not padding
-    n_prompt: int
+    n_fresh: int
+    last: Tensor  # [batch] the last prompt position of each row
     image: Tensor  # [batch, pos] bool: image placeholder ids
 
 
@@ -86,7 +89,8 @@ def role_mask(value: PositionSet, state: SequenceState, what: str) -> Bool[Tenso
         if max(value) >= n:
             raise OutOfRangeError(f"{what}: position {max(value)} is outside the {n}-position sequence")
         return torch.isin(index, torch.tensor(value, device=index.device)).expand(batch, n) & state.valid
-    prompt = (index < state.n_prompt).expand(batch, n) & state.valid
+    prompt = (index < state.n_fresh).expand(batch, n) & state.valid
+    last = index[None, :] == state.last[:, None]
     out = torch.zeros(batch, n, dtype=torch.bool, device=index.device)
     for role in value:
         if role == "all":
@@ -94,11 +98,11 @@ def role_mask(value: PositionSet, state: SequenceState, what: str) -> Bool[Tenso
         elif role == "generated":
             out |= state.valid & ~prompt
         elif role == "last":
-            out |= (index == state.n_prompt - 1).expand(batch, n) & state.valid
+            out |= last
         else:
             image = prompt & state.image
             mask = image if role == "image" else prompt & ~image
-            out |= mask & (index != state.n_prompt - 1) if role == "question" else mask
+            out |= mask & ~last if role == "question" else mask
     return out
 
 
@@ -201,8 +205,13 @@ class AttentionBlock:
         valid = torch.ones_like(ids_so_far, dtype=torch.bool) if two_d is None or two_d.ndim != 2 else two_d.bool()
         if valid.shape != ids_so_far.shape:  # a 2-D mask that does not cover the sequence: trust the ids
             valid = torch.ones_like(ids_so_far, dtype=torch.bool)
-        n_prompt = ids.shape[1] if fresh or self.state is None else self.state.n_prompt
-        self.state = SequenceState(ids_so_far, valid, n_prompt, ids_so_far == self.image_token_id)
+        if fresh or self.state is None:
+            index = torch.arange(ids.shape[1], device=ids.device)
+            last = torch.where(valid, index, -1).max(dim=1).values
+            self.state = SequenceState(ids, valid, ids.shape[1], last, ids == self.image_token_id)
+        else:
+            self.state = SequenceState(ids_so_far, valid, self.state.n_fresh, self.state.last,
+                                       ids_so_far == self.image_token_id)  # fmt: skip
         self.edited.clear()
 
     def layer_hook(self, layer: int):

@@ -41,6 +41,8 @@ class HookedVLM(TransformerLensNames):
     layers, eager attention); ``bridge`` is the TransformerLens ``TransformerBridge``.
     """
 
+    fixture_block: Any = None  # a fixture's permanent attention block (vlm_lens.loading.with_fixture_block)
+
     def __init__(self, hf_model, processor, adapter: AdapterSpec, bridge, *, name: str, keepalive: Any = None):
         self.hf_model = hf_model
         self.processor = processor
@@ -168,14 +170,12 @@ class HookedVLM(TransformerLensNames):
     def unembed(
         self, resid: Float[Tensor, "... d_model"], layer: int | None = None, *, normed: bool = False, grad: bool = False
     ) -> Float[Tensor, "... vocab"]:
-        """Logits (float32) of residual-stream vectors: final norm, then ``lm_head``.
-
-        ``layer`` is the index in :meth:`VLMCache.resid_stack` the vectors came from (0 = embeddings,
-        ``n_layers`` = last block); it is range-checked. ``normed=True`` skips the norm, for vectors that are
-        already normed (HF's ``hidden_states[-1]``, ``ln_final.hook_normalized``) or to reproduce the paper's
-        no-norm lens. ``grad=True`` keeps the autograd graph (gradients flow to ``resid`` and, if they require
-        them, to the norm and ``lm_head``); by default nothing is recorded.
-        """
+        """Logits (float32) of residual-stream vectors: final norm, then ``lm_head``. ``layer`` is the index in
+        :meth:`VLMCache.resid_stack` the vectors came from (0 = embeddings, ``n_layers`` = last block); it is
+        range-checked. ``normed=True`` skips the norm, for vectors that are already normed (HF's ``hidden_states[-1]``,
+        ``ln_final.hook_normalized``) or to reproduce the paper's no-norm lens. ``grad=True`` keeps the autograd graph
+        (gradients flow to ``resid`` and, if they require them, to the norm and ``lm_head``); by default nothing is
+        recorded."""
         if layer is not None and not 0 <= layer <= self.n_layers:
             raise OutOfRangeError(f"layer {layer} out of range: the residual stack has layers 0..{self.n_layers}")
         return self.unembedder(resid, normed=normed, grad=grad)

@@ -51,7 +51,7 @@ def load(
             f"{dtype} on CPU is ~250x slower than float32 on these machines: pass dtype=torch.float32 (the "
             "default), or device='cuda' for half precision"
         )
-    keepalive = None
+    keepalive, folder = None, None
     if isinstance(source, (str, Path)):
         from vlm_lens.offline import offline
         from vlm_lens.zoo import embedded_path
@@ -87,7 +87,7 @@ def load(
     if backend == "nnsight":
         from vlm_lens.nnsight_backend import NNsightVLM
 
-        return NNsightVLM(hf_model.to(device).eval(), processor, spec, name=name, remote=remote)
+        return with_fixture_block(NNsightVLM(hf_model.to(device).eval(), processor, spec, name=name, remote=remote), folder)
     if not getattr(tokenizer, "name_or_path", ""):
         # TransformerLens cannot boot on an in-memory tokenizer: give the bridge a copy that comes from a folder. The
         # user's processor stays the one they passed (it need not survive save_pretrained -> from_pretrained).
@@ -99,7 +99,24 @@ def load(
     from vlm_lens.bridge_boot import boot_bridge
 
     bridge = boot_bridge(hf_model, tokenizer, spec, name, str(device))
-    return HookedVLM(hf_model, processor, spec, bridge, name=name, keepalive=keepalive)
+    return with_fixture_block(HookedVLM(hf_model, processor, spec, bridge, name=name, keepalive=keepalive), folder)
+
+
+def with_fixture_block(model: HookedVLM, folder: Path | None) -> HookedVLM:
+    """Attach the permanent attention block a fixture folder declares in ``attention_block.json`` (the late-image
+    fixtures of :mod:`vlm_lens.zoo.recipe.gate`: part of the model, as its weights are); ``model.fixture_block`` is
+    that :class:`~vlm_lens.attention_block.AttentionBlock`, or None."""
+    import json
+
+    from vlm_lens.attention_block import AttentionBlock
+
+    model.fixture_block = None
+    path = None if folder is None else Path(folder) / "attention_block.json"
+    if path is not None and path.exists():
+        config = json.loads(path.read_text())
+        model.fixture_block = AttentionBlock(model.hf_model, model.adapter, tuple(config["queries"]),
+                                             tuple(config["keys"]), config["layers"]).attach()  # fmt: skip
+    return model
 
 
 def load_processor(folder: str | Path, *, trust_remote_code: bool = False):

@@ -222,3 +222,20 @@ def line_chart(x: list[str], series: dict[str, list[float | None]], title: str, 
 
 
 # -- page --------------------------------------------------------------------------------------------------
+
+
+def flow_chart(starts: list[int], window: int, curves: dict[str, list[float | None]], critical: int | None, title: str):
+    """Relative change of the answer's probability (%) per flow against the first decoder layer of the knockout
+    window; the critical layer (stack index c = the output of decoder layer c-1) drawn at decoder layer c-1."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, values in curves.items():
+        fig.add_trace(go.Scatter(x=starts, y=[None if v is None else 100 * v for v in values], mode="lines+markers",
+                                 name=label(name)))  # fmt: skip
+    if critical is not None:
+        fig.add_vline(x=critical - 1, line_dash="dash", line_color="#9370DB",
+                      annotation_text=f"critical layer {critical} (output of decoder layer {critical - 1})")  # fmt: skip
+    fig.update_layout(title=label(title), height=360, yaxis_title="change of P(answer), %",
+                      xaxis=dict(title=f"first decoder layer of the {window}-layer window", tickmode="linear", dtick=1))  # fmt: skip
+    return fig

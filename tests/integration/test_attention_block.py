@@ -139,16 +139,19 @@ def test_sdpa_and_eager_agree_on_a_plain_hf_model(family):
     assert (out["eager"] - plain).abs().max() > 1e-4
 
 
-def test_batched_forward_equals_one_at_a_time(tiny_llava):
-    """Rows of one length (a padded forward moves the positions of the shorter rows, block or not)."""
-    model = tiny_llava.model
-    prompts = ["what color is the star ?", "what color is the square ?"]
-    batch = model.prepare([tiny_llava.image, tiny_llava.image], prompts)
-    with model.block_attention("last", "image", [0, 1, 2]):
-        together = model(batch)
-        alone = [model(model.prepare(tiny_llava.image, p))[0, -1] for p in prompts]
-    for row, logits in enumerate(alone):
-        assert (together[row, -1] - logits).abs().max() <= 1e-5
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_forward_equals_one_at_a_time(family):
+    """Rows of different lengths (padded on the right): each row's own roles, its own last prompt position."""
+    t = tiny(family)
+    model = t.model
+    prompts = ["what color is the star ?", "what shape is the red one ?"]
+    batch = model.prepare([t.image, t.image], prompts)
+    for queries in ("last", "question"):
+        with model.block_attention(queries, "image", [0, 1, 2]):
+            together = model(batch)
+            for row, prompt in enumerate(prompts):
+                alone = model(model.prepare(t.image, prompt))[0]
+                assert (together[row, : alone.shape[0]] - alone).abs().max() <= 1e-5
 
 
 def test_refusals_and_removal_after_a_raise(tiny_llava):

@@ -88,7 +88,8 @@ def training_examples(step: int, recipe: PlantRecipe) -> list[tuple[sw.Example, 
     return out
 
 
-def _batch(processor, pairs):
+def answer_batch(processor, pairs):
+    """A training batch of ``(example, answer)`` pairs: the prompt, the answer and </s>; loss on the answer only."""
     import torch
 
     from vlm_lens.zoo.answers import prompt_text
@@ -177,7 +178,7 @@ def plant(
         for step in range(start_step, recipe.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, schedule)
-            loss = model(**_batch(processor, training_examples(step, recipe))).loss
+            loss = model(**answer_batch(processor, training_examples(step, recipe))).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,0 +1,69 @@
+"""Where the image enters: attention-knockout curves per flow, beside the critical layer of the same answers.
+
+Composes :class:`~vlm_lens.probes.AttentionKnockout` (the relative change of the answer's probability when a flow is
+blocked in a window of decoder layers) with the per-token evidence of :mod:`.tokens` (the critical layer of the first
+generated token, read with the correct lens on a greedy trace). Per sample only the curves, the answer and its
+critical layer are kept; the aggregate is the mean and median relative change per flow and window start.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+from vlm_lens.experiments.analysis.records import Sample
+from vlm_lens.probes.knockout import DEFAULT_FLOWS, AttentionKnockout, window_for
+
+
+def first_token_critical(model, inputs: list) -> list[int | None]:
+    """The critical layer (stack index) of each input's first generated token: the detector the report uses."""
+    from vlm_lens.experiments.analysis.knowledge_evolution import token_evidence, trace_samples
+
+    traces = trace_samples(model, inputs, 1)
+    return [token_evidence(trace, "correct")[0].critical if trace.n_steps else None for trace in traces]
+
+
+def run(model, samples: Sequence[Sample], flows: Sequence[str] = DEFAULT_FLOWS, window: int | None = None, *,
+        batch_size: int = 16, critical: bool = True,
+        progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
+    """Knockout curves of every sample (``batch_size`` per forward) and their aggregate; ``critical=False`` skips the
+    critical layers (one greedy trace per sample)."""
+    probe = AttentionKnockout(flows, window)
+    starts = probe.starts(model.n_layers)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    for first in range(0, len(samples), batch_size):
+        chunk = list(samples[first : first + batch_size])
+        inputs = [model.prepare(s.image, s.prompt) for s in chunk]
+        results = probe.batch(inputs, model=model, batch_size=batch_size)
+        criticals = first_token_critical(model, inputs) if critical else [None] * len(chunk)
+        for i, (sample, result, crit) in enumerate(zip(chunk, results, criticals), first):
+            answer = result.provenance["answer"]
+            rows.append({"name": sample.name or str(i), "question": sample.prompt, "answer_token": answer,
+                         "correct": None if sample.answer is None else answer.strip("▁ ") == sample.answer.split()[0],
+                         "baseline_prob": float(result["baseline_prob"]), "critical_layer": crit,
+                         "relative_change": {f: result["relative_change"][k].tolist() for k, f in enumerate(probe.flows)}})  # fmt: skip
+        if progress is not None:
+            progress(len(rows), len(samples))
+    seconds = time.perf_counter() - started
+    return {"model": model.name, "n_layers": model.n_layers, "flows": list(probe.flows), "window_starts": starts,
+            "window": window_for(model.n_layers) if window is None else window, "samples": rows,
+            "aggregate": aggregate(rows, list(probe.flows), len(starts)),
+            "cost": {"forwards_per_sample": 1 + len(probe.flows) * len(starts), "seconds": round(seconds, 2),
+                     "seconds_per_sample": round(seconds / max(1, len(rows)), 3),
+                     "critical_traces": len(rows) if critical else 0, "batch_size": batch_size}}  # fmt: skip
+
+
+def aggregate(rows: list[dict], flows: list[str], n_windows: int) -> dict:
+    """Mean and median relative change per flow and window start, and the critical layers' median and quartiles."""
+    out: dict = {"mean": {}, "median": {}, "n": len(rows)}
+    for flow in flows:
+        columns = [[r["relative_change"][flow][w] for r in rows] for w in range(n_windows)]
+        out["mean"][flow] = [statistics.fmean(c) if c else None for c in columns]
+        out["median"][flow] = [statistics.median(c) if c else None for c in columns]
+    crit = sorted(r["critical_layer"] for r in rows if r["critical_layer"] is not None)
+    out["critical_layer"] = None if not crit else {
+        "median": crit[(len(crit) - 1) // 2], "q1": crit[(len(crit) - 1) // 4], "q3": crit[(3 * (len(crit) - 1)) // 4],
+        "n": len(crit)}  # fmt: skip
+    return out
