@@ -217,6 +217,20 @@ def answer_critical(top1: Sequence[int], curves: Mapping[int, Sequence[float]],
     return _critical_of(final[0], curves, config) if final else None
 
 
+def grounded_critical(top1: Sequence[int], blank_top1: Sequence[int], critical: int | None) -> int | None:
+    """The first layer l >= ``critical`` from which the emitted answer is the top-1 at every layer up to the output and
+    is not the top-1 at l with the image blanked (``blank_top1``: the same sequence, pixel values 0): where the image
+    made the answer. None when ``critical`` is None, or when the blank-image run gives the answer at every such layer
+    (an answer the question alone gives, e.g. a prior's favourite that happens to be right).
+
+    ``top1`` / ``blank_top1``: ``[layer]`` token ids, stack layers 0..n."""
+    if critical is None:
+        return None
+    n, answer = len(top1) - 1, top1[-1]
+    start = max(critical, max((l + 1 for l in range(n + 1) if top1[l] != answer), default=0))
+    return next((l for l in range(start, n + 1) if blank_top1[l] != answer), None)
+
+
 def order_stats(values: Sequence[float]) -> dict:
     """Median and quartiles as order statistics (``lower`` interpolation): actual values, q1 <= median <= q3."""
     if not len(values):

@@ -2,8 +2,9 @@
 
 Composes :class:`~vlm_lens.probes.AttentionKnockout` (the relative change of the answer's probability when a flow is
 blocked in a window of decoder layers) with the per-token evidence of :mod:`.tokens` (the critical layer of the first
-generated token, read with the correct lens on a greedy trace). Per sample only the curves, the answer and its
-critical layer are kept; the aggregate is the mean and median relative change per flow and window start.
+generated token, read with the correct lens on a greedy trace, and its grounded critical layer: from where the answer
+would not be the top-1 with the image blanked). Per sample only the curves, the answer and its critical layers are
+kept; the aggregate is the mean and median relative change per flow and window start.
 """
 
 from __future__ import annotations
@@ -16,12 +17,32 @@ from vlm_lens.experiments.analysis.records import Sample
 from vlm_lens.probes.knockout import DEFAULT_FLOWS, AttentionKnockout, window_for
 
 
-def first_token_critical(model, inputs: list) -> list[int | None]:
-    """The critical layer (stack index) of each input's first generated token: the detector the report uses."""
-    from vlm_lens.experiments.analysis.knowledge_evolution import token_evidence, trace_samples
+def first_token_critical(model, inputs: list) -> list[tuple[int | None, int | None]]:
+    """``(critical, grounded critical)`` of each input's first generated token (stack indices): the report's detector
+    (correct lens) on a one-token greedy trace, and :func:`~.evidence.grounded_critical` against the same sequence
+    with the image blanked (one more forward)."""
+    from vlm_lens.experiments.analysis import evidence as ev
+    from vlm_lens.experiments.analysis.confirmation import SkipConfirmer
+    from vlm_lens.experiments.analysis.knowledge_evolution import detect_tokens, lens_probe, trace_samples
+    from vlm_lens.probes import DistributionShift
 
-    traces = trace_samples(model, inputs, 1)
-    return [token_evidence(trace, "correct")[0].critical if trace.n_steps else None for trace in traces]
+    special = set(model.tokenizer.all_special_tokens)
+    out: list[tuple[int | None, int | None]] = []
+    for trace in trace_samples(model, inputs, 1):
+        if not trace.n_steps:
+            out.append((None, None))
+            continue
+        probe = lens_probe("correct", None, model.n_layers)
+        lens = probe(trace)
+        confirmer = SkipConfirmer(trace)
+        row = detect_tokens(lens, DistributionShift.from_lens_result(lens), special, model.tokenizer,
+                            ev.DetectionConfig(), confirmer, probe.lens)[0]  # fmt: skip
+        blank = confirmer.blank_top1(probe.lens)
+        top1 = lens["topk_ids"][:, 0, 0].tolist()
+        critical = row.critical if row.kind == "stable" else None  # with an event, critical is the leader's
+        grounded = None if blank is None else ev.grounded_critical(top1, [b[0] for b in blank], critical)
+        out.append((row.critical, grounded))
+    return out
 
 
 def run(model, samples: Sequence[Sample], flows: Sequence[str] = DEFAULT_FLOWS, window: int | None = None, *,
@@ -37,12 +58,13 @@ def run(model, samples: Sequence[Sample], flows: Sequence[str] = DEFAULT_FLOWS, 
         chunk = list(samples[first : first + batch_size])
         inputs = [model.prepare(s.image, s.prompt) for s in chunk]
         results = probe.batch(inputs, model=model, batch_size=batch_size)
-        criticals = first_token_critical(model, inputs) if critical else [None] * len(chunk)
-        for i, (sample, result, crit) in enumerate(zip(chunk, results, criticals), first):
+        criticals = first_token_critical(model, inputs) if critical else [(None, None)] * len(chunk)
+        for i, (sample, result, (crit, grounded)) in enumerate(zip(chunk, results, criticals), first):
             answer = result.provenance["answer"]
             rows.append({"name": sample.name or str(i), "question": sample.prompt, "answer_token": answer,
                          "correct": None if sample.answer is None else answer.strip("▁ ") == sample.answer.split()[0],
                          "baseline_prob": float(result["baseline_prob"]), "critical_layer": crit,
+                         "grounded_critical_layer": grounded,
                          "relative_change": {f: result["relative_change"][k].tolist() for k, f in enumerate(probe.flows)}})  # fmt: skip
         if progress is not None:
             progress(len(rows), len(samples))
@@ -62,8 +84,9 @@ def aggregate(rows: list[dict], flows: list[str], n_windows: int) -> dict:
         columns = [[r["relative_change"][flow][w] for r in rows] for w in range(n_windows)]
         out["mean"][flow] = [statistics.fmean(c) if c else None for c in columns]
         out["median"][flow] = [statistics.median(c) if c else None for c in columns]
-    crit = sorted(r["critical_layer"] for r in rows if r["critical_layer"] is not None)
-    out["critical_layer"] = None if not crit else {
-        "median": crit[(len(crit) - 1) // 2], "q1": crit[(len(crit) - 1) // 4], "q3": crit[(3 * (len(crit) - 1)) // 4],
-        "n": len(crit)}  # fmt: skip
+    for key in ("critical_layer", "grounded_critical_layer"):
+        values = sorted(r[key] for r in rows if r.get(key) is not None)
+        out[key] = None if not values else {
+            "median": values[(len(values) - 1) // 2], "q1": values[(len(values) - 1) // 4],
+            "q3": values[(3 * (len(values) - 1)) // 4], "n": len(values)}  # fmt: skip
     return out

@@ -1,4 +1,4 @@
-"""``vlm-lens zoo train | plant | evaluate``: the embedded shapes-world models and their recipes."""
+"""``vlm-lens zoo train | plant | gate | evaluate``: the embedded shapes-world models and their recipes."""
 
 from __future__ import annotations
 
@@ -117,6 +117,35 @@ def zoo_plant(
         fitted["lens"].save(folder / "tuned-lens")
         typer.echo(f"exported to {folder}; tuned lens retrained (held-out KL by layer, tuned: "
                    f"{[round(x, 3) for x in fitted['kl_tuned']]})")  # fmt: skip
+    typer.echo(json.dumps(result, indent=2))
+
+
+@zoo_app.command("gate")
+def zoo_gate(
+    k: int = typer.Option(..., help="text reads the image from decoder layer K on (blocked in layers 0..K-1)"),
+    out: Path = typer.Option(..., help="run folder (checkpoints, log, final model)"),
+    base: str = typer.Option("shapes-llava", help="the embedded model (or folder) to fine-tune"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps (default 800, 1200 for K >= 5)"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint"),
+    threads: Optional[int] = typer.Option(None),
+    eval_per_task: int = typer.Option(100, min=1, help="held-out questions per task to evaluate"),
+    export: bool = typer.Option(False, help="copy the result into the package as shapes-llava-gate{K}"),
+) -> None:
+    """A planted critical layer: fine-tune the decoder layers with text blind to the image below decoder layer K
+    (the block is part of the fixture and applied at load), so the answer cannot emerge before stack layer K+1."""
+    from vlm_lens.zoo.recipe import gate
+
+    check_output(out, "--out")
+    if export and base != "shapes-llava":
+        fail("--export ships a shapes-llava fixture: drop --export, or use --base shapes-llava")
+    try:
+        recipe = gate.GateRecipe(base=base, k=k, steps=steps or (1200 if k >= 5 else 800))
+        result = gate.gate(out, recipe, resume=resume, threads=threads, eval_per_task=eval_per_task)
+    except (ValueError, FileNotFoundError) as error:
+        fail(str(error))
+    if export:
+        folder = gate.export(out, k)
+        typer.echo(f"exported to {folder}")
     typer.echo(json.dumps(result, indent=2))
 
 

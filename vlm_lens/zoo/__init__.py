@@ -12,6 +12,9 @@ EMBEDDED = {
     "shapes-qwen2-vl": "shapes-qwen2-vl",
     # shapes-llava with a planted language prior in its last decoder layers (vlm_lens.zoo.recipe.plant)
     "shapes-llava-prior": "shapes-llava-prior",
+    # shapes-llava fine-tuned with text blind to the image below decoder layer 3 / 5 (vlm_lens.zoo.recipe.gate)
+    "shapes-llava-gate3": "shapes-llava-gate3",
+    "shapes-llava-gate5": "shapes-llava-gate5",
 }
 DEFAULT_MODEL = "shapes-llava"
 
@@ -36,6 +39,7 @@ def embedded_path(name: str) -> Path | None:
     folder = MODELS_DIR / EMBEDDED[name]
     if not (folder / "config.json").exists():
         remake = ("`vlm-lens zoo plant --out DIR --export`" if name == "shapes-llava-prior" else
+                  f"`vlm-lens zoo gate --k {name[-1]} --out DIR --export`" if "-gate" in name else
                   f"`vlm-lens zoo train --family {name.removeprefix('shapes-')} --out DIR` and load DIR/model")  # fmt: skip
         raise NotFoundError(f"embedded model {name!r} is not in this installation ({folder}); rebuild it with {remake}")
     return folder

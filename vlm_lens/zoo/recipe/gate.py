@@ -142,3 +142,10 @@ def evaluate(model, processor, base_dir: Path, n_per_task: int = 100) -> dict:
     for key in ("held_out", "base_held_out"):
         result[key]["mean"] = sum(result[key][t] for t in sw.TASKS) / len(sw.TASKS)
     return result
+
+
+def export(run_dir: str | Path, k: int) -> Path:
+    """Copy a gate run's final model (with its ``attention_block.json``) into the package as ``shapes-llava-gate{k}``."""
+    from vlm_lens.zoo.recipe.train import export as export_model
+
+    return export_model(run_dir, f"shapes-llava-gate{k}")
