@@ -163,6 +163,13 @@ def test_tune_lens_on_fresh_questions_and_a_manifest(tiny_folder, tmp_path):
         (["zoo", "plant", "--out", "x", "--block", "6-9"], "decoder layers 0..7"),
         (["zoo", "plant", "--out", "x", "--base", "shapes-qwen2-vl", "--export"], "--base shapes-llava"),
         (["tune-lens", "--out", "x", "--prompt", "what ?"], "--image"),
+        (["zoo", "gate", "--out", "x", "--k", "8"], "--k must be in 1..7"),
+        (["zoo", "gate", "--out", "x", "--k", "3", "--base", "shapes-qwen2-vl", "--export"], "--base shapes-llava"),
+        (["flow", "--out", "x", "--flow", "pixels->last"], "unknown token role 'pixels'"),
+        (["flow", "--out", "x", "--flow", "image"], "from->to"),
+        (["flow", "--out", "x", "--flow", "->last"], "from->to"),
+        (["flow", "--out", "x", "--window", "9"], "longer than the model (8 layers)"),
+        (["flow", "--out", "x", "--held-out", "3", "--prompt", "what ?"], "--held-out"),
     ],
 )
 def test_bad_options_exit_2_before_work(args, message, tmp_path, monkeypatch):
@@ -347,3 +354,45 @@ def test_the_closing_summary_says_what_was_found_in_plain_words(tmp_path):
     assert "Skipping decoder layers 6-7 (skip.2) restored 4 of 4 counter-prior answers." in lines
     assert lines[-1].startswith(f"Report: {(tmp_path / 'r' / 'report.html').absolute()} (")
     assert len(lines) <= 24 and "Loading weights" not in result.output and ".png" not in result.output
+
+
+def test_zoo_gate_smoke_and_resume(tmp_path):
+    args = ["zoo", "gate", "--out", str(tmp_path / "g"), "--k", "2", "--eval-per-task", "1", "--threads", "1"]
+    result = runner.invoke(app, args + ["--steps", "2"])
+    assert result.exit_code == 0, result.output
+    block = json.loads((tmp_path / "g" / "model" / "attention_block.json").read_text())
+    assert block["layers"] == [0, 1] and block["queries"] == ["text", "generated"] and block["keys"] == ["image"]
+    assert set(json.loads((tmp_path / "g" / "eval.json").read_text())) == {"held_out", "base_held_out"}
+    resumed = runner.invoke(app, args + ["--steps", "3", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    steps = [json.loads(line)["step"] for line in (tmp_path / "g" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # continued from the checkpoint at step 2
+
+
+def test_flow_end_to_end(tmp_path):
+    out = tmp_path / "flow"
+    result = runner.invoke(app, ["flow", "--held-out", "3", "--flow", "image->last", "--flow", "image+question->last",
+                                 "--out", str(out), "--no-png"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "image->last: largest mean drop" in result.output and "15 forwards per sample" in result.output
+    data = json.loads((out / "report.json").read_text())
+    assert data["flows"] == ["image->last", "image+question->last"] and data["window"] == 2
+    assert len(data["samples"]) == 3 and data["cost"]["forwards_per_sample"] == 1 + 2 * 7
+    assert "Where the image enters" in (out / "report.html").read_text()
+    images = runner.invoke(app, ["flow", "--image", str(out.parent), "--out", str(out)])  # a folder with no images
+    assert images.exit_code == 2
+
+
+def test_the_flow_command_lines_of_the_docs_run(tmp_path):
+    """The `vlm-lens flow` lines of docs/experiments.md, as written (plus a private --out and --no-png)."""
+    import shlex
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "experiments.md").read_text()
+    lines = [line.split("#")[0].strip() for line in page.splitlines() if line.startswith("vlm-lens flow")]
+    assert len(lines) == 2
+    for i, line in enumerate(lines):
+        out = tmp_path / str(i)
+        result = runner.invoke(app, shlex.split(line)[1:] + ["--out", str(out), "--no-png"])
+        assert result.exit_code == 0, (line, result.output)
+        assert json.loads((out / "report.json").read_text())["samples"]

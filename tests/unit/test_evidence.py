@@ -160,3 +160,15 @@ def test_position_reservoir_is_bounded_and_uniform():
     assert small.stack().shape == (2, 7, 3)  # fewer positions than the budget: all kept
     with pytest.raises(ValueError, match="budget"):
         PositionReservoir(0)
+
+
+def test_grounded_critical_is_where_the_image_made_the_answer():
+    from vlm_lens.experiments.analysis.evidence import grounded_critical
+
+    # the answer (7) is top-1 from layer 2; without the image it is top-1 up to layer 3, then something else
+    top1, blank = [0, 5, 7, 7, 7, 7], [0, 5, 7, 7, 9, 9]
+    assert grounded_critical(top1, blank, 2) == 4
+    assert grounded_critical(top1, top1, 2) is None  # the question alone gives the answer everywhere: not grounded
+    assert grounded_critical(top1, [0, 1, 1, 1, 1, 1], 2) == 2  # the image needed from the start
+    assert grounded_critical(top1, blank, None) is None
+    assert grounded_critical([0, 7, 3, 7, 7, 7], [0, 1, 1, 1, 1, 1], 1) == 3  # the final run starts at 3

@@ -67,19 +67,22 @@ def gate(out: str | Path, recipe: GateRecipe = GateRecipe(), *, resume: bool = F
     from vlm_lens.zoo.recipe.train import Recipe as BaseRecipe
     from vlm_lens.zoo.recipe.train import learning_rate
 
+    base_dir = base_folder(recipe.base)
+    config_json = json.loads((base_dir / "config.json").read_text())
+    depth = int((config_json.get("text_config") or config_json)["num_hidden_layers"])
+    if not 1 <= recipe.k < depth:
+        raise ValueError(f"--k must be in 1..{depth - 1} (decoder layers of {recipe.base}: 0..{depth - 1}), got {recipe.k}")
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint, base_dir = out / "checkpoint", base_folder(recipe.base)
+    checkpoint = out / "checkpoint"
     resuming = resume and (checkpoint / "train_state.json").exists()
     source = checkpoint if resuming else base_dir
     start_step = json.loads((checkpoint / "train_state.json").read_text())["step"] if resuming else 0
     processor = load_processor(source)
     model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True, dtype=torch.float32)
     layers = model.model.language_model.layers
-    if not 1 <= recipe.k < len(layers):
-        raise ValueError(f"k must be in 1..{len(layers) - 1} (decoder layers of {recipe.base}), got {recipe.k}")
     config = block_config(recipe.k)
     block = attach_block(model, config)
     for p in model.parameters():
