@@ -10,8 +10,8 @@ from vlm_lens.probes.ablation import TokenAblation
 from vlm_lens.probes.base import PROBES, Probe, Source, as_source, register_probe
 from vlm_lens.probes.geometry import CosineTrajectory, FeatureProjection, cross_image_cosine
 from vlm_lens.probes.image_patch_lens import ImagePatchLens
-from vlm_lens.probes.knockout import AttentionKnockout
 from vlm_lens.probes.interventions import ActivationPatching, LayerSkip, patch_all_layers, skip_layer_hooks
+from vlm_lens.probes.knockout import AttentionKnockout
 from vlm_lens.probes.lens_probes import DistributionShift, LogitLensProbe, TokenTrajectory, TunedLensProbe
 from vlm_lens.probes.lens_stats import LensStats, lens_pass
 from vlm_lens.probes.lenses import Lens, LogitLens, TunedLens

@@ -60,18 +60,20 @@ def check_positions(value: PositionSet, what: str) -> PositionSet:
             raise InputTypeError(f"{what}: a mask must be a boolean tensor [pos] or [batch, pos], got {value.dtype} "
                                  f"{tuple(value.shape)}")  # fmt: skip
         return value
-    items = list(value)
+    items: list[Any] = list(value)
     if not items:
         raise InputError(f"{what} is empty: name a role ({', '.join(ROLES)}) or at least one position")
-    if all(isinstance(v, str) for v in items):
-        unknown = [v for v in items if v not in ROLES]
+    names = [v for v in items if isinstance(v, str)]
+    if len(names) == len(items):
+        unknown = [v for v in names if v not in ROLES]
         if unknown:
             raise InputError(f"{what}: unknown token role {unknown[0]!r}; choose from {', '.join(ROLES)}")
-        return tuple(items)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        if min(items) < 0:
-            raise InputError(f"{what}: positions count from 0, got {min(items)}")
-        return list(items)
+        return tuple(names)
+    positions = [v for v in items if isinstance(v, int) and not isinstance(v, bool)]
+    if len(positions) == len(items):
+        if min(positions) < 0:
+            raise InputError(f"{what}: positions count from 0, got {min(positions)}")
+        return positions
     raise InputTypeError(f"{what}: give role names, integer positions or a boolean mask, got {items!r}")
 
 

@@ -78,9 +78,8 @@ def flow(
 
 def held_out_samples(vlm, n: int):
     from vlm_lens.experiments.analysis.records import Sample
-    from vlm_lens.zoo import shapes_world as sw
-
     from vlm_lens.inputs import unknown_words
+    from vlm_lens.zoo import shapes_world as sw
 
     unknown = unknown_words(vlm, " ".join(sw.vocabulary()))
     if unknown:

@@ -17,8 +17,7 @@ readers ignore and ``resume`` rewrites. Commits are durable: each part is fsynce
 before the next is written; the ``samples`` part records the byte size of every other part of its shard in its
 Parquet metadata, and a reader counts a shard as committed only when every part has that size and ends in a Parquet
 footer. A shard torn by a power loss (a part empty, truncated or corrupted) is therefore uncommitted, and ``--resume``
-redoes its samples. If a sample id appears in two committed shards (a retried Ray task whose
-first attempt committed), readers keep the first by part name: no duplicates, no gaps.
+redoes its samples. Of a sample id in two committed shards (a retried Ray task) readers keep the first by part name.
 """
 
 from __future__ import annotations
@@ -65,8 +64,7 @@ def _intact(path: Path, size: int | None = None) -> bool:
         if actual < 12 or (size is not None and actual != size):
             return False
         with open(path, "rb") as handle:
-            handle.seek(-4, os.SEEK_END)
-            return handle.read(4) == b"PAR1"
+            return handle.seek(-4, os.SEEK_END) >= 0 and handle.read(4) == b"PAR1"
     except OSError:
         return False
 
@@ -159,8 +157,8 @@ class Store:
         return part
 
     def torn(self) -> list[str]:
-        """Shards that started a commit but did not finish it whole: a ``samples`` part, or a part its commit
-        records, is missing, truncated or corrupted (``resume`` redoes their samples; reports refuse them)."""
+        """Shards that started a commit but did not finish it whole (a part missing, truncated or corrupted):
+        ``resume`` redoes their samples; reports refuse them."""
         good = self.verified()
         return sorted(p.stem for p in self._parts("samples") if p.stem not in good)
 

@@ -178,3 +178,17 @@ def test_refusals_and_removal_after_a_raise(tiny_llava):
     with pytest.raises(OutOfRangeError, match="outside"):
         with model.block_attention([99], "image", [0]):
             model(inputs)
+
+
+def test_batched_traces_equal_single_traces_under_a_block(tiny_qwen25):
+    model = tiny_qwen25.model
+    prompts = ["what color is the star ?", "what shape is the red one ?"]
+    samples = [model.prepare(tiny_qwen25.image, p) for p in prompts]
+    with model.block_attention(("text", "generated"), "image", [0, 1]):
+        together = model.trace_batch(samples, max_new_tokens=3, stop_at_eos=False)
+        alone = [model.trace_generation(s, max_new_tokens=3, stop_at_eos=False) for s in samples]
+    plain = model.trace_generation(samples[0], max_new_tokens=3, stop_at_eos=False)
+    for a, b in zip(together, alone):
+        assert a.generated_ids.tolist() == b.generated_ids.tolist()
+        assert (a.step_logits - b.step_logits).abs().max() <= 1e-5
+    assert (alone[0].step_logits - plain.step_logits).abs().max() > 1e-4

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from tests.conftest import tiny
 from vlm_lens.probes import AttentionKnockout
 from vlm_lens.probes.knockout import parse_flow, window_for
 
