@@ -18,8 +18,9 @@ LOW_THEN_HIGH_FLOOR = 0.9
 N_PER_TASK = 40  # a fixed held-out sample; docs/zoo.md has the 500-question figures
 
 
-def test_both_models_are_embedded():
-    assert set(EMBEDDED) == {"shapes-llava", "shapes-qwen2-vl", "shapes-llava-prior"}
+def test_every_embedded_model_ships():
+    assert set(EMBEDDED) == set(zoo.EMBEDDED) == {"shapes-llava", "shapes-qwen2-vl", "shapes-llava-prior",
+                                                  "shapes-llava-gate3", "shapes-llava-gate5"}  # fmt: skip
 
 
 
