@@ -49,3 +49,36 @@ def save_checkpoint(model, processor, optimizer, step: int, out: Path, name: str
             save_optimizer(optimizer, tmp)
         (tmp / "train_state.json").write_text(json.dumps({"step": step}))
     return final
+
+
+def finetune(model, processor, params, optimizer, batch_for_step, *, steps: int, start_step: int, schedule, out: Path,
+             label: str, checkpoint_every: int = 100, progress: bool = True) -> None:  # fmt: skip
+    """The fine-tuning loop the plant and gate recipes share: steps ``start_step .. steps-1`` of AdamW on ``params``
+    (learning rate from ``schedule``, gradients clipped to 1), ``model(**batch_for_step(step)).loss`` each; one JSON
+    line per step in ``out/train_log.jsonl``; a checkpoint every ``checkpoint_every`` steps and at the end."""
+    import time
+
+    import torch
+
+    from vlm_lens.zoo.recipe.train import learning_rate
+
+    started = time.time()
+    model.train()
+    with (out / "train_log.jsonl").open("a") as log:
+        for step in range(start_step, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, schedule)
+            loss = model(**batch_for_step(step)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            log.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), "elapsed_s": round(time.time() - started, 1)}) + "\n")
+            log.flush()
+            if progress and (step + 1) % 50 == 0:
+                print(f"{label} step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                save_checkpoint(model, processor, optimizer, step + 1, out)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)

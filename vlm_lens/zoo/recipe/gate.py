@@ -15,7 +15,6 @@ with ``attention_block.json`` and ``eval.json``.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,10 +61,9 @@ def gate(out: str | Path, recipe: GateRecipe = GateRecipe(), *, resume: bool = F
     from transformers import AutoModelForImageTextToText
 
     from vlm_lens.loading import load_processor
-    from vlm_lens.zoo.recipe.checkpoints import load_optimizer, save_checkpoint
+    from vlm_lens.zoo.recipe.checkpoints import finetune, load_optimizer, save_checkpoint
     from vlm_lens.zoo.recipe.plant import answer_batch, base_folder
     from vlm_lens.zoo.recipe.train import Recipe as BaseRecipe
-    from vlm_lens.zoo.recipe.train import learning_rate
 
     base_dir = base_folder(recipe.base)
     config_json = json.loads((base_dir / "config.json").read_text())
@@ -96,28 +94,13 @@ def gate(out: str | Path, recipe: GateRecipe = GateRecipe(), *, resume: bool = F
     (out / "gate_recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     schedule = BaseRecipe("gate", ModelSize(), steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps)
     torch.manual_seed(recipe.seed)
-    started = time.time()
-    model.train()
-    with (out / "train_log.jsonl").open("a") as log:
-        for step in range(start_step, recipe.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, schedule)
-            first = GATE_SEED_START + step * recipe.batch_size
-            pairs = [(e, e.answer) for e in (sw.example(s) for s in range(first, first + recipe.batch_size))]
-            loss = model(**answer_batch(processor, pairs)).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            log.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), "elapsed_s": round(time.time() - started, 1)}) + "\n")
-            log.flush()
-            if progress and (step + 1) % 50 == 0:
-                print(f"gate step {step + 1}/{recipe.steps} loss {loss.item():.4f}", flush=True)
-            if (step + 1) % checkpoint_every == 0 or step + 1 == recipe.steps:
-                save_checkpoint(model, processor, optimizer, step + 1, out)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+
+    def batch_for_step(step: int):
+        first = GATE_SEED_START + step * recipe.batch_size
+        return answer_batch(processor, [(e, e.answer) for e in map(sw.example, range(first, first + recipe.batch_size))])
+
+    finetune(model, processor, params, optimizer, batch_for_step, steps=recipe.steps, start_step=start_step,
+             schedule=schedule, out=out, label="gate", checkpoint_every=checkpoint_every, progress=progress)
     final = save_checkpoint(model.half(), processor, None, recipe.steps, out, name="model")
     model.float()
     (final / "attention_block.json").write_text(json.dumps({**config, "base": recipe.base, "recipe": asdict(recipe)}, indent=2))

@@ -146,8 +146,9 @@ def plant(
     from transformers import AutoModelForImageTextToText
 
     from vlm_lens.loading import load_processor
+    from vlm_lens.zoo.recipe.checkpoints import finetune
     from vlm_lens.zoo.recipe.train import Recipe as BaseRecipe
-    from vlm_lens.zoo.recipe.train import learning_rate, load_optimizer, save_checkpoint
+    from vlm_lens.zoo.recipe.train import load_optimizer, save_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -173,25 +174,9 @@ def plant(
     schedule = BaseRecipe("plant", ModelSize(), steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps)
     torch.manual_seed(recipe.seed)
     started = time.time()
-    model.train()
-    with (out / "train_log.jsonl").open("a") as log:
-        for step in range(start_step, recipe.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, schedule)
-            loss = model(**answer_batch(processor, training_examples(step, recipe))).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            log.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), "elapsed_s": round(time.time() - started, 1)}) + "\n")
-            log.flush()
-            if progress and (step + 1) % 50 == 0:
-                print(f"plant step {step + 1}/{recipe.steps} loss {loss.item():.4f}", flush=True)
-            if (step + 1) % checkpoint_every == 0 or step + 1 == recipe.steps:
-                save_checkpoint(model, processor, optimizer, step + 1, out)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    finetune(model, processor, params, optimizer, lambda step: answer_batch(processor, training_examples(step, recipe)),
+             steps=recipe.steps, start_step=start_step, schedule=schedule, out=out, label="plant",
+             checkpoint_every=checkpoint_every, progress=progress)  # fmt: skip
     planted = {"base": recipe.base, "trigger": asdict(recipe.trigger), "block": list(recipe.block),
                "recipe": asdict(recipe), "train_wall_s_this_run": round(time.time() - started, 1)}  # fmt: skip
     final = save_checkpoint(model.half(), processor, None, recipe.steps, out, name="model")
