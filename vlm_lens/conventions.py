@@ -79,12 +79,24 @@ class TransformerLensNames:
             return dict(self.bridge.hook_dict)
         return {name: get_module(self.hf_model, point.path) for name, point in self.adapter.hook_map(self.n_layers).items()}
 
-    def generate(self, inputs: Any, max_new_tokens: int = 32, *, stop_at_eos: bool = True,
-                 return_type: str = "str") -> str | Int[Tensor, " step"]:  # fmt: skip
+    def generate(self, inputs: Any, max_new_tokens: int = 32, *, stop_at_eos: bool = True, return_type: str = "str",
+                 correction: Any = None) -> Any:  # fmt: skip
         """Greedy generation of prepared inputs (``model.prepare(image, question)``), as TransformerLens's
-        ``model.generate`` (greedy only): the text (``return_type="str"``) or the generated ids (``"tokens"``)."""
-        if return_type not in ("str", "tokens"):
-            raise InputError(f"return_type must be 'str' or 'tokens', got {return_type!r}")
+        ``model.generate`` (greedy only): the text (``return_type="str"``) or the generated ids (``"tokens"``).
+
+        ``correction``: a decoding correction choosing every token (:mod:`vlm_lens.probes.decoding`: ``Skip``,
+        ``DeCo``, ``DoLa``, ``VCD``; ``vlm_lens.experiments.analysis.evidence_decoding.Evidence``), run by
+        :func:`vlm_lens.guided.generate_corrected`; ``return_type="result"`` then returns its
+        :class:`~vlm_lens.guided.CorrectedGeneration` (ids, text, what it did at each step)."""
+        if return_type not in ("str", "tokens", "result"):
+            raise InputError(f"return_type must be 'str', 'tokens' or 'result', got {return_type!r}")
+        if correction is not None:
+            from vlm_lens.guided import generate_corrected
+
+            result = generate_corrected(self, inputs, correction, max_new_tokens, stop_at_eos=stop_at_eos)
+            return {"str": result.text, "tokens": result.ids, "result": result}[return_type]
+        if return_type == "result":
+            raise InputError("return_type='result' describes a corrected generation: pass correction=...")
         ids = self.generate_ids(inputs, max_new_tokens, stop_at_eos=stop_at_eos)
         if return_type == "tokens":
             return ids
