@@ -1,15 +1,21 @@
 """Evidence-guided decoding: correct only the tokens whose lens trajectory shows a confirmed mutation event.
 
 At each step of a greedy generation (:func:`vlm_lens.guided.generate_corrected`) the residual stack at the decoded
-position is read with the correct lens, and the report's detector runs on it (:mod:`.evidence`: the last established
-answer that the deep layers overturned, :func:`~.evidence.mutation_event`). Only when there is such a candidate are
-its causal tests run, on the sequence so far, exactly as the analysis runs them (:mod:`.confirmation`): skipping the
-decoder layers around the overturn must bring the leader back as the output (``confirmation_windows``), and the leader
-must need the image (with the image blanked it holds the top-1 at fewer than half of its run's layers). A confirmed
-token is then replaced by the overturned leader (``blend=1``) or the output is blended toward the skipped run's
-(``0 < blend < 1``: log-probabilities mixed); every other token is plain greedy. ``blend=0`` is plain greedy.
+position is read with the correct lens and the report's candidate rule runs on it (:func:`~.evidence.mutation_event`:
+the last top-1 run the output overturned; candidate runs from ``candidate_prob`` = 0.3 here). A candidate is corrected
+only when the analysis's causal tests pass on the sequence so far (:mod:`.confirmation`):
 
-Cost: one lens projection of the stack per step; the causal forwards only at steps with a candidate.
+- **skip test**: skipping the decoder layers at the overturn (:func:`~.evidence.confirmation_windows`) brings the
+  leader back as the output. For a leader whose run is shorter than ``last_layer_min_run`` a window that reaches the
+  last decoder layer proves nothing (the output is then the lens at the leader's layer, by construction): such a
+  leader is tested by the informative windows, and accepted on the last-layer window only as a last resort, when
+  the grounding test below carries the evidence;
+- **grounding**: the leader needs the image (with the image blanked, pixel values 0, it holds the top-1 at fewer than
+  half of its run's layers).
+
+A confirmed token becomes the leader (``blend=1``) or the output is blended toward the skipped run's
+(``0 < blend < 1``: log-probabilities mixed); every other token is plain greedy; ``blend=0`` is plain greedy. Cost: a
+lens projection of the stack per step; the causal forwards only at steps with a candidate.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from vlm_lens.probes.decoding import Method
 @dataclass
 class Evidence(Method):
     blend: float = 1.0
-    config: ev.DetectionConfig = field(default_factory=ev.DetectionConfig)
+    config: ev.DetectionConfig = field(default_factory=lambda: ev.DetectionConfig(candidate_prob=0.3))
     name: ClassVar[str] = "evidence"
     reads_layers: ClassVar[bool] = True
 
@@ -45,32 +51,38 @@ class Evidence(Method):
         event = ev.mutation_event(top1, {v: probs[:, v].tolist() for v in set(top1)}, self.config)
         if event is None:
             return step.logits
-        n = model.n_layers
+        note = step.note
+        note.update(candidate=event.layer, leader=model.tokenizer.convert_ids_to_tokens(event.leader))
         sequence = model.extend(inputs, step.ids[inputs.input_ids.shape[1] :]).model_inputs
-        step.note.update(candidate=event.layer, leader=model.tokenizer.convert_ids_to_tokens(event.leader))
-        short = event.leader_run[1] - event.leader_run[0] + 1 < self.config.last_layer_min_run
-        restored = None
-        for window in ev.confirmation_windows(event.layer, n, self.config):
-            if window[-1] == n - 1 and short:
-                continue  # no layer runs after this window: the output would be the leader by construction
-            with skipping(model, window):
-                skipped, _ = step.forward(sequence)
-            skipped[model.placeholder_ids] = float("-inf")
-            if int(skipped.argmax()) == event.leader:
-                restored = skipped
-                step.note["skipped"] = window
-                break
+        restored = self.restored(model, step, sequence, event)
         if restored is None:
             return step.logits
         if self.config.ground and "pixel_values" in sequence:
             _, blank = step.forward({**sequence, "pixel_values": torch.zeros_like(sequence["pixel_values"])})
             blank_top1 = model.unembed(blank).argmax(-1).tolist()
             start, end = event.leader_run
-            held = sum(blank_top1[l] == event.leader for l in range(start, end + 1))
-            if 2 * held >= end - start + 1:
-                step.note["grounded"] = False
+            note["grounded"] = 2 * sum(blank_top1[l] == event.leader for l in range(start, end + 1)) < end - start + 1
+            if not note["grounded"]:
                 return step.logits  # an input-independent default, not knowledge read off the image
-        step.note["corrected"] = True
+        elif note["skipped"] == "vacuous":
+            return step.logits  # nothing but a by-construction window supports it
+        note["corrected"] = True
         if self.blend == 1:
             return torch.full_like(step.logits, float("-inf")).index_fill_(0, torch.tensor([event.leader]), 0.0)
         return (1 - self.blend) * step.logits.log_softmax(-1) + self.blend * restored.log_softmax(-1)
+
+    def restored(self, model: Any, step: Any, sequence: dict, event: Any) -> Tensor | None:
+        """The output logits with the first window that brings the leader back skipped, or None; a short run's
+        last-layer window (the leader by construction) is tried last and marked ``"vacuous"`` in the step's note."""
+        n = model.n_layers
+        short = event.leader_run[1] - event.leader_run[0] + 1 < self.config.last_layer_min_run
+        windows = ev.confirmation_windows(event.layer, n, self.config)
+        vacuous = [w for w in windows if short and w[-1] == n - 1]
+        for window in [w for w in windows if w not in vacuous] + vacuous:
+            with skipping(model, window):
+                skipped, _ = step.forward(sequence)
+            skipped[model.placeholder_ids] = float("-inf")
+            if int(skipped.argmax()) == event.leader:
+                step.note["skipped"] = "vacuous" if window in vacuous else window
+                return skipped
+        return None

@@ -14,7 +14,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from vlm_lens.experiments.cli import analyze, flow, lens, tools
+from vlm_lens.experiments.cli import analyze, decode, flow, lens, tools
 from vlm_lens.experiments.cli.common import fail
 from vlm_lens.experiments.cli.zoo import zoo_app
 
@@ -87,6 +87,7 @@ for command in (tools.skip, tools.hooks, tools.demo, analyze.analyze, analyze.re
 app.command("tune-lens")(lens.tune_lens)
 app.command()(lens.validate)
 app.command()(flow.flow)
+app.command()(decode.decode)
 app.add_typer(zoo_app, name="zoo")
 
 

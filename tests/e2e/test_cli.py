@@ -396,3 +396,44 @@ def test_the_flow_command_lines_of_the_docs_run(tmp_path):
         result = runner.invoke(app, shlex.split(line)[1:] + ["--out", str(out), "--no-png"])
         assert result.exit_code == 0, (line, result.output)
         assert json.loads((out / "report.json").read_text())["samples"]
+
+
+def test_decode_end_to_end(tmp_path):
+    out = tmp_path / "decode.json"
+    result = runner.invoke(app, ["decode", "--model", "shapes-llava-prior", "--method", "evidence", "--max-new-tokens",
+                                 "3", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "4 of 10 answers changed by evidence decoding." in result.output
+    rows = json.loads(out.read_text())["samples"]
+    counter = [r for r in rows if r["sample"].startswith("counter_prior")]
+    assert len(counter) == 4 and all(r["greedy"] == "red" and r["corrected"] == r["reference"] for r in counter)
+    detected = runner.invoke(app, ["decode", "--model", "shapes-llava-prior", "--method", "skip", "--max-new-tokens", "3",
+                                   "--out", str(out)])  # fmt: skip
+    assert detected.exit_code == 0, detected.output
+    assert json.loads(out.read_text())["settings"] == "Skip(layers=[6, 7])"  # the detected skip.2 set
+    from vlm_lens.zoo.samples import SAMPLES_DIR
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(SAMPLES_DIR / f), "question": "what color is the star ?"}) + "\n"
+                                for f in ("shapes_shape_2.png", "shapes_color_1.png")))  # fmt: skip
+    listed = runner.invoke(app, ["decode", "--model", "shapes-llava-prior", "--method", "dola", "--alpha", "0",
+                                 "--manifest", str(manifest), "--max-new-tokens", "2"])  # fmt: skip
+    assert listed.exit_code == 0 and "0 of 2 answers changed by dola decoding." in listed.output, listed.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "vcd", "--blend", "1"], "--blend does not apply to --method vcd"),
+        (["--method", "dola", "--beta", "0.1"], "--beta does not apply to --method dola"),
+        (["--manifest", "missing.jsonl"], "manifest not found"),
+        (["--manifest", "m.jsonl", "--prompt", "what ?"], "either --manifest or --image/--prompt"),
+        (["--method", "skip", "--layers", "9"], "decoder layers are 0..7"),
+        (["--method", "telepathy"], "Invalid value"),
+    ],
+)
+def test_decode_refuses_bad_options(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.jsonl").write_text("")
+    result = runner.invoke(app, ["decode", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
