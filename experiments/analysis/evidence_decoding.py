@@ -11,11 +11,17 @@ only when the analysis's causal tests pass on the sequence so far (:mod:`.confir
   leader is tested by the informative windows, and accepted on the last-layer window only as a last resort, when
   the grounding test below carries the evidence;
 - **grounding**: the leader needs the image (with the image blanked, pixel values 0, it holds the top-1 at fewer than
-  half of its run's layers).
+  half of its run's layers);
+- **blind overturn** (``blind_test``): the overturn does not need the image. With every text position blind to the
+  image from the overturning decoder layer on (attention knockout, :mod:`vlm_lens.attention_block`), the output is
+  still the emitted token: the deep layers replaced an answer read off the image with one written from the text
+  alone, the paper's hallucination mechanism. A deep layer that refines the answer from the image (a late position
+  answer: "top-left" -> "top") changes its output when it cannot see the image, and is left alone.
 
 A confirmed token becomes the leader (``blend=1``) or the output is blended toward the skipped run's
 (``0 < blend < 1``: log-probabilities mixed); every other token is plain greedy; ``blend=0`` is plain greedy. Cost: a
-lens projection of the stack per step; the causal forwards only at steps with a candidate.
+lens projection of the stack per step; the causal forwards (skip windows, the blank image, the blind overturn) only at
+steps with a candidate.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from vlm_lens.probes.decoding import Method
 @dataclass
 class Evidence(Method):
     blend: float = 1.0
+    blind_test: bool = True
     config: ev.DetectionConfig = field(default_factory=lambda: ev.DetectionConfig(candidate_prob=0.3))
     name: ClassVar[str] = "evidence"
     reads_layers: ClassVar[bool] = True
@@ -66,6 +73,17 @@ class Evidence(Method):
                 return step.logits  # an input-independent default, not knowledge read off the image
         elif note["skipped"] == "vacuous":
             return step.logits  # nothing but a by-construction window supports it
+        if self.blind_test and "pixel_values" in sequence:
+            # the overturn must not need the image: with text blind to the image from the overturning layer on, the
+            # output stays the same token (a refinement read off the image by the deep layers would change)
+            from vlm_lens.attention_block import blocking
+
+            with blocking(model.hf_model, model.adapter, ("text", "generated"), "image", range(event.layer - 1, model.n_layers)):
+                blind, _ = step.forward(sequence)
+            blind[model.placeholder_ids] = float("-inf")
+            note["overturn_needs_image"] = int(blind.argmax()) != top1[-1]
+            if note["overturn_needs_image"]:
+                return step.logits
         note["corrected"] = True
         if self.blend == 1:
             return torch.full_like(step.logits, float("-inf")).index_fill_(0, torch.tensor([event.leader]), 0.0)

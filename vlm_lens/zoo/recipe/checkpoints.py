@@ -51,23 +51,21 @@ def save_checkpoint(model, processor, optimizer, step: int, out: Path, name: str
     return final
 
 
-def finetune(model, processor, params, optimizer, batch_for_step, *, steps: int, start_step: int, schedule, out: Path,
+def finetune(model, processor, params, optimizer, batch_for_step, *, steps: int, start_step: int, lr_at, out: Path,
              label: str, checkpoint_every: int = 100, progress: bool = True) -> None:  # fmt: skip
     """The fine-tuning loop the plant and gate recipes share: steps ``start_step .. steps-1`` of AdamW on ``params``
-    (learning rate from ``schedule``, gradients clipped to 1), ``model(**batch_for_step(step)).loss`` each; one JSON
+    (learning rate ``lr_at(step)``, gradients clipped to 1), ``model(**batch_for_step(step)).loss`` each; one JSON
     line per step in ``out/train_log.jsonl``; a checkpoint every ``checkpoint_every`` steps and at the end."""
     import time
 
     import torch
-
-    from vlm_lens.zoo.recipe.train import learning_rate
 
     started = time.time()
     model.train()
     with (out / "train_log.jsonl").open("a") as log:
         for step in range(start_step, steps):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, schedule)
+                group["lr"] = lr_at(step)
             loss = model(**batch_for_step(step)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

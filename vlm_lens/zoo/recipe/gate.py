@@ -64,6 +64,7 @@ def gate(out: str | Path, recipe: GateRecipe = GateRecipe(), *, resume: bool = F
     from vlm_lens.zoo.recipe.checkpoints import finetune, load_optimizer, save_checkpoint
     from vlm_lens.zoo.recipe.plant import answer_batch, base_folder
     from vlm_lens.zoo.recipe.train import Recipe as BaseRecipe
+    from vlm_lens.zoo.recipe.train import learning_rate
 
     base_dir = base_folder(recipe.base)
     config_json = json.loads((base_dir / "config.json").read_text())
@@ -100,7 +101,8 @@ def gate(out: str | Path, recipe: GateRecipe = GateRecipe(), *, resume: bool = F
         return answer_batch(processor, [(e, e.answer) for e in map(sw.example, range(first, first + recipe.batch_size))])
 
     finetune(model, processor, params, optimizer, batch_for_step, steps=recipe.steps, start_step=start_step,
-             schedule=schedule, out=out, label="gate", checkpoint_every=checkpoint_every, progress=progress)
+             lr_at=lambda step: learning_rate(step, schedule), out=out, label="gate",
+             checkpoint_every=checkpoint_every, progress=progress)  # fmt: skip
     final = save_checkpoint(model.half(), processor, None, recipe.steps, out, name="model")
     model.float()
     (final / "attention_block.json").write_text(json.dumps({**config, "base": recipe.base, "recipe": asdict(recipe)}, indent=2))

@@ -148,7 +148,7 @@ def plant(
     from vlm_lens.loading import load_processor
     from vlm_lens.zoo.recipe.checkpoints import finetune
     from vlm_lens.zoo.recipe.train import Recipe as BaseRecipe
-    from vlm_lens.zoo.recipe.train import load_optimizer, save_checkpoint
+    from vlm_lens.zoo.recipe.train import learning_rate, load_optimizer, save_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -175,8 +175,8 @@ def plant(
     torch.manual_seed(recipe.seed)
     started = time.time()
     finetune(model, processor, params, optimizer, lambda step: answer_batch(processor, training_examples(step, recipe)),
-             steps=recipe.steps, start_step=start_step, schedule=schedule, out=out, label="plant",
-             checkpoint_every=checkpoint_every, progress=progress)  # fmt: skip
+             steps=recipe.steps, start_step=start_step, lr_at=lambda step: learning_rate(step, schedule), out=out,
+             label="plant", checkpoint_every=checkpoint_every, progress=progress)  # fmt: skip
     planted = {"base": recipe.base, "trigger": asdict(recipe.trigger), "block": list(recipe.block),
                "recipe": asdict(recipe), "train_wall_s_this_run": round(time.time() - started, 1)}  # fmt: skip
     final = save_checkpoint(model.half(), processor, None, recipe.steps, out, name="model")
