@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the benchmarks package beside it
 
-METHODS = ("greedy", "skip", "deco", "dola", "vcd", "evidence")
+METHODS = ("greedy", "skip", "deco", "dola", "vcd", "evidence", "evidence, no blind test")
 SCORE_START, DEV_START = 850_000, 870_000  # held-out seed offsets of their own
 
 
@@ -65,7 +65,8 @@ def corrections(layers: list[int]) -> dict:
     from vlm_lens.experiments.analysis.evidence_decoding import Evidence
     from vlm_lens.probes import decoding as D
 
-    return {"greedy": None, "skip": D.Skip(layers), "deco": D.DeCo(), "dola": D.DoLa(), "vcd": D.VCD(), "evidence": Evidence()}
+    return {"greedy": None, "skip": D.Skip(layers), "deco": D.DeCo(), "dola": D.DoLa(), "vcd": D.VCD(), "evidence": Evidence(),
+            "evidence, no blind test": Evidence(blind_test=False)}  # fmt: skip
 
 
 def answers(model, examples, correction) -> list[str]:

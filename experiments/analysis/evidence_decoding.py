@@ -13,8 +13,8 @@ only when the analysis's causal tests pass on the sequence so far (:mod:`.confir
 - **grounding**: the leader needs the image (with the image blanked, pixel values 0, it holds the top-1 at fewer than
   half of its run's layers);
 - **blind overturn** (``blind_test``): the overturn does not need the image. With every text position blind to the
-  image from the overturning decoder layer on (attention knockout, :mod:`vlm_lens.attention_block`), the output is
-  still the emitted token: the deep layers replaced an answer read off the image with one written from the text
+  image in the decoder layers whose skipping brought the leader back (attention knockout,
+  :mod:`vlm_lens.attention_block`), the output is still the emitted token: the deep layers replaced an answer read off the image with one written from the text
   alone, the paper's hallucination mechanism. A deep layer that refines the answer from the image (a late position
   answer: "top-left" -> "top") changes its output when it cannot see the image, and is left alone.
 
@@ -61,9 +61,10 @@ class Evidence(Method):
         note = step.note
         note.update(candidate=event.layer, leader=model.tokenizer.convert_ids_to_tokens(event.leader))
         sequence = model.extend(inputs, step.ids[inputs.input_ids.shape[1] :]).model_inputs
-        restored = self.restored(model, step, sequence, event)
-        if restored is None:
+        found = self.restored(model, step, sequence, event)
+        if found is None:
             return step.logits
+        restored, window = found
         if self.config.ground and "pixel_values" in sequence:
             _, blank = step.forward({**sequence, "pixel_values": torch.zeros_like(sequence["pixel_values"])})
             blank_top1 = model.unembed(blank).argmax(-1).tolist()
@@ -74,14 +75,15 @@ class Evidence(Method):
         elif note["skipped"] == "vacuous":
             return step.logits  # nothing but a by-construction window supports it
         if self.blind_test and "pixel_values" in sequence:
-            # the overturn must not need the image: with text blind to the image from the overturning layer on, the
-            # output stays the same token (a refinement read off the image by the deep layers would change)
+            # the overturn must not need the image: with text blind to the image in the overturning window the output
+            # stays the same token (a refinement read off the image by those layers changes)
             from vlm_lens.attention_block import blocking
 
-            with blocking(model.hf_model, model.adapter, ("text", "generated"), "image", range(event.layer - 1, model.n_layers)):
+            with blocking(model.hf_model, model.adapter, ("text", "generated"), "image", window):
                 blind, _ = step.forward(sequence)
             blind[model.placeholder_ids] = float("-inf")
             note["overturn_needs_image"] = int(blind.argmax()) != top1[-1]
+            note["blind_output"] = model.tokenizer.convert_ids_to_tokens(int(blind.argmax()))
             if note["overturn_needs_image"]:
                 return step.logits
         note["corrected"] = True
@@ -89,8 +91,8 @@ class Evidence(Method):
             return torch.full_like(step.logits, float("-inf")).index_fill_(0, torch.tensor([event.leader]), 0.0)
         return (1 - self.blend) * step.logits.log_softmax(-1) + self.blend * restored.log_softmax(-1)
 
-    def restored(self, model: Any, step: Any, sequence: dict, event: Any) -> Tensor | None:
-        """The output logits with the first window that brings the leader back skipped, or None; a short run's
+    def restored(self, model: Any, step: Any, sequence: dict, event: Any) -> tuple[Tensor, list[int]] | None:
+        """The output logits with the first window that brings the leader back skipped, and that window, or None; a short run's
         last-layer window (the leader by construction) is tried last and marked ``"vacuous"`` in the step's note."""
         n = model.n_layers
         short = event.leader_run[1] - event.leader_run[0] + 1 < self.config.last_layer_min_run
@@ -102,5 +104,5 @@ class Evidence(Method):
             skipped[model.placeholder_ids] = float("-inf")
             if int(skipped.argmax()) == event.leader:
                 step.note["skipped"] = "vacuous" if window in vacuous else window
-                return skipped
+                return skipped, window
         return None
