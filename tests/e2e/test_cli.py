@@ -379,6 +379,16 @@ def test_flow_end_to_end(tmp_path):
     assert data["flows"] == ["image->last", "image+question->last"] and data["window"] == 2
     assert len(data["samples"]) == 3 and data["cost"]["forwards_per_sample"] == 1 + 2 * 7
     assert "Where the image enters" in (out / "report.html").read_text()
+    import shutil
+    import subprocess
+
+    if shutil.which("chromium"):  # the page draws both curves' figures with no page error (Debian chromium in CI)
+        dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
+                              "--virtual-time-budget=10000", "--dump-dom", (out / "report.html").resolve().as_uri()],
+                             capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+        assert dom.count('class="main-svg"') >= 2
+        assert dom.split('id="vlm-lens-errors"', 1)[1].split("</pre>", 1)[0].split(">", 1)[1].strip() == ""
     images = runner.invoke(app, ["flow", "--image", str(out.parent), "--out", str(out)])  # a folder with no images
     assert images.exit_code == 2
 
