@@ -24,6 +24,7 @@ def flow(
     model: Optional[str] = typer.Option(None, help="embedded name, checkpoint folder, or cached model id"),
     image: Optional[List[Path]] = typer.Option(None, help="an image file or a folder (repeatable)"),
     prompt: Optional[str] = typer.Option(None),
+    manifest: Optional[Path] = typer.Option(None, help="JSONL or CSV of (image, question[, answer]) pairs"),
     held_out: int = typer.Option(0, min=0, help="ask N fresh held-out shapes-world questions instead (shapes models)"),
     flows: Optional[List[str]] = typer.Option(None, "--flow", help="'from->to' over token roles (repeatable); "
                                               "default image->question, image->last, question->last"),
@@ -44,8 +45,12 @@ def flow(
     depth = n_layers_before_loading(model)
     if depth is not None:
         probe.starts(depth)  # a window longer than the model fails before it loads
-    if held_out and (image or prompt):
-        fail("--held-out asks its own shapes-world questions: leave out --image and --prompt")
+    if held_out and (image or prompt or manifest):
+        fail("--held-out asks its own shapes-world questions: leave out --image, --prompt and --manifest")
+    if manifest is not None and (image or prompt):
+        fail("give either --manifest or --image/--prompt, not both")
+    if manifest is not None and not manifest.is_file():
+        fail(f"manifest not found: {manifest}")
     check_output(out, "--out")
     paths = image_paths(image)
     console = Console()
@@ -53,6 +58,10 @@ def flow(
     probe.starts(vlm.n_layers)
     if held_out:
         samples = held_out_samples(vlm, held_out)
+    elif manifest is not None:
+        from vlm_lens.experiments.runs.manifest import read_manifest
+
+        samples = read_manifest(manifest)
     else:
         samples = samples_for(vlm, paths, prompt)
         say_what_is_asked(console, vlm, bool(paths), False, prompt, len(samples))

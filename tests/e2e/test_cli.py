@@ -391,6 +391,19 @@ def test_flow_end_to_end(tmp_path):
         assert dom.split('id="vlm-lens-errors"', 1)[1].split("</pre>", 1)[0].split(">", 1)[1].strip() == ""
     images = runner.invoke(app, ["flow", "--image", str(out.parent), "--out", str(out)])  # a folder with no images
     assert images.exit_code == 2
+    from vlm_lens.zoo.samples import SAMPLES_DIR
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(SAMPLES_DIR / f), "question": q, "answer": a}) + "\n" for f, q, a in
+                                [("shapes_shape_2.png", "what color is the star ?", "purple"),
+                                 ("shapes_color_1.png", "how many shapes are there ?", "one")]))  # fmt: skip
+    listed = runner.invoke(app, ["flow", "--manifest", str(manifest), "--flow", "image->last", "--out", str(out), "--no-png"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads((out / "report.json").read_text())["samples"]
+    assert [r["question"] for r in rows] == ["what color is the star ?", "how many shapes are there ?"]
+    assert rows[0]["answer_token"] == "purple" and rows[0]["correct"]
+    refused = runner.invoke(app, ["flow", "--manifest", str(manifest), "--prompt", "what ?", "--out", str(out)])
+    assert refused.exit_code == 2 and "either --manifest" in refused.output
 
 
 def test_the_flow_command_lines_of_the_docs_run(tmp_path):
