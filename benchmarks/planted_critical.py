@@ -40,9 +40,11 @@ def questions(n: int):
 
 
 def summary(values: list[int]) -> dict:
-    ordered = sorted(values)
-    return {"n": len(ordered), "median": statistics.median_low(ordered) if ordered else None,
-            "quartiles": [ordered[(len(ordered) - 1) // 4], ordered[3 * (len(ordered) - 1) // 4]] if ordered else None}
+    from vlm_lens.experiments.analysis.evidence import order_stats
+
+    stats = order_stats(values)
+    return {"n": stats["n"], "median": None if not stats["n"] else int(stats["median"]),
+            "quartiles": None if not stats["n"] else [int(stats["q1"]), int(stats["q3"])]}  # fmt: skip
 
 
 def score(name: str, k: int | None, n: int) -> dict:

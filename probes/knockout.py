@@ -61,7 +61,7 @@ def relative_change(blocked: Float[Tensor, "*any"], baseline: Float[Tensor, "*an
 class AttentionKnockout(Probe):
     """``relative_change`` and ``answer_prob`` ``[flow, window]`` (window = its first decoder layer) and
     ``baseline_prob`` ``[]`` for one input: ``probe(inputs, model=model, answer=None)``. Many inputs:
-    :meth:`batch` (one result per input, forwards shared by inputs of one length).
+    :meth:`batch` (one result per input; ``batch_size`` inputs share each forward, padded on the right).
 
     ``flows``: ``"A->B"`` strings over token roles (:mod:`vlm_lens.attention_block`); ``window``: layers per window
     (default :func:`window_for` the model's depth); ``heads``: all when None.

@@ -140,8 +140,10 @@ class AttentionBlock:
     """Blocks attention from ``queries`` to ``keys`` in decoder ``layers`` (``heads``: all when None) while attached.
 
     ``hf_model``: the HF ``*ForConditionalGeneration`` object (wrapped by the bridge or not); ``adapter``: its
-    :class:`~vlm_lens.adapters.AdapterSpec`. Use :meth:`HookedVLM.block_attention` (a context manager) or
-    :meth:`attach` / :meth:`detach` for a block that lasts (a fixture's, applied at load).
+    :class:`~vlm_lens.adapters.AdapterSpec`. Checked at construction (bad roles, layers or heads raise here); used in a
+    ``with`` statement it is attached inside and detached on exit, also when the body raises (what
+    :meth:`HookedVLM.block_attention` returns); :meth:`attach` / :meth:`detach` for a block that lasts (a fixture's,
+    applied at load: :meth:`from_config`).
     """
 
     def __init__(self, hf_model, adapter, queries: PositionSet, keys: PositionSet, layers: int | Sequence[int],
@@ -157,6 +159,11 @@ class AttentionBlock:
         self.state: SequenceState | None = None
         self.handles: list[Any] = []
         self.edited: dict[int, Tensor] = {}  # the mask this block made per layer: a wrapper and its HF module see it once
+
+    @classmethod
+    def from_config(cls, hf_model, adapter, config: dict) -> AttentionBlock:
+        """The block an ``attention_block.json`` describes (``queries``, ``keys``: role names; ``layers``), attached."""
+        return cls(hf_model, adapter, tuple(config["queries"]), tuple(config["keys"]), config["layers"]).attach()
 
     @staticmethod
     def indices(value: int | Sequence[int], n: int, what: str, unit: str) -> list[int]:
@@ -202,18 +209,17 @@ class AttentionBlock:
             raise InputError("block_attention resolves positions from input_ids; this forward passed inputs_embeds")
         past = kwargs.get("past_key_values")
         two_d = kwargs.get("attention_mask")
-        fresh = past is None or past.get_seq_length() == 0 or self.state is None
-        ids_so_far = ids if fresh or self.state is None else torch.cat([self.state.ids, ids], dim=1)
+        previous = None if past is None or past.get_seq_length() == 0 else self.state  # a cached forward extends it
+        ids_so_far = ids if previous is None else torch.cat([previous.ids, ids], dim=1)
         valid = torch.ones_like(ids_so_far, dtype=torch.bool) if two_d is None or two_d.ndim != 2 else two_d.bool()
         if valid.shape != ids_so_far.shape:  # a 2-D mask that does not cover the sequence: trust the ids
             valid = torch.ones_like(ids_so_far, dtype=torch.bool)
-        if fresh or self.state is None:
+        if previous is None:
             index = torch.arange(ids.shape[1], device=ids.device)
             last = torch.where(valid, index, -1).max(dim=1).values
             self.state = SequenceState(ids, valid, ids.shape[1], last, ids == self.image_token_id)
         else:
-            self.state = SequenceState(ids_so_far, valid, self.state.n_fresh, self.state.last,
-                                       ids_so_far == self.image_token_id)  # fmt: skip
+            self.state = SequenceState(ids_so_far, valid, previous.n_fresh, previous.last, ids_so_far == self.image_token_id)
         self.edited.clear()
 
     def layer_hook(self, layer: int):
@@ -244,11 +250,3 @@ class AttentionBlock:
             return args, kwargs
 
         return hook
-
-
-
-def blocking(hf_model, adapter, queries: PositionSet, keys: PositionSet, layers: int | Sequence[int],
-             heads: int | Sequence[int] | None = None) -> AttentionBlock:  # fmt: skip
-    """A checked :class:`AttentionBlock` (bad roles, layers or heads are refused here); use it in a ``with``
-    statement: attached inside, detached on exit, also when the block raises."""
-    return AttentionBlock(hf_model, adapter, queries, keys, layers, heads)

@@ -152,10 +152,10 @@ class HookedVLM(TransformerLensNames):
 
     def block_attention(self, queries, keys, layers, heads=None):
         """Context manager blocking attention from ``queries`` to ``keys`` in decoder ``layers`` (all heads, or ``heads``)
-        around any forward, trace or generation; removed on exit (:func:`vlm_lens.attention_block.blocking`)."""
-        from vlm_lens.attention_block import blocking
+        around any forward, trace or generation; removed on exit (:class:`vlm_lens.attention_block.AttentionBlock`)."""
+        from vlm_lens.attention_block import AttentionBlock
 
-        return blocking(self.hf_model, self.adapter, queries, keys, layers, heads)
+        return AttentionBlock(self.hf_model, self.adapter, queries, keys, layers, heads)
 
     def check_hook_names(self, names: Iterable[str]) -> None:
         """Raise :class:`~vlm_lens.errors.UnknownNameError` (with close matches) for a name this model does not offer."""

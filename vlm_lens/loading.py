@@ -113,9 +113,7 @@ def with_fixture_block(model: HookedVLM, folder: Path | None) -> HookedVLM:
     model.fixture_block = None
     path = None if folder is None else Path(folder) / "attention_block.json"
     if path is not None and path.exists():
-        config = json.loads(path.read_text())
-        model.fixture_block = AttentionBlock(model.hf_model, model.adapter, tuple(config["queries"]),
-                                             tuple(config["keys"]), config["layers"]).attach()  # fmt: skip
+        model.fixture_block = AttentionBlock.from_config(model.hf_model, model.adapter, json.loads(path.read_text()))
     return model
 
 

@@ -77,9 +77,9 @@ class Evidence(Method):
         if self.blind_test and "pixel_values" in sequence:
             # the overturn must not need the image: with text blind to the image in the overturning window the output
             # stays the same token (a refinement read off the image by those layers changes)
-            from vlm_lens.attention_block import blocking
+            from vlm_lens.attention_block import AttentionBlock
 
-            with blocking(model.hf_model, model.adapter, ("text", "generated"), "image", window):
+            with AttentionBlock(model.hf_model, model.adapter, ("text", "generated"), "image", window):
                 blind, _ = step.forward(sequence)
             blind[model.placeholder_ids] = float("-inf")
             note["overturn_needs_image"] = int(blind.argmax()) != top1[-1]

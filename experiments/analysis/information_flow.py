@@ -84,9 +84,9 @@ def aggregate(rows: list[dict], flows: list[str], n_windows: int) -> dict:
         columns = [[r["relative_change"][flow][w] for r in rows] for w in range(n_windows)]
         out["mean"][flow] = [statistics.fmean(c) if c else None for c in columns]
         out["median"][flow] = [statistics.median(c) if c else None for c in columns]
+    from vlm_lens.experiments.analysis.evidence import order_stats
+
     for key in ("critical_layer", "grounded_critical_layer"):
-        values = sorted(r[key] for r in rows if r.get(key) is not None)
-        out[key] = None if not values else {
-            "median": values[(len(values) - 1) // 2], "q1": values[(len(values) - 1) // 4],
-            "q3": values[(3 * (len(values) - 1)) // 4], "n": len(values)}  # fmt: skip
+        stats = order_stats([r[key] for r in rows if r.get(key) is not None])
+        out[key] = None if not stats["n"] else {k: int(v) for k, v in stats.items()}  # layers are integers
     return out

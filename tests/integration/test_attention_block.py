@@ -123,7 +123,7 @@ def test_sdpa_and_eager_agree_on_a_plain_hf_model(family):
     """The block on a plain HF model (no bridge, no nnsight) in both attention implementations."""
     from vlm_lens import testing
     from vlm_lens.adapters import adapter_by_family
-    from vlm_lens.attention_block import blocking
+    from vlm_lens.attention_block import AttentionBlock
 
     t = tiny(family)
     inputs = t.model.prepare(t.image, PROMPT)
@@ -131,7 +131,7 @@ def test_sdpa_and_eager_agree_on_a_plain_hf_model(family):
     for implementation in ("sdpa", "eager"):
         hf_model, _ = testing.build(family)
         hf_model.set_attn_implementation(implementation)
-        with torch.no_grad(), blocking(hf_model, adapter_by_family(family), "last", "image", [1], heads=[1]):
+        with torch.no_grad(), AttentionBlock(hf_model, adapter_by_family(family), "last", "image", [1], heads=[1]):
             out[implementation] = hf_model(**inputs.model_inputs).logits
     assert (out["sdpa"] - out["eager"]).abs().max() <= 1e-5
     with torch.no_grad():

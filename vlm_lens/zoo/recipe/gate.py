@@ -45,22 +45,16 @@ def block_config(k: int) -> dict:
                    f"stack layer {k + 1}"}  # fmt: skip
 
 
-def attach_block(hf_model, config: dict):
-    """Attach the block an ``attention_block.json`` describes to a plain HF model (kept until ``detach()``)."""
-    from vlm_lens.adapters import adapter_for
-    from vlm_lens.attention_block import AttentionBlock
-
-    spec = adapter_for(type(hf_model).__name__)
-    return AttentionBlock(hf_model, spec, tuple(config["queries"]), tuple(config["keys"]), config["layers"]).attach()
-
-
 def gate(out: str | Path, recipe: GateRecipe = GateRecipe(), *, resume: bool = False, threads: int | None = None,
          checkpoint_every: int = 100, eval_per_task: int = 100, progress: bool = True) -> dict:  # fmt: skip
     """Fine-tune ``recipe.base`` behind the block of :func:`block_config` into ``out`` (``out/model``, ``eval.json``)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from vlm_lens.adapters import adapter_for
+    from vlm_lens.attention_block import AttentionBlock
     from vlm_lens.loading import load_processor
+    from vlm_lens.surgery import get_module
     from vlm_lens.zoo.recipe.checkpoints import finetune, load_optimizer, save_checkpoint
     from vlm_lens.zoo.recipe.plant import answer_batch, base_folder
     from vlm_lens.zoo.recipe.train import Recipe as BaseRecipe
@@ -81,9 +75,10 @@ def gate(out: str | Path, recipe: GateRecipe = GateRecipe(), *, resume: bool = F
     start_step = json.loads((checkpoint / "train_state.json").read_text())["step"] if resuming else 0
     processor = load_processor(source)
     model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True, dtype=torch.float32)
-    layers = model.model.language_model.layers
+    spec = adapter_for(type(model).__name__)
+    layers = get_module(model, spec.layers)
     config = block_config(recipe.k)
-    block = attach_block(model, config)
+    block = AttentionBlock.from_config(model, spec, config)
     for p in model.parameters():
         p.requires_grad_(False)
     params = [p for layer in layers for p in layer.parameters()]
