@@ -115,8 +115,7 @@ class SkipConfirmer:
         grounded = None
         blank = self.blank_top1(lens) if config.ground and lens is not None and self._blank_run() is not None else None
         if blank is not None and run is not None:
-            held = sum(blank[l][step] == leader for l in range(run[0], run[1] + 1))
-            grounded = 2 * held < run[1] - run[0] + 1
+            grounded = ev.is_grounded([row[step] for row in blank], leader, run)
         return Confirmation(grounded is not False, window, top1, grounded)
 
 

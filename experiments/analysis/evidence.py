@@ -231,6 +231,14 @@ def grounded_critical(top1: Sequence[int], blank_top1: Sequence[int], critical: 
     return next((l for l in range(start, n + 1) if blank_top1[l] != answer), None)
 
 
+def is_grounded(blank_top1: Sequence[int], leader: int, run: tuple[int, int]) -> bool:
+    """The grounding test: with the image blanked (``blank_top1[l]``: the lens top-1 at stack layer l), ``leader``
+    holds the top-1 at fewer than half of the layers of its run ``[start, end]``: it was read off the image."""
+    start, end = run
+    held = sum(blank_top1[l] == leader for l in range(start, end + 1))
+    return 2 * held < end - start + 1
+
+
 def order_stats(values: Sequence[float]) -> dict:
     """Median and quartiles as order statistics (``lower`` interpolation): actual values, q1 <= median <= q3."""
     if not len(values):

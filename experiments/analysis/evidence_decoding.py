@@ -67,9 +67,7 @@ class Evidence(Method):
         restored, window = found
         if self.config.ground and "pixel_values" in sequence:
             _, blank = step.forward({**sequence, "pixel_values": torch.zeros_like(sequence["pixel_values"])})
-            blank_top1 = model.unembed(blank).argmax(-1).tolist()
-            start, end = event.leader_run
-            note["grounded"] = 2 * sum(blank_top1[l] == event.leader for l in range(start, end + 1)) < end - start + 1
+            note["grounded"] = ev.is_grounded(model.unembed(blank).argmax(-1).tolist(), event.leader, event.leader_run)
             if not note["grounded"]:
                 return step.logits  # an input-independent default, not knowledge read off the image
         elif note["skipped"] == "vacuous":
@@ -92,8 +90,8 @@ class Evidence(Method):
         return (1 - self.blend) * step.logits.log_softmax(-1) + self.blend * restored.log_softmax(-1)
 
     def restored(self, model: Any, step: Any, sequence: dict, event: Any) -> tuple[Tensor, list[int]] | None:
-        """The output logits with the first window that brings the leader back skipped, and that window, or None; a short run's
-        last-layer window (the leader by construction) is tried last and marked ``"vacuous"`` in the step's note."""
+        """The output logits with the first window that brings the leader back skipped, and that window, or None; a
+        short run's last-layer window (the leader by construction) is tried last, marked ``"vacuous"`` in the note."""
         n = model.n_layers
         short = event.leader_run[1] - event.leader_run[0] + 1 < self.config.last_layer_min_run
         windows = ev.confirmation_windows(event.layer, n, self.config)

@@ -172,3 +172,9 @@ def test_grounded_critical_is_where_the_image_made_the_answer():
     assert grounded_critical(top1, [0, 1, 1, 1, 1, 1], 2) == 2  # the image needed from the start
     assert grounded_critical(top1, blank, None) is None
     assert grounded_critical([0, 7, 3, 7, 7, 7], [0, 1, 1, 1, 1, 1], 1) == 3  # the final run starts at 3
+
+
+def test_grounding_needs_the_leader_gone_at_most_of_its_run():
+    assert ev.is_grounded([0, 1, 9, 9, 9], leader=9, run=(2, 4)) is False  # the blank image gives it everywhere
+    assert ev.is_grounded([0, 1, 9, 2, 2], leader=9, run=(2, 4)) is True  # 1 of 3 layers
+    assert ev.is_grounded([0, 1, 9, 9, 2, 2], leader=9, run=(2, 5)) is False  # 2 of 4: not fewer than half
