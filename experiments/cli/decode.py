@@ -22,14 +22,15 @@ class MethodName(str, Enum):
     evidence = "evidence"
 
 
+DETECT_SAMPLES = 32  # skip without --layers detects the mutation stage on this many samples (traces kept in memory)
 # which options each method reads (an option given to a method that ignores it is refused, not silently dropped)
 OPTIONS = {"skip": {"layers"}, "deco": {"alpha", "top_p"}, "dola": {"alpha"}, "vcd": {"alpha", "beta"},
            "evidence": {"blend"}, "greedy": set()}  # fmt: skip
 
 
 def correction_for(method: str, vlm, samples, options: dict, max_new_tokens: int):
-    """The correction object of ``method`` with the options given; skip without --layers uses the detected
-    mutation stage of these samples (the paper's skip.2)."""
+    """The correction object of ``method`` with the options given; skip without --layers uses the mutation stage
+    detected on the first :data:`DETECT_SAMPLES` samples (the paper's skip.2)."""
     from vlm_lens.experiments.analysis.evidence_decoding import Evidence
     from vlm_lens.probes import decoding as D
 
@@ -40,7 +41,8 @@ def correction_for(method: str, vlm, samples, options: dict, max_new_tokens: int
             from vlm_lens.experiments.analysis import knowledge_evolution as ke
             from vlm_lens.experiments.analysis.layer_skip import skip_sets
 
-            evolution = ke.run(vlm, samples, ke.EvolutionConfig(max_new_tokens=max_new_tokens, variants=("correct",)))
+            config = ke.EvolutionConfig(max_new_tokens=max_new_tokens, variants=("correct",))
+            evolution = ke.run(vlm, samples[:DETECT_SAMPLES], config)
             stages = evolution["aggregate"]["correct"]["stages"]
             if stages is None or stages["mutation_layer"] is None:
                 fail("no mutation stage was detected on these samples, so there is no skip.2 set: pass --layers", 1)
@@ -57,7 +59,7 @@ def decode(
     prompt: Optional[str] = typer.Option(None),
     manifest: Optional[Path] = typer.Option(None, help="JSONL or CSV of (image, question[, answer]) pairs"),
     max_new_tokens: int = typer.Option(16, min=1),
-    layers: Optional[str] = typer.Option(None, help="skip: decoder layers, e.g. '6,7' (default: the detected skip.2)"),
+    layers: Optional[str] = typer.Option(None, help="skip: decoder layers, e.g. '6,7' (default: the skip.2 set detected on the first 32 samples)"),
     alpha: Optional[float] = typer.Option(None, help="deco/dola/vcd: strength (0 = plain greedy)"),
     beta: Optional[float] = typer.Option(None, help="vcd: plausibility cut (share of the top probability)"),
     top_p: Optional[float] = typer.Option(None, help="deco: candidate mass"),
