@@ -155,3 +155,27 @@ def test_evidence_leaves_refinements_read_off_the_image_alone():
         if result.notes[0].get("overturn_needs_image"):
             refused.append((e.answer, result.text, model.generate(inputs, 2)))
     assert len(refused) >= 2 and all(truth == ours == greedy for truth, ours, greedy in refused), refused
+
+
+def test_a_correction_that_raises_leaves_no_hook_behind(tiny_llava):
+    """Skip hooks, capture hooks and the attention implementation are all put back when a correction raises."""
+    model = tiny_llava.model
+    inputs = model.prepare(tiny_llava.image, "what color is the star ?")
+    greedy = model.generate_ids(inputs, 4, stop_at_eos=False)
+    implementation = model.hf_model.config._attn_implementation
+
+    class Broken(D.Skip):
+        reads_layers = True
+
+        def scores(self, model, inputs, step):
+            raise RuntimeError("inside the step")
+
+    with pytest.raises(RuntimeError, match="inside the step"):
+        model.generate(inputs, 4, correction=Broken([1, 2]))
+    from vlm_lens.surgery import is_library_hook
+
+    assert model.hf_model.config._attn_implementation == implementation
+    for module in model.hf_model.modules():  # the HF modules and the bridge's wrappers alike
+        hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+        assert not [h for h in hooks if not is_library_hook(h)], module
+    assert model.generate_ids(inputs, 4, stop_at_eos=False).tolist() == greedy.tolist()
