@@ -112,7 +112,7 @@ class Skip(Method):
     name: ClassVar[str] = "skip"
 
     def active(self, model: Any) -> contextlib.AbstractContextManager:
-        from vlm_lens.guided import skipping
+        from vlm_lens.prefix_skip import skipping
 
         bad = [l for l in self.layers if not 0 <= l < model.n_layers]
         if bad:

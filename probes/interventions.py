@@ -16,6 +16,7 @@ from vlm_lens.probes.result import ProbeResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlm_lens.inputs import VLMInputs
+    from vlm_lens.prefix_skip import PrefixSkipper
     from vlm_lens.protocol import VLMModel as HookedVLM
 
 
@@ -55,30 +56,58 @@ class LayerSkip(Probe):
     KL(original || skipped) and ``answer_prob`` = probability of the originally generated token, per step;
     ``forced_agreement`` = share of steps whose top-1 is unchanged), and a whole greedy generation with the layers
     skipped (``generated_text``, ``generation_agreement`` = share of original tokens reproduced in place).
+
+    ``reuse``: ``"auto"`` (default) recomputes only the layers from the lowest skipped one on, seeded by the
+    trace's cached residual and KV prefix (:mod:`vlm_lens.prefix_skip`), whenever the trace cached the residual stack
+    and no hook of yours is active, else the naive way; ``"none"``: always the naive way (a whole teacher-forced
+    forward and a whole generation through the hook points, your hooks firing); ``"prefix"``: the prefix path or an
+    error saying why not. Both give the same numbers within float tolerance (tests/integration/test_prefix_skip.py).
     """
 
     name = "layer_skip"
 
-    def __init__(self, layers: Iterable[int] | range = ()):
+    def __init__(self, layers: Iterable[int] | range = (), reuse: str = "auto"):
+        if reuse not in ("auto", "prefix", "none"):
+            raise InputError(f"reuse must be 'auto', 'prefix' or 'none', got {reuse!r}")
         self.layers = list(layers)
+        self.reuse = reuse
+
+    def skipper(self, source: Any) -> "PrefixSkipper | None":
+        """The :class:`~vlm_lens.prefix_skip.PrefixSkipper` this probe uses on ``source`` (None: the naive way)."""
+        from vlm_lens.prefix_skip import PrefixSkipper, can_reuse
+
+        src = as_source(source)
+        if self.reuse == "none" or src.trace is None:
+            return None
+        if can_reuse(src.model, src.trace):
+            return PrefixSkipper(src.trace)
+        if self.reuse == "prefix":
+            raise InputError("reuse='prefix' needs a trace that cached the residual stack (names_filter=None) and no "
+                             "active hook of yours: pass reuse='auto' to fall back to the naive skip")  # fmt: skip
+        return None
 
     def run(self, source: Source) -> ProbeResult:
+        return self.run_with(source, self.skipper(source))
+
+    def run_with(self, source: Any, skipper: "PrefixSkipper | None") -> ProbeResult:
+        """:meth:`run` with a given skipper (None: the naive way), to share one over several sets of one trace."""
+        source = as_source(source)
         if source.trace is None:
             raise InputError("LayerSkip needs a GenerationTrace (model.trace_generation(...)), not a bare cache")
         model, trace = source.model, source.trace
         layers = _layer_set(model, self.layers)
-        hooks = skip_layer_hooks(layers)
-        steps = trace.step_positions
+        if skipper is not None:
+            outcome = skipper.run(layers)
+            skipped_logits, generated = outcome.step_logits.float().cpu(), outcome.generated.cpu()
+        else:
+            skipped_logits, generated = _naive_skip(model, trace, layers)
         original = trace.step_logits.float()
-        skipped_logits = model.run_with_hooks(trace.inputs, fwd_hooks=hooks)[0, steps].float().cpu()
         kl = kl_divergence(original.double(), skipped_logits.double()).float().cpu()
         ids = trace.generated_ids
         answer_prob = skipped_logits.softmax(-1).gather(-1, ids.unsqueeze(-1))[:, 0]
         scores = skipped_logits.clone()
         scores[:, model.placeholder_ids] = float("-inf")  # never generated
         forced = (scores.argmax(-1) == ids).float()
-        with model.hooks(hooks):
-            generated = model.generate_ids(trace.prompt_inputs, max_new_tokens=trace.n_steps).cpu()
         n = min(len(generated), len(ids))
         agreement = (generated[:n] == ids[:n]).float().sum().item() / max(len(ids), 1)
         text = model.tokenizer.decode(generated.tolist(), skip_special_tokens=True)
@@ -89,17 +118,26 @@ class LayerSkip(Probe):
             {"kl": ("step",), "answer_prob": ("step",), "forced_agreement": ("step",),
              "generated_ids": ("new_step",), "generation_agreement": ("scalar",)},
             {"step": trace.generated_tokens},
-            provenance=self.provenance(source, skipped_layers=layers, generated_text=text, original_text=trace.text),
+            provenance=self.provenance(source, skipped_layers=layers, generated_text=text, original_text=trace.text,
+                                       reuse="none" if skipper is None else "prefix"),
             layout=source.layout,
         )  # fmt: skip
+
+    def run_sets(self, source: Any, sets: dict[str, Sequence[int]]) -> dict[str, ProbeResult]:
+        """Each named skip set on one trace (one result each), sharing one skipper (so the original KV cache a
+        continuation needs is computed once per trace); ``reuse`` as this probe's."""
+        src = as_source(source)
+        if src.trace is None:
+            raise InputError("LayerSkip needs a GenerationTrace (model.trace_generation(...)), not a bare cache")
+        skipper = self.skipper(src)
+        return {name: LayerSkip(layers, self.reuse).run_with(src, skipper) for name, layers in sets.items()}
 
     def sweep(self, source: Any) -> ProbeResult:
         """Skip each single decoder layer in turn: mean KL, answer probability and agreements per layer."""
         src = as_source(source)
         rows: dict[str, list[Tensor]] = {"kl": [], "answer_prob": [], "forced_agreement": [], "generation_agreement": []}
         texts = []
-        for layer in range(src.model.n_layers):
-            result = LayerSkip([layer]).run(src)
+        for result in self.run_sets(src, {str(i): [i] for i in range(src.model.n_layers)}).values():
             for key in rows:
                 rows[key].append(result[key].float().mean())
             texts.append(result.provenance["generated_text"])
@@ -110,6 +148,15 @@ class LayerSkip(Probe):
             {"skipped_layer": [str(i) for i in range(src.model.n_layers)]},
             provenance=self.provenance(src, generated_texts=texts, original_text=src.trace.text if src.trace else None),
         )
+
+
+def _naive_skip(model: "HookedVLM", trace: Any, layers: list[int]) -> tuple[Tensor, Tensor]:
+    """Teacher-forced step logits and a whole greedy generation, both through the hook points with ``layers`` skipped."""
+    hooks = skip_layer_hooks(layers)
+    skipped_logits = model.run_with_hooks(trace.inputs, fwd_hooks=hooks)[0, trace.step_positions].float().cpu()
+    with model.hooks(hooks):
+        generated = model.generate_ids(trace.prompt_inputs, max_new_tokens=trace.n_steps).cpu()
+    return skipped_logits, generated
 
 
 def _token_id(model: "HookedVLM", token: int | str) -> int:

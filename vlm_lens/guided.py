@@ -5,7 +5,7 @@ at each step, hands the correction a :class:`Step`: the final logits, the residu
 decoded (every layer, read by torch hooks during that very forward: no second model, no re-run), and the logits of
 an optional second batch row (a contrast input, e.g. a noised image, whose KV cache grows alongside). The correction
 returns the scores the token is chosen from (argmax). A correction may also hold hooks for the whole generation
-(:func:`skipping`: decoder layers made identity maps) and run extra teacher-forced forwards (``Step.forward``).
+(:func:`vlm_lens.prefix_skip.skipping`: decoder layers made identity maps) and run extra teacher-forced forwards (``Step.forward``).
 
 The corrections themselves (skip, DeCo, DoLa, VCD) are in :mod:`vlm_lens.probes.decoding`; the evidence-guided one,
 which needs the detectors, in :mod:`vlm_lens.experiments.analysis.evidence_decoding`.
@@ -24,7 +24,6 @@ from torch import Tensor
 from vlm_lens.capture import cut_at_eos, plain_capture
 from vlm_lens.errors import InputError
 from vlm_lens.inputs import VLMInputs, check_positions
-from vlm_lens.surgery import get_module, original
 
 
 @dataclass
@@ -68,25 +67,6 @@ class CorrectedGeneration:
     method: str
     notes: list[dict]
     changed: list[bool]
-
-
-@contextlib.contextmanager
-def skipping(model, layers: Sequence[int]) -> Iterator[None]:
-    """Decoder ``layers`` act as identity maps (output := input) on the plain HF modules inside the block."""
-    handles = []
-
-    def identity(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    try:
-        for layer in layers:
-            module = original(get_module(model.hf_model, f"{model.adapter.layers}.{layer}"))
-            handles.append(module.register_forward_hook(identity, with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def forward_last(model, model_inputs: dict, store: dict[str, list[Tensor]], names: Sequence[str]):

@@ -17,7 +17,8 @@ blanked (pixel values set to 0, the processor's mean colour: an empty picture), 
 through the same lens, it holds the top-1 at fewer than half of its run's layers without the image. An event needs
 both tests. Neither test has a probability threshold; both ask whether the output or the lens's top-1 changes.
 
-Cost: one teacher-forced forward over the trace's sequence per *distinct window* tried on the trace, plus one
+Cost: one teacher-forced forward over the trace's sequence per *distinct window* tried on the trace (from the
+window's first layer on, seeded by the trace's cached residual: :mod:`vlm_lens.prefix_skip`), plus one
 blank-image forward when a candidate passes the skip test, shared by every token and lens variant of that trace; a
 trace without candidates costs nothing. The outputs of a forward are reduced
 to one top-1 id per step at once (nothing of size [steps, vocab] is kept).
@@ -28,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_lens.experiments.analysis import evidence as ev
+from vlm_lens.prefix_skip import PrefixSkipper, can_reuse
 from vlm_lens.probes.interventions import skip_layer_hooks
 
 
@@ -51,6 +53,7 @@ class SkipConfirmer:
         self._top1: dict[tuple[int, ...], list[int]] = {}
         self._blank: dict | None = None
         self._blank_lens: dict[int, list[list[int]]] = {}
+        self._skipper: PrefixSkipper | None = None
 
     @property
     def forwards(self) -> int:
@@ -61,7 +64,12 @@ class SkipConfirmer:
         key = tuple(window)
         if key not in self._top1:
             model, trace = self.trace.model, self.trace
-            logits = model.run_with_hooks(trace.inputs, fwd_hooks=skip_layer_hooks(window))[0, trace.step_positions]
+            if self._skipper is None and can_reuse(model, trace):
+                self._skipper = PrefixSkipper(trace)  # from the window's first layer on, seeded by the trace's cache
+            if self._skipper is not None:
+                logits = self._skipper.forced_logits(window)
+            else:
+                logits = model.run_with_hooks(trace.inputs, fwd_hooks=skip_layer_hooks(window))[0, trace.step_positions]
             self._top1[key] = _output_ids(model, logits)
         return self._top1[key]
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from vlm_lens.errors import InputError
 from vlm_lens.experiments.analysis import evidence as ev
-from vlm_lens.guided import skipping
+from vlm_lens.prefix_skip import skipping
 from vlm_lens.probes.decoding import Method
 
 

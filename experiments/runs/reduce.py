@@ -131,8 +131,9 @@ def sweep_rows(sample_id: str, trace, answer: str | None) -> list[dict]:
 
 def set_rows(sample_id: str, trace, answer: str | None, sets: dict[str, list[int]]) -> list[dict]:
     """The named skip sets (skip.1/2/3, and ``none``) on ``trace``: one ``skip`` row each."""
-    return [{"sample_id": sample_id, "set": name, **skip_summary(LayerSkip(layers)(trace), answer, trace.model)}
-            for name, layers in sets.items()]  # fmt: skip
+    results = LayerSkip().run_sets(trace, sets)  # one skipper per trace: the sets share the original KV cache
+    return [{"sample_id": sample_id, "set": name, **skip_summary(result, answer, trace.model)}
+            for name, result in results.items()]  # fmt: skip
 
 
 # -- reading back -------------------------------------------------------------------------------------------------
