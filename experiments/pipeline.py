@@ -53,7 +53,7 @@ def analyze(
     variant: str = "correct",
     lens=None,
     tsne_iter: int = 1000,
-    png: bool = True,
+    png: bool = False,
     skip_sweep: bool = True,
     show_special: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
@@ -78,6 +78,8 @@ def analyze(
     ``lens``: a :class:`~vlm_lens.probes.TunedLens`; the ``tuned`` variant is then analysed beside the others.
     ``progress(stage, done, total)`` reports each stage's work (samples traced, skipped generations, ...).
     ``show_special``: also chart special tokens (EOS ...), which are always left out of the aggregates.
+    ``png``: also export PNG figures of the report (needs Chromium; off by default: ``vlm-lens report STORE --png``
+    writes them later from the store).
     ``patch_maps``: how many samples (the first, by dataset index) keep the lens map of their answer over the image
     tokens, drawn on the input image in the report (0: none).
     """

@@ -52,7 +52,8 @@ def analyze(
     variant: Variant = typer.Option(Variant.correct, help="the lens the report shows (all are computed)"),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="probability an answer must reach to be established"),
     out: Path = typer.Option(Path("vlm-lens-report"), help="report folder"),
-    png: bool = typer.Option(True, help="also export PNG figures (needs Chromium)"),
+    png: bool = typer.Option(False, help="also export PNG figures (needs Chromium; ~7 s for the default run's 30 "
+                             "figures; later: vlm-lens report OUT --png)"),
     skip_sweep: bool = typer.Option(True, help="also skip every single decoder layer (the sweep)"),
     special_tokens: bool = typer.Option(False, help="also chart special tokens such as </s> (never in the aggregates)"),
     manifest: Optional[Path] = typer.Option(None, help="JSONL or CSV with image, question[, answer, id] per row "
@@ -72,9 +73,14 @@ def analyze(
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: free cores, see docs/datasets.md)"),
     patch_maps: int = typer.Option(6, min=0, help="samples whose answer is mapped onto the image tokens in the report "
                                    "(the first ones; 0: none)"),
+    timings: bool = typer.Option(False, help="print the wall-clock time of each phase at the end"),
 ) -> None:
     """Trace, detect critical layers and mutation events, skip layers, cluster features; write report.html + .json."""
     from rich.console import Console
+
+    from vlm_lens.experiments.cli.timings import PhaseClock
+
+    clock = PhaseClock()
 
     from vlm_lens.experiments.analysis.evidence import DetectionConfig
     from vlm_lens.experiments.analysis.knowledge_evolution import EvolutionConfig
@@ -103,6 +109,7 @@ def analyze(
     source = _source(manifest, dataset, image, prompt, skip_bad, image_column, question_column, answer_column, split)
     set_threads(threads)
     console = Console()
+    clock.mark("loading the model")
     vlm = load_model(model or DEFAULT_ANALYSIS_MODEL)
     tuned = tuned_lens_from(vlm, tuned_lens) if lens == LensKind.tuned else None
     samples = source if source is not None else samples_for(vlm, [], prompt)
@@ -113,13 +120,17 @@ def analyze(
     try:
         with bar:
             result = run_analysis(vlm, samples, out, config=config, variant=variant.value, lens=tuned, png=png,
-                                  skip_sweep=skip_sweep, show_special=special_tokens, progress=update, store=store,
+                                  skip_sweep=skip_sweep, show_special=special_tokens, progress=clock.progress(update), store=store,
                                   resume=resume, overwrite=overwrite or None, batch_size=batch_size,
                                   skip_bad=skip_bad, workers=workers, ray_address=ray_address,
                                   patch_maps=patch_maps)  # fmt: skip
     except ImportError as error:  # bad input (VLMLensError) and failed runs are mapped by the command group
         fail(f"{error}: --workers needs Ray, pip install 'vlm-lens[distributed]'")
+    clock.mark("summary")
     _print_result(console, result, variants)
+    if timings:
+        for line in clock.lines():
+            console.print(line, highlight=False, markup=False)
 
 
 def _print_result(console, result: dict, variants) -> None:

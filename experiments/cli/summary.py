@@ -102,4 +102,6 @@ def closing_summary(result: dict, variants) -> list[str]:
     lines.append(f"Report: {html} ({size:.1f} MB) and report.json{where}; run store {Path(info['path']).absolute()}")
     if files.get("png_notice"):
         lines.append(files["png_notice"])
+    elif not pngs:
+        lines.append(f"PNG figures on demand: vlm-lens report {Path(info['path']).absolute()} --png")
     return lines

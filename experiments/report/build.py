@@ -27,6 +27,7 @@ def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None
     """Compute every aggregate from ``store`` and write ``report.html`` / ``report.json`` into ``out_dir``."""
     store = store if isinstance(store, Store) else Store(store)
     report = progress or (lambda *a: None)
+    report("reading the store", 0, 1)
     config = config_of(store)
     variant = variant or store.meta["settings"]["variant"]
     if variant not in config.variants:
@@ -47,6 +48,7 @@ def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None
                               for r in sample_frame.itertuples() if r.status == "bad"],
                       "source": store.meta["source"]}}  # fmt: skip
     data["layer_skip"] = skip_tables(store, agg)
+    report("reading the store", 1, 1)
     report("feature clusters", 0, 1)
     data["feature_clusters"] = feature_clusters(store, agg, variant, tsne_iter)
     report("feature clusters", 1, 1)
@@ -61,6 +63,11 @@ def build(store: str | Path | Store, out_dir: str | Path, *, variant: str | None
     stages = agg[variant]["stages"]
     report("writing the report", 0, 1)
     drawn = draw_sections(model, detailed, data, variant, stages, show_special)
-    written = R.write_report(Path(out_dir), f"Knowledge evolution · {model.name}", drawn, data, png=png)
+    written = R.write_report(Path(out_dir), f"Knowledge evolution · {model.name}", drawn, data, png=False)
     report("writing the report", 1, 1)
+    if png:
+        report("PNG export", 0, 1)
+        written["png"], written["png_notice"] = R.export_pngs(Path(out_dir), R.figures_of(drawn))
+        written["png"] = written["png"] or []
+        report("PNG export", 1, 1)
     return {"data": data, "files": written}

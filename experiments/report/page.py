@@ -148,10 +148,14 @@ def write_report(out_dir: Path, title: str, sections: list[tuple[str, list]], da
     write_set(out_dir, {"report.json": json.dumps(_clean(data), indent=1, allow_nan=False), "report.html": page})
     written: dict[str, Any] = {"html": str(out_dir / "report.html"), "json": str(out_dir / "report.json"), "png": []}
     if png:
-        written["png"], written["png_notice"] = export_pngs(out_dir, [f for _, items in sections for f in items
-                                                                      if not isinstance(f, str)])  # fmt: skip
+        written["png"], written["png_notice"] = export_pngs(out_dir, figures_of(sections))
         written["png"] = written["png"] or []
     return written
+
+
+def figures_of(sections: list[tuple[str, list]]) -> list:
+    """The figures of drawn sections, in order (the items that are not HTML strings)."""
+    return [f for _, items in sections for f in items if not isinstance(f, str)]
 
 
 def export_pngs(out_dir: Path, figures: list) -> tuple[list[str], str | None]:

@@ -12,9 +12,10 @@ one shard per batch. Both phases skip what the store already holds, so a killed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.experiments.runs import reduce as rd
@@ -74,6 +75,24 @@ def release_memory() -> None:
         pass
 
 
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Within the block, the objects alive when it starts (the model, the loaded libraries) are left out of garbage
+    collections (``gc.freeze``): the per-batch :func:`release_memory` then scans only what the run allocated (a full
+    collection over the loaded libraries cost 0.22 s per batch on the embedded model, a fifth of its compute).
+    Unfrozen on exit, raise or not, so nothing stays uncollectable; a heap someone else froze is left as it is."""
+    import gc
+
+    mine = gc.get_freeze_count() == 0
+    if mine:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if mine:
+            gc.unfreeze()
+
+
 def _batches(entries: Iterable, size: int):
     batch = []
     for entry in entries:
@@ -114,6 +133,13 @@ def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=
     else:
         pending, total, count = (e for e in source if e.id not in done), len(source), len(done)
     report("tracing", count, total)
+    with frozen_heap():
+        count = _trace_batches(model, pending, store, settings, tuned_lens, batch_size, writer, count, total, report)
+    return count
+
+
+def _trace_batches(model, pending, store: Store, settings: StreamSettings, tuned_lens, batch_size: int, writer: str,
+                   count: int, total: int, report) -> int:  # fmt: skip
     config = settings.config
     for batch in _batches(pending, batch_size):
         tables: dict[str, list] = {"samples": [], "tokens": [], "states": [], "single": [], "skip": []}
