@@ -8,14 +8,20 @@ backend's (``model.capture.generation_batch``, :mod:`vlm_lens.capture`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vlm_lens.batch import VLMBatch
 from vlm_lens.errors import InputError, InputTypeError
 from vlm_lens.inputs import VLMInputs
 from vlm_lens.trace import GenerationTrace, cache_of, finish_trace
 
+if TYPE_CHECKING:  # pragma: no cover
+    from vlm_lens.shared_prefix import PrefixCache
+
 
 def trace_generation_batch(
-    model, inputs: "list[VLMInputs] | VLMBatch", max_new_tokens: int = 32, *, stop_at_eos: bool = True
+    model, inputs: "list[VLMInputs] | VLMBatch", max_new_tokens: int = 32, *, stop_at_eos: bool = True,
+    prefixes: "PrefixCache | None" = None,
 ) -> list[GenerationTrace]:
     """Greedy-generate every sample of ``inputs`` in one batched HF ``generate`` call (KV cache) and return one
     :class:`~vlm_lens.trace.GenerationTrace` per sample, as ``model.trace_generation(sample, max_new_tokens)`` would.
@@ -29,6 +35,10 @@ def trace_generation_batch(
     Falls back to one ``model.trace_generation`` per sample (same results, no batching) when the backend cannot
     batch: a hook of yours is active (it must fire, so generation has to run through the TransformerLens bridge), or
     the nnsight backend (it traces generation with nnsight).
+
+    ``prefixes`` (a :class:`~vlm_lens.shared_prefix.PrefixCache`): samples about the same image run its prefill once
+    and generate from a fork of its KV cache (:mod:`vlm_lens.shared_prefix`; kept across calls for the last image);
+    the others are batched as above. Same traces within float tolerance. Not with a hook of yours active.
     """
     samples = list(inputs.samples if isinstance(inputs, VLMBatch) else inputs)
     if not samples:
@@ -39,11 +49,24 @@ def trace_generation_batch(
     model.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits=True)  # the argument checks, before any work
     names = list(model.resid_names + ["ln_final.hook_normalized"])
     model.check_hook_names(names)
-    captured = model.capture.generation_batch(samples, names, max_new_tokens, stop_at_eos)
-    if captured is None:
-        return [model.trace_generation(x, max_new_tokens, stop_at_eos=stop_at_eos) for x in samples]
+    captured: list = [None] * len(samples)
+    if prefixes is not None and not model.user_hooks_active():
+        from vlm_lens.shared_prefix import capture_shared
+
+        captured = capture_shared(model, samples, names, max_new_tokens, stop_at_eos, prefixes)
+    rest = [i for i, one in enumerate(captured) if one is None]
+    batched = model.capture.generation_batch([samples[i] for i in rest], names, max_new_tokens, stop_at_eos) if rest else []
+    if batched is None:  # the backend cannot batch: trace the rest one by one
+        single = {i: model.trace_generation(samples[i], max_new_tokens, stop_at_eos=stop_at_eos) for i in rest}
+    else:
+        single = {}
+        for i, one in zip(rest, batched):
+            captured[i] = one
     traces = []
-    for sample, one in zip(samples, captured):
+    for i, (sample, one) in enumerate(zip(samples, captured)):
+        if i in single:
+            traces.append(single[i])
+            continue
         processed = model.extend(sample, one.generated[:-1])
         cache = cache_of(one, processed, model)
         traces.append(finish_trace(model, sample, processed, one.generated, cache, one.step_logits, None, "generate",

@@ -285,15 +285,14 @@ class HookedVLM(TransformerLensNames):
         return trace_module.trace_generation(self, inputs, max_new_tokens, names_filter, stop_at_eos=stop_at_eos,
                                              capture=capture)  # fmt: skip
 
-    def trace_batch(self, inputs: list[VLMInputs] | VLMBatch, max_new_tokens: int = 32, *,
-                    stop_at_eos: bool = True) -> list[GenerationTrace]:  # fmt: skip
+    def trace_batch(self, inputs: list[VLMInputs] | VLMBatch, max_new_tokens: int = 32, *, stop_at_eos: bool = True,
+                    prefixes=None) -> list[GenerationTrace]:  # fmt: skip
         """One :class:`GenerationTrace` per sample, equal to ``trace_generation(sample, max_new_tokens)``, from a
-        single batched HF generation (:func:`vlm_lens.batch_trace.trace_generation_batch`): the samples are padded on
-        the left, greedy-generated together with the KV cache while the residual stack and
-        ``ln_final.hook_normalized`` are recorded on the plain HF modules, then split per sample (its own positions,
-        its generated ids up to its first EOS). With a hook of yours active, or on the nnsight backend, it traces the
-        samples one at a time instead."""
+        single batched HF generation (:func:`vlm_lens.batch_trace.trace_generation_batch`: left padding, the residual
+        stack and ``ln_final.hook_normalized`` recorded on the plain HF modules, split per sample). With a hook of
+        yours active, or on the nnsight backend, one at a time instead. ``prefixes`` (a
+        :class:`~vlm_lens.shared_prefix.PrefixCache`): questions about one image share its prefill."""
         max_new_tokens = checks.new_tokens(max_new_tokens)
         from vlm_lens.batch_trace import trace_generation_batch
 
-        return trace_generation_batch(self, inputs, max_new_tokens, stop_at_eos=stop_at_eos)
+        return trace_generation_batch(self, inputs, max_new_tokens, stop_at_eos=stop_at_eos, prefixes=prefixes)

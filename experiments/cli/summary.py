@@ -99,9 +99,9 @@ def closing_summary(result: dict, variants) -> list[str]:
     size = html.stat().st_size / 2**20 if html.exists() else 0.0
     pngs = files.get("png") or []
     where = f"; {len(pngs)} PNG figures beside it" if pngs else ""
-    lines.append(f"Report: {html} ({size:.1f} MB) and report.json{where}; run store {Path(info['path']).absolute()}")
+    store = Path(info["path"]).absolute()
+    on_demand = "" if pngs or files.get("png_notice") else f" (PNG figures: vlm-lens report {store} --png)"
+    lines.append(f"Report: {html} ({size:.1f} MB) and report.json{where}; run store {store}{on_demand}")
     if files.get("png_notice"):
         lines.append(files["png_notice"])
-    elif not pngs:
-        lines.append(f"PNG figures on demand: vlm-lens report {Path(info['path']).absolute()} --png")
     return lines

@@ -21,6 +21,7 @@ from vlm_lens.experiments.analysis import knowledge_evolution as ke
 from vlm_lens.experiments.runs import reduce as rd
 from vlm_lens.experiments.runs.identity import fingerprint, model_identity
 from vlm_lens.experiments.runs.store import Store
+from vlm_lens.shared_prefix import PrefixCache
 
 Progress = Callable[[str, int, int], None]
 
@@ -141,10 +142,11 @@ def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=
 def _trace_batches(model, pending, store: Store, settings: StreamSettings, tuned_lens, batch_size: int, writer: str,
                    count: int, total: int, report) -> int:  # fmt: skip
     config = settings.config
+    prefixes = PrefixCache()  # the last image's prefill, shared by its questions in this and the next batches
     for batch in _batches(pending, batch_size):
         tables: dict[str, list] = {"samples": [], "tokens": [], "states": [], "single": [], "skip": []}
         good = _prepared(model, batch, settings.skip_bad, tables["samples"])
-        traces = ke.trace_samples(model, [inputs for _, inputs in good], config.max_new_tokens)
+        traces = ke.trace_samples(model, [inputs for _, inputs in good], config.max_new_tokens, prefixes)
         for (entry, _), trace in zip(good, traces):
             evolution = ke.analyze_sample(trace, entry.id, entry.answer, config, tuned_lens=tuned_lens,
                                           planted=entry.planted, question=entry.question, index=entry.index)  # fmt: skip
@@ -178,9 +180,10 @@ def phase2(model, source, store: Store, sets: dict[str, list[int]], *, batch_siz
     todo = (e for e in source if e.id in wanted)  # lazy: a dataset's entries may hold decoded images
     report, count = progress or (lambda *a: None), 0
     report("layer skipping", 0, len(wanted))
+    prefixes, max_new_tokens = PrefixCache(), store.meta["settings"]["evolution"]["max_new_tokens"]
     for batch in _batches(todo, batch_size):
         good = _prepared(model, batch, True, [])
-        traces = ke.trace_samples(model, [inputs for _, inputs in good], store.meta["settings"]["evolution"]["max_new_tokens"])
+        traces = ke.trace_samples(model, [inputs for _, inputs in good], max_new_tokens, prefixes)
         rows = []
         for (entry, _), trace in zip(good, traces):
             rows += rd.set_rows(entry.id, trace, entry.answer, sets)

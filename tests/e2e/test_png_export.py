@@ -103,7 +103,7 @@ def test_analyze_exits_with_the_report_when_the_browser_fails(tmp_path):
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "vlm_lens.experiments.cli", "analyze", "--model", str(folder), "--image", str(tmp_path / "img.png"),
-         "--prompt", "what color ?", "--max-new-tokens", "2", "--out", str(tmp_path / "report")],
+         "--prompt", "what color ?", "--max-new-tokens", "2", "--out", str(tmp_path / "report"), "--png"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "VLM_LENS_BROWSER": browser},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

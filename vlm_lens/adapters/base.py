@@ -72,6 +72,10 @@ class AdapterSpec:
     families that add to the residual between layers (Qwen3-VL's deepstack visual features), where the input is the
     residual the next layer actually reads.
 
+    ``position_state``: the attribute (path relative to the HF model) where a forward over a prompt leaves what cached
+    generation reads for later positions (Qwen-VL's ``model.rope_deltas``: the offset of text positions after an
+    image). A generation that continues a KV cache built earlier (a shared image prefix) restores it first.
+
     Processor quirks: ``load_processor(folder, trust_remote_code)`` loads a saved processor whose
     ``processor_config.json`` names one of ``processor_classes`` (None from it: use ``AutoProcessor``).
 
@@ -98,6 +102,7 @@ class AdapterSpec:
     extend_inputs: Callable[[dict, Any], dict] = field(default=extend_ids, compare=False)
     tl_adapter: Callable[[], type] | None = field(default=None, compare=False)
     resid_read: str = "output"
+    position_state: str | None = None
     processor_classes: tuple[str, ...] = ()
     load_processor: Callable[[Path, bool], Any] | None = field(default=None, compare=False)
     random_model: Callable[[Any, ModelSize, dict], Any] | None = field(default=None, compare=False)

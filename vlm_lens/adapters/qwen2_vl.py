@@ -16,6 +16,9 @@ Quirks:
 - ``mm_token_type_ids`` (0 text, 1 image, 2 video) drives the mRoPE position ids. Qwen2-VL raises without it;
   **Qwen2.5-VL silently computes wrong positions and logits**. It is derived from ``input_ids`` when a processor
   does not return it, and always forwarded.
+- The model keeps ``model.rope_deltas`` (text positions after the image are offset by it) from the last forward over
+  a whole prompt, and cached generation reads it: ``position_state`` names it, so a generation continuing a KV cache
+  built earlier restores it.
 - ``image_grid_thw`` must accompany ``pixel_values`` (pixel_values are flattened patches, not an image tensor).
 - The image is wrapped as ``<|vision_start|><|image_pad|>...<|vision_end|>``; ``<|image_pad|>`` is repeated
   t*h*w / merge² times.
@@ -222,6 +225,7 @@ _COMMON: dict[str, Any] = dict(
     word_processor=qwen_processor,
     adapt_size=qwen_size,
     image_grids=merged_grids,
+    position_state="model.rope_deltas",
 )
 
 QWEN2_VL = AdapterSpec(

@@ -19,7 +19,7 @@ Quirks:
   *input* (``blocks.{l}.hook_resid_pre``; ``resid_read="input"``): stack index l is what decoder layer l reads.
   Patching ``resid_post`` of an early layer does not reach the next layer's input at image positions; patch
   ``resid_pre``.
-- ``mm_token_type_ids`` and ``image_grid_thw`` as for Qwen2.5-VL (derived from ``input_ids`` when missing).
+- ``mm_token_type_ids``, ``image_grid_thw`` and ``model.rope_deltas`` (``position_state``) as for Qwen2.5-VL (derived from ``input_ids`` when missing).
 - TransformerLens 4.3 has an adapter; it declares a ``torchvision`` requirement that the PIL image processors do not
   need, dropped here.
 """
@@ -71,6 +71,7 @@ QWEN3_VL = AdapterSpec(
     extend_inputs=extend_with_text_types,
     tl_adapter=qwen3_vl_tl_adapter,
     resid_read="input",
+    position_state="model.rope_deltas",
     random_model=random_qwen3_vl,
     word_processor=qwen_processor,
     adapt_size=qwen_size,
