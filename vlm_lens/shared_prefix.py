@@ -52,24 +52,19 @@ class ImagePrefix:
 
 @dataclass
 class PrefixCache:
-    """The image prefixes of the last ``size`` images (default 1: a dataset's consecutive questions about one image),
-    and how many prompts were served from a stored prefix (``hits``) or had to run one (``misses``). Keep one per run
-    of one model: an entry is only valid for the weights that computed it."""
+    """The image prefixes of the last ``size`` images (default 1: a dataset's consecutive questions about one image);
+    ``prefills``: prefixes run, ``shared``: prompts that reused a prefix instead of running it. Keep one per run of
+    one model: an entry is only valid for the weights that computed it."""
 
     size: int = 1
     entries: list[ImagePrefix] = field(default_factory=list)
-    hits: int = 0
-    misses: int = 0
+    prefills: int = 0
+    shared: int = 0
 
     def find(self, ids: Tensor, images: dict[str, Tensor]) -> ImagePrefix | None:
-        for entry in self.entries:
-            if entry.matches(ids, images):
-                self.hits += 1
-                return entry
-        return None
+        return next((entry for entry in self.entries if entry.matches(ids, images)), None)
 
     def add(self, entry: ImagePrefix) -> None:
-        self.misses += 1
         self.entries = ([entry] + self.entries)[: max(1, self.size)]
 
 
@@ -110,21 +105,48 @@ def _set(root, path: str, value) -> None:
     setattr(get_module(root, parent) if parent else root, name, value)
 
 
-def _generate_from(model, sample: VLMInputs, prefix: ImagePrefix, names: Sequence[str], max_new_tokens: int,
-                   stop_at_eos: bool) -> CapturedGeneration:  # fmt: skip
+def _generate_group(model, samples: Sequence[VLMInputs], prefix: ImagePrefix, names: Sequence[str],
+                    max_new_tokens: int, stop_at_eos: bool) -> list[CapturedGeneration]:  # fmt: skip
+    """Greedy-generate ``samples`` (all with ``prefix``) together from a fork of its KV cache: each row is the prefix,
+    pads, then the sample's own tokens (attention mask 0 on the pads, so positions and attention skip them, as with
+    left padding), recorded on the plain HF modules and split per sample."""
     from transformers import DynamicCache
 
     if model.adapter.position_state:
         _set(model.hf_model, model.adapter.position_state, prefix.position_state)
-    inputs = {k: v for k, v in sample.model_inputs.items() if k in PER_POSITION_PAD}  # the image is in the cache
+    length, batch = prefix.length, len(samples)
+    width = max(int(s.input_ids.shape[1]) for s in samples) - length  # the longest own part
+    inputs: dict[str, Tensor] = {}
+    for key, fill in PER_POSITION_PAD.items():
+        if key == "attention_mask" or key in samples[0].model_inputs:
+            rows = []
+            for sample in samples:
+                values = sample.model_inputs.get(key, torch.ones_like(sample.input_ids))
+                own = values[:, length:]
+                pad = torch.full((1, width - own.shape[1]), model.pad_token_id if fill is None else fill,
+                                 dtype=values.dtype, device=values.device)  # fmt: skip
+                rows.append(torch.cat([values[:, :length], pad, own], dim=1))
+            inputs[key] = torch.cat(rows)
     kwargs = model.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits=True)
     store: dict[str, list[Tensor]] = {n: [] for n in names}
     with torch.no_grad(), plain_capture(model, names, store):
-        past = DynamicCache(ddp_cache_data=prefix.kv, config=model.hf_model.config)  # a fork: the shared tensors stay
+        kv = [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in prefix.kv]  # no copy
+        past = DynamicCache(ddp_cache_data=kv, config=model.hf_model.config)  # a fork: the shared tensors stay
         out = model.hf_model.generate(**inputs, past_key_values=past, **kwargs)
-    generated = cut_at_eos(out.sequences[0, sample.input_ids.shape[1] :], model.tokenizer.eos_token_id).detach().clone()
-    step_logits = torch.stack(out.logits)[: len(generated), 0].float().detach().clone()
-    return CapturedGeneration({n: [prefix.chunks[n], *store[n]] for n in names}, generated, step_logits)
+    eos = model.tokenizer.eos_token_id
+    logits = torch.stack(out.logits)  # [step, batch, vocab]
+    captured = []
+    for i, sample in enumerate(samples):
+        generated = cut_at_eos(out.sequences[i, length + width :], eos).detach().clone()
+        own = int(sample.input_ids.shape[1]) - length
+        chunks = {}
+        for name in names:
+            prefill, *steps = store[name]
+            pieces = [prefix.chunks[name], prefill[i : i + 1, width - own :]]
+            pieces += [chunk[i : i + 1] for chunk in steps[: len(generated) - 1]]
+            chunks[name] = [torch.cat(pieces, dim=1).detach()]  # a copy: no view keeps the batch's chunks alive
+        captured.append(CapturedGeneration(chunks, generated, logits[: len(generated), i].float().detach().clone()))
+    return captured
 
 
 def _same(a: tuple[Tensor, dict[str, Tensor]], b: tuple[Tensor, dict[str, Tensor]]) -> bool:
@@ -135,23 +157,35 @@ def capture_shared(model, samples: Sequence[VLMInputs], names: Sequence[str], ma
                    prefixes: PrefixCache) -> list[CapturedGeneration | None]:  # fmt: skip
     """Per sample, its recording from a shared image prefix, or None for a sample to trace the ordinary way (batched
     with the others). A sample shares when ``prefixes`` holds its image prefix or another sample of the call has the
-    same one; a prefix run here is stored in ``prefixes``."""
+    same one; the samples of one prefix generate together; a prefix run here is stored in ``prefixes``."""
     keys: list[tuple[Tensor, dict[str, Tensor]] | None] = []
     for sample in samples:
         length = prefix_length(model, sample)
         keys.append(None if length is None else (sample.input_ids[0, :length], _image_inputs(sample)))
-    out: list[CapturedGeneration | None] = []
-    for i, (sample, key) in enumerate(zip(samples, keys)):
+    groups: list[tuple[ImagePrefix | None, list[int]]] = []
+    for i, key in enumerate(keys):
         if key is None:
-            out.append(None)
             continue
-        prefix = prefixes.find(*key)
-        if prefix is None and not any(other is not None and j != i and _same(key, other) for j, other in enumerate(keys)):
-            out.append(None)  # nothing to share it with: the batched generation serves it better
-            continue
-        check_positions(model, sample.input_ids.shape[1], max_new_tokens)
+        group = next((g for g in groups if _same(key, keys[g[1][0]])), None)  # type: ignore[arg-type]
+        if group is not None:
+            group[1].append(i)
+        else:
+            groups.append((prefixes.find(*key), [i]))
+    out: list[CapturedGeneration | None] = [None] * len(samples)
+    for prefix, members in groups:
+        if prefix is None and len(members) < 2:
+            continue  # nothing to share it with: the batched generation serves it better
+        for i in members:
+            check_positions(model, samples[i].input_ids.shape[1], max_new_tokens)
         if prefix is None:
-            prefix = _run_prefix(model, sample, len(key[0]), names)
+            first = members[0]
+            prefix = _run_prefix(model, samples[first], len(keys[first][0]), names)  # type: ignore[index]
             prefixes.add(prefix)
-        out.append(_generate_from(model, sample, prefix, names, max_new_tokens, stop_at_eos))
+            prefixes.prefills += 1
+            prefixes.shared += len(members) - 1
+        else:
+            prefixes.shared += len(members)
+        for i, one in zip(members, _generate_group(model, [samples[i] for i in members], prefix, names,
+                                                   max_new_tokens, stop_at_eos)):  # fmt: skip
+            out[i] = one
     return out

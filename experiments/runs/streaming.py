@@ -122,9 +122,11 @@ def _prepared(model, batch, skip_bad: bool, bad_rows: list) -> list:
 
 
 def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=None, batch_size: int = 1,
-           writer: str = "main", only: set[str] | None = None, progress: Progress | None = None) -> int:  # fmt: skip
+           writer: str = "main", only: set[str] | None = None, progress: Progress | None = None,
+           share_prefixes: bool = True) -> int:  # fmt: skip
     """Trace, analyse and reduce every entry of ``source`` not yet in ``store`` (``only``: just these ids);
-    returns the number of samples written."""
+    returns the number of samples written. ``share_prefixes``: questions about one image, in a batch or in
+    consecutive batches, run its prefill once (:mod:`vlm_lens.shared_prefix`; same traces within float tolerance)."""
     done = store.done_ids(1)
     report = progress or (lambda *a: None)
     if only is not None:  # a worker's share of the samples
@@ -134,15 +136,16 @@ def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=
     else:
         pending, total, count = (e for e in source if e.id not in done), len(source), len(done)
     report("tracing", count, total)
+    prefixes = PrefixCache() if share_prefixes else None  # the last image's prefill, kept for the next batches
     with frozen_heap():
-        count = _trace_batches(model, pending, store, settings, tuned_lens, batch_size, writer, count, total, report)
+        count = _trace_batches(model, pending, store, settings, tuned_lens, batch_size, writer, count, total, report,
+                               prefixes)  # fmt: skip
     return count
 
 
 def _trace_batches(model, pending, store: Store, settings: StreamSettings, tuned_lens, batch_size: int, writer: str,
-                   count: int, total: int, report) -> int:  # fmt: skip
+                   count: int, total: int, report, prefixes: PrefixCache | None) -> int:  # fmt: skip
     config = settings.config
-    prefixes = PrefixCache()  # the last image's prefill, shared by its questions in this and the next batches
     for batch in _batches(pending, batch_size):
         tables: dict[str, list] = {"samples": [], "tokens": [], "states": [], "single": [], "skip": []}
         good = _prepared(model, batch, settings.skip_bad, tables["samples"])
@@ -174,13 +177,14 @@ def skip_pending(store: Store) -> set[str]:
 
 
 def phase2(model, source, store: Store, sets: dict[str, list[int]], *, batch_size: int = 1, writer: str = "main",
-           only: set[str] | None = None, progress: Progress | None = None) -> int:  # fmt: skip
+           only: set[str] | None = None, progress: Progress | None = None, share_prefixes: bool = True) -> int:  # fmt: skip
     """Skip ``sets`` (name -> decoder layers) on every good sample without phase-2 rows; returns samples done."""
     wanted = {i for i in skip_pending(store) if only is None or i in only}
     todo = (e for e in source if e.id in wanted)  # lazy: a dataset's entries may hold decoded images
     report, count = progress or (lambda *a: None), 0
     report("layer skipping", 0, len(wanted))
-    prefixes, max_new_tokens = PrefixCache(), store.meta["settings"]["evolution"]["max_new_tokens"]
+    prefixes = PrefixCache() if share_prefixes else None
+    max_new_tokens = store.meta["settings"]["evolution"]["max_new_tokens"]
     for batch in _batches(todo, batch_size):
         good = _prepared(model, batch, True, [])
         traces = ke.trace_samples(model, [inputs for _, inputs in good], max_new_tokens, prefixes)

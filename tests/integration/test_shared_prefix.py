@@ -31,9 +31,9 @@ def test_shared_prefix_equals_independent_traces(tiny_family, backend):
     samples = [model.prepare(tiny_family.image, q) for q in QUESTIONS] + [model.prepare(other, QUESTIONS[0])]
     cache = PrefixCache()
     traces = model.trace_batch(samples, 6, prefixes=cache)
-    assert (cache.misses, cache.hits) == (1, 2)  # one prefill for the three questions; the other image is batched
+    assert (cache.prefills, cache.shared) == (1, 2)  # one prefill for the three questions; the other image is batched
     later = model.trace_batch(samples[1:3], 6, prefixes=cache)  # the next batch: served from the stored prefix
-    assert (cache.misses, cache.hits) == (1, 4)
+    assert (cache.prefills, cache.shared) == (1, 4)
     assert _worst(traces + later, samples + samples[1:3], model) <= 1e-5
 
 
@@ -55,7 +55,7 @@ def test_no_image_or_user_hook_is_traced_the_ordinary_way(tiny_llava):
     cache = PrefixCache()
     with model.hooks([("blocks.0.hook_resid_post", lambda act, hook: act)]):
         traces = model.trace_batch(samples, 4, prefixes=cache)  # a hook of yours must fire: no shared prefix
-    assert (cache.misses, cache.hits) == (0, 0) and len(traces) == 2
+    assert (cache.prefills, cache.shared) == (0, 0) and len(traces) == 2
 
 
 def test_the_last_images_prefix_is_kept_and_replaced():
