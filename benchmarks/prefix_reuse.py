@@ -8,10 +8,11 @@
   a whole teacher-forced forward and a whole generation through the hook points), interleaved (rotating order,
   medians of ``--reps``) in one process, on the same trace. On the medium model ``--medium-layers`` evenly spaced
   layers stand for the sweep (the naive sweep over all 24 layers takes minutes per repetition).
-- **shared**: samples/s of ``streaming.phase1`` (trace, every lens variant, evidence, reduction, store write) over N
-  questions, asked about N / q images (q questions per image, consecutive as in a VQA file), in batches of
-  ``--batch-size``: with shared image prefixes (:mod:`vlm_lens.shared_prefix`) and without, back to back in one
-  process, at each number of new tokens.
+- **shared**: samples/s of tracing N questions asked about N / q images (q questions per image, consecutive as in a
+  VQA file) in batches of ``--batch-size``, with shared image prefixes (:mod:`vlm_lens.shared_prefix`) and without,
+  back to back in one process (alternating which goes first, after one warm-up of both), at each number of new
+  tokens; for ``--phase1`` values of q also the whole per-sample work (``streaming.phase1``: trace, every lens
+  variant, evidence with its causal tests, reduction, store write).
 """
 
 from __future__ import annotations
@@ -78,31 +79,55 @@ def sweep_row(kind: str, reps: int, medium_layers: int, new_tokens: int) -> dict
             "same_results": same, "reps": reps}  # fmt: skip
 
 
-def shared_rows(n: int, per_image: list[int], new_tokens: list[int], batch_size: int) -> list[dict]:
+def shared_rows(n: int, per_image: list[int], new_tokens: list[int], batch_size: int, phase1_per_image: list[int]) -> list[dict]:
+    """Per (new tokens, questions per image): seconds to trace ``n`` questions in batches without and with shared
+    prefixes (run back to back, alternating which goes first, after one warm-up of both), and for the first number of
+    new tokens and each q of ``phase1_per_image`` the same for the whole per-sample work (``streaming.phase1``)."""
     from vlm_lens import testing
     from vlm_lens.experiments.analysis import knowledge_evolution as ke
     from vlm_lens.experiments.runs import datasets, streaming
+    from vlm_lens.shared_prefix import PrefixCache
 
     model = load("medium")
     size = testing.size_for("llava", "medium").image_size
-    rows = []
+
+    def samples_for(q: int) -> list:
+        return [ke.Sample(testing.sample_image(i // q, size), question(i % q), None, f"s{i}") for i in range(n)]
+
+    def trace_all(prepared: list, new: int, shared: bool) -> None:
+        prefixes = PrefixCache() if shared else None
+        for start in range(0, len(prepared), batch_size):
+            ke.trace_samples(model, prepared[start : start + batch_size], new, prefixes)
+
+    def phase1(source, new: int, shared: bool) -> None:
+        settings = streaming.StreamSettings(ke.EvolutionConfig(max_new_tokens=new), skip_sweep=False)
+        store = streaming.open_store(Path(tempfile.mkdtemp(prefix="vlm-lens-bench-")) / "store", model, source, settings,
+                                     overwrite=True)  # fmt: skip
+        streaming.phase1(model, source, store, settings, batch_size=batch_size, share_prefixes=shared)
+
+    warm = [model.prepare(s.image, s.prompt) for s in samples_for(2)[:2]]
+    trace_all(warm, 2, False)
+    trace_all(warm, 2, True)
+    rows, flip = [], False
     for new in new_tokens:
         for q in per_image:
-            samples = [ke.Sample(testing.sample_image(i // q, size), question(i % q), None, f"s{i}") for i in range(n)]
-            source = datasets.from_samples(samples)
-            config = ke.EvolutionConfig(max_new_tokens=new)
-            settings = streaming.StreamSettings(config, skip_sweep=False)
-            seconds = {}
-            for shared in (False, True):
-                out = Path(tempfile.mkdtemp(prefix="vlm-lens-bench-"))
-                store = streaming.open_store(out / "store", model, source, settings, overwrite=True)
-                start = time.perf_counter()
-                streaming.phase1(model, source, store, settings, batch_size=batch_size, share_prefixes=shared)
-                seconds[shared] = time.perf_counter() - start
-            rows.append({"new_tokens": new, "per_image": q, "images": -(-n // q), "n": n, "batch_size": batch_size,
-                         "plain_s": seconds[False], "shared_s": seconds[True], "plain_sps": n / seconds[False],
-                         "shared_sps": n / seconds[True], "speedup": seconds[False] / seconds[True]})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
+            prepared = [model.prepare(s.image, s.prompt) for s in samples_for(q)]
+            jobs = {"trace": lambda shared, prepared=prepared, new=new: trace_all(prepared, new, shared)}
+            if new == new_tokens[0] and q in phase1_per_image:
+                source = datasets.from_samples(samples_for(q))
+                jobs["phase1"] = lambda shared, source=source, new=new: phase1(source, new, shared)
+            for work, job in jobs.items():
+                seconds = {}
+                for shared in ((True, False) if flip else (False, True)):
+                    start = time.perf_counter()
+                    job(shared)
+                    seconds[shared] = time.perf_counter() - start
+                flip = not flip
+                rows.append({"work": work, "new_tokens": new, "per_image": q, "images": -(-n // q), "n": n,
+                             "batch_size": batch_size, "plain_s": seconds[False], "shared_s": seconds[True],
+                             "plain_sps": n / seconds[False], "shared_sps": n / seconds[True],
+                             "speedup": seconds[False] / seconds[True]})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -116,10 +141,11 @@ def tables(sweeps: list[dict], shared: list[dict]) -> str:
             lines.append(f"| {r['model']} | {which} | {r['positions']} + {r['new_tokens']} | {r['naive_s']:.2f} | "
                          f"{r['prefix_s']:.2f} | {r['speedup']:.2f}x | {r['same_results']} |")  # fmt: skip
     if shared:
-        lines += ["", "| new tokens | questions per image | images | without sharing (samples/s) | shared prefixes (samples/s) "
-                  "| speed-up |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| work | new tokens | questions per image | images | without sharing (samples/s) | shared prefixes "
+                  "(samples/s) | speed-up |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in shared:
-            lines.append(f"| {r['new_tokens']} | {r['per_image']} | {r['images']} | {r['plain_sps']:.3f} | "
+            work = "tracing" if r["work"] == "trace" else "trace + analysis + store (phase 1)"
+            lines.append(f"| {work} | {r['new_tokens']} | {r['per_image']} | {r['images']} | {r['plain_sps']:.3f} | "
                          f"{r['shared_sps']:.3f} | {r['speedup']:.2f}x |")  # fmt: skip
     return "\n".join(lines)
 
@@ -134,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared-n", type=int, default=16, help="questions in each shared-prefix run")
     parser.add_argument("--shared-new-tokens", default="16,64")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--phase1", default="1,16", help="questions per image whose whole phase 1 is timed too (first "
+                        "number of new tokens only)")
     parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # the random model's word vocabulary reads unknown words as <unk>: said once per word
@@ -145,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(sweeps[-1]), flush=True)
     per_image = [int(q) for q in filter(None, args.shared.split(","))]
     new_tokens = [int(t) for t in args.shared_new_tokens.split(",")]
-    shared = shared_rows(args.shared_n, per_image, new_tokens, args.batch_size) if per_image else []
+    phase1_q = [int(q) for q in filter(None, args.phase1.split(","))]
+    shared = shared_rows(args.shared_n, per_image, new_tokens, args.batch_size, phase1_q) if per_image else []
     print(tables(sweeps, shared))
     if args.write:
         command = "python benchmarks/prefix_reuse.py " + " ".join(argv if argv is not None else sys.argv[1:])
