@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         import torch
 
-        command = "python benchmarks/main_job.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python benchmarks/main_job.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         body = (f"Measured with `{command.strip()}` on {platform.machine()}, {os.cpu_count()} cores, torch "
                 f"{torch.__version__}, {time.strftime('%Y-%m-%d')}: seconds, median of {args.runs} whole-process runs "
                 f"each, interleaved.\n\n{table}\n\n<details><summary>raw numbers</summary>\n\n```json\n"

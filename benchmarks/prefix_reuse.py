@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     shared = shared_rows(args.shared_n, per_image, new_tokens, args.batch_size, phase1_q) if per_image else []
     print(tables(sweeps, shared))
     if args.write:
-        command = "python benchmarks/prefix_reuse.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python benchmarks/prefix_reuse.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         where = (f"Measured with `{command.strip()}` on {platform.machine()}, {os.cpu_count()} cores, torch "
                  f"{torch.__version__} ({torch.get_num_threads()} threads), float32, {time.strftime('%Y-%m-%d')}.")  # fmt: skip
         for name, rows, heading in (("prefix-sweep", sweeps, "### Skip sweeps from the cached prefix"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -123,7 +123,7 @@ class LayerSkip(Probe):
             layout=source.layout,
         )  # fmt: skip
 
-    def run_sets(self, source: Any, sets: dict[str, Sequence[int]]) -> dict[str, ProbeResult]:
+    def run_sets(self, source: Any, sets: Mapping[str, Sequence[int]]) -> dict[str, ProbeResult]:
         """Each named skip set on one trace (one result each), sharing one skipper (so the original KV cache a
         continuation needs is computed once per trace); ``reuse`` as this probe's."""
         src = as_source(source)

@@ -37,7 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from vlm_lens.capture import cut_at_eos, plain_capture
-from vlm_lens.surgery import get_module, original
+from vlm_lens.surgery import get_attribute, get_module, original, set_attribute
 
 
 class PassThrough(nn.Module):
@@ -122,6 +122,7 @@ class PrefixSkipper:
         self.trace = trace
         self.model = trace.model
         self.original_kv: list[tuple[Tensor, Tensor]] | None = None
+        self.position_state = None
 
     def _layers(self) -> nn.ModuleList:
         return get_module(self.model.hf_model, self.model.adapter.layers)
@@ -140,6 +141,8 @@ class PrefixSkipper:
                     residual = trace.cache[model.resid_names[below]].to(model.device, model.hf_model.dtype)
                     context.enter_context(_injected(layers[below], residual))
                 out = model.hf_model(**inputs, use_cache=use_cache, logits_to_keep=trace.n_steps)
+        if model.adapter.position_state:  # left by a forward over this trace's sequence: kept for its continuations
+            self.position_state = get_attribute(model.hf_model, model.adapter.position_state)
         return out.logits[0].float(), out.past_key_values
 
     def forced_logits(self, layers: Sequence[int]) -> Float[Tensor, "step vocab"]:
@@ -154,9 +157,10 @@ class PrefixSkipper:
         model, trace = self.model, self.trace
         chosen = sorted(set(int(i) for i in layers))
         original = trace.generated_ids
-        if not chosen:
-            return SkipOutcome(trace.step_logits.float(), original.clone(), None)
-        logits, cache = self._forward(chosen[0], chosen, use_cache=True)
+        if chosen:
+            logits, cache = self._forward(chosen[0], chosen, use_cache=True)
+        else:  # nothing skipped: the trace's own logits (a trace made without EOS may still differ from a generation with it)
+            logits, cache = trace.step_logits.to(model.device).float(), None
         scores = logits.clone()
         scores[:, model.suppressed_ids(True)] = float("-inf")
         choices = scores.argmax(-1).cpu()
@@ -185,12 +189,14 @@ class PrefixSkipper:
 
         model, trace = self.model, self.trace
         n_kept = trace.prompt_inputs.input_ids.shape[1] + len(emitted) - 1
-        below, skipped_set = skipped[0], set(skipped)
-        original = self._original_kv() if below > 0 or skipped_set else []
+        below, skipped_set = (skipped[0] if skipped else model.n_layers), set(skipped)
+        original = self._original_kv()
         data = []
-        for i, layer in enumerate(cache.layers):
-            keys, values = original[i] if i < below or i in skipped_set else (layer.keys, layer.values)
+        for i in range(model.n_layers):
+            keys, values = original[i] if i < below or i in skipped_set else (cache.layers[i].keys, cache.layers[i].values)
             data.append((keys[..., :n_kept, :], values[..., :n_kept, :]))
+        if model.adapter.position_state:  # what cached generation reads (Qwen's rope offset): this trace's
+            set_attribute(model.hf_model, model.adapter.position_state, self.position_state)
         prefix = model.extend(trace.prompt_inputs, emitted.to(trace.prompt_inputs.input_ids.device))
         from vlm_lens.batch import PER_POSITION_PAD
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from vlm_lens.batch import PER_POSITION_PAD
 from vlm_lens.capture import CapturedGeneration, cut_at_eos, plain_capture
 from vlm_lens.inputs import VLMInputs, check_positions
-from vlm_lens.surgery import get_module
+from vlm_lens.surgery import get_attribute, set_attribute
 
 
 @dataclass
@@ -89,20 +89,10 @@ def _run_prefix(model, sample: VLMInputs, length: int, names: Sequence[str]) -> 
     with torch.no_grad(), plain_capture(model, names, store):
         out = model.hf_model(**inputs, use_cache=True, logits_to_keep=1)
     state_path = model.adapter.position_state
-    state = _get(model.hf_model, state_path) if state_path else None
+    state = get_attribute(model.hf_model, state_path) if state_path else None
     return ImagePrefix(length, sample.input_ids[0, :length].clone(), _image_inputs(sample),
                        [(layer.keys, layer.values) for layer in out.past_key_values.layers],
                        {n: torch.cat(store[n], dim=1) for n in names}, state)  # fmt: skip
-
-
-def _get(root, path: str):
-    parent, _, name = path.rpartition(".")
-    return getattr(get_module(root, parent) if parent else root, name)
-
-
-def _set(root, path: str, value) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(get_module(root, parent) if parent else root, name, value)
 
 
 def _generate_group(model, samples: Sequence[VLMInputs], prefix: ImagePrefix, names: Sequence[str],
@@ -113,7 +103,7 @@ def _generate_group(model, samples: Sequence[VLMInputs], prefix: ImagePrefix, na
     from transformers import DynamicCache
 
     if model.adapter.position_state:
-        _set(model.hf_model, model.adapter.position_state, prefix.position_state)
+        set_attribute(model.hf_model, model.adapter.position_state, prefix.position_state)
     length, batch = prefix.length, len(samples)
     width = max(int(s.input_ids.shape[1]) for s in samples) - length  # the longest own part
     inputs: dict[str, Tensor] = {}
@@ -122,10 +112,10 @@ def _generate_group(model, samples: Sequence[VLMInputs], prefix: ImagePrefix, na
             rows = []
             for sample in samples:
                 values = sample.model_inputs.get(key, torch.ones_like(sample.input_ids))
-                own = values[:, length:]
-                pad = torch.full((1, width - own.shape[1]), model.pad_token_id if fill is None else fill,
+                tail = values[:, length:]  # the sample's own positions
+                pad = torch.full((1, width - tail.shape[1]), model.pad_token_id if fill is None else fill,
                                  dtype=values.dtype, device=values.device)  # fmt: skip
-                rows.append(torch.cat([values[:, :length], pad, own], dim=1))
+                rows.append(torch.cat([values[:, :length], pad, tail], dim=1))
             inputs[key] = torch.cat(rows)
     kwargs = model.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits=True)
     store: dict[str, list[Tensor]] = {n: [] for n in names}

@@ -12,6 +12,18 @@ def get_module(model, dotted: str):
     return module
 
 
+def get_attribute(root, dotted: str):
+    """``root.a.b.c`` for ``dotted = "a.b.c"`` (a module path, then an attribute)."""
+    parent, _, name = dotted.rpartition(".")
+    return getattr(get_module(root, parent) if parent else root, name)
+
+
+def set_attribute(root, dotted: str, value) -> None:
+    """``root.a.b.c = value`` for ``dotted = "a.b.c"``."""
+    parent, _, name = dotted.rpartition(".")
+    setattr(get_module(root, parent) if parent else root, name, value)
+
+
 def is_library_hook(hook) -> bool:
     function = getattr(hook, "func", hook)
     return (getattr(function, "__module__", None) or "").split(".")[0] in ("transformers", "transformer_lens")

@@ -112,6 +112,8 @@ def trace_samples(model, inputs: list, max_new_tokens: int, prefixes=None) -> li
     """Generation traces of prepared ``inputs``: one batched generation when there are several (``model.trace_batch``,
     equal to one-at-a-time traces within float32 noise), else ``model.trace_generation``. ``prefixes`` (a
     :class:`~vlm_lens.shared_prefix.PrefixCache` kept over a run): questions about one image share its prefill."""
+    if not inputs:  # a batch whose rows were all unreadable
+        return []
     if hasattr(model, "trace_batch") and (len(inputs) > 1 or prefixes is not None):
         return model.trace_batch(inputs, max_new_tokens, prefixes=prefixes)
     return [model.trace_generation(x, max_new_tokens) for x in inputs]
