@@ -78,59 +78,68 @@ def analyze(
     """Trace, detect critical layers and mutation events, skip layers, cluster features; write report.html + .json."""
     from rich.console import Console
 
-    from vlm_lens.experiments.cli.timings import PhaseClock
+    from vlm_lens.experiments.cli.timings import PhaseClock, collections_paused
 
     clock = PhaseClock()
+    with collections_paused():  # importing the libraries and loading the model: no full collections of a growing heap
+        from vlm_lens.experiments.analysis.evidence import DetectionConfig
+        from vlm_lens.experiments.analysis.knowledge_evolution import EvolutionConfig
+        from vlm_lens.experiments.pipeline import DEFAULT_ANALYSIS_MODEL
+        from vlm_lens.experiments.runs.streaming import frozen_heap
 
-    from vlm_lens.experiments.analysis.evidence import DetectionConfig
-    from vlm_lens.experiments.analysis.knowledge_evolution import EvolutionConfig
-    from vlm_lens.experiments.pipeline import DEFAULT_ANALYSIS_MODEL
-    from vlm_lens.experiments.pipeline import analyze as run_analysis
-
-    if tuned_lens is not None:
-        lens = LensKind.tuned  # a lens folder asks for the tuned lens
-        if not (tuned_lens / "lens.json").exists():
-            fail(f"--tuned-lens {tuned_lens} holds no lens.json: train one with `vlm-lens tune-lens --out DIR`")
-    if variant == Variant.tuned and lens != LensKind.tuned:
-        fail("--variant tuned shows the tuned lens: add --lens tuned")
-    if threshold <= 0:
-        fail("--threshold must be > 0 (the probability an answer must reach to count as established)")
-    check_output(out, "--out")
-    check_output(store, "--store")
-    sources = [name for name, given in (("--manifest", manifest), ("--dataset", dataset), ("--image", image)) if given]
-    if len(sources) > 1:
-        fail(f"{' and '.join(sources)} both name the samples: pass one of --manifest, --dataset, --image")
-    if workers and ray_address is None and workers > 64:
-        fail(f"--workers {workers}: a local Ray cluster runs at most 64 workers; pass --ray-address for a cluster")
-    if resume and overwrite:
-        fail("--resume continues a store and --overwrite starts it afresh: pass one")
-    if store is not None and store.exists() and not store.is_dir():
-        fail(f"--store {store} is a file: name a folder for the run store")
-    source = _source(manifest, dataset, image, prompt, skip_bad, image_column, question_column, answer_column, split)
-    set_threads(threads)
-    console = Console()
-    clock.mark("loading the model")
-    vlm = load_model(model or DEFAULT_ANALYSIS_MODEL)
-    tuned = tuned_lens_from(vlm, tuned_lens) if lens == LensKind.tuned else None
-    samples = source if source is not None else samples_for(vlm, [], prompt)
-    say_what_is_asked(console, vlm, bool(image), bool(manifest or dataset), prompt, len(samples))
-    variants = ("correct", "paper") + (("tuned",) if tuned is not None else ())
-    config = EvolutionConfig(DetectionConfig(establish_prob=threshold), variants, max_new_tokens)
-    bar, update = progress_bar(console)
-    try:
-        with bar:
-            result = run_analysis(vlm, samples, out, config=config, variant=variant.value, lens=tuned, png=png,
-                                  skip_sweep=skip_sweep, show_special=special_tokens, progress=clock.progress(update), store=store,
-                                  resume=resume, overwrite=overwrite or None, batch_size=batch_size,
-                                  skip_bad=skip_bad, workers=workers, ray_address=ray_address,
-                                  patch_maps=patch_maps)  # fmt: skip
-    except ImportError as error:  # bad input (VLMLensError) and failed runs are mapped by the command group
-        fail(f"{error}: --workers needs Ray, pip install 'vlm-lens[distributed]'")
-    clock.mark("summary")
-    _print_result(console, result, variants)
+        if tuned_lens is not None:
+            lens = LensKind.tuned  # a lens folder asks for the tuned lens
+            if not (tuned_lens / "lens.json").exists():
+                fail(f"--tuned-lens {tuned_lens} holds no lens.json: train one with `vlm-lens tune-lens --out DIR`")
+        if variant == Variant.tuned and lens != LensKind.tuned:
+            fail("--variant tuned shows the tuned lens: add --lens tuned")
+        if threshold <= 0:
+            fail("--threshold must be > 0 (the probability an answer must reach to count as established)")
+        check_output(out, "--out")
+        check_output(store, "--store")
+        sources = [name for name, given in (("--manifest", manifest), ("--dataset", dataset), ("--image", image)) if given]
+        if len(sources) > 1:
+            fail(f"{' and '.join(sources)} both name the samples: pass one of --manifest, --dataset, --image")
+        if workers and ray_address is None and workers > 64:
+            fail(f"--workers {workers}: a local Ray cluster runs at most 64 workers; pass --ray-address for a cluster")
+        if resume and overwrite:
+            fail("--resume continues a store and --overwrite starts it afresh: pass one")
+        if store is not None and store.exists() and not store.is_dir():
+            fail(f"--store {store} is a file: name a folder for the run store")
+        source = _source(manifest, dataset, image, prompt, skip_bad, image_column, question_column, answer_column, split)
+        set_threads(threads)
+        console = Console()
+        clock.mark("loading the model")
+        vlm = load_model(model or DEFAULT_ANALYSIS_MODEL)
+    with frozen_heap():  # the libraries and the model live to the end: no collection needs to scan them
+        tuned = tuned_lens_from(vlm, tuned_lens) if lens == LensKind.tuned else None
+        samples = source if source is not None else samples_for(vlm, [], prompt)
+        say_what_is_asked(console, vlm, bool(image), bool(manifest or dataset), prompt, len(samples))
+        variants = ("correct", "paper") + (("tuned",) if tuned is not None else ())
+        config = EvolutionConfig(DetectionConfig(establish_prob=threshold), variants, max_new_tokens)
+        result = _run(vlm, samples, out, config, variant, tuned, png, skip_sweep, special_tokens, clock, console, store,
+                      resume, overwrite, batch_size, skip_bad, workers, ray_address, patch_maps)  # fmt: skip
+        clock.mark("summary")
+        _print_result(console, result, variants)
     if timings:
         for line in clock.lines():
             console.print(line, highlight=False, markup=False)
+
+
+def _run(vlm, samples, out, config, variant, tuned, png, skip_sweep, special_tokens, clock, console, store, resume,
+         overwrite, batch_size, skip_bad, workers, ray_address, patch_maps) -> dict:  # fmt: skip
+    from vlm_lens.experiments.pipeline import analyze as run_analysis
+
+    bar, update = progress_bar(console)
+    try:
+        with bar:
+            return run_analysis(vlm, samples, out, config=config, variant=variant.value, lens=tuned, png=png,
+                                skip_sweep=skip_sweep, show_special=special_tokens, progress=clock.progress(update),
+                                store=store, resume=resume, overwrite=overwrite or None, batch_size=batch_size,
+                                skip_bad=skip_bad, workers=workers, ray_address=ray_address,
+                                patch_maps=patch_maps)  # fmt: skip
+    except ImportError as error:  # bad input (VLMLensError) and failed runs are mapped by the command group
+        fail(f"{error}: --workers needs Ray, pip install 'vlm-lens[distributed]'")
 
 
 def _print_result(console, result: dict, variants) -> None:
