@@ -101,7 +101,7 @@ def shared_rows(n: int, per_image: list[int], new_tokens: list[int], batch_size:
             ke.trace_samples(model, prepared[start : start + batch_size], new, prefixes)
 
     def phase1(source, new: int, shared: bool) -> None:
-        settings = streaming.StreamSettings(ke.EvolutionConfig(max_new_tokens=new), skip_sweep=False)
+        settings = streaming.StreamSettings(ke.EvolutionConfig(max_new_tokens=new), skip_sweep=False)  # 6 patch maps
         store = streaming.open_store(Path(tempfile.mkdtemp(prefix="vlm-lens-bench-")) / "store", model, source, settings,
                                      overwrite=True)  # fmt: skip
         streaming.phase1(model, source, store, settings, batch_size=batch_size, share_prefixes=shared)
