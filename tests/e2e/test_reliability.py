@@ -164,8 +164,10 @@ def _pair(out: Path) -> tuple[str, str]:
 
 
 WRITER = r"""
-import sys, time
+import signal, sys, time
 from pathlib import Path
+# SIGINT raises KeyboardInterrupt even when this process inherited it ignored (a suite run under nohup or `&`)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from vlm_lens.experiments.report import page as R
 out, rounds, slow = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "slow"
 R.write_report(out, "first", [], {"n": 0}, png=False)
