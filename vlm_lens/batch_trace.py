@@ -51,7 +51,10 @@ def trace_generation_batch(
     model.check_hook_names(names)
     captured: list = [None] * len(samples)
     if prefixes is not None and not model.user_hooks_active():
-        from vlm_lens.shared_prefix import capture_shared
+        from vlm_lens.shared_prefix import PrefixCache, capture_shared
+
+        if not isinstance(prefixes, PrefixCache):
+            raise InputTypeError(f"prefixes must be a vlm_lens.shared_prefix.PrefixCache, got {type(prefixes).__name__}")
 
         captured = capture_shared(model, samples, names, max_new_tokens, stop_at_eos, prefixes)
     rest = [i for i, one in enumerate(captured) if one is None]

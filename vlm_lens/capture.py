@@ -17,7 +17,7 @@ import contextlib
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -26,7 +26,7 @@ from torch import Tensor
 from vlm_lens.batch import PER_POSITION_PAD
 from vlm_lens.errors import InputError
 from vlm_lens.inputs import VLMInputs, check_positions
-from vlm_lens.surgery import get_module, original, unwrapped
+from vlm_lens.surgery import get_module, original, set_attribute, unwrapped
 
 # residual-stream names the plain-HF route can read (decoder layer inputs/outputs, the final norm's output)
 PLAIN_NAMES = re.compile(r"^(blocks\.\d+\.hook_resid_(pre|post)|ln_final\.hook_normalized)$")
@@ -152,6 +152,26 @@ def plain_capture(model, names: Sequence[str], store: dict[str, list[Tensor]]):
                 )
             cleanup.callback(handle.remove)
         yield
+
+
+def generate_from_cache(model, model_inputs: dict[str, Tensor], kv: Sequence[tuple[Tensor, Tensor]], max_new_tokens: int,
+                        stop_at_eos: bool, *, with_logits: bool, position_state: Any = None, names: Sequence[str] = (),
+                        store: dict[str, list[Tensor]] | None = None):  # fmt: skip
+    """HF greedy ``generate`` on the plain HF modules, continuing a KV cache built elsewhere (a shared image prefix, a
+    skipped forward): ``kv`` per decoder layer, ``[batch, kv_heads, kept, head_dim]`` each (left as they are: the cache
+    grows by concatenation); ``model_inputs`` the sequence's per-position inputs, the kept positions first (the image
+    is in the cache, so image inputs are dropped: a second ``pixel_values`` would be merged again); the family's
+    position state (``AdapterSpec.position_state``) set to ``position_state`` first. With ``names``, their values
+    are appended to ``store`` (:func:`plain_capture`). Returns HF's generate output."""
+    from transformers import DynamicCache
+
+    if model.adapter.position_state:
+        set_attribute(model.hf_model, model.adapter.position_state, position_state)
+    inputs = {k: v for k, v in model_inputs.items() if k in PER_POSITION_PAD}
+    kwargs = model.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits=with_logits)
+    with torch.no_grad(), plain_capture(model, names, {} if store is None else store):
+        past = DynamicCache(ddp_cache_data=list(kv), config=model.hf_model.config)
+        return model.hf_model.generate(**inputs, past_key_values=past, **kwargs)
 
 
 def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[int]]:

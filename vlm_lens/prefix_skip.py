@@ -36,8 +36,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from vlm_lens.capture import cut_at_eos, plain_capture
-from vlm_lens.surgery import get_attribute, get_module, original, set_attribute
+from vlm_lens.capture import cut_at_eos, generate_from_cache, plain_capture
+from vlm_lens.surgery import get_attribute, get_module, original
 
 
 class PassThrough(nn.Module):
@@ -132,15 +132,13 @@ class PrefixSkipper:
         through; logits at the step positions (the last ``n_steps`` positions of the processed sequence)."""
         model, trace = self.model, self.trace
         inputs = dict(trace.inputs.model_inputs)
-        with torch.no_grad(), plain_capture(model, [], {}):
+        with torch.no_grad(), plain_capture(model, [], {}), contextlib.ExitStack() as context:
             layers = self._layers()
-            context = contextlib.ExitStack()
-            with context:
-                context.enter_context(_swapped(layers, sorted(set(range(below)) | set(skipped))))
-                if below > 0:
-                    residual = trace.cache[model.resid_names[below]].to(model.device, model.hf_model.dtype)
-                    context.enter_context(_injected(layers[below], residual))
-                out = model.hf_model(**inputs, use_cache=use_cache, logits_to_keep=trace.n_steps)
+            context.enter_context(_swapped(layers, sorted(set(range(below)) | set(skipped))))
+            if below > 0:
+                residual = trace.cache[model.resid_names[below]].to(model.device, model.hf_model.dtype)
+                context.enter_context(_injected(layers[below], residual))
+            out = model.hf_model(**inputs, use_cache=use_cache, logits_to_keep=trace.n_steps)
         if model.adapter.position_state:  # left by a forward over this trace's sequence: kept for its continuations
             self.position_state = get_attribute(model.hf_model, model.adapter.position_state)
         return out.logits[0].float(), out.past_key_values
@@ -185,8 +183,6 @@ class PrefixSkipper:
         """Greedy generation of ``remaining`` more tokens after ``emitted`` with ``skipped`` as identity maps, from
         the KV cache of the prompt and ``emitted[:-1]`` (layers below the lowest skip and the skipped ones: the
         original model's; the others: the skipped forward's)."""
-        from transformers import DynamicCache
-
         model, trace = self.model, self.trace
         n_kept = trace.prompt_inputs.input_ids.shape[1] + len(emitted) - 1
         below, skipped_set = (skipped[0] if skipped else model.n_layers), set(skipped)
@@ -195,16 +191,9 @@ class PrefixSkipper:
         for i in range(model.n_layers):
             keys, values = original[i] if i < below or i in skipped_set else (cache.layers[i].keys, cache.layers[i].values)
             data.append((keys[..., :n_kept, :], values[..., :n_kept, :]))
-        if model.adapter.position_state:  # what cached generation reads (Qwen's rope offset): this trace's
-            set_attribute(model.hf_model, model.adapter.position_state, self.position_state)
         prefix = model.extend(trace.prompt_inputs, emitted.to(trace.prompt_inputs.input_ids.device))
-        from vlm_lens.batch import PER_POSITION_PAD
-
-        # per-position inputs only: the image is in the cache (a second pixel_values would be merged again)
-        inputs = {k: v for k, v in prefix.model_inputs.items() if k in PER_POSITION_PAD}
-        kwargs = model.greedy_kwargs(remaining, True, with_logits=False)
-        with torch.no_grad(), plain_capture(model, [], {}), skipping(model, sorted(skipped_set)):
-            past = DynamicCache(ddp_cache_data=data, config=model.hf_model.config)
-            out = model.hf_model.generate(**inputs, past_key_values=past, **kwargs)
+        with skipping(model, sorted(skipped_set)):  # position state: this trace's (Qwen's rope offset)
+            out = generate_from_cache(model, prefix.model_inputs, data, remaining, True, with_logits=False,
+                                      position_state=self.position_state)  # fmt: skip
         new = out.sequences[0, prefix.input_ids.shape[1] :].cpu()
         return torch.cat([emitted, new])

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from vlm_lens.batch import PER_POSITION_PAD
-from vlm_lens.capture import CapturedGeneration, cut_at_eos, plain_capture
+from vlm_lens.capture import CapturedGeneration, cut_at_eos, generate_from_cache, plain_capture, split_batch
 from vlm_lens.inputs import VLMInputs, check_positions
-from vlm_lens.surgery import get_attribute, set_attribute
+from vlm_lens.surgery import get_attribute
 
 
 @dataclass
@@ -46,8 +46,15 @@ class ImagePrefix:
     position_state: Any = None
 
     def matches(self, ids: Tensor, images: dict[str, Tensor]) -> bool:
-        return (ids.shape == self.ids.shape and bool(torch.equal(ids, self.ids)) and images.keys() == self.images.keys()
-                and all(images[k].shape == v.shape and bool(torch.equal(images[k], v)) for k, v in self.images.items()))  # fmt: skip
+        return same_prefix((self.ids, self.images), (ids, images))
+
+
+def same_prefix(a: tuple[Tensor, dict[str, Tensor]], b: tuple[Tensor, dict[str, Tensor]]) -> bool:
+    """Whether two ``(prefix ids, image inputs)`` are equal (shapes and values)."""
+    (ids_a, images_a), (ids_b, images_b) = a, b
+    same = ids_a.shape == ids_b.shape and bool(torch.equal(ids_a, ids_b)) and images_a.keys() == images_b.keys()
+    return same and all(images_a[k].shape == images_b[k].shape and bool(torch.equal(images_a[k], images_b[k]))
+                        for k in images_a)  # fmt: skip
 
 
 @dataclass
@@ -100,10 +107,6 @@ def _generate_group(model, samples: Sequence[VLMInputs], prefix: ImagePrefix, na
     """Greedy-generate ``samples`` (all with ``prefix``) together from a fork of its KV cache: each row is the prefix,
     pads, then the sample's own tokens (attention mask 0 on the pads, so positions and attention skip them, as with
     left padding), recorded on the plain HF modules and split per sample."""
-    from transformers import DynamicCache
-
-    if model.adapter.position_state:
-        set_attribute(model.hf_model, model.adapter.position_state, prefix.position_state)
     length, batch = prefix.length, len(samples)
     width = max(int(s.input_ids.shape[1]) for s in samples) - length  # the longest own part
     inputs: dict[str, Tensor] = {}
@@ -117,30 +120,17 @@ def _generate_group(model, samples: Sequence[VLMInputs], prefix: ImagePrefix, na
                                  dtype=values.dtype, device=values.device)  # fmt: skip
                 rows.append(torch.cat([values[:, :length], pad, tail], dim=1))
             inputs[key] = torch.cat(rows)
-    kwargs = model.greedy_kwargs(max_new_tokens, stop_at_eos, with_logits=True)
+    kv = [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in prefix.kv]  # a fork: no copy
     store: dict[str, list[Tensor]] = {n: [] for n in names}
-    with torch.no_grad(), plain_capture(model, names, store):
-        kv = [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in prefix.kv]  # no copy
-        past = DynamicCache(ddp_cache_data=kv, config=model.hf_model.config)  # a fork: the shared tensors stay
-        out = model.hf_model.generate(**inputs, past_key_values=past, **kwargs)
+    out = generate_from_cache(model, inputs, kv, max_new_tokens, stop_at_eos, with_logits=True,
+                              position_state=prefix.position_state, names=names, store=store)  # fmt: skip
     eos = model.tokenizer.eos_token_id
+    generated = [cut_at_eos(out.sequences[i, length + width :], eos).detach().clone() for i in range(batch)]
     logits = torch.stack(out.logits)  # [step, batch, vocab]
-    captured = []
-    for i, sample in enumerate(samples):
-        generated = cut_at_eos(out.sequences[i, length + width :], eos).detach().clone()
-        own = int(sample.input_ids.shape[1]) - length
-        chunks = {}
-        for name in names:
-            prefill, *steps = store[name]
-            pieces = [prefix.chunks[name], prefill[i : i + 1, width - own :]]
-            pieces += [chunk[i : i + 1] for chunk in steps[: len(generated) - 1]]
-            chunks[name] = [torch.cat(pieces, dim=1).detach()]  # a copy: no view keeps the batch's chunks alive
-        captured.append(CapturedGeneration(chunks, generated, logits[: len(generated), i].float().detach().clone()))
-    return captured
-
-
-def _same(a: tuple[Tensor, dict[str, Tensor]], b: tuple[Tensor, dict[str, Tensor]]) -> bool:
-    return ImagePrefix(0, a[0], a[1], [], {}).matches(*b)
+    pads = [width - (int(s.input_ids.shape[1]) - length) for s in samples]  # pads before each sample's own tokens
+    own = split_batch(store, pads, [len(g) for g in generated])
+    return [CapturedGeneration({n: [prefix.chunks[n], mine[n]] for n in names}, g, logits[: len(g), i].float().detach().clone())
+            for i, (g, mine) in enumerate(zip(generated, own))]  # fmt: skip
 
 
 def capture_shared(model, samples: Sequence[VLMInputs], names: Sequence[str], max_new_tokens: int, stop_at_eos: bool,
@@ -148,28 +138,26 @@ def capture_shared(model, samples: Sequence[VLMInputs], names: Sequence[str], ma
     """Per sample, its recording from a shared image prefix, or None for a sample to trace the ordinary way (batched
     with the others). A sample shares when ``prefixes`` holds its image prefix or another sample of the call has the
     same one; the samples of one prefix generate together; a prefix run here is stored in ``prefixes``."""
-    keys: list[tuple[Tensor, dict[str, Tensor]] | None] = []
-    for sample in samples:
+    groups: list[tuple[tuple[Tensor, dict[str, Tensor]], list[int]]] = []  # (prefix key, samples with it)
+    for i, sample in enumerate(samples):
         length = prefix_length(model, sample)
-        keys.append(None if length is None else (sample.input_ids[0, :length], _image_inputs(sample)))
-    groups: list[tuple[ImagePrefix | None, list[int]]] = []
-    for i, key in enumerate(keys):
-        if key is None:
+        if length is None:
             continue
-        group = next((g for g in groups if _same(key, keys[g[1][0]])), None)  # type: ignore[arg-type]
+        key = (sample.input_ids[0, :length], _image_inputs(sample))
+        group = next((g for g in groups if same_prefix(key, g[0])), None)
         if group is not None:
             group[1].append(i)
         else:
-            groups.append((prefixes.find(*key), [i]))
+            groups.append((key, [i]))
     out: list[CapturedGeneration | None] = [None] * len(samples)
-    for prefix, members in groups:
+    for key, members in groups:
+        prefix = prefixes.find(*key)
         if prefix is None and len(members) < 2:
             continue  # nothing to share it with: the batched generation serves it better
         for i in members:
             check_positions(model, samples[i].input_ids.shape[1], max_new_tokens)
         if prefix is None:
-            first = members[0]
-            prefix = _run_prefix(model, samples[first], len(keys[first][0]), names)  # type: ignore[index]
+            prefix = _run_prefix(model, samples[members[0]], len(key[0]), names)
             prefixes.add(prefix)
             prefixes.prefills += 1
             prefixes.shared += len(members) - 1

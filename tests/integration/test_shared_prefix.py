@@ -70,3 +70,12 @@ def test_the_last_images_prefix_is_kept_and_replaced():
     cache.add(b)
     assert cache.entries == [b] and cache.find(torch.tensor([1, 2]), {"pixel_values": torch.zeros(1, 3)}) is None
 
+
+
+def test_prefixes_of_another_type_are_refused(tiny_llava):
+    from vlm_lens.errors import InputTypeError
+
+    model = tiny_llava.model
+    samples = [model.prepare(tiny_llava.image, q) for q in QUESTIONS[:2]]
+    with pytest.raises(InputTypeError, match="PrefixCache"):
+        model.trace_batch(samples, 2, prefixes={})
