@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--before", default=None, help="a folder holding another version's vlm_lens package")
     parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--png", action=argparse.BooleanOptionalAction, default=True, help="also time runs with --png")
     parser.add_argument("--warm-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warm_child is not None:
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = [("this version", None, False), ("this version, --png", None, True)]
     if args.before:
         configs = [("before", args.before, False), ("before, with PNG (its default)", args.before, True)] + configs
+    configs = [c for c in configs if args.png or not c[2]]
     runs: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in configs}
     for _ in range(args.runs):
         for label, path, png in configs:

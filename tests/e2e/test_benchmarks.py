@@ -42,3 +42,20 @@ def test_patch_localization_smoke(capsys):
     patch_localization.main(["--n", "2", "--no-write"])
     out = capsys.readouterr().out
     assert "**shapes-llava** (2 fresh images" in out and "| pointing, colour word |" in out and "chance 0.11" in out
+
+
+def test_prefix_reuse_benchmark_smoke(capsys):
+    from benchmarks import prefix_reuse
+
+    prefix_reuse.main(["--sweep-models", "shapes-llava-prior", "--reps", "1", "--shared", "", "--no-write"])
+    out = capsys.readouterr().out
+    assert "| shapes-llava-prior | all | " in out and "| True |" in out  # the prefix sweep equals the naive one
+
+
+def test_main_job_benchmark_smoke(capsys):
+    """Runs `vlm-lens analyze --timings` as a whole process and reads its phase lines back."""
+    from benchmarks import main_job
+
+    main_job.main(["--runs", "1", "--no-png", "--no-write"])
+    out = capsys.readouterr().out
+    assert "| tracing | " in out and "| loading the model | " in out and "| total | " in out and "in a session" in out
