@@ -84,6 +84,13 @@ class AdapterSpec:
     (:func:`vlm_lens.builders.text_settings`); ``word_processor(words, size)`` an offline processor over a word-level
     vocabulary; ``adapt_size(size, name)`` the family's version of the ``"tiny"`` / ``"medium"`` size spec. A family
     without ``random_model`` can be loaded and analysed but is left out of the family tests.
+
+    Token roles (:meth:`position_roles`; :mod:`vlm_lens.roles`): ``marker_tokens`` are regular expressions (full
+    match) of the token strings that delimit images, tiles or rows without carrying image features (Pixtral's
+    ``[IMG_BREAK]``, Idefics3's ``<row_1_col_1>``, Gemma 3's ``<start_of_image>``); ``image_parts(config,
+    model_inputs, n_image_tokens)`` labels each image-token position ``(kind, image)`` with kind ``"patch"``,
+    ``"thumbnail"`` (the downscaled whole image of a tiling family) or ``"newline"`` (a learned row-end embedding
+    among the image features). Without it every image token is a patch of image k, k counting contiguous runs.
     """
 
     family: str
@@ -109,6 +116,8 @@ class AdapterSpec:
     word_processor: Callable[[Iterable[str], ModelSize], Any] | None = field(default=None, compare=False)
     adapt_size: Callable[[ModelSize, str], ModelSize] | None = field(default=None, compare=False)
     image_grids: Callable[[Any, dict | None, int], list[tuple[int, int]]] | None = field(default=None, compare=False)
+    marker_tokens: tuple[str, ...] = ()
+    image_parts: Callable[[Any, dict | None, int], list[tuple[str, int]]] | None = field(default=None, compare=False)
 
     def grids(self, config, model_inputs: dict | None, n_image_tokens: int) -> list[tuple[int, int]]:
         """``(rows, cols)`` of each image's tokens in the language sequence, in order (row-major within an image):
@@ -157,3 +166,29 @@ class AdapterSpec:
             if value is not None:
                 ids.add(int(value))
         return sorted(ids)
+
+    def position_roles(self, config, tokenizer, input_ids, model_inputs: dict | None = None) -> list[str]:
+        """The fine role of every position of one sequence ``input_ids`` ``[pos]``: ``"text"``, ``"marker"``, or
+        ``"<kind> <k>"`` for an image token (``"patch 0"``, ``"thumbnail 1"``, ``"newline 0"``) of image k."""
+        import re
+
+        ids = [int(i) for i in input_ids]
+        placeholders = set(self.placeholder_ids(config))
+        image_at = [i for i, token in enumerate(ids) if token in placeholders]
+        if self.image_parts is not None:
+            parts = self.image_parts(config, model_inputs, len(image_at))
+            if len(parts) != len(image_at):
+                raise InputError(f"{self.family}: the image parts describe {len(parts)} image tokens, the sequence has "
+                                 f"{len(image_at)}: prepare the inputs with this model's processor")  # fmt: skip
+        else:  # one image per contiguous run of placeholders
+            runs = [sum(1 for a, b in zip(image_at, image_at[1:k + 1]) if b != a + 1) for k in range(len(image_at))]
+            parts = [("patch", run) for run in runs]
+        roles = ["text"] * len(ids)
+        for position, (kind, image) in zip(image_at, parts):
+            roles[position] = f"{kind} {image}"
+        if self.marker_tokens:
+            pattern = re.compile("|".join(f"(?:{m})" for m in self.marker_tokens))
+            for position, token in enumerate(tokenizer.convert_ids_to_tokens(ids)):
+                if roles[position] == "text" and token is not None and pattern.fullmatch(token):
+                    roles[position] = "marker"
+        return roles

@@ -42,6 +42,7 @@ from vlm_lens.errors import InputError
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                   "<|video_pad|>")  # fmt: skip
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_MARKERS = (r"<\|vision_start\|>", r"<\|vision_end\|>")  # around each image's pads, no image features
 
 
 def derive_mm_token_type_ids(model_inputs: dict, image_token_id: int) -> dict:
@@ -226,6 +227,7 @@ _COMMON: dict[str, Any] = dict(
     adapt_size=qwen_size,
     image_grids=merged_grids,
     position_state="model.rope_deltas",
+    marker_tokens=QWEN_MARKERS,
 )
 
 QWEN2_VL = AdapterSpec(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from vlm_lens.adapters.base import AdapterSpec, ModelSize
 from vlm_lens.adapters.qwen2_vl import (
+    QWEN_MARKERS,
     derive_mm_token_type_ids,
     extend_with_text_types,
     merged_grids,
@@ -76,4 +77,5 @@ QWEN3_VL = AdapterSpec(
     word_processor=qwen_processor,
     adapt_size=qwen_size,
     image_grids=merged_grids,
+    marker_tokens=QWEN_MARKERS,
 )
