@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import FAMILIES, nnsight_twin, tiny
+from vlm_lens.adapters import adapter_for
+from vlm_lens.surgery import get_module
 
 PROMPT = "what color is the star ?"
 CASES = {  # name: (queries, keys, layers, heads) and the same rule written for the reference
@@ -40,6 +42,7 @@ def reference_block(hf_model, case: str, ids: torch.Tensor):
     _, _, layers, heads = CASES[case]
     n_heads = hf_model.config.get_text_config().num_attention_heads
     image_id = hf_model.config.image_token_id
+    adapter = adapter_for(type(hf_model).__name__)  # the family's module paths
     rule = reference_rule(case, ids, image_id, ids.shape[1])
     handles = []
 
@@ -63,7 +66,7 @@ def reference_block(hf_model, case: str, ids: torch.Tensor):
         return hook
 
     for layer in layers:
-        attention = hf_model.model.language_model.layers[layer].self_attn
+        attention = get_module(hf_model, f"{adapter.layers}.{layer}.{adapter.attention}")
         handles.append(attention.register_forward_pre_hook(make(layer), with_kwargs=True))
     try:
         yield

@@ -6,13 +6,15 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
+from vlm_lens.surgery import get_module
+
 PROMPT = "what color is the star ?"
 
 
 def reference_forward(fam, inputs):
     """Plain HF forward of the untouched twin, plus the raw output of its last decoder layer."""
     captured = {}
-    last = fam.reference.model.language_model.layers[-1]
+    last = get_module(fam.reference, fam.model.adapter.layers)[-1]  # the family's own path (text_model, language_model)
     handle = last.register_forward_hook(lambda m, a, out: captured.update(raw=out[0] if isinstance(out, tuple) else out))
     try:
         with torch.no_grad():
@@ -57,7 +59,7 @@ def test_resid_stack_is_what_each_decoder_layer_reads(tiny_family):
     _, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
     seen = []
     handles = [layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
-                                               with_kwargs=True) for layer in reference.model.language_model.layers]  # fmt: skip
+                                               with_kwargs=True) for layer in get_module(reference, model.adapter.layers)]  # fmt: skip
     forward_with(reference, inputs, handles)
     stack = cache.resid_stack()
     for layer in range(model.n_layers):
@@ -115,7 +117,8 @@ def test_layout_marks_image_and_text_tokens(tiny_family):
     layout = inputs.layout
     ids = inputs.input_ids[0].cpu()
     assert torch.equal(layout.image, ids == model.image_token_id)
-    assert int(layout.image.sum()) == 4  # tiny models: 32 px image -> 2 x 2 image tokens
+    grids = model.image_grids(inputs)  # tiny models: 2 x 2 tokens per image (per tile and global image if tiled)
+    assert set(grids) == {(2, 2)} and int(layout.image.sum()) == 4 * len(grids)
     assert torch.equal(layout.text, ~layout.image)
     assert not layout.generated.any()
     assert layout.last_prompt_position == ids.shape[0] - 1
@@ -216,7 +219,7 @@ def test_plain_capture_puts_the_bridge_back_and_defers_to_user_hooks(tiny_llava,
 
 
 def _layer0(model):
-    return model.hf_model.model.language_model.layers[0]
+    return get_module(model.hf_model, model.adapter.layers)[0]
 
 
 def test_hooks_are_removed_when_a_hook_raises(tiny_llava):

@@ -1,6 +1,8 @@
 """ImagePatchLens: the lens at image-token positions on each image's grid, equal to a plain-HF reference on every
 family and both backends."""
 
+import re
+
 import pytest
 import torch
 from conftest import nnsight_twin
@@ -8,16 +10,18 @@ from conftest import nnsight_twin
 from vlm_lens import testing
 from vlm_lens.errors import InputError
 from vlm_lens.probes import ImagePatchLens
+from vlm_lens.surgery import get_module
 
 PROMPT = "what color is the star ?"
 WORDS = ["red", "star", "blue"]
 
 
-def reference_grid(fam, inputs, words, grid):
+def reference_grids(fam, inputs, words, grids):
     """P(word) at every image position and stack layer from the untouched HF twin: the input of decoder layer l (what
-    stack index l reads), the raw output of the last layer, then the twin's own final norm and lm_head."""
-    reference = fam.reference
-    layers = reference.model.language_model.layers
+    stack index l reads), the raw output of the last layer, then the twin's own final norm and lm_head; put on the
+    grids in sequence order ``[layer, grid, row, col, word]`` (one grid per image, or per tile and global image)."""
+    reference, adapter = fam.reference, fam.model.adapter
+    layers = get_module(reference, adapter.layers)
     seen, last = [], {}
     handles = [layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
                                                with_kwargs=True) for layer in layers]  # fmt: skip
@@ -27,14 +31,15 @@ def reference_grid(fam, inputs, words, grid):
             reference(**inputs.model_inputs)
             stack = torch.stack([s[0] for s in seen] + [last["raw"][0]])  # [n + 1, pos, d]
             image = stack[:, inputs.layout.image]
-            logits = reference.lm_head(reference.model.language_model.norm(image)).double()
+            logits = reference.lm_head(get_module(reference, adapter.final_norm)(image)).double()
     finally:
         for handle in handles:
             handle.remove()
     ids = [fam.model.to_single_token(w) for w in words]
     prob = logits.softmax(-1)[..., ids]  # [layer, image positions, word]
-    rows, cols = grid
-    return prob.reshape(prob.shape[0], rows, cols, len(ids))
+    sizes = [rows * cols for rows, cols in grids]
+    assert sum(sizes) == prob.shape[1] and len(set(grids)) == 1  # the tiny families: grids of one shape
+    return torch.stack([part.reshape(prob.shape[0], *grid, len(ids)) for part, grid in zip(prob.split(sizes, 1), grids)], 1)
 
 
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
@@ -43,13 +48,13 @@ def test_patch_probabilities_equal_a_plain_hf_reference(tiny_family, backend):
     inputs = model.prepare(tiny_family.image, PROMPT)
     trace = model.trace_generation(inputs, max_new_tokens=2)
     result = ImagePatchLens(WORDS, top_k=3)(trace)
-    (grid,) = model.image_grids(inputs)
-    assert result["prob"].shape == (model.n_layers + 1, 1, *grid, len(WORDS))
+    grids = model.image_grids(inputs)  # one image: one grid (a tiling family: one per tile and global image)
+    assert result["prob"].shape == (model.n_layers + 1, len(grids), *grids[0], len(WORDS))
     assert result.dims["prob"] == ("layer", "image", "row", "col", "word") and result.coords["word"] == WORDS
-    expected = reference_grid(tiny_family, inputs, WORDS, grid)
-    assert (result["prob"][:, 0].double() - expected).abs().max() <= 1e-6
-    top = result["topk_prob"][:, 0, ..., 0]  # the top-1 probability bounds every word's
-    assert (result["prob"][:, 0].max(-1).values <= top + 1e-6).all()
+    expected = reference_grids(tiny_family, inputs, WORDS, grids)
+    assert (result["prob"].double() - expected).abs().max() <= 1e-6
+    top = result["topk_prob"][..., 0]  # the top-1 probability bounds every word's
+    assert (result["prob"].max(-1).values <= top + 1e-6).all()
     chosen = ImagePatchLens(WORDS, layers=[1, model.n_layers])(trace)
     assert chosen.coords["layer"] == ["1", str(model.n_layers)]
     assert torch.equal(chosen["prob"], result["prob"][[1, model.n_layers]])
@@ -66,9 +71,13 @@ def test_a_cache_needs_the_inputs_and_words_must_be_one_token(tiny_family):
         ImagePatchLens("red")
     with pytest.raises(ValueError):
         ImagePatchLens(["not-a-word-here"])(cache, inputs=inputs)
-    if model.adapter.image_grids is not None:  # Qwen: the grid comes from image_grid_thw, which a cache does not keep
-        with pytest.raises(InputError, match="image_grid_thw"):
+    try:
+        model.image_grids(n_image_tokens=int(inputs.layout.image.sum()))
+    except InputError as error:  # Qwen: the grid comes from image_grid_thw, which a cache does not keep
+        with pytest.raises(InputError, match=re.escape(str(error))):
             ImagePatchLens(WORDS)(cache)
+    else:  # the grids follow from the number of image tokens (LLaVA, Idefics3): a cache alone is enough
+        assert torch.equal(ImagePatchLens(WORDS)(cache)["prob"], from_cache["prob"])
 
 
 def test_token_ablation_removes_what_the_positions_carry(tiny_llava):
@@ -100,9 +109,9 @@ def test_several_images_per_prompt_are_kept_apart(tiny_family):
     images = [testing.sample_image(1, size), testing.sample_image(2, size)]
     inputs = model.prepare(images, "what color is the star ?")
     grids = model.image_grids(inputs)
-    assert len(grids) == 2
+    assert len(grids) == 2 * len(model.image_grids(model.prepare(images[0], "what color is the star ?")))  # per image
     result = ImagePatchLens(WORDS)(model.trace_generation(inputs, max_new_tokens=1))
-    assert result["prob"].shape[1] == 2 and result.coords["image"] == ["0", "1"]
+    assert result["prob"].shape[1] == len(grids) and result.coords["image"] == [str(i) for i in range(len(grids))]
     _, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
     stack = cache.resid_stack(inputs.layout.positions("image"))  # [layer, image tokens in order, d]
     ids = [model.to_single_token(w) for w in WORDS]
