@@ -20,6 +20,19 @@ from vlm_lens.layout import TokenLayout
 PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
 
 
+def concat_images(values: list[Tensor]) -> Tensor:
+    """Per-sample image inputs in one tensor, in sample order. Families that give each sample one stack of frames
+    ``[1, n_frames, ...]`` (Idefics3's tiles and global images) have stacks of different lengths when the samples have
+    different numbers of images: they are padded with all-zero frames first, as the family's processor pads a batch
+    (its model drops all-zero frames)."""
+    shapes = {tuple(v.shape[2:]) for v in values}
+    if len({v.shape[1] for v in values if v.dim() > 2}) > 1 and len(shapes) == 1 and all(v.shape[0] == 1 for v in values):
+        most = max(v.shape[1] for v in values)
+        pad = (0, 0) * (values[0].dim() - 2)
+        values = [torch.nn.functional.pad(v, (*pad, 0, most - v.shape[1])) for v in values]
+    return torch.cat(values)
+
+
 @dataclass
 class VLMBatch:
     """Prepared samples (``samples[i]`` is what ``prepare`` returns for one) and their padded model inputs."""
@@ -42,7 +55,7 @@ class VLMBatch:
                 fill = pad_id if PER_POSITION_PAD[key] is None else PER_POSITION_PAD[key]
                 inputs[key] = torch.cat([torch.nn.functional.pad(v, (0, length - v.shape[1]), value=fill) for v in values])
             else:
-                inputs[key] = torch.cat(values)  # pixel_values, image_grid_thw: one row per image (or patch), in order
+                inputs[key] = concat_images(values)  # pixel_values, image_grid_thw: one row per image (or patch), in order
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = torch.stack(
                 [torch.arange(length, device=samples[0].input_ids.device) < s.input_ids.shape[1] for s in samples]

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vlm_lens.batch import PER_POSITION_PAD
+from vlm_lens.batch import PER_POSITION_PAD, concat_images
 from vlm_lens.errors import InputError
 from vlm_lens.inputs import VLMInputs, check_positions
 from vlm_lens.surgery import get_module, original, set_attribute, unwrapped
@@ -194,7 +194,7 @@ def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[i
             fill = pad if PER_POSITION_PAD[key] is None else PER_POSITION_PAD[key]
             batch[key] = torch.cat([torch.nn.functional.pad(v, (n, 0), value=fill) for v, n in zip(present, n_pads)])
         else:
-            batch[key] = torch.cat(present)
+            batch[key] = concat_images(present)  # frame stacks of different lengths padded (Idefics3)
     return batch, n_pads
 
 
