@@ -122,7 +122,8 @@ class AdapterSpec:
     def grids(self, config, model_inputs: dict | None, n_image_tokens: int) -> list[tuple[int, int]]:
         """``(rows, cols)`` of each image's tokens in the language sequence, in order (row-major within an image):
         the family's ``image_grids`` rule, else square images of equal size (LLaVA-1.5: ``(image_size / patch)²``
-        tokens each, read from the vision config)."""
+        tokens each, read from the vision config). A tiling family gives several grids per image, in sequence order
+        (LLaVA-NeXT / OneVision: the thumbnail, then the tiles with their row-end newlines as the last column)."""
         if self.image_grids is not None:
             return self.image_grids(config, model_inputs, n_image_tokens)
         vision = config.vision_config
