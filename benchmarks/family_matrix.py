@@ -90,6 +90,20 @@ def table(rows: dict[tuple[str, str], dict]) -> str:
     return "\n".join(lines)
 
 
+def roles_table(families=None) -> str:
+    """Each family's fine token roles (:mod:`vlm_lens.roles`) on one example prompt: one 32 px shapes image (tiny model)
+    and "what color is the star ?" in the family's chat template."""
+    from vlm_lens import adapters, roles, testing
+
+    lines = ["| family | HF class | roles of `prepare(image, \"what color is the star ?\")` |", "|---|---|---|"]
+    for family in families or adapters.families(buildable=True):
+        model = testing.hooked(family)
+        inputs = model.prepare(testing.sample_image(1, testing.size_for(family).image_size), "what color is the star ?")
+        classes = ", ".join(f"`{c}`" for c in model.adapter.hf_classes)
+        lines.append(f"| {family} | {classes} | {roles.summarize(roles.position_roles(model, inputs))} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> str:
     import warnings
 
@@ -108,8 +122,11 @@ def main(argv=None) -> str:
              f"{'equal' if all(v for row in rows.values() for v in row.values() if isinstance(v, bool)) else 'NOT equal'}"
              " to HF's.")  # fmt: skip
     print(body)
+    roles = roles_table(families)
+    print(roles)
     if not args.no_write:
         write_block("hooks.md", "family-matrix", body, "## The family matrix, measured (`benchmarks/family_matrix.py`)")
+        write_block("hooks.md", "family-roles", roles, "## Token roles per family (`vlm_lens.roles`)")
     return body
 
 
