@@ -67,6 +67,9 @@ class AdapterSpec:
     forward inputs a processor may not return (e.g. ``mm_token_type_ids``); ``extend_inputs`` appends generated
     tokens to prepared inputs. ``tl_adapter`` returns a TransformerLens adapter class to register for
     ``hf_classes`` when TransformerLens has none (or a fixed one); ``None`` uses TransformerLens's own.
+    ``attn_out`` / ``mlp_out`` (inside a decoder layer): where ``hook_attn_out`` / ``hook_mlp_out`` read when what a
+    sublayer adds to the residual is not its module's output (a norm after it: GLM-4V's sandwich norms); ``attention``
+    and ``mlp`` otherwise. ``attention`` stays the module attention blocking works on.
     ``resid_read``: where the residual stack reads stack index l (1 <= l < n): ``"output"`` = the output of decoder
     layer l-1 (``hook_resid_post``), ``"input"`` = the input of decoder layer l (``hook_resid_pre``). They differ for
     families that add to the residual between layers (Qwen3-VL's deepstack visual features), where the input is the
@@ -103,6 +106,8 @@ class AdapterSpec:
     embed_tokens: str = "model.language_model.embed_tokens"
     attention: str = "self_attn"  # inside a decoder layer
     mlp: str = "mlp"
+    attn_out: str | None = None  # inside a decoder layer: what the attention adds to the residual, if not `attention`
+    mlp_out: str | None = None  # the same for the MLP (sandwich norms: GLM-4V's post_self_attn/post_mlp_layernorm)
     image_token_keys: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token_keys: tuple[str, ...] = ()
     derive_inputs: Callable[[dict, int], dict] | None = field(default=None, compare=False)
@@ -143,8 +148,8 @@ class AdapterSpec:
             layer = f"{self.layers}.{i}"
             points[f"blocks.{i}.hook_resid_pre"] = HookPoint(layer, "input")
             points[f"blocks.{i}.hook_resid_post"] = HookPoint(layer)
-            points[f"blocks.{i}.hook_attn_out"] = HookPoint(f"{layer}.{self.attention}")
-            points[f"blocks.{i}.hook_mlp_out"] = HookPoint(f"{layer}.{self.mlp}")
+            points[f"blocks.{i}.hook_attn_out"] = HookPoint(f"{layer}.{self.attn_out or self.attention}")
+            points[f"blocks.{i}.hook_mlp_out"] = HookPoint(f"{layer}.{self.mlp_out or self.mlp}")
         return points
 
     def image_token_id(self, config) -> int:
