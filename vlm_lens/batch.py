@@ -20,6 +20,19 @@ from vlm_lens.layout import TokenLayout
 PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
 
 
+def concat_per_image(values: list[Tensor]) -> Tensor:
+    """Per-image inputs of several samples (``pixel_values``, ``image_grid_thw``, ``image_sizes``) in sample order.
+    Images of different sizes (Pixtral keeps each image's aspect ratio) are zero-padded at the end of every dimension
+    to the largest, as the family's own processor pads a batch: the forward crops each image back to its
+    ``image_sizes``. Equal shapes (every other family) are concatenated unchanged."""
+    shape = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+    padded = []
+    for v in values:
+        pads = [p for d in reversed(range(1, v.dim())) for p in (0, shape[d - 1] - v.shape[d])]
+        padded.append(torch.nn.functional.pad(v, pads) if any(pads) else v)
+    return torch.cat(padded)
+
+
 @dataclass
 class VLMBatch:
     """Prepared samples (``samples[i]`` is what ``prepare`` returns for one) and their padded model inputs."""
@@ -42,7 +55,7 @@ class VLMBatch:
                 fill = pad_id if PER_POSITION_PAD[key] is None else PER_POSITION_PAD[key]
                 inputs[key] = torch.cat([torch.nn.functional.pad(v, (0, length - v.shape[1]), value=fill) for v in values])
             else:
-                inputs[key] = torch.cat(values)  # pixel_values, image_grid_thw: one row per image (or patch), in order
+                inputs[key] = concat_per_image(values)  # pixel_values, image_grid_thw: one row per image (or patch)
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = torch.stack(
                 [torch.arange(length, device=samples[0].input_ids.device) < s.input_ids.shape[1] for s in samples]

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vlm_lens.batch import PER_POSITION_PAD
+from vlm_lens.batch import PER_POSITION_PAD, concat_per_image
 from vlm_lens.errors import InputError
 from vlm_lens.inputs import VLMInputs, check_positions
 from vlm_lens.surgery import get_module, original, set_attribute, unwrapped
@@ -178,7 +178,8 @@ def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[i
     """The samples' model inputs as one batch padded on the left, and each sample's number of pads.
 
     Per-position inputs (``input_ids``, ``attention_mask``, ``mm_token_type_ids``) are left-padded (pad id, 0, 0);
-    the others (``pixel_values``, ``image_grid_thw``: one row per image or patch) are concatenated in sample order."""
+    the others (``pixel_values``, ``image_grid_thw``: one row per image or patch) are concatenated in sample order
+    (:func:`~vlm_lens.batch.concat_per_image`)."""
     pad = model.pad_token_id
     width = max(s.input_ids.shape[1] for s in samples)
     n_pads = [width - s.input_ids.shape[1] for s in samples]
@@ -194,7 +195,7 @@ def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[i
             fill = pad if PER_POSITION_PAD[key] is None else PER_POSITION_PAD[key]
             batch[key] = torch.cat([torch.nn.functional.pad(v, (n, 0), value=fill) for v, n in zip(present, n_pads)])
         else:
-            batch[key] = torch.cat(present)
+            batch[key] = concat_per_image(present)
     return batch, n_pads
 
 
