@@ -115,7 +115,9 @@ def test_layout_marks_image_and_text_tokens(tiny_family):
     layout = inputs.layout
     ids = inputs.input_ids[0].cpu()
     assert torch.equal(layout.image, ids == model.image_token_id)
-    assert int(layout.image.sum()) == 4  # tiny models: 32 px image -> 2 x 2 image tokens
+    # tiny models: a 32 px image -> 2 x 2 image tokens (a tiling family: 2 x 2 per tile, tiles stacked in its grid)
+    assert int(layout.image.sum()) == sum(rows * cols for rows, cols in model.image_grids(inputs))
+    assert model.image_grids(inputs)[0][1] == 2 and int(layout.image.sum()) % 4 == 0
     assert torch.equal(layout.text, ~layout.image)
     assert not layout.generated.any()
     assert layout.last_prompt_position == ids.shape[0] - 1

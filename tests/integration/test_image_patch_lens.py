@@ -67,7 +67,7 @@ def test_a_cache_needs_the_inputs_and_words_must_be_one_token(tiny_family):
     with pytest.raises(ValueError):
         ImagePatchLens(["not-a-word-here"])(cache, inputs=inputs)
     if model.adapter.image_grids is not None:  # the grid comes from the inputs (Qwen's image_grid_thw, Mistral 3's
-        # image_sizes), which a cache does not keep
+        # image_sizes, InternVL's tile runs), which a cache does not keep
         with pytest.raises(InputError, match="prepared inputs"):
             ImagePatchLens(WORDS)(cache)
 
