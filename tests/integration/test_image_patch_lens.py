@@ -66,7 +66,7 @@ def test_a_cache_needs_the_inputs_and_words_must_be_one_token(tiny_family):
         ImagePatchLens("red")
     with pytest.raises(ValueError):
         ImagePatchLens(["not-a-word-here"])(cache, inputs=inputs)
-    if model.adapter.image_grids is not None:  # Qwen: the grid comes from image_grid_thw, which a cache does not keep
+    if "image_grid_thw" in inputs.model_inputs:  # Qwen: the grid comes from image_grid_thw, which a cache does not keep
         with pytest.raises(InputError, match="image_grid_thw"):
             ImagePatchLens(WORDS)(cache)
 

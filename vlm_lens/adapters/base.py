@@ -62,7 +62,9 @@ class AdapterSpec:
     """Declarative description of one HF vision-language family: everything vlm-lens knows about it.
 
     Module paths are relative to the HF ``*ForConditionalGeneration`` object (transformers >= 5); :meth:`hook_map`
-    turns them into the hook names vlm-lens offers on both backends. ``image_token_keys`` / ``video_token_keys``
+    turns them into the hook names vlm-lens offers on both backends. ``hook_attn_out`` / ``hook_mlp_out`` read what
+    each sublayer adds to the residual: the ``attention`` / ``mlp`` module's output, or ``attn_out`` / ``mlp_out``
+    (paths inside a decoder layer) for families that norm it first (Gemma's post-attention / post-feedforward norms). ``image_token_keys`` / ``video_token_keys``
     are config attributes tried in order for the placeholder ids (never hard-coded). ``derive_inputs`` fills
     forward inputs a processor may not return (e.g. ``mm_token_type_ids``); ``extend_inputs`` appends generated
     tokens to prepared inputs. ``tl_adapter`` returns a TransformerLens adapter class to register for
@@ -103,6 +105,10 @@ class AdapterSpec:
     embed_tokens: str = "model.language_model.embed_tokens"
     attention: str = "self_attn"  # inside a decoder layer
     mlp: str = "mlp"
+    # where hook_attn_out / hook_mlp_out read inside a decoder layer when the sublayer's output is normed before it
+    # is added to the residual (Gemma's post-attention / post-feedforward norms; TransformerLens hooks there too)
+    attn_out: str | None = None
+    mlp_out: str | None = None
     image_token_keys: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token_keys: tuple[str, ...] = ()
     derive_inputs: Callable[[dict, int], dict] | None = field(default=None, compare=False)
@@ -143,8 +149,8 @@ class AdapterSpec:
             layer = f"{self.layers}.{i}"
             points[f"blocks.{i}.hook_resid_pre"] = HookPoint(layer, "input")
             points[f"blocks.{i}.hook_resid_post"] = HookPoint(layer)
-            points[f"blocks.{i}.hook_attn_out"] = HookPoint(f"{layer}.{self.attention}")
-            points[f"blocks.{i}.hook_mlp_out"] = HookPoint(f"{layer}.{self.mlp}")
+            points[f"blocks.{i}.hook_attn_out"] = HookPoint(f"{layer}.{self.attn_out or self.attention}")
+            points[f"blocks.{i}.hook_mlp_out"] = HookPoint(f"{layer}.{self.mlp_out or self.mlp}")
         return points
 
     def image_token_id(self, config) -> int:
