@@ -10,6 +10,11 @@ both backends because it sits at the one seam all of them share, the attention m
 - a forward pre-hook on each chosen layer's attention module (the TransformerLens wrapper when the bridge has
   wrapped it, and the HF module under it, which the batched trace calls unwrapped) rewrites ``attention_mask``.
 
+A sliding-window layer's KV cache (Gemma 3's local layers) keeps only its last keys: the mask's columns then start
+at the cache's offset (``get_mask_sizes``), and role masks are cut to match. Blocking only removes edges from the mask
+the layer was given, so it composes with whatever that mask already says (the window, Gemma's bidirectional image
+blocks).
+
 Mask conventions (transformers 5): eager adds a float mask (0 = keep, the dtype's minimum = drop), sdpa takes a
 boolean one (True = keep) or None (then causal); the TransformerLens bridge's reimplemented attention treats a 4-D
 mask as authoritative. A None mask is replaced by the causal one in the implementation's convention. A query that
@@ -110,13 +115,14 @@ def role_mask(value: PositionSet, state: SequenceState, what: str) -> Bool[Tenso
 
 def edit_mask(
     mask: Tensor | None, blocked: Bool[Tensor, "batch heads q kv"], *, past: int, eager: bool, dtype: torch.dtype,
-    where: str,
+    where: str, offset: int = 0,
 ) -> Tensor:  # fmt: skip
     """``mask`` (``[batch, 1 | heads, q, kv]``, float additive or boolean, or None = causal) with ``blocked`` edges
-    dropped. Raises when a query that could see a key would see none."""
+    dropped; the keys are positions ``offset ..`` (a sliding-window cache keeps only the last ones). Raises when a
+    query that could see a key would see none."""
     batch, _, q, kv = blocked.shape
     if mask is None:
-        keys = torch.arange(kv, device=blocked.device)
+        keys = offset + torch.arange(kv, device=blocked.device)
         queries = past + torch.arange(q, device=blocked.device)
         causal = keys[None, :] <= queries[:, None]
         mask = causal[None, None]
@@ -234,8 +240,10 @@ class AttentionBlock:
             past = 0 if past_cache is None else int(past_cache.get_seq_length(layer))
             q = hidden.shape[1]
             kv = past + q
+            # a sliding-window layer's cache (Gemma 3) keeps only its last keys: the mask's columns start at offset
+            offset = 0 if past_cache is None else int(past_cache.get_mask_sizes(q, layer)[1])
             queries = role_mask(self.queries, self.state, "queries")[:, past:kv]
-            keys = role_mask(self.keys, self.state, "keys")[:, :kv]
+            keys = role_mask(self.keys, self.state, "keys")[:, offset:kv]
             blocked = queries[:, None, :, None] & keys[:, None, None, :]
             if self.heads is not None:
                 per_head = torch.zeros(blocked.shape[0], self.n_heads, q, kv, dtype=torch.bool, device=blocked.device)
@@ -245,7 +253,7 @@ class AttentionBlock:
                 return None
             eager = original(module).config._attn_implementation == "eager" or module is not original(module)
             kwargs["attention_mask"] = edit_mask(mask, blocked.to(hidden.device), past=past, eager=eager,
-                                                 dtype=hidden.dtype, where=f"decoder layer {layer}")  # fmt: skip
+                                                 dtype=hidden.dtype, where=f"decoder layer {layer}", offset=offset)  # fmt: skip
             self.edited[layer] = kwargs["attention_mask"]
             return args, kwargs
 

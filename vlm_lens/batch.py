@@ -17,7 +17,7 @@ from vlm_lens.errors import InputError
 from vlm_lens.layout import TokenLayout
 
 # inputs with one entry per sequence position: padded on the right (value), everything else is concatenated
-PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
+PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
 
 
 def concat_per_image(values: list[Tensor]) -> Tensor:

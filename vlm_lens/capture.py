@@ -154,6 +154,16 @@ def plain_capture(model, names: Sequence[str], store: dict[str, list[Tensor]]):
         yield
 
 
+def full_cache():
+    """An empty KV cache whose layers keep every position, for a forward whose keys and values seed a cache built
+    later (:func:`generate_from_cache`). The cache HF makes from the config trims sliding-window layers (Gemma 3's
+    local layers) to their last keys, which could not be cut or continued by position; the masks apply the window
+    either way, so the forward computes the same."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def generate_from_cache(model, model_inputs: dict[str, Tensor], kv: Sequence[tuple[Tensor, Tensor]], max_new_tokens: int,
                         stop_at_eos: bool, *, with_logits: bool, position_state: Any = None, names: Sequence[str] = (),
                         store: dict[str, list[Tensor]] | None = None):  # fmt: skip

@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from vlm_lens.capture import cut_at_eos, generate_from_cache, plain_capture
+from vlm_lens.capture import cut_at_eos, full_cache, generate_from_cache, plain_capture
 from vlm_lens.surgery import get_attribute, get_module, original
 
 
@@ -138,7 +138,8 @@ class PrefixSkipper:
             if below > 0:
                 residual = trace.cache[model.resid_names[below]].to(model.device, model.hf_model.dtype)
                 context.enter_context(_injected(layers[below], residual))
-            out = model.hf_model(**inputs, use_cache=use_cache, logits_to_keep=trace.n_steps)
+            past = full_cache() if use_cache else None  # every position kept: the continuation cuts it by position
+            out = model.hf_model(**inputs, use_cache=use_cache, past_key_values=past, logits_to_keep=trace.n_steps)
         if model.adapter.position_state:  # left by a forward over this trace's sequence: kept for its continuations
             self.position_state = get_attribute(model.hf_model, model.adapter.position_state)
         return out.logits[0].float(), out.past_key_values

@@ -1,5 +1,5 @@
-"""model.block_attention against a reference written on plain HF: eager attention, a 4-D mask built from scratch and
-handed to each decoder layer by a torch pre-hook (no vlm-lens code), on every family and both backends."""
+"""model.block_attention against a reference written on plain HF: eager attention, the layer's own 4-D mask with the
+blocked edges added by a torch pre-hook (no vlm-lens code), on every family and both backends."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def reference_rule(case: str, ids: torch.Tensor, image_id: int, n_prompt: int):
 
 @contextlib.contextmanager
 def reference_block(hf_model, case: str, ids: torch.Tensor):
-    """Per-layer pre-hooks that replace the attention mask with causal + blocked edges (float, eager convention)."""
+    """Per-layer pre-hooks that add the blocked edges to the mask HF gives the layer (float, eager convention): HF's
+    own mask, causal or not (Gemma 3: bidirectional within an image, sliding windows), else causal."""
     _, _, layers, heads = CASES[case]
     n_heads = hf_model.config.get_text_config().num_attention_heads
     image_id = hf_model.config.image_token_id
@@ -49,14 +50,17 @@ def reference_block(hf_model, case: str, ids: torch.Tensor):
             cache = kwargs.get("past_key_values")
             past = 0 if cache is None else cache.get_seq_length(layer)
             q, kv = hidden.shape[1], past + hidden.shape[1]
-            mask = torch.zeros(1, n_heads, q, kv)
+            own = kwargs.get("attention_mask")
+            if own is None:
+                own = torch.zeros(1, 1, q, kv).masked_fill(torch.arange(kv)[None, :] > past + torch.arange(q)[:, None],
+                                                           torch.finfo(torch.float32).min)  # fmt: skip
+            mask = own.expand(1, n_heads, q, own.shape[-1]).clone()
+            offset = kv - mask.shape[-1]  # a sliding-window cache keeps only the last keys
             for i in range(q):
-                for k in range(kv):
-                    if k > past + i:
-                        mask[0, :, i, k] = torch.finfo(torch.float32).min
-                    elif rule(past + i, k):
+                for c in range(mask.shape[-1]):
+                    if rule(past + i, offset + c):
                         chosen = range(n_heads) if heads is None else heads
-                        mask[0, list(chosen), i, k] = torch.finfo(torch.float32).min
+                        mask[0, list(chosen), i, c] = torch.finfo(torch.float32).min
             kwargs["attention_mask"] = mask
             return args, kwargs
 

@@ -66,8 +66,10 @@ def test_a_cache_needs_the_inputs_and_words_must_be_one_token(tiny_family):
         ImagePatchLens("red")
     with pytest.raises(ValueError):
         ImagePatchLens(["not-a-word-here"])(cache, inputs=inputs)
-    if model.adapter.image_grids is not None:  # the grid comes from the inputs (Qwen's image_grid_thw, Mistral 3's
-        # image_sizes, InternVL's tile runs), which a cache does not keep
+    try:  # does the family's grid rule read the inputs (Qwen's image_grid_thw, Mistral 3's image_sizes, InternVL's
+        # tile runs)? A cache does not keep them; grids read from the config (LLaVA, Gemma 3) need nothing
+        model.adapter.grids(model.hf_model.config, None, int(inputs.layout.image.sum()))
+    except InputError:
         with pytest.raises(InputError, match="prepared inputs"):
             ImagePatchLens(WORDS)(cache)
 

@@ -8,6 +8,7 @@ model) and one line in :data:`ADAPTERS`; every family test picks it up (docs/hoo
 from __future__ import annotations
 
 from vlm_lens.adapters.base import AdapterSpec, HookPoint, ModelSize
+from vlm_lens.adapters.gemma3 import ADAPTER as GEMMA3
 from vlm_lens.adapters.glm4v import GLM4V
 from vlm_lens.adapters.internvl import ADAPTER as INTERNVL
 from vlm_lens.adapters.llava import ADAPTER as LLAVA
@@ -16,7 +17,7 @@ from vlm_lens.adapters.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 from vlm_lens.adapters.qwen3_vl import QWEN3_VL
 from vlm_lens.errors import InputError
 
-ADAPTERS: tuple[AdapterSpec, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, INTERNVL, MISTRAL3, GLM4V)
+ADAPTERS: tuple[AdapterSpec, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, GEMMA3, INTERNVL, MISTRAL3, GLM4V)
 _REGISTRY: list[AdapterSpec] = list(ADAPTERS)
 
 

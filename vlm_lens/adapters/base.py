@@ -68,7 +68,7 @@ class AdapterSpec:
     tokens to prepared inputs. ``tl_adapter`` returns a TransformerLens adapter class to register for
     ``hf_classes`` when TransformerLens has none (or a fixed one); ``None`` uses TransformerLens's own.
     ``attn_out`` / ``mlp_out`` (inside a decoder layer): where ``hook_attn_out`` / ``hook_mlp_out`` read when what a
-    sublayer adds to the residual is not its module's output (a norm after it: GLM-4V's sandwich norms); ``attention``
+    sublayer adds to the residual is not its module's output (a norm after it: Gemma 3's and GLM-4V's sandwich norms); ``attention``
     and ``mlp`` otherwise. ``attention`` stays the module attention blocking works on.
     ``resid_read``: where the residual stack reads stack index l (1 <= l < n): ``"output"`` = the output of decoder
     layer l-1 (``hook_resid_post``), ``"input"`` = the input of decoder layer l (``hook_resid_pre``). They differ for
@@ -106,8 +106,11 @@ class AdapterSpec:
     embed_tokens: str = "model.language_model.embed_tokens"
     attention: str = "self_attn"  # inside a decoder layer
     mlp: str = "mlp"
-    attn_out: str | None = None  # inside a decoder layer: what the attention adds to the residual, if not `attention`
-    mlp_out: str | None = None  # the same for the MLP (sandwich norms: GLM-4V's post_self_attn/post_mlp_layernorm)
+    # where hook_attn_out / hook_mlp_out read inside a decoder layer when the sublayer's output is normed before it
+    # is added to the residual (sandwich norms: Gemma's post-attention / post-feedforward norms, GLM-4V's
+    # post_self_attn / post_mlp layernorm; TransformerLens hooks there too)
+    attn_out: str | None = None
+    mlp_out: str | None = None
     image_token_keys: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token_keys: tuple[str, ...] = ()
     derive_inputs: Callable[[dict, int], dict] | None = field(default=None, compare=False)
