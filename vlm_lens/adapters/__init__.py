@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from vlm_lens.adapters.base import AdapterSpec, HookPoint, ModelSize
 from vlm_lens.adapters.llava import ADAPTER as LLAVA
+from vlm_lens.adapters.mllama import ADAPTER as MLLAMA
 from vlm_lens.adapters.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 from vlm_lens.adapters.qwen3_vl import QWEN3_VL
 from vlm_lens.errors import InputError
 
-ADAPTERS: tuple[AdapterSpec, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
+ADAPTERS: tuple[AdapterSpec, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, MLLAMA)
 _REGISTRY: list[AdapterSpec] = list(ADAPTERS)
 
 
