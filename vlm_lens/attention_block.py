@@ -20,7 +20,8 @@ boolean one (True = keep) or None (then causal); the TransformerLens bridge's re
 mask as authoritative. A None mask is replaced by the causal one in the implementation's convention. A query that
 could see at least one key and would see none after the edit is refused (softmax over nothing).
 
-Roles (``queries`` / ``keys``): ``"image"`` (image placeholder positions), ``"text"`` (the prompt's other positions,
+Roles (``queries`` / ``keys``): ``"image"`` (image placeholder positions; refused for a family whose image enters
+through cross-attention, Mllama, which has none, as are its cross-attention layers), ``"text"`` (the prompt's other positions,
 the last one included), ``"question"`` (``text`` without the last prompt position: the chat template's words and the
 question), ``"last"`` (the last prompt position, whose output predicts the first generated token), ``"generated"``
 (positions after the prompt), ``"all"``; a tuple of role names (their union), a list of positions, or a boolean mask
@@ -157,11 +158,12 @@ class AttentionBlock:
         text = hf_model.config.get_text_config()
         self.n_layers, self.n_heads = int(text.num_hidden_layers), int(text.num_attention_heads)
         self.hf_model, self.adapter = hf_model, adapter
-        self.image_token_id = adapter.image_token_id(hf_model.config)
+        self.image_token_id = adapter.feature_token_id(hf_model.config)  # None: no position carries image features
         self.queries = check_positions(queries, "queries")
         self.keys = check_positions(keys, "keys")
         self.layers = self.indices(layers, self.n_layers, "layers", "decoder layers")
         self.heads = None if heads is None else self.indices(heads, self.n_heads, "heads", "heads")
+        self.refuse_cross_attention(hf_model.config)
         self.state: SequenceState | None = None
         self.handles: list[Any] = []
         self.edited: dict[int, Tensor] = {}  # the mask this block made per layer: a wrapper and its HF module see it once
@@ -181,13 +183,27 @@ class AttentionBlock:
             raise OutOfRangeError(f"{what}: {bad[0]!r} is not one of the model's {unit} 0..{n - 1}")
         return sorted(set(items))
 
+    def refuse_cross_attention(self, config) -> None:
+        """A family whose image enters through cross-attention (Mllama) has no image positions to block, and its
+        cross-attention layers attend to image features, not to the sequence: both are refused, naming why."""
+        roles = [r for value in (self.queries, self.keys) if isinstance(value, tuple) for r in value]
+        if "image" in roles and not self.adapter.image_positions:
+            raise InputError(f"block_attention: {self.adapter.family} has no image positions (the image enters through "
+                             "cross-attention layers; its <|image|>-style tokens are markers carrying no image "
+                             "features), so the 'image' role names nothing to block")  # fmt: skip
+        cross = sorted(set(self.layers) & set(self.adapter.cross_layers(config)))
+        if cross:
+            raise InputError(f"block_attention: decoder layers {cross} of {self.adapter.family} are cross-attention "
+                             "layers (their keys are image features, not sequence positions); block self-attention "
+                             "layers only")  # fmt: skip
+
     def attach(self) -> AttentionBlock:
         if self.handles:
             raise InputError("this attention block is already attached")
         try:
             self.handles.append(self.hf_model.register_forward_pre_hook(self.record, with_kwargs=True))
             for layer in self.layers:
-                module = get_module(self.hf_model, f"{self.adapter.layers}.{layer}.{self.adapter.attention}")
+                module = get_module(self.hf_model, self.adapter.attention_path(self.hf_model.config, layer))
                 for target in {id(module): module, id(original(module)): original(module)}.values():
                     hook = self.layer_hook(layer)
                     self.handles.append(target.register_forward_pre_hook(hook, with_kwargs=True))
@@ -223,10 +239,13 @@ class AttentionBlock:
         if previous is None:
             index = torch.arange(ids.shape[1], device=ids.device)
             last = torch.where(valid, index, -1).max(dim=1).values
-            self.state = SequenceState(ids, valid, ids.shape[1], last, ids == self.image_token_id)
+            self.state = SequenceState(ids, valid, ids.shape[1], last, self.image_mask(ids))
         else:
-            self.state = SequenceState(ids_so_far, valid, previous.n_fresh, previous.last, ids_so_far == self.image_token_id)
+            self.state = SequenceState(ids_so_far, valid, previous.n_fresh, previous.last, self.image_mask(ids_so_far))
         self.edited.clear()
+
+    def image_mask(self, ids: Tensor) -> Tensor:
+        return ids == self.image_token_id if self.image_token_id is not None else torch.zeros_like(ids, dtype=torch.bool)
 
     def layer_hook(self, layer: int):
         def hook(module, args, kwargs):

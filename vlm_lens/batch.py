@@ -16,8 +16,10 @@ from torch import Tensor
 from vlm_lens.errors import InputError
 from vlm_lens.layout import TokenLayout
 
-# inputs with one entry per sequence position: padded on the right (value), everything else is concatenated
-PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
+# inputs with one entry per sequence position (along dim 1): padded on the right (value), everything else is
+# concatenated. Mllama's cross_attention_mask [batch, pos, n_images, n_tiles]: pads see no image.
+PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0,
+                    "cross_attention_mask": 0}
 
 
 def concat_per_image(values: list[Tensor]) -> Tensor:
@@ -31,6 +33,11 @@ def concat_per_image(values: list[Tensor]) -> Tensor:
         pads = [p for d in reversed(range(1, v.dim())) for p in (0, shape[d - 1] - v.shape[d])]
         padded.append(torch.nn.functional.pad(v, pads) if any(pads) else v)
     return torch.cat(padded)
+
+
+def pad_positions(value: Tensor, before: int, after: int, fill: int | float) -> Tensor:
+    """``value`` ``[batch, pos, ...]`` with ``before`` / ``after`` entries of ``fill`` added along the positions."""
+    return torch.nn.functional.pad(value, (0, 0) * (value.ndim - 2) + (before, after), value=fill)
 
 
 @dataclass
@@ -52,8 +59,9 @@ class VLMBatch:
             if key in PER_POSITION_PAD:
                 if len(values) != len(samples):
                     raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
-                fill = pad_id if PER_POSITION_PAD[key] is None else PER_POSITION_PAD[key]
-                inputs[key] = torch.cat([torch.nn.functional.pad(v, (0, length - v.shape[1]), value=fill) for v in values])
+                default = PER_POSITION_PAD[key]
+                fill = pad_id if default is None else default
+                inputs[key] = torch.cat([pad_positions(v, 0, length - v.shape[1], fill) for v in values])
             else:
                 inputs[key] = concat_per_image(values)  # pixel_values, image_grid_thw: one row per image (or patch)
         if "attention_mask" not in inputs:

@@ -188,10 +188,11 @@ class PrefixSkipper:
         n_kept = trace.prompt_inputs.input_ids.shape[1] + len(emitted) - 1
         below, skipped_set = (skipped[0] if skipped else model.n_layers), set(skipped)
         original = self._original_kv()
+        image_kv = set(model.adapter.cross_layers(model.hf_model.config))  # image features, not positions: kept whole
         data = []
         for i in range(model.n_layers):
             keys, values = original[i] if i < below or i in skipped_set else (cache.layers[i].keys, cache.layers[i].values)
-            data.append((keys[..., :n_kept, :], values[..., :n_kept, :]))
+            data.append((keys, values) if i in image_kv else (keys[..., :n_kept, :], values[..., :n_kept, :]))
         prefix = model.extend(trace.prompt_inputs, emitted.to(trace.prompt_inputs.input_ids.device))
         with skipping(model, sorted(skipped_set)):  # position state: this trace's (Qwen's rope offset)
             out = generate_from_cache(model, prefix.model_inputs, data, remaining, True, with_logits=False,

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from vlm_lens.batch import PER_POSITION_PAD
+from vlm_lens.batch import PER_POSITION_PAD, pad_positions
 from vlm_lens.capture import CapturedGeneration, cut_at_eos, full_cache, generate_from_cache, plain_capture, split_batch
 from vlm_lens.inputs import VLMInputs, check_positions
 from vlm_lens.surgery import get_attribute
@@ -119,9 +119,8 @@ def _generate_group(model, samples: Sequence[VLMInputs], prefix: ImagePrefix, na
             for sample in samples:
                 values = sample.model_inputs.get(key, torch.ones_like(sample.input_ids))
                 tail = values[:, length:]  # the sample's own positions
-                pad = torch.full((1, width - tail.shape[1]), model.pad_token_id if fill is None else fill,
-                                 dtype=values.dtype, device=values.device)  # fmt: skip
-                rows.append(torch.cat([values[:, :length], pad, tail], dim=1))
+                padded = pad_positions(tail, width - tail.shape[1], 0, model.pad_token_id if fill is None else fill)
+                rows.append(torch.cat([values[:, :length], padded], dim=1))
             inputs[key] = torch.cat(rows)
     kv = [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in prefix.kv]  # a fork: no copy
     store: dict[str, list[Tensor]] = {n: [] for n in names}

@@ -37,10 +37,28 @@ def reference_grid(fam, inputs, words, grid):
     return prob.reshape(prob.shape[0], rows, cols, len(ids))
 
 
+def refused_without_image_positions(model, inputs) -> bool:
+    """A family whose image enters through cross-attention (Mllama: one marker token per image) has no image positions:
+    the patch lens refuses (from a trace and from a cache) and so do the grids, naming why. True when it did."""
+    if model.adapter.image_positions:
+        return False
+    trace = model.trace_generation(inputs, max_new_tokens=1)  # the forward and generation themselves work
+    with pytest.raises(InputError, match="no image tokens"):
+        ImagePatchLens(WORDS)(trace)
+    _, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
+    with pytest.raises(InputError, match="no image tokens"):
+        ImagePatchLens(WORDS)(cache, inputs=inputs)
+    with pytest.raises(InputError, match="cross-attention"):
+        model.image_grids(inputs)
+    return True
+
+
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
 def test_patch_probabilities_equal_a_plain_hf_reference(tiny_family, backend):
     model = tiny_family.model if backend == "transformer_lens" else nnsight_twin(tiny_family.family)
     inputs = model.prepare(tiny_family.image, PROMPT)
+    if refused_without_image_positions(model, inputs):
+        return
     trace = model.trace_generation(inputs, max_new_tokens=2)
     result = ImagePatchLens(WORDS, top_k=3)(trace)
     (grid,) = model.image_grids(inputs)
@@ -58,6 +76,8 @@ def test_patch_probabilities_equal_a_plain_hf_reference(tiny_family, backend):
 def test_a_cache_needs_the_inputs_and_words_must_be_one_token(tiny_family):
     model = tiny_family.model
     inputs = model.prepare(tiny_family.image, PROMPT)
+    if refused_without_image_positions(model, inputs):
+        return
     _, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
     from_cache = ImagePatchLens(WORDS)(cache, inputs=inputs)
     from_trace = ImagePatchLens(WORDS)(model.trace_generation(inputs, max_new_tokens=1))
@@ -102,6 +122,9 @@ def test_several_images_per_prompt_are_kept_apart(tiny_family):
     size = testing.size_for(tiny_family.family).image_size
     images = [testing.sample_image(1, size), testing.sample_image(2, size)]
     inputs = model.prepare(images, "what color is the star ?")
+    if refused_without_image_positions(model, inputs):
+        assert inputs.model_inputs["cross_attention_mask"].shape[2] == 2  # each image in its own slot
+        return
     grids = model.image_grids(inputs)
     assert len(grids) == 2
     result = ImagePatchLens(WORDS)(model.trace_generation(inputs, max_new_tokens=1))

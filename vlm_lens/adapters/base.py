@@ -94,6 +94,17 @@ class AdapterSpec:
     model_inputs, n_image_tokens)`` labels each image-token position ``(kind, image)`` with kind ``"patch"``,
     ``"thumbnail"`` (the downscaled whole image of a tiling family) or ``"newline"`` (a learned row-end embedding
     among the image features). Without it every image token is a patch of image k, k counting contiguous runs.
+
+    Cross-attention families (Mllama): ``image_positions=False`` says no position of the sequence carries image
+    features (the placeholders are plain token embeddings): the layout's ``image`` mask is empty and a placeholder's
+    fine role is whatever ``marker_tokens`` makes it. ``cross_attention_layers(config)`` lists the decoder layers whose
+    attention (at ``cross_attention`` inside the layer) reads the image features instead of the sequence: there
+    ``blocks.{i}.hook_attn_out`` and ``blocks.{i}.hook_cross_attn_out`` name its output, attention blocking refuses
+    them, and a KV cache built elsewhere keeps their entries whole (they hold image features, not positions).
+    Their residual adds are gated (``tanh`` gates, and the MLP's by the rows that see an image), so
+    :meth:`~vlm_lens.cache.VLMCache.decompose_resid` takes what they wrote from ``hook_resid_mid`` (the input of
+    ``mlp_norm``). ``vision_before_embed``: the vision tower runs before the token embedding (the order nnsight reads
+    hooks in).
     """
 
     family: str
@@ -126,6 +137,24 @@ class AdapterSpec:
     image_grids: Callable[[Any, dict | None, int], list[tuple[int, int]]] | None = field(default=None, compare=False)
     marker_tokens: tuple[str, ...] = ()
     image_parts: Callable[[Any, dict | None, int], list[tuple[str, int]]] | None = field(default=None, compare=False)
+    image_positions: bool = True
+    cross_attention_layers: Callable[[Any], list[int]] | None = field(default=None, compare=False)
+    cross_attention: str = "cross_attn"  # inside a cross-attention decoder layer
+    mlp_norm: str = "post_attention_layernorm"  # inside a decoder layer: its input is hook_resid_mid
+    vision_before_embed: bool = False  # the forward runs the vision tower before the token embedding (Mllama)
+
+    def cross_layers(self, config) -> list[int]:
+        """The decoder layers whose attention reads image features (none for families with image positions)."""
+        return [] if self.cross_attention_layers is None else sorted(self.cross_attention_layers(config))
+
+    def attention_path(self, config, layer: int) -> str:
+        """The attention module of decoder ``layer``, relative to the HF model."""
+        inner = self.cross_attention if layer in self.cross_layers(config) else self.attention
+        return f"{self.layers}.{layer}.{inner}"
+
+    def feature_token_id(self, config) -> int | None:
+        """The id whose positions carry image features in the residual stream (None: no position does)."""
+        return self.image_token_id(config) if self.image_positions else None
 
     def grids(self, config, model_inputs: dict | None, n_image_tokens: int) -> list[tuple[int, int]]:
         """``(rows, cols)`` of each image's tokens in the language sequence, in order (row-major within an image):
@@ -139,8 +168,9 @@ class AdapterSpec:
             raise InputError(f"{self.family}: {n_image_tokens} image tokens are not whole {side} x {side} images")
         return [(side, side)] * (n_image_tokens // (side * side))
 
-    def hook_map(self, n_layers: int) -> dict[str, HookPoint]:
-        """Every language-side hook name with the module it reads and the side (both backends use this map)."""
+    def hook_map(self, n_layers: int, config=None) -> dict[str, HookPoint]:
+        """Every language-side hook name with the module it reads and the side (both backends use this map); with
+        ``config``, the cross-attention layers' ``hook_attn_out`` / ``hook_cross_attn_out`` at their cross-attention."""
         points = {
             "hook_embed": HookPoint(self.embed_tokens),
             "ln_final.hook_normalized": HookPoint(self.final_norm),
@@ -151,8 +181,13 @@ class AdapterSpec:
             layer = f"{self.layers}.{i}"
             points[f"blocks.{i}.hook_resid_pre"] = HookPoint(layer, "input")
             points[f"blocks.{i}.hook_resid_post"] = HookPoint(layer)
+            points[f"blocks.{i}.hook_resid_mid"] = HookPoint(f"{layer}.{self.mlp_norm}", "input")
             points[f"blocks.{i}.hook_attn_out"] = HookPoint(f"{layer}.{self.attn_out or self.attention}")
             points[f"blocks.{i}.hook_mlp_out"] = HookPoint(f"{layer}.{self.mlp_out or self.mlp}")
+        for i in [] if config is None else self.cross_layers(config):
+            if i < n_layers:
+                points[f"blocks.{i}.hook_attn_out"] = HookPoint(self.attention_path(config, i))
+                points[f"blocks.{i}.hook_cross_attn_out"] = HookPoint(self.attention_path(config, i))
         return points
 
     def image_token_id(self, config) -> int:
@@ -181,7 +216,7 @@ class AdapterSpec:
         import re
 
         ids = [int(i) for i in input_ids]
-        placeholders = set(self.placeholder_ids(config))
+        placeholders = set(self.placeholder_ids(config)) if self.image_positions else set()
         image_at = [i for i, token in enumerate(ids) if token in placeholders]
         if self.image_parts is not None:
             parts = self.image_parts(config, model_inputs, len(image_at))

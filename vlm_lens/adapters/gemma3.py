@@ -161,6 +161,7 @@ ADAPTER = AdapterSpec(
     projector="model.multi_modal_projector",
     attn_out="post_attention_layernorm",  # what the attention adds to the residual (TransformerLens's ln1_post)
     mlp_out="post_feedforward_layernorm",  # what the MLP adds (ln2_post)
+    mlp_norm="pre_feedforward_layernorm",  # its input is hook_resid_mid (post_attention_layernorm norms the attention)
     derive_inputs=derive_token_type_ids,
     extend_inputs=extend_with_text_types,
     tl_adapter=gemma3_tl_adapter,
