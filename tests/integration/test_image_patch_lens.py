@@ -40,10 +40,28 @@ def reference_grids(fam, inputs, words, grids):
     return out
 
 
+def refused_without_image_positions(model, inputs) -> bool:
+    """A family whose image enters through cross-attention (Mllama: one marker token per image) has no image positions:
+    the patch lens refuses (from a trace and from a cache) and so do the grids, naming why. True when it did."""
+    if model.adapter.image_positions:
+        return False
+    trace = model.trace_generation(inputs, max_new_tokens=1)  # the forward and generation themselves work
+    with pytest.raises(InputError, match="no image tokens"):
+        ImagePatchLens(WORDS)(trace)
+    _, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
+    with pytest.raises(InputError, match="no image tokens"):
+        ImagePatchLens(WORDS)(cache, inputs=inputs)
+    with pytest.raises(InputError, match="cross-attention"):
+        model.image_grids(inputs)
+    return True
+
+
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
 def test_patch_probabilities_equal_a_plain_hf_reference(tiny_family, backend):
     model = tiny_family.model if backend == "transformer_lens" else nnsight_twin(tiny_family.family)
     inputs = model.prepare(tiny_family.image, PROMPT)
+    if refused_without_image_positions(model, inputs):
+        return
     trace = model.trace_generation(inputs, max_new_tokens=2)
     result = ImagePatchLens(WORDS, top_k=3)(trace)
     grids = model.image_grids(inputs)  # one per image; a tiling family's image has several (thumbnail, tiles)
@@ -63,6 +81,8 @@ def test_patch_probabilities_equal_a_plain_hf_reference(tiny_family, backend):
 def test_a_cache_needs_the_inputs_and_words_must_be_one_token(tiny_family):
     model = tiny_family.model
     inputs = model.prepare(tiny_family.image, PROMPT)
+    if refused_without_image_positions(model, inputs):
+        return
     _, cache = model.run_with_cache(inputs, names_filter=model.resid_names)
     from_cache = ImagePatchLens(WORDS)(cache, inputs=inputs)
     from_trace = ImagePatchLens(WORDS)(model.trace_generation(inputs, max_new_tokens=1))
@@ -71,8 +91,11 @@ def test_a_cache_needs_the_inputs_and_words_must_be_one_token(tiny_family):
         ImagePatchLens("red")
     with pytest.raises(ValueError):
         ImagePatchLens(["not-a-word-here"])(cache, inputs=inputs)
-    if model.adapter.image_grids is not None:  # Qwen: the grid comes from image_grid_thw, which a cache does not keep
-        with pytest.raises(InputError, match="pass the prepared inputs"):
+    try:  # does the family's grid rule read the inputs (Qwen's image_grid_thw, Mistral 3's image_sizes, InternVL's
+        # tile runs)? A cache does not keep them; grids read from the config (LLaVA, Gemma 3) need nothing
+        model.adapter.grids(model.hf_model.config, None, int(inputs.layout.image.sum()))
+    except InputError:
+        with pytest.raises(InputError, match="prepared inputs"):
             ImagePatchLens(WORDS)(cache)
 
 
@@ -104,6 +127,9 @@ def test_several_images_per_prompt_are_kept_apart(tiny_family):
     size = testing.size_for(tiny_family.family).image_size
     images = [testing.sample_image(1, size), testing.sample_image(2, size)]
     inputs = model.prepare(images, "what color is the star ?")
+    if refused_without_image_positions(model, inputs):
+        assert inputs.model_inputs["cross_attention_mask"].shape[2] == 2  # each image in its own slot
+        return
     grids = model.image_grids(inputs)
     per_image = len(model.image_grids(model.prepare(images[0], "what color is the star ?")))  # 1, or 2 with a thumbnail
     assert len(grids) == 2 * per_image
