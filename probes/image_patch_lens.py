@@ -2,8 +2,9 @@
 
 For chosen stack layers, the lens at every image-token position gives the probability of chosen words (and, on
 request, the top-k tokens); the positions are put back on their image's token grid (LLaVA's square patch grid;
-Qwen-VL's ``image_grid_thw`` after the 2 x 2 merge; Idefics3 / SmolVLM: one grid per tile and per global image, so
-their ``image`` axis counts those; several images per prompt kept apart). Computed by the streaming
+Qwen-VL's ``image_grid_thw`` after the 2 x 2 merge; several images per prompt kept apart; a tiling family's image is
+several grids, each its own slot on the ``image`` axis: LLaVA-NeXT / OneVision's thumbnail, then its tiles with the
+row-end newlines as the last column; Idefics3 / SmolVLM: one grid per tile and per global image). Computed by the streaming
 lens pass (:func:`vlm_lens.probes.lens_stats.lens_pass`): never ``[layers, image tokens, vocab]`` in memory.
 """
 

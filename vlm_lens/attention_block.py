@@ -10,12 +10,18 @@ both backends because it sits at the one seam all of them share, the attention m
 - a forward pre-hook on each chosen layer's attention module (the TransformerLens wrapper when the bridge has
   wrapped it, and the HF module under it, which the batched trace calls unwrapped) rewrites ``attention_mask``.
 
+A sliding-window layer's KV cache (Gemma 3's local layers) keeps only its last keys: the mask's columns then start
+at the cache's offset (``get_mask_sizes``), and role masks are cut to match. Blocking only removes edges from the mask
+the layer was given, so it composes with whatever that mask already says (the window, Gemma's bidirectional image
+blocks).
+
 Mask conventions (transformers 5): eager adds a float mask (0 = keep, the dtype's minimum = drop), sdpa takes a
 boolean one (True = keep) or None (then causal); the TransformerLens bridge's reimplemented attention treats a 4-D
 mask as authoritative. A None mask is replaced by the causal one in the implementation's convention. A query that
 could see at least one key and would see none after the edit is refused (softmax over nothing).
 
-Roles (``queries`` / ``keys``): ``"image"`` (image placeholder positions), ``"text"`` (the prompt's other positions,
+Roles (``queries`` / ``keys``): ``"image"`` (image placeholder positions; refused for a family whose image enters
+through cross-attention, Mllama, which has none, as are its cross-attention layers), ``"text"`` (the prompt's other positions,
 the last one included), ``"question"`` (``text`` without the last prompt position: the chat template's words and the
 question), ``"last"`` (the last prompt position, whose output predicts the first generated token), ``"generated"``
 (positions after the prompt), ``"all"``; a tuple of role names (their union), a list of positions, or a boolean mask
@@ -110,13 +116,14 @@ def role_mask(value: PositionSet, state: SequenceState, what: str) -> Bool[Tenso
 
 def edit_mask(
     mask: Tensor | None, blocked: Bool[Tensor, "batch heads q kv"], *, past: int, eager: bool, dtype: torch.dtype,
-    where: str,
+    where: str, offset: int = 0,
 ) -> Tensor:  # fmt: skip
     """``mask`` (``[batch, 1 | heads, q, kv]``, float additive or boolean, or None = causal) with ``blocked`` edges
-    dropped. Raises when a query that could see a key would see none."""
+    dropped; the keys are positions ``offset ..`` (a sliding-window cache keeps only the last ones). Raises when a
+    query that could see a key would see none."""
     batch, _, q, kv = blocked.shape
     if mask is None:
-        keys = torch.arange(kv, device=blocked.device)
+        keys = offset + torch.arange(kv, device=blocked.device)
         queries = past + torch.arange(q, device=blocked.device)
         causal = keys[None, :] <= queries[:, None]
         mask = causal[None, None]
@@ -151,11 +158,12 @@ class AttentionBlock:
         text = hf_model.config.get_text_config()
         self.n_layers, self.n_heads = int(text.num_hidden_layers), int(text.num_attention_heads)
         self.hf_model, self.adapter = hf_model, adapter
-        self.image_token_id = adapter.image_token_id(hf_model.config)
+        self.image_token_id = adapter.feature_token_id(hf_model.config)  # None: no position carries image features
         self.queries = check_positions(queries, "queries")
         self.keys = check_positions(keys, "keys")
         self.layers = self.indices(layers, self.n_layers, "layers", "decoder layers")
         self.heads = None if heads is None else self.indices(heads, self.n_heads, "heads", "heads")
+        self.refuse_cross_attention(hf_model.config)
         self.state: SequenceState | None = None
         self.handles: list[Any] = []
         self.edited: dict[int, Tensor] = {}  # the mask this block made per layer: a wrapper and its HF module see it once
@@ -175,13 +183,27 @@ class AttentionBlock:
             raise OutOfRangeError(f"{what}: {bad[0]!r} is not one of the model's {unit} 0..{n - 1}")
         return sorted(set(items))
 
+    def refuse_cross_attention(self, config) -> None:
+        """A family whose image enters through cross-attention (Mllama) has no image positions to block, and its
+        cross-attention layers attend to image features, not to the sequence: both are refused, naming why."""
+        roles = [r for value in (self.queries, self.keys) if isinstance(value, tuple) for r in value]
+        if "image" in roles and not self.adapter.image_positions:
+            raise InputError(f"block_attention: {self.adapter.family} has no image positions (the image enters through "
+                             "cross-attention layers; its <|image|>-style tokens are markers carrying no image "
+                             "features), so the 'image' role names nothing to block")  # fmt: skip
+        cross = sorted(set(self.layers) & set(self.adapter.cross_layers(config)))
+        if cross:
+            raise InputError(f"block_attention: decoder layers {cross} of {self.adapter.family} are cross-attention "
+                             "layers (their keys are image features, not sequence positions); block self-attention "
+                             "layers only")  # fmt: skip
+
     def attach(self) -> AttentionBlock:
         if self.handles:
             raise InputError("this attention block is already attached")
         try:
             self.handles.append(self.hf_model.register_forward_pre_hook(self.record, with_kwargs=True))
             for layer in self.layers:
-                module = get_module(self.hf_model, f"{self.adapter.layers}.{layer}.{self.adapter.attention}")
+                module = get_module(self.hf_model, self.adapter.attention_path(self.hf_model.config, layer))
                 for target in {id(module): module, id(original(module)): original(module)}.values():
                     hook = self.layer_hook(layer)
                     self.handles.append(target.register_forward_pre_hook(hook, with_kwargs=True))
@@ -217,10 +239,13 @@ class AttentionBlock:
         if previous is None:
             index = torch.arange(ids.shape[1], device=ids.device)
             last = torch.where(valid, index, -1).max(dim=1).values
-            self.state = SequenceState(ids, valid, ids.shape[1], last, ids == self.image_token_id)
+            self.state = SequenceState(ids, valid, ids.shape[1], last, self.image_mask(ids))
         else:
-            self.state = SequenceState(ids_so_far, valid, previous.n_fresh, previous.last, ids_so_far == self.image_token_id)
+            self.state = SequenceState(ids_so_far, valid, previous.n_fresh, previous.last, self.image_mask(ids_so_far))
         self.edited.clear()
+
+    def image_mask(self, ids: Tensor) -> Tensor:
+        return ids == self.image_token_id if self.image_token_id is not None else torch.zeros_like(ids, dtype=torch.bool)
 
     def layer_hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -234,8 +259,10 @@ class AttentionBlock:
             past = 0 if past_cache is None else int(past_cache.get_seq_length(layer))
             q = hidden.shape[1]
             kv = past + q
+            # a sliding-window layer's cache (Gemma 3) keeps only its last keys: the mask's columns start at offset
+            offset = 0 if past_cache is None else int(past_cache.get_mask_sizes(q, layer)[1])
             queries = role_mask(self.queries, self.state, "queries")[:, past:kv]
-            keys = role_mask(self.keys, self.state, "keys")[:, :kv]
+            keys = role_mask(self.keys, self.state, "keys")[:, offset:kv]
             blocked = queries[:, None, :, None] & keys[:, None, None, :]
             if self.heads is not None:
                 per_head = torch.zeros(blocked.shape[0], self.n_heads, q, kv, dtype=torch.bool, device=blocked.device)
@@ -245,7 +272,7 @@ class AttentionBlock:
                 return None
             eager = original(module).config._attn_implementation == "eager" or module is not original(module)
             kwargs["attention_mask"] = edit_mask(mask, blocked.to(hidden.device), past=past, eager=eager,
-                                                 dtype=hidden.dtype, where=f"decoder layer {layer}")  # fmt: skip
+                                                 dtype=hidden.dtype, where=f"decoder layer {layer}", offset=offset)  # fmt: skip
             self.edited[layer] = kwargs["attention_mask"]
             return args, kwargs
 

@@ -16,21 +16,29 @@ from torch import Tensor
 from vlm_lens.errors import InputError
 from vlm_lens.layout import TokenLayout
 
-# inputs with one entry per sequence position: padded on the right (value), everything else is concatenated
-PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
+# inputs with one entry per sequence position (along dim 1): padded on the right (value), everything else is
+# concatenated. Mllama's cross_attention_mask [batch, pos, n_images, n_tiles]: pads see no image.
+PER_POSITION_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0,
+                    "cross_attention_mask": 0}
 
 
-def concat_images(values: list[Tensor]) -> Tensor:
-    """Per-sample image inputs in one tensor, in sample order. Families that give each sample one stack of frames
-    ``[1, n_frames, ...]`` (Idefics3's tiles and global images) have stacks of different lengths when the samples have
-    different numbers of images: they are padded with all-zero frames first, as the family's processor pads a batch
-    (its model drops all-zero frames)."""
-    shapes = {tuple(v.shape[2:]) for v in values}
-    if len({v.shape[1] for v in values if v.dim() > 2}) > 1 and len(shapes) == 1 and all(v.shape[0] == 1 for v in values):
-        most = max(v.shape[1] for v in values)
-        pad = (0, 0) * (values[0].dim() - 2)
-        values = [torch.nn.functional.pad(v, (*pad, 0, most - v.shape[1])) for v in values]
-    return torch.cat(values)
+def concat_per_image(values: list[Tensor]) -> Tensor:
+    """Per-image inputs of several samples (``pixel_values``, ``image_grid_thw``, ``image_sizes``) in sample order.
+    Rows that differ past the first axis are zero-padded at the end of every dimension to the largest, as the family's
+    own processor pads a batch: Pixtral keeps each image's aspect ratio (the forward crops each image back to its
+    ``image_sizes``); LLaVA-NeXT / OneVision ``pixel_values`` ``[image, view, 3, h, w]`` hold as many views as the
+    image's anyres tiling needs (the model reads only those). Equal shapes are concatenated unchanged."""
+    shape = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+    padded = []
+    for v in values:
+        pads = [p for d in reversed(range(1, v.dim())) for p in (0, shape[d - 1] - v.shape[d])]
+        padded.append(torch.nn.functional.pad(v, pads) if any(pads) else v)
+    return torch.cat(padded)
+
+
+def pad_positions(value: Tensor, before: int, after: int, fill: int | float) -> Tensor:
+    """``value`` ``[batch, pos, ...]`` with ``before`` / ``after`` entries of ``fill`` added along the positions."""
+    return torch.nn.functional.pad(value, (0, 0) * (value.ndim - 2) + (before, after), value=fill)
 
 
 @dataclass
@@ -52,10 +60,11 @@ class VLMBatch:
             if key in PER_POSITION_PAD:
                 if len(values) != len(samples):
                     raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
-                fill = pad_id if PER_POSITION_PAD[key] is None else PER_POSITION_PAD[key]
-                inputs[key] = torch.cat([torch.nn.functional.pad(v, (0, length - v.shape[1]), value=fill) for v in values])
+                default = PER_POSITION_PAD[key]
+                fill = pad_id if default is None else default
+                inputs[key] = torch.cat([pad_positions(v, 0, length - v.shape[1], fill) for v in values])
             else:
-                inputs[key] = concat_images(values)  # pixel_values, image_grid_thw: one row per image (or patch), in order
+                inputs[key] = concat_per_image(values)  # pixel_values, image_grid_thw: one row per image (or patch)
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = torch.stack(
                 [torch.arange(length, device=samples[0].input_ids.device) < s.input_ids.shape[1] for s in samples]

@@ -189,13 +189,18 @@ class VLMCache(Mapping[str, Tensor]):
         Needs ``hook_attn_out`` and ``hook_mlp_out`` of every block (run with ``names_filter=None``). The components
         sum to the last block's ``hook_resid_post``. For families that add to the residual between layers
         (``resid_read="input"``: Qwen3-VL's deepstack) an ``{i}_injected`` component after block i holds what was
-        added (``resid_pre`` of block i+1 minus ``resid_post`` of block i).
+        added (``resid_pre`` of block i+1 minus ``resid_post`` of block i). A gated cross-attention layer (Mllama)
+        contributes what it wrote: ``resid_mid - resid_pre`` and ``resid_post - resid_mid``.
         """
         n = self.model.n_layers
-        between = getattr(getattr(self.model, "adapter", None), "resid_read", "output") == "input"
+        adapter = getattr(self.model, "adapter", None)
+        between = getattr(adapter, "resid_read", "output") == "input"
+        config = getattr(getattr(self.model, "hf_model", None), "config", None)
+        gated = set(adapter.cross_layers(config)) if adapter is not None and config is not None else set()
         names = ["blocks.0.hook_resid_pre"]
         for i in range(n):
-            names += [f"blocks.{i}.hook_attn_out", f"blocks.{i}.hook_mlp_out"]
+            names += ([f"blocks.{i}.hook_resid_pre", f"blocks.{i}.hook_resid_mid", f"blocks.{i}.hook_resid_post"] if i in gated
+                      else [f"blocks.{i}.hook_attn_out", f"blocks.{i}.hook_mlp_out"])  # fmt: skip
             if between and i < n - 1:
                 names += [f"blocks.{i}.hook_resid_post", f"blocks.{i + 1}.hook_resid_pre"]
         missing = [name for name in names if name not in self._activations]
@@ -204,7 +209,11 @@ class VLMCache(Mapping[str, Tensor]):
         act = self._activations
         parts, labels = [act["blocks.0.hook_resid_pre"]], ["embed"]
         for i in range(n):
-            parts += [act[f"blocks.{i}.hook_attn_out"], act[f"blocks.{i}.hook_mlp_out"]]
+            if i in gated:
+                mid = act[f"blocks.{i}.hook_resid_mid"]
+                parts += [mid - act[f"blocks.{i}.hook_resid_pre"], act[f"blocks.{i}.hook_resid_post"] - mid]
+            else:
+                parts += [act[f"blocks.{i}.hook_attn_out"], act[f"blocks.{i}.hook_mlp_out"]]
             labels += [f"{i}_attn_out", f"{i}_mlp_out"]
             if between and i < n - 1:
                 parts.append(act[f"blocks.{i + 1}.hook_resid_pre"] - act[f"blocks.{i}.hook_resid_post"])

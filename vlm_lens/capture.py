@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vlm_lens.batch import PER_POSITION_PAD, concat_images
+from vlm_lens.batch import PER_POSITION_PAD, concat_per_image, pad_positions
 from vlm_lens.errors import InputError
 from vlm_lens.inputs import VLMInputs, check_positions
 from vlm_lens.surgery import get_module, original, set_attribute, unwrapped
@@ -140,7 +140,7 @@ def plain_capture(model, names: Sequence[str], store: dict[str, list[Tensor]]):
             cleanup.callback(model.hf_model.set_attn_implementation, previous)
         except (ValueError, ImportError):  # an architecture without sdpa: keep its attention, still unwrapped
             pass
-        points = model.adapter.hook_map(model.n_layers)
+        points = model.adapter.hook_map(model.n_layers, model.hf_model.config)
         for name in names:
             module = original(get_module(model.hf_model, points[name].path))  # the map says where and which side
             if points[name].side == "output":
@@ -152,6 +152,16 @@ def plain_capture(model, names: Sequence[str], store: dict[str, list[Tensor]]):
                 )
             cleanup.callback(handle.remove)
         yield
+
+
+def full_cache():
+    """An empty KV cache whose layers keep every position, for a forward whose keys and values seed a cache built
+    later (:func:`generate_from_cache`). The cache HF makes from the config trims sliding-window layers (Gemma 3's
+    local layers) to their last keys, which could not be cut or continued by position; the masks apply the window
+    either way, so the forward computes the same."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 def generate_from_cache(model, model_inputs: dict[str, Tensor], kv: Sequence[tuple[Tensor, Tensor]], max_new_tokens: int,
@@ -177,8 +187,10 @@ def generate_from_cache(model, model_inputs: dict[str, Tensor], kv: Sequence[tup
 def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[int]]:
     """The samples' model inputs as one batch padded on the left, and each sample's number of pads.
 
-    Per-position inputs (``input_ids``, ``attention_mask``, ``mm_token_type_ids``) are left-padded (pad id, 0, 0);
-    the others (``pixel_values``, ``image_grid_thw``: one row per image or patch) are concatenated in sample order."""
+    Per-position inputs (``PER_POSITION_PAD``: ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, Gemma's
+    ``token_type_ids``, Mllama's ``cross_attention_mask``) are left-padded along the positions (pad id, then 0); the
+    others (``pixel_values``, ``image_grid_thw``: one row per image or patch) are concatenated in sample order
+    (:func:`~vlm_lens.batch.concat_per_image`)."""
     pad = model.pad_token_id
     width = max(s.input_ids.shape[1] for s in samples)
     n_pads = [width - s.input_ids.shape[1] for s in samples]
@@ -191,10 +203,11 @@ def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[i
         if key in PER_POSITION_PAD:
             if len(present) != len(samples):
                 raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
-            fill = pad if PER_POSITION_PAD[key] is None else PER_POSITION_PAD[key]
-            batch[key] = torch.cat([torch.nn.functional.pad(v, (n, 0), value=fill) for v, n in zip(present, n_pads)])
+            default = PER_POSITION_PAD[key]
+            fill = pad if default is None else default
+            batch[key] = torch.cat([pad_positions(v, n, 0, fill) for v, n in zip(present, n_pads)])
         else:
-            batch[key] = concat_images(present)  # frame stacks of different lengths padded (Idefics3)
+            batch[key] = concat_per_image(present)
     return batch, n_pads
 
 

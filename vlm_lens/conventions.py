@@ -77,7 +77,7 @@ class TransformerLensNames:
 
         if self.bridge is not None:
             return dict(self.bridge.hook_dict)
-        return {name: get_module(self.hf_model, point.path) for name, point in self.adapter.hook_map(self.n_layers).items()}
+        return {name: get_module(self.hf_model, point.path) for name, point in self.adapter.hook_map(self.n_layers, self.hf_model.config).items()}
 
     def generate(self, inputs: Any, max_new_tokens: int = 32, *, stop_at_eos: bool = True, return_type: str = "str",
                  correction: Any = None) -> Any:  # fmt: skip

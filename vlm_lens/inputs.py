@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -93,9 +94,9 @@ def prepare(model, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMB
     if model_inputs["input_ids"].shape[0] != 1:
         raise InputError("prepare() builds one sample; call it once per sample")
     check_positions(model, model_inputs["input_ids"].shape[1])
-    layout = TokenLayout.from_ids(model_inputs["input_ids"][0].cpu(), model.image_token_id)
+    layout = TokenLayout.from_ids(model_inputs["input_ids"][0].cpu(), model.adapter.feature_token_id(model.hf_model.config))
     warn_unknown_words(model, prompt, model_inputs["input_ids"])
-    if image_list and not layout.image.any():
+    if image_list and not bool(torch.isin(model_inputs["input_ids"].cpu(), torch.tensor(model.placeholder_ids)).any()):
         raise InputError("the processor produced no image tokens; check that the prompt template keeps them")
     return VLMInputs(model_inputs, layout, text, len(image_list), model.family, model.name)
 
@@ -158,6 +159,10 @@ def prepare_batch(model, images: Any, prompts: list[str]) -> VLMBatch:
         raise InputError(f"{len(images)} image entries for {len(prompts)} prompts: pass one entry per prompt (an "
                          "image, a list of images, or None), or one image for all")  # fmt: skip
     samples = [prepare(model, images[i] if per_sample else images, p) for i, p in enumerate(prompts)]
+    if model.adapter.cross_layers(model.hf_model.config) and len({getattr(s, "n_images", 0) for s in samples}) > 1:
+        raise InputError(f"{model.family}: samples with different numbers of images cannot share a batch: its "
+                         "cross-attention layers run for the whole batch (a sample without an image, alone, skips "
+                         "them); prepare them in separate batches")  # fmt: skip
     return VLMBatch.pad(samples, model.pad_token_id)
 
 
@@ -198,5 +203,6 @@ def extend(model, inputs: VLMInputs, new_ids: Int[Tensor, " step"]) -> VLMInputs
     model_inputs = model.adapter.extend_inputs(dict(inputs.model_inputs), new_ids)
     layout = inputs.layout
     if new_ids.shape[1]:
-        layout = TokenLayout.from_ids(model_inputs["input_ids"][0].cpu(), model.image_token_id, n_prompt=layout.n_prompt)
+        layout = TokenLayout.from_ids(model_inputs["input_ids"][0].cpu(), model.adapter.feature_token_id(model.hf_model.config),
+                                      n_prompt=layout.n_prompt)  # fmt: skip
     return VLMInputs(model_inputs, layout, inputs.prompt, inputs.n_images, inputs.family, inputs.prepared_by)

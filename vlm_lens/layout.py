@@ -15,7 +15,8 @@ from vlm_lens.errors import InputError
 class TokenLayout:
     """Boolean masks over the positions of one sequence (batch of one).
 
-    ``image``: image placeholder positions (features from the projector are merged here).
+    ``image``: image placeholder positions (features from the projector are merged here); empty for a family whose
+    image enters through cross-attention (no position carries image features: ``AdapterSpec.image_positions``).
     ``text``: the prompt's non-image positions (chat template, question, special tokens).
     ``generated``: positions holding generated tokens (all False for a prompt alone).
     ``last_prompt_position``: the position whose output predicts the first generated token.
@@ -27,14 +28,15 @@ class TokenLayout:
     last_prompt_position: int
 
     @classmethod
-    def from_ids(cls, input_ids: Int[Tensor, " pos"], image_token_id: int, n_prompt: int | None = None):
-        """Layout of ``input_ids`` whose first ``n_prompt`` positions are the prompt (default: all)."""
+    def from_ids(cls, input_ids: Int[Tensor, " pos"], image_token_id: int | None, n_prompt: int | None = None):
+        """Layout of ``input_ids`` whose first ``n_prompt`` positions are the prompt (default: all); no image positions
+        when ``image_token_id`` is None."""
         n = input_ids.shape[-1]
         n_prompt = n if n_prompt is None else n_prompt
         if not 0 < n_prompt <= n:
             raise InputError(f"n_prompt must be in 1..{n}, got {n_prompt}")
         prompt = torch.arange(n) < n_prompt
-        image = (input_ids == image_token_id) & prompt
+        image = prompt & (input_ids == image_token_id) if image_token_id is not None else torch.zeros_like(prompt)
         return cls(image=image, text=prompt & ~image, generated=~prompt, last_prompt_position=n_prompt - 1)
 
     @property

@@ -89,7 +89,7 @@ class NNsightVLM(HookedVLM):
         return f"HookedVLM({self.name!r}, family={self.family}, n_layers={self.n_layers}, backend=nnsight)"
 
     def hook_names(self) -> list[str]:
-        return list(self.adapter.hook_map(self.n_layers))
+        return list(self.adapter.hook_map(self.n_layers, self.hf_model.config))
 
     def user_hooks_active(self) -> bool:
         return False  # no bridge wrappers: the plain-module capture is always safe
@@ -97,9 +97,11 @@ class NNsightVLM(HookedVLM):
     def _ordered(self, names: Iterable[str]) -> list[str]:
         """``names`` in execution order (nnsight requires it): token embeddings, the vision side, then per decoder layer its
         input, attention, MLP and output, then the final norm and the head."""
-        order = {"hook_embed": (-2, 0), "vision_projector.hook_out": (-1, 0), "ln_final.hook_normalized": (10**6, 0),
-                 "unembed.hook_out": (10**6 + 1, 0)}  # fmt: skip
-        within = {"hook_resid_pre": 0, "hook_attn_out": 1, "hook_mlp_out": 2, "hook_resid_post": 3}
+        vision_first = self.adapter.vision_before_embed
+        order = {"hook_embed": (-1 if vision_first else -2, 0), "vision_projector.hook_out": (-2 if vision_first else -1, 0),
+                 "ln_final.hook_normalized": (10**6, 0), "unembed.hook_out": (10**6 + 1, 0)}  # fmt: skip
+        within = {"hook_resid_pre": 0, "hook_attn_out": 1, "hook_cross_attn_out": 1, "hook_resid_mid": 2, "hook_mlp_out": 3,
+                  "hook_resid_post": 4}  # fmt: skip
 
         def key(name: str):
             if name in order:
@@ -110,7 +112,7 @@ class NNsightVLM(HookedVLM):
         return sorted(dict.fromkeys(names), key=key)
 
     def _envoy(self, name: str, root=None):
-        point = self.adapter.hook_map(self.n_layers)[name]
+        point = self.adapter.hook_map(self.n_layers, self.hf_model.config)[name]
         envoy = self.nnsight if root is None else root  # the nnsight root mirrors the HF module tree
         for part in point.path.split("."):
             envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
@@ -204,7 +206,7 @@ class NNsightVLM(HookedVLM):
         """Hooks attached for the duration of the block (PyTorch hooks on the map's modules; removed on exit)."""
         named = [(name, shape_checked(name, fn)) for name, fn in _by_name(fwd_hooks)]
         self.check_hook_names([name for name, _ in named])
-        points = self.adapter.hook_map(self.n_layers)
+        points = self.adapter.hook_map(self.n_layers, self.hf_model.config)
         handles = []
         try:
             for name, fn in named:

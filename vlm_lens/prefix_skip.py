@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from vlm_lens.capture import cut_at_eos, generate_from_cache, plain_capture
+from vlm_lens.capture import cut_at_eos, full_cache, generate_from_cache, plain_capture
 from vlm_lens.surgery import get_attribute, get_module, original
 
 
@@ -138,7 +138,8 @@ class PrefixSkipper:
             if below > 0:
                 residual = trace.cache[model.resid_names[below]].to(model.device, model.hf_model.dtype)
                 context.enter_context(_injected(layers[below], residual))
-            out = model.hf_model(**inputs, use_cache=use_cache, logits_to_keep=trace.n_steps)
+            past = full_cache() if use_cache else None  # every position kept: the continuation cuts it by position
+            out = model.hf_model(**inputs, use_cache=use_cache, past_key_values=past, logits_to_keep=trace.n_steps)
         if model.adapter.position_state:  # left by a forward over this trace's sequence: kept for its continuations
             self.position_state = get_attribute(model.hf_model, model.adapter.position_state)
         return out.logits[0].float(), out.past_key_values
@@ -187,10 +188,11 @@ class PrefixSkipper:
         n_kept = trace.prompt_inputs.input_ids.shape[1] + len(emitted) - 1
         below, skipped_set = (skipped[0] if skipped else model.n_layers), set(skipped)
         original = self._original_kv()
+        image_kv = set(model.adapter.cross_layers(model.hf_model.config))  # image features, not positions: kept whole
         data = []
         for i in range(model.n_layers):
             keys, values = original[i] if i < below or i in skipped_set else (cache.layers[i].keys, cache.layers[i].values)
-            data.append((keys[..., :n_kept, :], values[..., :n_kept, :]))
+            data.append((keys, values) if i in image_kv else (keys[..., :n_kept, :], values[..., :n_kept, :]))
         prefix = model.extend(trace.prompt_inputs, emitted.to(trace.prompt_inputs.input_ids.device))
         with skipping(model, sorted(skipped_set)):  # position state: this trace's (Qwen's rope offset)
             out = generate_from_cache(model, prefix.model_inputs, data, remaining, True, with_logits=False,

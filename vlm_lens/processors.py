@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from vlm_lens.errors import InputError
 
@@ -53,11 +53,14 @@ def word_pre_tokenizer():
     )
 
 
-def build_word_tokenizer(words: Iterable[str], special_tokens: Sequence[str] = SPECIAL_TOKENS):
+def build_word_tokenizer(words: Iterable[str], special_tokens: Sequence[str] = SPECIAL_TOKENS,
+                         named_tokens: Mapping[str, str] | None = None):  # fmt: skip
     """A lower-cased WordLevel tokenizer (whitespace split, punctuation isolated) over ``special_tokens + sorted(set(words | CHAT_WORDS))``.
 
     Ids are deterministic: specials first in the given order, then the words sorted. ``<pad>`` is id 0. The chat
-    template's own words (``user``, ``assistant``, ``:``) are always included.
+    template's own words (``user``, ``assistant``, ``:``) are always included. ``named_tokens`` become tokenizer
+    attributes that some processors read (InternVL's ``start_image_token``, with ``start_image_token_id``), saved
+    with the tokenizer.
     """
     from tokenizers import Tokenizer, models, normalizers
     from transformers import PreTrainedTokenizerFast
@@ -75,6 +78,7 @@ def build_word_tokenizer(words: Iterable[str], special_tokens: Sequence[str] = S
         eos_token="</s>",
         unk_token="<unk>",
         additional_special_tokens=[t for t in special_tokens if t not in ("<pad>", "<s>", "</s>", "<unk>")],
+        **dict(named_tokens or {}),
     )
     tokenizer.padding_side = "right"
     return tokenizer

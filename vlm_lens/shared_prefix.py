@@ -14,6 +14,9 @@ that has no image is traced the ordinary way. :class:`PrefixCache` keeps the las
 the questions of one image that arrive in consecutive batches of a dataset share one prefill. A fork costs no copy:
 the cache's layers grow by concatenation, leaving the shared tensors as they are.
 
+Questions of different lengths generate together with pads between the prefix and their own tokens, except on a
+model with sliding-window layers (Gemma 3), where only questions of equal length do (the window counts pads).
+
 A family whose model keeps position state between forwards (Qwen-VL's ``rope_deltas``: ``AdapterSpec.position_state``)
 gets it restored to what the prefix left before each question.
 """
@@ -26,8 +29,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from vlm_lens.batch import PER_POSITION_PAD
-from vlm_lens.capture import CapturedGeneration, cut_at_eos, generate_from_cache, plain_capture, split_batch
+from vlm_lens.batch import PER_POSITION_PAD, pad_positions
+from vlm_lens.capture import CapturedGeneration, cut_at_eos, full_cache, generate_from_cache, plain_capture, split_batch
 from vlm_lens.inputs import VLMInputs, check_positions
 from vlm_lens.surgery import get_attribute
 
@@ -94,7 +97,7 @@ def _run_prefix(model, sample: VLMInputs, length: int, names: Sequence[str]) -> 
     inputs = {k: (v[:, :length] if k in PER_POSITION_PAD else v) for k, v in sample.model_inputs.items()}
     store: dict[str, list[Tensor]] = {n: [] for n in names}
     with torch.no_grad(), plain_capture(model, names, store):
-        out = model.hf_model(**inputs, use_cache=True, logits_to_keep=1)
+        out = model.hf_model(**inputs, use_cache=True, past_key_values=full_cache(), logits_to_keep=1)
     state_path = model.adapter.position_state
     state = get_attribute(model.hf_model, state_path) if state_path else None
     return ImagePrefix(length, sample.input_ids[0, :length].clone(), _image_inputs(sample),
@@ -116,9 +119,8 @@ def _generate_group(model, samples: Sequence[VLMInputs], prefix: ImagePrefix, na
             for sample in samples:
                 values = sample.model_inputs.get(key, torch.ones_like(sample.input_ids))
                 tail = values[:, length:]  # the sample's own positions
-                pad = torch.full((1, width - tail.shape[1]), model.pad_token_id if fill is None else fill,
-                                 dtype=values.dtype, device=values.device)  # fmt: skip
-                rows.append(torch.cat([values[:, :length], pad, tail], dim=1))
+                padded = pad_positions(tail, width - tail.shape[1], 0, model.pad_token_id if fill is None else fill)
+                rows.append(torch.cat([values[:, :length], padded], dim=1))
             inputs[key] = torch.cat(rows)
     kv = [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in prefix.kv]  # a fork: no copy
     store: dict[str, list[Tensor]] = {n: [] for n in names}
@@ -163,7 +165,21 @@ def capture_shared(model, samples: Sequence[VLMInputs], names: Sequence[str], ma
             prefixes.shared += len(members) - 1
         else:
             prefixes.shared += len(members)
-        for i, one in zip(members, _generate_group(model, [samples[i] for i in members], prefix, names,
-                                                   max_new_tokens, stop_at_eos)):  # fmt: skip
-            out[i] = one
+        for batch in _batches(model, samples, members):
+            for i, one in zip(batch, _generate_group(model, [samples[i] for i in batch], prefix, names,
+                                                     max_new_tokens, stop_at_eos)):  # fmt: skip
+                out[i] = one
     return out
+
+
+def _batches(model, samples: Sequence[VLMInputs], members: list[int]) -> list[list[int]]:
+    """The samples of one prefix that generate together: all of them; or, when some layer attends within a sliding
+    window (Gemma 3's local layers), those of equal length: the window counts padded positions, so pads between the
+    prefix and a question would hide some of its real keys."""
+    text = model.hf_model.config.get_text_config()
+    if "sliding_attention" not in (getattr(text, "layer_types", None) or ()):
+        return [members]
+    by_length: dict[int, list[int]] = {}
+    for i in members:
+        by_length.setdefault(int(samples[i].input_ids.shape[1]), []).append(i)
+    return list(by_length.values())

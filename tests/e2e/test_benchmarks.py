@@ -59,3 +59,11 @@ def test_main_job_benchmark_smoke(capsys):
     main_job.main(["--runs", "1", "--no-png", "--no-write"])
     out = capsys.readouterr().out
     assert "| tracing | " in out and "| loading the model | " in out and "| total | " in out and "in a session" in out
+
+
+def test_family_matrix_benchmark_smoke(capsys):
+    from benchmarks import family_matrix
+
+    body = family_matrix.main(["--families", "llava", "--no-write"])
+    assert "| llava | transformer_lens | " in body and "| llava | nnsight | " in body
+    assert "every greedy generation equal to HF's" in body and "False" not in body

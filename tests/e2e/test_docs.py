@@ -42,3 +42,11 @@ def test_every_python_block_runs_and_prints_what_the_page_says(page, tmp_path, m
             exec(compile(code, filename, "exec"), namespace)
         if printed:  # printed is an empty match ("") for a block without a "prints" block after it
             assert out.getvalue() == printed, f"{page.name} block {index} printed:\n{out.getvalue()}"
+
+
+def test_the_roles_table_is_what_the_models_say():
+    from benchmarks import family_matrix
+
+    text = (ROOT / "docs" / "hooks.md").read_text()
+    block = text[text.index("<!-- family-roles:start -->") + len("<!-- family-roles:start -->") : text.index("<!-- family-roles:end -->")]
+    assert block.strip() == family_matrix.roles_table()

@@ -16,9 +16,10 @@ SAMPLES = {
     "qwen2-vl": [("what color ?", 3), ("describe the image .", 0), ("what shape is the red one ?", 4)],
     "qwen2.5-vl": [("what color ?", 3), ("describe the image .", 0), ("what shape is the red one ?", 4)],
     "qwen3-vl": [("what color ?", 5), ("describe the image .", 0), ("what shape is the red one ?", 4)],
+    "mistral3": [("what color ?", 3), ("how many shapes are there ?", 2), ("what shape is the red one ?", 4)],
 }
 DEFAULT_SAMPLES = SAMPLES["llava"]  # a family added later: three prompt lengths still make left padding happen
-EOS_SAMPLE = {"llava": 1, "qwen2-vl": 1, "qwen3-vl": 0}
+EOS_SAMPLE = {"llava": 1, "qwen2-vl": 1, "qwen3-vl": 0, "mistral3": 0}
 MAX_NEW = 24
 ATOL = 1e-5
 
@@ -75,6 +76,17 @@ def test_batched_traces_equal_one_at_a_time(tiny_family, stop_at_eos, max_new):
         assert int(singles[early].generated_ids[-1]) == model.tokenizer.eos_token_id
         assert steps[early] < min(n for i, n in enumerate(steps) if i != early)
         assert batched[early].cache.resid_stack().shape[1] == samples[early].input_ids.shape[1] + steps[early] - 1
+
+
+def test_images_of_different_sizes_batch_as_they_run_alone(tiny_family):
+    """A wide and a tall image in one batch (Pixtral keeps aspect ratios: its pixel_values differ in shape and are
+    zero-padded to one batch; Qwen's differ in patch count): each sample's trace equals its own."""
+    model, size = tiny_family.model, testing.size_for(tiny_family.family).image_size
+    images = [testing.sample_image(seed, size).resize(shape) for seed, shape in ((1, (size, size // 2)), (2, (size // 2, size)))]
+    samples = [model.prepare(image, question) for image, question in zip(images, ("what color ?", "what shape is it ?"))]
+    batched = model.trace_batch(samples, 4, stop_at_eos=False)
+    for b, sample in zip(batched, samples):
+        assert_same_trace(b, model.trace_generation(sample, 4, stop_at_eos=False))
 
 
 def test_a_batch_of_one_and_a_vlm_batch(tiny_qwen25):

@@ -32,7 +32,6 @@ def test_the_registry_is_the_one_family_list():
 
     from vlm_lens import adapters, builders, testing
 
-    assert FAMILIES == tuple(adapters.families(buildable=True)) == ("llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "idefics3",
-                                                                          "smolvlm")
+    assert FAMILIES == tuple(adapters.families(buildable=True)) == ("llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-next", "llava-onevision", "gemma3", "internvl", "idefics3", "smolvlm", "mistral3", "mllama", "glm4v")
     assert not hasattr(builders, "FAMILIES")  # no second list to keep in step
     assert testing.size_for("qwen2-vl").patch_size == testing.size_for("llava").patch_size // 2  # the adapter's rule

@@ -8,14 +8,21 @@ model) and one line in :data:`ADAPTERS`; every family test picks it up (docs/hoo
 from __future__ import annotations
 
 from vlm_lens.adapters.base import AdapterSpec, HookPoint, ModelSize
+from vlm_lens.adapters.gemma3 import ADAPTER as GEMMA3
+from vlm_lens.adapters.glm4v import GLM4V
 from vlm_lens.adapters.idefics3 import ADAPTER as IDEFICS3
+from vlm_lens.adapters.internvl import ADAPTER as INTERNVL
 from vlm_lens.adapters.llava import ADAPTER as LLAVA
+from vlm_lens.adapters.llava_next import ADAPTER as LLAVA_NEXT
+from vlm_lens.adapters.llava_onevision import ADAPTER as LLAVA_ONEVISION
+from vlm_lens.adapters.mistral3 import ADAPTER as MISTRAL3
+from vlm_lens.adapters.mllama import ADAPTER as MLLAMA
 from vlm_lens.adapters.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 from vlm_lens.adapters.qwen3_vl import QWEN3_VL
 from vlm_lens.adapters.smolvlm import ADAPTER as SMOLVLM
 from vlm_lens.errors import InputError
 
-ADAPTERS: tuple[AdapterSpec, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, IDEFICS3, SMOLVLM)
+ADAPTERS: tuple[AdapterSpec, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, LLAVA_NEXT, LLAVA_ONEVISION, GEMMA3, INTERNVL, IDEFICS3, SMOLVLM, MISTRAL3, MLLAMA, GLM4V)
 _REGISTRY: list[AdapterSpec] = list(ADAPTERS)
 
 

@@ -67,6 +67,9 @@ class AdapterSpec:
     forward inputs a processor may not return (e.g. ``mm_token_type_ids``); ``extend_inputs`` appends generated
     tokens to prepared inputs. ``tl_adapter`` returns a TransformerLens adapter class to register for
     ``hf_classes`` when TransformerLens has none (or a fixed one); ``None`` uses TransformerLens's own.
+    ``attn_out`` / ``mlp_out`` (inside a decoder layer): where ``hook_attn_out`` / ``hook_mlp_out`` read when what a
+    sublayer adds to the residual is not its module's output (a norm after it: Gemma 3's and GLM-4V's sandwich norms); ``attention``
+    and ``mlp`` otherwise. ``attention`` stays the module attention blocking works on.
     ``resid_read``: where the residual stack reads stack index l (1 <= l < n): ``"output"`` = the output of decoder
     layer l-1 (``hook_resid_post``), ``"input"`` = the input of decoder layer l (``hook_resid_pre``). They differ for
     families that add to the residual between layers (Qwen3-VL's deepstack visual features), where the input is the
@@ -91,6 +94,17 @@ class AdapterSpec:
     model_inputs, n_image_tokens)`` labels each image-token position ``(kind, image)`` with kind ``"patch"``,
     ``"thumbnail"`` (the downscaled whole image of a tiling family) or ``"newline"`` (a learned row-end embedding
     among the image features). Without it every image token is a patch of image k, k counting contiguous runs.
+
+    Cross-attention families (Mllama): ``image_positions=False`` says no position of the sequence carries image
+    features (the placeholders are plain token embeddings): the layout's ``image`` mask is empty and a placeholder's
+    fine role is whatever ``marker_tokens`` makes it. ``cross_attention_layers(config)`` lists the decoder layers whose
+    attention (at ``cross_attention`` inside the layer) reads the image features instead of the sequence: there
+    ``blocks.{i}.hook_attn_out`` and ``blocks.{i}.hook_cross_attn_out`` name its output, attention blocking refuses
+    them, and a KV cache built elsewhere keeps their entries whole (they hold image features, not positions).
+    Their residual adds are gated (``tanh`` gates, and the MLP's by the rows that see an image), so
+    :meth:`~vlm_lens.cache.VLMCache.decompose_resid` takes what they wrote from ``hook_resid_mid`` (the input of
+    ``mlp_norm``). ``vision_before_embed``: the vision tower runs before the token embedding (the order nnsight reads
+    hooks in).
     """
 
     family: str
@@ -103,6 +117,11 @@ class AdapterSpec:
     embed_tokens: str = "model.language_model.embed_tokens"
     attention: str = "self_attn"  # inside a decoder layer
     mlp: str = "mlp"
+    # where hook_attn_out / hook_mlp_out read inside a decoder layer when the sublayer's output is normed before it
+    # is added to the residual (sandwich norms: Gemma's post-attention / post-feedforward norms, GLM-4V's
+    # post_self_attn / post_mlp layernorm; TransformerLens hooks there too)
+    attn_out: str | None = None
+    mlp_out: str | None = None
     image_token_keys: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token_keys: tuple[str, ...] = ()
     derive_inputs: Callable[[dict, int], dict] | None = field(default=None, compare=False)
@@ -118,11 +137,30 @@ class AdapterSpec:
     image_grids: Callable[[Any, dict | None, int], list[tuple[int, int]]] | None = field(default=None, compare=False)
     marker_tokens: tuple[str, ...] = ()
     image_parts: Callable[[Any, dict | None, int], list[tuple[str, int]]] | None = field(default=None, compare=False)
+    image_positions: bool = True
+    cross_attention_layers: Callable[[Any], list[int]] | None = field(default=None, compare=False)
+    cross_attention: str = "cross_attn"  # inside a cross-attention decoder layer
+    mlp_norm: str = "post_attention_layernorm"  # inside a decoder layer: its input is hook_resid_mid
+    vision_before_embed: bool = False  # the forward runs the vision tower before the token embedding (Mllama)
+
+    def cross_layers(self, config) -> list[int]:
+        """The decoder layers whose attention reads image features (none for families with image positions)."""
+        return [] if self.cross_attention_layers is None else sorted(self.cross_attention_layers(config))
+
+    def attention_path(self, config, layer: int) -> str:
+        """The attention module of decoder ``layer``, relative to the HF model."""
+        inner = self.cross_attention if layer in self.cross_layers(config) else self.attention
+        return f"{self.layers}.{layer}.{inner}"
+
+    def feature_token_id(self, config) -> int | None:
+        """The id whose positions carry image features in the residual stream (None: no position does)."""
+        return self.image_token_id(config) if self.image_positions else None
 
     def grids(self, config, model_inputs: dict | None, n_image_tokens: int) -> list[tuple[int, int]]:
         """``(rows, cols)`` of each image's tokens in the language sequence, in order (row-major within an image):
         the family's ``image_grids`` rule, else square images of equal size (LLaVA-1.5: ``(image_size / patch)²``
-        tokens each, read from the vision config)."""
+        tokens each, read from the vision config). A tiling family gives several grids per image, in sequence order
+        (LLaVA-NeXT / OneVision: the thumbnail, then the tiles with their row-end newlines as the last column)."""
         if self.image_grids is not None:
             return self.image_grids(config, model_inputs, n_image_tokens)
         vision = config.vision_config
@@ -131,8 +169,9 @@ class AdapterSpec:
             raise InputError(f"{self.family}: {n_image_tokens} image tokens are not whole {side} x {side} images")
         return [(side, side)] * (n_image_tokens // (side * side))
 
-    def hook_map(self, n_layers: int) -> dict[str, HookPoint]:
-        """Every language-side hook name with the module it reads and the side (both backends use this map)."""
+    def hook_map(self, n_layers: int, config=None) -> dict[str, HookPoint]:
+        """Every language-side hook name with the module it reads and the side (both backends use this map); with
+        ``config``, the cross-attention layers' ``hook_attn_out`` / ``hook_cross_attn_out`` at their cross-attention."""
         points = {
             "hook_embed": HookPoint(self.embed_tokens),
             "ln_final.hook_normalized": HookPoint(self.final_norm),
@@ -143,8 +182,13 @@ class AdapterSpec:
             layer = f"{self.layers}.{i}"
             points[f"blocks.{i}.hook_resid_pre"] = HookPoint(layer, "input")
             points[f"blocks.{i}.hook_resid_post"] = HookPoint(layer)
-            points[f"blocks.{i}.hook_attn_out"] = HookPoint(f"{layer}.{self.attention}")
-            points[f"blocks.{i}.hook_mlp_out"] = HookPoint(f"{layer}.{self.mlp}")
+            points[f"blocks.{i}.hook_resid_mid"] = HookPoint(f"{layer}.{self.mlp_norm}", "input")
+            points[f"blocks.{i}.hook_attn_out"] = HookPoint(f"{layer}.{self.attn_out or self.attention}")
+            points[f"blocks.{i}.hook_mlp_out"] = HookPoint(f"{layer}.{self.mlp_out or self.mlp}")
+        for i in [] if config is None else self.cross_layers(config):
+            if i < n_layers:
+                points[f"blocks.{i}.hook_attn_out"] = HookPoint(self.attention_path(config, i))
+                points[f"blocks.{i}.hook_cross_attn_out"] = HookPoint(self.attention_path(config, i))
         return points
 
     def image_token_id(self, config) -> int:
@@ -173,7 +217,7 @@ class AdapterSpec:
         import re
 
         ids = [int(i) for i in input_ids]
-        placeholders = set(self.placeholder_ids(config))
+        placeholders = set(self.placeholder_ids(config)) if self.image_positions else set()
         image_at = [i for i, token in enumerate(ids) if token in placeholders]
         if self.image_parts is not None:
             parts = self.image_parts(config, model_inputs, len(image_at))

@@ -1,0 +1,73 @@
+"""Every family end to end: hooks removed after a raise on the bridge, fine token roles that agree with the layout,
+and the knowledge-evolution analysis with its report on both backends (exactness lives in test_hooked,
+test_backends, test_batch_trace, ...: this file covers what a family adds around it)."""
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import nnsight_twin
+
+from vlm_lens import roles, testing
+from vlm_lens.experiments.analysis import knowledge_evolution as ke
+from vlm_lens.experiments.pipeline import analyze
+
+PROMPT = "what color is the star ?"
+
+
+def test_bridge_hooks_are_removed_when_a_hook_raises(tiny_family):
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    before = model.run_with_hooks(inputs)
+
+    def attached():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.bridge.modules())
+
+    n_hooks = attached()
+
+    def explode(activation, hook):
+        raise RuntimeError("hook failure")
+
+    last = model.n_layers - 1
+    with pytest.raises(RuntimeError, match="hook failure"):
+        model.run_with_hooks(inputs, fwd_hooks=[(f"blocks.{last}.hook_resid_post", explode)])
+    with pytest.raises(RuntimeError, match="hook failure"):
+        with model.hooks([("blocks.0.hook_resid_pre", explode)]):
+            model.generate_ids(inputs, max_new_tokens=2)
+    assert attached() == n_hooks
+    assert torch.equal(model.run_with_hooks(inputs), before)
+
+
+def test_fine_roles_agree_with_the_layout(tiny_family):
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    fine = roles.position_roles(model, inputs)
+    assert len(fine) == inputs.layout.n_positions
+    assert [roles.is_image_role(r) for r in fine] == inputs.layout.image.tolist()
+    assert set(r.split(" ")[0] for r in fine) <= {"text", "marker", *roles.IMAGE_KINDS}
+    words = model.tokenizer.convert_ids_to_tokens(inputs.input_ids[0].tolist())
+    assert "what" in [w for w, r in zip(words, fine) if r == "text"]  # the question is text, never a marker
+    trace = model.trace_generation(inputs, max_new_tokens=2)
+    after = roles.position_roles(model, trace.inputs)
+    assert after.count("generated") == int(trace.inputs.layout.generated.sum())
+
+
+def test_roles_summary_runs():
+    assert roles.summarize(["text", "text", "marker", "patch 0", "patch 0", "text"]) == "text x2, marker, patch 0 x2, text"
+    assert roles.summarize([]) == ""
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_knowledge_evolution_analysis_and_report(tiny_family, backend, tmp_path):
+    model = tiny_family.model if backend == "transformer_lens" else nnsight_twin(tiny_family.family)
+    size = testing.size_for(tiny_family.family).image_size
+    samples = [ke.Sample(testing.sample_image(i, size), "what color is the star ?", "red", f"s{i}") for i in range(2)]
+    result = analyze(model, samples, tmp_path, config=ke.EvolutionConfig(max_new_tokens=3), tsne_iter=250, png=False)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["model"]["n_layers"] == model.n_layers and len(data["samples"]) == 2
+    html = (tmp_path / "report.html").read_text()
+    assert re.search(r"<html", html) and "s1" in html
+    for sample in data["samples"]:
+        assert sample["tokens"]["correct"], sample  # every sample has per-token key nodes
+    assert result is not None
