@@ -22,7 +22,10 @@ from vlm_lens.adapters.qwen3_vl import QWEN3_VL
 from vlm_lens.adapters.smolvlm import ADAPTER as SMOLVLM
 from vlm_lens.errors import InputError
 
-ADAPTERS: tuple[AdapterSpec, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, LLAVA_NEXT, LLAVA_ONEVISION, GEMMA3, INTERNVL, IDEFICS3, SMOLVLM, MISTRAL3, MLLAMA, GLM4V)
+ADAPTERS: tuple[AdapterSpec, ...] = (
+    LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, LLAVA_NEXT, LLAVA_ONEVISION, GEMMA3, INTERNVL, IDEFICS3, SMOLVLM, MISTRAL3,
+    MLLAMA, GLM4V,
+)  # fmt: skip
 _REGISTRY: list[AdapterSpec] = list(ADAPTERS)
 
 
