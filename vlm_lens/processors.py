@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from vlm_lens.errors import InputError
 
@@ -131,3 +131,16 @@ def load_auto_processor(folder: str | Path, *, trust_remote_code: bool = False):
                          f"know (it loaded a {type(processor).__name__} instead): fix the name in that file, upgrade "
                          "transformers, or pass processor= to vlm_lens.load")  # fmt: skip
     return processor
+
+
+def image_only_loader(processor_class: Callable[[], Any]) -> Callable[[Path, bool], Any]:
+    """The ``load_processor`` of a family whose HF processor demands a video processor (which needs torchvision):
+    a saved folder without a video processor loads as ``processor_class()`` (the family's image-only subclass); a
+    folder with one gives None, so ``AutoProcessor`` loads it as saved."""
+
+    def load_image_only_processor(folder: Path, trust_remote_code: bool = False):
+        if (Path(folder) / "video_preprocessor_config.json").exists():
+            return None
+        return processor_class().from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+
+    return load_image_only_processor

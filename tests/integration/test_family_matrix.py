@@ -71,3 +71,17 @@ def test_knowledge_evolution_analysis_and_report(tiny_family, backend, tmp_path)
     for sample in data["samples"]:
         assert sample["tokens"]["correct"], sample  # every sample has per-token key nodes
     assert result is not None
+
+
+def test_a_saved_checkpoint_folder_loads_offline_and_equals_the_model(tiny_family, tmp_path):
+    """``vlm_lens.load(folder)`` on a saved checkpoint of the family: its processor (the image-only class where the HF
+    one demands a video processor) and its logits equal the in-memory model's."""
+    from vlm_lens import load
+
+    testing.save(tiny_family.family, tmp_path)
+    loaded = load(str(tmp_path))
+    assert loaded.family == tiny_family.family
+    assert "video_processor" not in getattr(type(loaded.processor), "get_attributes", lambda: [])()
+    ours = tiny_family.model
+    torch.testing.assert_close(loaded(loaded.prepare(tiny_family.image, PROMPT)), ours(ours.prepare(tiny_family.image, PROMPT)),
+                               rtol=0, atol=0)  # fmt: skip

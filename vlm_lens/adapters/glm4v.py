@@ -35,7 +35,6 @@ Quirks:
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable
 
 from vlm_lens.adapters.base import AdapterSpec, ModelSize
@@ -47,6 +46,7 @@ from vlm_lens.adapters.qwen2_vl import (
     qwen_size,
 )
 from vlm_lens.errors import InputError
+from vlm_lens.processors import image_only_loader
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|begin_of_image|>", "<|end_of_image|>", "<|image|>",
                   "<|begin_of_video|>", "<|end_of_video|>", "<|video|>")  # fmt: skip
@@ -82,13 +82,7 @@ def image_only_processor_class() -> Any:
     return Glm4vImageOnlyProcessor
 
 
-def load_image_only_processor(folder: Path, trust_remote_code: bool = False):
-    """A saved GLM-4V processor without a video processor, loaded as the image-only class (None when the folder has
-    one: ``AutoProcessor`` then loads it as saved)."""
-    if (folder / "video_preprocessor_config.json").exists():
-        return None
-    return image_only_processor_class().from_pretrained(folder, local_files_only=True,
-                                                        trust_remote_code=trust_remote_code)  # fmt: skip
+load_image_only_processor = image_only_loader(image_only_processor_class)
 
 
 def glm4v_processor(words: Iterable[str], size: ModelSize):

@@ -39,11 +39,11 @@ Quirks:
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable
 
 from vlm_lens.adapters.base import AdapterSpec, ModelSize
 from vlm_lens.errors import InputError
+from vlm_lens.processors import image_only_loader
 
 IMAGE_PLACEHOLDER = "<IMG_CONTEXT>"  # what the chat template writes; the processor wraps and repeats it
 NAMED_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": IMAGE_PLACEHOLDER,
@@ -112,13 +112,7 @@ def image_only_processor_class() -> Any:
     return InternVLImageOnlyProcessor
 
 
-def load_image_only_processor(folder: Path, trust_remote_code: bool = False):
-    """A saved InternVL processor without a video processor, loaded as the image-only class (None when the folder has
-    one: ``AutoProcessor`` then loads it as saved)."""
-    if (folder / "video_preprocessor_config.json").exists():
-        return None
-    return image_only_processor_class().from_pretrained(folder, local_files_only=True,
-                                                        trust_remote_code=trust_remote_code)  # fmt: skip
+load_image_only_processor = image_only_loader(image_only_processor_class)
 
 
 def internvl_processor(words: Iterable[str], size: ModelSize):

@@ -28,7 +28,6 @@ Quirks:
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable
 
 from vlm_lens.adapters.base import AdapterSpec, ModelSize
@@ -41,6 +40,7 @@ from vlm_lens.adapters.llava_next import (
     pinpoints,
     tile_size,
 )
+from vlm_lens.processors import image_only_loader
 
 VIDEO_PLACEHOLDER = "<video>"
 SPECIAL_TOKENS = (*LLAVA_TOKENS, VIDEO_PLACEHOLDER)
@@ -67,13 +67,7 @@ def image_only_processor_class() -> Any:
     return LlavaOnevisionImageOnlyProcessor
 
 
-def load_image_only_processor(folder: Path, trust_remote_code: bool = False):
-    """A saved OneVision processor without a video processor, loaded as the image-only class (None when the folder
-    has a video processor: ``AutoProcessor`` then loads it as saved)."""
-    if (folder / "video_preprocessor_config.json").exists():
-        return None
-    return image_only_processor_class().from_pretrained(folder, local_files_only=True,
-                                                        trust_remote_code=trust_remote_code)  # fmt: skip
+load_image_only_processor = image_only_loader(image_only_processor_class)
 
 
 def random_llava_onevision(tokenizer, size: ModelSize, text: dict):

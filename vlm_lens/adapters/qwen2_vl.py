@@ -33,11 +33,11 @@ Quirks:
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable
 
 from vlm_lens.adapters.base import AdapterSpec, ModelSize, extend_ids
 from vlm_lens.errors import InputError
+from vlm_lens.processors import image_only_loader
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                   "<|video_pad|>")  # fmt: skip
@@ -118,13 +118,7 @@ def image_only_processor_class() -> Any:
     return Qwen2VLImageOnlyProcessor
 
 
-def load_image_only_processor(folder: Path, trust_remote_code: bool = False):
-    """A saved Qwen2-VL / Qwen2.5-VL processor without a video processor, loaded as the image-only class (None when
-    the folder has a video processor: ``AutoProcessor`` then loads it as saved)."""
-    if (folder / "video_preprocessor_config.json").exists():
-        return None
-    return image_only_processor_class().from_pretrained(folder, local_files_only=True,
-                                                        trust_remote_code=trust_remote_code)  # fmt: skip
+load_image_only_processor = image_only_loader(image_only_processor_class)
 
 
 def qwen_processor(words: Iterable[str], size: ModelSize, *, merge_size: int = 2, temporal_patch_size: int = 2):

@@ -24,7 +24,6 @@ Quirks:
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable
 
 from vlm_lens.adapters.base import AdapterSpec, ModelSize
@@ -36,6 +35,7 @@ from vlm_lens.adapters.idefics3 import (
     idefics3_spec,
     image_processor_settings,
 )
+from vlm_lens.processors import image_only_loader
 
 
 def smolvlm_tl_adapter() -> type:
@@ -77,13 +77,7 @@ def image_only_processor_class() -> Any:
     return SmolVLMImageOnlyProcessor
 
 
-def load_image_only_processor(folder: Path, trust_remote_code: bool = False):
-    """A saved SmolVLM processor without a video processor, loaded as the image-only class (None when the folder has
-    a video processor: ``AutoProcessor`` then loads it as saved, which needs torchvision and num2words)."""
-    if (folder / "video_preprocessor_config.json").exists():
-        return None
-    return image_only_processor_class().from_pretrained(folder, local_files_only=True,
-                                                        trust_remote_code=trust_remote_code)  # fmt: skip
+load_image_only_processor = image_only_loader(image_only_processor_class)
 
 
 def smolvlm_processor(words: Iterable[str], size: ModelSize):
