@@ -57,6 +57,28 @@ def extend_ids(model_inputs: dict, new_ids) -> dict:
     return out
 
 
+
+def placeholder_types(key: str) -> tuple[Callable[[dict, int], dict], Callable[[dict, Any], dict]]:
+    """``(derive_inputs, extend_inputs)`` for a per-position type input ``key`` that marks image positions (Qwen's and
+    GLM-4V's ``mm_token_type_ids``, Gemma 3's ``token_type_ids``): derived as ``input_ids == image_token_id`` when the
+    processor did not return it; generated tokens are text, so it grows with zeros beside ``input_ids``."""
+
+    def derive(model_inputs: dict, image_token_id: int) -> dict:
+        if key not in model_inputs:
+            model_inputs = dict(model_inputs)
+            model_inputs[key] = (model_inputs["input_ids"] == image_token_id).long()
+        return model_inputs
+
+    def extend(model_inputs: dict, new_ids) -> dict:
+        import torch
+
+        out = extend_ids(model_inputs, new_ids)
+        if key in out:
+            out[key] = torch.cat([out[key], torch.zeros_like(new_ids)], dim=1)
+        return out
+
+    return derive, extend
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """Declarative description of one HF vision-language family: everything vlm-lens knows about it.

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from vlm_lens.adapters.base import AdapterSpec, ModelSize, extend_ids
+from vlm_lens.adapters.base import AdapterSpec, ModelSize, placeholder_types
 
 BOI, IMAGE_SOFT, EOI = "<start_of_image>", "<image_soft_token>", "<end_of_image>"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", BOI, IMAGE_SOFT, EOI)
@@ -54,23 +54,8 @@ POOL = 2  # the projector average-pools 2 x 2 vision patches into one language t
 SLIDING_WINDOW = 12  # tokens: shorter than a tiny prompt (16+), so local layers drop the first keys of its last positions
 
 
-def derive_token_type_ids(model_inputs: dict, image_token_id: int) -> dict:
-    """Add ``token_type_ids = (input_ids == image_token_id)`` when the processor did not return it (the forward's
-    bidirectional image mask reads it)."""
-    if "token_type_ids" not in model_inputs:
-        model_inputs = dict(model_inputs)
-        model_inputs["token_type_ids"] = (model_inputs["input_ids"] == image_token_id).long()
-    return model_inputs
-
-
-def extend_with_text_types(model_inputs: dict, new_ids) -> dict:
-    """Generated tokens are text: ``token_type_ids`` grows with zeros beside ``input_ids``."""
-    import torch
-
-    out = extend_ids(model_inputs, new_ids)
-    if "token_type_ids" in out:
-        out["token_type_ids"] = torch.cat([out["token_type_ids"], torch.zeros_like(new_ids)], dim=1)
-    return out
+# token_type_ids (1 at image soft tokens) drives the bidirectional image mask: derived when missing, zeros after
+derive_token_type_ids, extend_with_text_types = placeholder_types("token_type_ids")
 
 
 def gemma3_size(size: ModelSize, name: str) -> ModelSize:

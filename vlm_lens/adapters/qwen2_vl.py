@@ -35,7 +35,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Iterable
 
-from vlm_lens.adapters.base import AdapterSpec, ModelSize, extend_ids
+from vlm_lens.adapters.base import AdapterSpec, ModelSize, placeholder_types
 from vlm_lens.errors import InputError
 from vlm_lens.processors import image_only_loader
 
@@ -45,22 +45,8 @@ IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_MARKERS = (r"<\|vision_start\|>", r"<\|vision_end\|>")  # around each image's pads, no image features
 
 
-def derive_mm_token_type_ids(model_inputs: dict, image_token_id: int) -> dict:
-    """Add ``mm_token_type_ids = (input_ids == image_token_id)`` when the processor did not return it."""
-    if "mm_token_type_ids" not in model_inputs:
-        model_inputs = dict(model_inputs)
-        model_inputs["mm_token_type_ids"] = (model_inputs["input_ids"] == image_token_id).long()
-    return model_inputs
-
-
-def extend_with_text_types(model_inputs: dict, new_ids) -> dict:
-    """Generated tokens are text: ``mm_token_type_ids`` grows with zeros beside ``input_ids``."""
-    import torch
-
-    out = extend_ids(model_inputs, new_ids)
-    if "mm_token_type_ids" in out:
-        out["mm_token_type_ids"] = torch.cat([out["mm_token_type_ids"], torch.zeros_like(new_ids)], dim=1)
-    return out
+# mm_token_type_ids (0 text, 1 image) drives mRoPE: derived from input_ids when missing, zeros for generated tokens
+derive_mm_token_type_ids, extend_with_text_types = placeholder_types("mm_token_type_ids")
 
 
 def qwen2_5_vl_tl_adapter() -> type:
