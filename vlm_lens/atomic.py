@@ -129,7 +129,11 @@ def write_set(out_dir: str | Path, files: dict[str, str | bytes], *, stale_after
         shutil.rmtree(out / previous, ignore_errors=True)
     now = time.time()
     for old in runs.glob("run-*"):
-        if old.resolve() != tmp.resolve() and now - old.stat().st_mtime > stale_after_s:
+        try:
+            stale = old.resolve() != tmp.resolve() and now - old.stat().st_mtime > stale_after_s
+        except FileNotFoundError:  # a concurrent writer removed it between the listing and the stat
+            continue
+        if stale:
             shutil.rmtree(old, ignore_errors=True)
     return {name: out / name for name in files}
 

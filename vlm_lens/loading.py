@@ -65,6 +65,10 @@ def load(
         spec = adapter_for(architecture)
         with offline():
             hf_model = _load_hf_model(folder, dtype, trust_remote_code)
+            if type(hf_model).__name__ != architecture:  # e.g. a plugin family's own class saved under a known model_type
+                raise InputError(f"{folder}/config.json names {architecture}, but transformers builds "
+                                 f"{type(hf_model).__name__} from it (its weights would not all fit): build the "
+                                 f"{architecture} model yourself and pass it, vlm_lens.load(model, processor=...)")  # fmt: skip
             if processor is None:
                 processor = load_processor(folder, trust_remote_code=trust_remote_code)
     else:
