@@ -47,7 +47,8 @@ class ImagePatchLens(Probe):
 
     Result: ``prob`` ``[layer, image, row, col, word]`` (NaN outside a smaller image's grid), and with ``top_k``
     ``topk_ids`` / ``topk_prob`` ``[layer, image, row, col, k]``. ``probe(trace)``; a cache needs the prepared inputs
-    for the grid: ``probe(cache, inputs=inputs)``.
+    for the grid: ``probe(cache, inputs=inputs)``. ``provenance["grids"]`` gives each grid's ``(rows, cols)`` and
+    ``provenance["grid_roles"]`` what it is (``"patch k"``, ``"thumbnail k"``: a tiling family's image has several).
     """
 
     name = "image_patch_lens"
@@ -69,6 +70,7 @@ class ImagePatchLens(Probe):
         if not len(positions):
             raise InputError("this input has no image tokens: ImagePatchLens reads the lens at image positions")
         grids = model.image_grids(inputs, n_image_tokens=len(positions))
+        grid_roles = self.grid_roles(model, inputs, positions, grids) if inputs is not None else None
         ids = torch.tensor([model.to_single_token(w) if isinstance(w, str) else int(w) for w in self.words])
         layers = list(range(model.n_layers + 1)) if self.layers is None else [int(layer) for layer in self.layers]
         stats = lens_pass(model, source.cache.resid_stack(positions), lens=self.lens, layers=layers,
@@ -88,4 +90,19 @@ class ImagePatchLens(Probe):
                   "k": list(range(self.top_k))}  # fmt: skip
         coords = {k: v for k, v in coords.items() if any(k in d for d in dims.values())}
         return ProbeResult(self.name, arrays, dims, coords,
-                           provenance=self.provenance(source, **self.lens.describe(), grids=[list(g) for g in grids]))  # fmt: skip
+                           provenance=self.provenance(source, **self.lens.describe(), grids=[list(g) for g in grids],
+                                                      grid_roles=grid_roles))  # fmt: skip
+
+    @staticmethod
+    def grid_roles(model, inputs, positions, grids) -> list[str]:
+        """What each grid is (:mod:`vlm_lens.roles`): ``"patch k"`` (image k, or one of its tiles) or ``"thumbnail k"``
+        (a tiling family's downscaled whole image), from the fine role of its first position."""
+        from vlm_lens.roles import position_roles
+
+        fine = position_roles(model, inputs)
+        image_roles = [fine[int(p)] for p in positions]
+        out, start = [], 0
+        for rows, cols in grids:
+            out.append(image_roles[start])
+            start += rows * cols
+        return out

@@ -52,15 +52,21 @@ def thumbnail(image, width: int = 144) -> bytes | None:
 
 def patch_map(trace) -> dict | None:
     """The first generated token's probability at every image token of the first image, every stack layer, on the
-    image's token grid (:class:`~vlm_lens.probes.ImagePatchLens`): what the report overlays on the input image."""
+    image's token grid (:class:`~vlm_lens.probes.ImagePatchLens`): what the report overlays on the input image. A
+    tiling family's image has several grids: the thumbnail's is the one that covers the whole image (None without
+    one: tiles alone are not the image's geometry)."""
     from vlm_lens.probes import ImagePatchLens
 
     if not trace.n_steps or not bool(trace.layout.image.any()):
         return None
     token = int(trace.generated_ids[0])
     result = ImagePatchLens([token])(trace)
-    rows, cols = result.provenance["grids"][0]
-    prob = result["prob"][:, 0, :rows, :cols, 0]  # [layer, row, col]
+    first = [i for i, role in enumerate(result.provenance["grid_roles"]) if role.endswith(" 0")]
+    whole = first if len(first) == 1 else [i for i in first if result.provenance["grid_roles"][i] == "thumbnail 0"]
+    if not whole:
+        return None
+    rows, cols = result.provenance["grids"][whole[0]]
+    prob = result["prob"][:, whole[0], :rows, :cols, 0]  # [layer, row, col]
     return {"token": result.coords["word"][0], "step": 0, "grid": [rows, cols], "prob": prob.float().tolist()}
 
 

@@ -93,3 +93,23 @@ def test_a_saved_checkpoint_folder_loads_offline_and_equals_the_model(tiny_famil
     ours = tiny_family.model
     torch.testing.assert_close(loaded(loaded.prepare(tiny_family.image, PROMPT)), ours(ours.prepare(tiny_family.image, PROMPT)),
                                rtol=0, atol=0)  # fmt: skip
+
+
+def test_the_report_maps_the_answer_on_the_grid_that_covers_the_whole_image(tiny_family):
+    """The report's patch map (the first answer token's lens probability over the image) uses the grid whose geometry
+    is the whole image: the only grid, or a tiling family's thumbnail; Mllama has no image positions: no map."""
+    from vlm_lens.experiments.runs.reduce import patch_map
+    from vlm_lens.probes import ImagePatchLens
+
+    model = tiny_family.model
+    trace = model.trace_generation(model.prepare(tiny_family.image, PROMPT), max_new_tokens=1)
+    found = patch_map(trace)
+    if not model.adapter.image_positions:
+        assert found is None
+        return
+    kinds = {r.split(" ")[0] for r in roles.position_roles(model, trace.inputs) if roles.is_image_role(r)}
+    result = ImagePatchLens([int(trace.generated_ids[0])])(trace)
+    index = result.provenance["grid_roles"].index("thumbnail 0" if "thumbnail" in kinds else "patch 0")
+    rows, cols = result.provenance["grids"][index]
+    assert found["grid"] == [rows, cols]
+    assert torch.equal(torch.tensor(found["prob"]), result["prob"][:, index, :rows, :cols, 0].float())

@@ -26,9 +26,9 @@ Quirks:
   (``start_image_token``, ``end_image_token``, ``context_image_token``, ``video_token``).
 - The tiny model tiles: tiles are half the image side (:func:`tile_size`), so a square image gives 2 x 2 tiles plus
   the thumbnail: 5 tiles of 2 x 2 tokens (tiny: 32 px image, 16 px tiles, patch 4), 20 image tokens. The tile count
-  per image is read from the run of ``<IMG_CONTEXT>`` between its markers; the image grid (:func:`tile_grids`)
-  stacks the tiles top to bottom in sequence order (rows = tiles * tile rows, the thumbnail's rows last); the image
-  parts (:func:`tile_parts`) label the thumbnail tile's tokens ``"thumbnail k"``.
+  per image is read from the run of ``<IMG_CONTEXT>`` between its markers; the image grids (:func:`tile_grids`) are
+  one per tile in sequence order (the thumbnail last, the one that covers the whole image); the image parts
+  (:func:`tile_parts`) label the thumbnail tile's tokens ``"thumbnail k"``.
 - ``InternVLProcessor`` declares a video processor, which needs torchvision: :func:`image_only_processor_class`
   drops it (saved folders without one load through it, :func:`load_image_only_processor`).
 - TransformerLens 4.3 has no InternVL adapter: :func:`internvl_tl_adapter` takes its LLaVA one (same
@@ -157,9 +157,10 @@ def image_runs(config, model_inputs: dict | None, n_image_tokens: int) -> list[i
 
 
 def tile_grids(config, model_inputs: dict | None, n_image_tokens: int) -> list[tuple[int, int]]:
-    """Each image's token grid: its tiles (the thumbnail last) stacked top to bottom, each ``side`` x ``side``."""
+    """One ``side`` x ``side`` grid per tile in sequence order (an image's grid tiles, then its thumbnail), as for
+    Idefics3: each grid is geometric (a tile's patches after the pixel shuffle); the thumbnail's covers the whole image."""
     side = int(round(int(config.image_seq_length) ** 0.5))
-    return [(tiles * side, side) for tiles in image_runs(config, model_inputs, n_image_tokens)]
+    return [(side, side) for tiles in image_runs(config, model_inputs, n_image_tokens) for _ in range(tiles)]
 
 
 def tile_parts(config, model_inputs: dict | None, n_image_tokens: int) -> list[tuple[str, int]]:
