@@ -98,6 +98,11 @@ def prepare(model, images: Any, prompt: str | Sequence[str]) -> VLMInputs | VLMB
     warn_unknown_words(model, prompt, model_inputs["input_ids"])
     if image_list and not bool(torch.isin(model_inputs["input_ids"].cpu(), torch.tensor(model.placeholder_ids)).any()):
         raise InputError("the processor produced no image tokens; check that the prompt template keeps them")
+    cross = model.adapter.cross_layers(model.hf_model.config)
+    if cross and not image_list:  # HF skips those layers without image states: nothing would record them
+        raise InputError(f"{model.family} reads images through its cross-attention layers {cross}, which it skips "
+                         "entirely for a prompt without an image (they record nothing, so the residual stack has "
+                         "holes): give every sample an image")  # fmt: skip
     return VLMInputs(model_inputs, layout, text, len(image_list), model.family, model.name)
 
 

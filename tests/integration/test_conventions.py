@@ -93,8 +93,10 @@ def test_batched_prepare_equals_one_sample_at_a_time(tiny_family):
     _, one_cache = model.run_with_cache(one, names_filter=model.resid_names)
     assert one_cache.sample(0).input_ids.tolist() == one[0].input_ids[0].tolist()
     if model.adapter.cross_layers(model.hf_model.config):  # Mllama: a batch runs its cross-attention for every row
-        with pytest.raises(ValueError, match="separate batches"):
+        with pytest.raises(ValueError, match="give every sample an image"):  # HF skips those layers without one
             model.prepare([tiny_family.image, None], QUESTIONS)
+        with pytest.raises(ValueError, match="separate batches"):
+            model.prepare([tiny_family.image, [tiny_family.image, tiny_family.image]], QUESTIONS)
     else:
         mixed = model.prepare([tiny_family.image, None], QUESTIONS)  # a sample without an image
         torch.testing.assert_close(model(mixed)[1, : mixed[1].layout.n_positions], model(mixed[1])[0], atol=1e-5, rtol=1e-5)

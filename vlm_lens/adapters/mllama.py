@@ -44,6 +44,8 @@ Quirks and the semantics vlm-lens gives them:
 - TransformerLens 4.3 has no Mllama adapter: :func:`mllama_tl_adapter` is one, modelled on its LLaVA adapter, with
   the self- and cross-attention of a block as optional submodules (TransformerLens skips the absent one per layer,
   as for its hybrid attention/Mamba adapters).
+- A prompt without an image is refused by ``prepare``: HF skips the cross-attention layers entirely then, so their
+  hooks would never fire (holes in the residual stack).
 """
 
 from __future__ import annotations
