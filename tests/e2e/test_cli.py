@@ -31,6 +31,19 @@ def test_analyze_writes_the_report(tiny_folder, tmp_path):
     assert len(data["samples"]) == 3 and (out / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
 
 
+@pytest.mark.parametrize("family", ["llava-next", "mllama", "idefics3"])
+def test_analyze_on_a_saved_checkpoint_of_a_newer_family(family, tmp_path):
+    """The command line on a tiling family (thumbnail + tiles), a cross-attention family and a frame-stack family."""
+    folder = testing.save(family, tmp_path / "model")
+    testing.sample_image(1, 48).save(tmp_path / "img.png")
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(tmp_path / "img.png"), "--prompt",
+                                 "what color is the star ?", "--max-new-tokens", "2", "--out", str(out), "--no-png"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "report.json").read_text())
+    assert data["model"]["family"] == family and len(data["samples"]) == 1
+
+
 def test_bad_input_exits_2_with_the_fix(tiny_folder, tmp_path):
     folder, _ = tiny_folder
     result = runner.invoke(app, ["analyze", "--model", str(folder), "--image", str(tmp_path / "nope.png")])
