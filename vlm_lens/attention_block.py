@@ -265,7 +265,8 @@ class AttentionBlock:
             keys = role_mask(self.keys, self.state, "keys")[:, offset:kv]
             blocked = queries[:, None, :, None] & keys[:, None, None, :]
             if self.heads is not None:
-                per_head = torch.zeros(blocked.shape[0], self.n_heads, q, kv, dtype=torch.bool, device=blocked.device)
+                per_head = torch.zeros(blocked.shape[0], self.n_heads, q, blocked.shape[-1], dtype=torch.bool,
+                                       device=blocked.device)  # fmt: skip
                 per_head[:, self.heads] = blocked[:, 0]
                 blocked = per_head
             if not blocked.any():

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vlm_lens.batch import PER_POSITION_PAD, concat_per_image, pad_positions
+from vlm_lens.batch import PER_POSITION_PAD, concat_per_image, pad_per_position
 from vlm_lens.errors import InputError
 from vlm_lens.inputs import VLMInputs, check_positions
 from vlm_lens.surgery import get_module, original, set_attribute, unwrapped
@@ -205,7 +205,7 @@ def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[i
                 raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
             default = PER_POSITION_PAD[key]
             fill = pad if default is None else default
-            batch[key] = torch.cat([pad_positions(v, n, 0, fill) for v, n in zip(present, n_pads)])
+            batch[key] = pad_per_position(present, [(n, 0) for n in n_pads], fill)
         else:
             batch[key] = concat_per_image(present)
     return batch, n_pads

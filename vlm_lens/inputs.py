@@ -164,10 +164,6 @@ def prepare_batch(model, images: Any, prompts: list[str]) -> VLMBatch:
         raise InputError(f"{len(images)} image entries for {len(prompts)} prompts: pass one entry per prompt (an "
                          "image, a list of images, or None), or one image for all")  # fmt: skip
     samples = [prepare(model, images[i] if per_sample else images, p) for i, p in enumerate(prompts)]
-    if model.adapter.cross_layers(model.hf_model.config) and len({getattr(s, "n_images", 0) for s in samples}) > 1:
-        raise InputError(f"{model.family}: samples with different numbers of images cannot share a batch: its "
-                         "cross-attention layers run for the whole batch (a sample without an image, alone, skips "
-                         "them); prepare them in separate batches")  # fmt: skip
     return VLMBatch.pad(samples, model.pad_token_id)
 
 

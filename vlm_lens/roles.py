@@ -17,10 +17,10 @@ def position_roles(model, inputs) -> list[str]:
     """The fine role of every position of one prepared sample (``model.prepare(image, question)``): ``"text"``,
     ``"marker"`` or ``"<kind> <k>"`` (``"patch 0"``, ``"thumbnail 0"``, ``"newline 0"``) for image k; positions
     after the prompt are ``"generated"``."""
-    ids = inputs.input_ids[0]
-    roles = model.adapter.position_roles(model.hf_model.config, model.tokenizer, ids, inputs.model_inputs)
-    generated = inputs.layout.generated.tolist()
-    return ["generated" if g else role for role, g in zip(roles, generated)]
+    n_prompt = inputs.layout.n_prompt  # generated tokens are never image tokens or markers: only the prompt is read
+    prompt = model.adapter.position_roles(model.hf_model.config, model.tokenizer, inputs.input_ids[0, :n_prompt],
+                                          inputs.model_inputs)  # fmt: skip
+    return prompt + ["generated"] * (inputs.layout.n_positions - n_prompt)
 
 
 def is_image_role(role: str) -> bool:

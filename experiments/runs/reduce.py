@@ -61,8 +61,9 @@ def patch_map(trace) -> dict | None:
         return None
     token = int(trace.generated_ids[0])
     result = ImagePatchLens([token])(trace)
-    first = [i for i, role in enumerate(result.provenance["grid_roles"]) if role.endswith(" 0")]
-    whole = first if len(first) == 1 else [i for i in first if result.provenance["grid_roles"][i] == "thumbnail 0"]
+    grid_roles = result.provenance["grid_roles"] or []
+    first = [i for i, role in enumerate(grid_roles) if role.endswith(" 0")]
+    whole = first if len(first) == 1 else [i for i in first if grid_roles[i] == "thumbnail 0"]
     if not whole:
         return None
     rows, cols = result.provenance["grids"][whole[0]]

@@ -95,14 +95,22 @@ def test_batched_prepare_equals_one_sample_at_a_time(tiny_family):
     if model.adapter.cross_layers(model.hf_model.config):  # Mllama: a batch runs its cross-attention for every row
         with pytest.raises(ValueError, match="give every sample an image"):  # HF skips those layers without one
             model.prepare([tiny_family.image, None], QUESTIONS)
-        with pytest.raises(ValueError, match="separate batches"):
-            model.prepare([tiny_family.image, [tiny_family.image, tiny_family.image]], QUESTIONS)
     else:
         mixed = model.prepare([tiny_family.image, None], QUESTIONS)  # a sample without an image
         torch.testing.assert_close(model(mixed)[1, : mixed[1].layout.n_positions], model(mixed[1])[0], atol=1e-5, rtol=1e-5)
+    if model.adapter.cross_layers(model.hf_model.config):  # 1 and 2 images: cross_attention_mask shapes differ
+        with pytest.raises(ValueError, match="separate batches"):
+            model.prepare([tiny_family.image, [tiny_family.image, tiny_family.image]], QUESTIONS)
+        one_image, two_images = model.prepare(tiny_family.image, QUESTIONS[0]), model.prepare([tiny_family.image] * 2, QUESTIONS[1])
+        with pytest.raises(ValueError, match="separate batches"):  # the generation path refuses them too
+            model.trace_batch([one_image, two_images], 2)
+    else:
         two = model.prepare([tiny_family.image, [tiny_family.image, tiny_family.image]], QUESTIONS)  # 1 and 2 images
         for i, sample in enumerate(two):
             torch.testing.assert_close(model(two)[i, : sample.layout.n_positions], model(sample)[0], atol=1e-5, rtol=1e-5)
+        traced = model.trace_batch(list(two), 2)  # left-padded generation: the same samples, traced together
+        for batched, sample in zip(traced, two):
+            assert torch.equal(batched.generated_ids, model.trace_generation(sample, 2).generated_ids)
     with pytest.raises(ValueError, match="cache.sample"):
         from vlm_lens.probes import LogitLensProbe
 

@@ -113,3 +113,15 @@ def test_the_report_maps_the_answer_on_the_grid_that_covers_the_whole_image(tiny
     rows, cols = result.provenance["grids"][index]
     assert found["grid"] == [rows, cols]
     assert torch.equal(torch.tensor(found["prob"]), result["prob"][:, index, :rows, :cols, 0].float())
+
+
+def test_blocking_chosen_heads_during_generation_runs_and_leaves_nothing(tiny_family):
+    """Heads chosen in ``block_attention`` while generating past a sliding window (Gemma 3's cache keeps only the last
+    keys: the blocked-edge mask must follow its columns) and on every other family; removed afterwards."""
+    model = tiny_family.model
+    inputs = model.prepare(tiny_family.image, PROMPT)
+    before = model(inputs)
+    with model.block_attention("generated", "text", layers=[0], heads=[0]):
+        ids = model.generate_ids(inputs, 6, stop_at_eos=False)
+    assert len(ids) == 6
+    assert torch.equal(model(inputs), before)

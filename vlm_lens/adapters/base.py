@@ -247,8 +247,10 @@ class AdapterSpec:
                 raise InputError(f"{self.family}: the image parts describe {len(parts)} image tokens, the sequence has "
                                  f"{len(image_at)}: prepare the inputs with this model's processor")  # fmt: skip
         else:  # one image per contiguous run of placeholders
-            runs = [sum(1 for a, b in zip(image_at, image_at[1:k + 1]) if b != a + 1) for k in range(len(image_at))]
-            parts = [("patch", run) for run in runs]
+            parts, run = [], 0
+            for k, position in enumerate(image_at):
+                run += k > 0 and position != image_at[k - 1] + 1  # a gap starts the next image
+                parts.append(("patch", run))
         roles = ["text"] * len(ids)
         for position, (kind, image) in zip(image_at, parts):
             roles[position] = f"{kind} {image}"
