@@ -53,6 +53,25 @@ def pad_positions(value: Tensor, before: int, after: int, fill: int | float) -> 
     return torch.nn.functional.pad(value, (0, 0) * (value.ndim - 2) + (before, after), value=fill)
 
 
+def join_inputs(per_sample: list[dict[str, Tensor]], lengths: list[tuple[int, int]], pad_id: int) -> dict[str, Tensor]:
+    """Several samples' model inputs as one batch: per-position inputs (:data:`PER_POSITION_PAD`) padded along the
+    positions by each sample's ``(before, after)`` (pad id for ``input_ids``, 0 for the others; an attention mask of
+    ones is made for a sample without one), everything else concatenated in sample order
+    (:func:`concat_per_image`). Shared by right-padded forwards (:class:`VLMBatch`) and left-padded generation."""
+    per_sample = [{"attention_mask": torch.ones_like(values["input_ids"]), **values} for values in per_sample]
+    joined: dict[str, Tensor] = {}
+    for key in dict.fromkeys(k for values in per_sample for k in values):  # samples without images lack some keys
+        present = [values[key] for values in per_sample if key in values]
+        if key not in PER_POSITION_PAD:
+            joined[key] = concat_per_image(present)  # pixel_values, image_grid_thw: one row per image (or patch)
+        elif len(present) != len(per_sample):
+            raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
+        else:
+            fill = PER_POSITION_PAD[key]
+            joined[key] = pad_per_position(present, lengths, pad_id if fill is None else fill)
+    return joined
+
+
 @dataclass
 class VLMBatch:
     """Prepared samples (``samples[i]`` is what ``prepare`` returns for one) and their padded model inputs."""
@@ -65,22 +84,8 @@ class VLMBatch:
         if not samples:
             raise InputError("a batch needs at least one sample")
         length = max(s.input_ids.shape[1] for s in samples)
-        inputs: dict[str, Tensor] = {}
-        keys = list(dict.fromkeys(k for s in samples for k in s.model_inputs))  # samples without images lack some
-        for key in keys:
-            values = [s.model_inputs[key] for s in samples if key in s.model_inputs]
-            if key in PER_POSITION_PAD:
-                if len(values) != len(samples):
-                    raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
-                default = PER_POSITION_PAD[key]
-                fill = pad_id if default is None else default
-                inputs[key] = pad_per_position(values, [(0, length - v.shape[1]) for v in values], fill)
-            else:
-                inputs[key] = concat_per_image(values)  # pixel_values, image_grid_thw: one row per image (or patch)
-        if "attention_mask" not in inputs:
-            inputs["attention_mask"] = torch.stack(
-                [torch.arange(length, device=samples[0].input_ids.device) < s.input_ids.shape[1] for s in samples]
-            ).long()
+        inputs = join_inputs([s.model_inputs for s in samples], [(0, length - s.input_ids.shape[1]) for s in samples],
+                             pad_id)  # fmt: skip
         return cls(list(samples), inputs)
 
     @property

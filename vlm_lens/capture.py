@@ -23,8 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vlm_lens.batch import PER_POSITION_PAD, concat_per_image, pad_per_position
-from vlm_lens.errors import InputError
+from vlm_lens.batch import PER_POSITION_PAD, join_inputs
 from vlm_lens.inputs import VLMInputs, check_positions
 from vlm_lens.surgery import get_module, original, set_attribute, unwrapped
 
@@ -191,23 +190,9 @@ def left_pad(model, samples: list[VLMInputs]) -> tuple[dict[str, Tensor], list[i
     ``token_type_ids``, Mllama's ``cross_attention_mask``) are left-padded along the positions (pad id, then 0); the
     others (``pixel_values``, ``image_grid_thw``: one row per image or patch) are concatenated in sample order
     (:func:`~vlm_lens.batch.concat_per_image`)."""
-    pad = model.pad_token_id
     width = max(s.input_ids.shape[1] for s in samples)
     n_pads = [width - s.input_ids.shape[1] for s in samples]
-    per_sample = [dict(s.model_inputs) for s in samples]
-    for values, s in zip(per_sample, samples):
-        values.setdefault("attention_mask", torch.ones_like(s.input_ids))
-    batch: dict[str, Tensor] = {}
-    for key in dict.fromkeys(k for values in per_sample for k in values):
-        present = [values[key] for values in per_sample if key in values]
-        if key in PER_POSITION_PAD:
-            if len(present) != len(samples):
-                raise InputError(f"{key!r} is missing for some samples: prepare every sample with the same model")
-            default = PER_POSITION_PAD[key]
-            fill = pad if default is None else default
-            batch[key] = pad_per_position(present, [(n, 0) for n in n_pads], fill)
-        else:
-            batch[key] = concat_per_image(present)
+    batch = join_inputs([s.model_inputs for s in samples], [(n, 0) for n in n_pads], model.pad_token_id)
     return batch, n_pads
 
 

@@ -191,9 +191,10 @@ class AdapterSpec:
             raise InputError(f"{self.family}: {n_image_tokens} image tokens are not whole {side} x {side} images")
         return [(side, side)] * (n_image_tokens // (side * side))
 
-    def hook_map(self, n_layers: int, config=None) -> dict[str, HookPoint]:
-        """Every language-side hook name with the module it reads and the side (both backends use this map); with
-        ``config``, the cross-attention layers' ``hook_attn_out`` / ``hook_cross_attn_out`` at their cross-attention."""
+    def hook_map(self, n_layers: int, config) -> dict[str, HookPoint]:
+        """Every language-side hook name with the module it reads and the side (both backends use this map); the
+        model ``config`` says which layers are cross-attention layers (their ``hook_attn_out`` / ``hook_cross_attn_out``
+        read the cross-attention)."""
         points = {
             "hook_embed": HookPoint(self.embed_tokens),
             "ln_final.hook_normalized": HookPoint(self.final_norm),
@@ -207,7 +208,7 @@ class AdapterSpec:
             points[f"blocks.{i}.hook_resid_mid"] = HookPoint(f"{layer}.{self.mlp_norm}", "input")
             points[f"blocks.{i}.hook_attn_out"] = HookPoint(f"{layer}.{self.attn_out or self.attention}")
             points[f"blocks.{i}.hook_mlp_out"] = HookPoint(f"{layer}.{self.mlp_out or self.mlp}")
-        for i in [] if config is None else self.cross_layers(config):
+        for i in self.cross_layers(config):
             if i < n_layers:
                 points[f"blocks.{i}.hook_attn_out"] = HookPoint(self.attention_path(config, i))
                 points[f"blocks.{i}.hook_cross_attn_out"] = HookPoint(self.attention_path(config, i))
