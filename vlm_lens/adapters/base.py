@@ -79,6 +79,21 @@ def placeholder_types(key: str) -> tuple[Callable[[dict, int], dict], Callable[[
 
     return derive, extend
 
+
+def without_torchvision(module: str, name: str) -> Callable[[], type]:
+    """A ``tl_adapter`` factory: TransformerLens's adapter class ``name`` from
+    ``transformer_lens.model_bridge.supported_architectures.<module>``, subclassed without the ``torchvision``
+    requirement it declares (the PIL image processors vlm-lens uses need none, and nothing here may install it).
+    Imported on first use (TransformerLens is slow to import)."""
+
+    def tl_adapter() -> type:
+        import importlib
+
+        base = getattr(importlib.import_module(f"transformer_lens.model_bridge.supported_architectures.{module}"), name)
+        return type(name.replace("ArchitectureAdapter", "Adapter"), (base,), {"required_libraries": []})
+
+    return tl_adapter
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """Declarative description of one HF vision-language family: everything vlm-lens knows about it.

@@ -37,7 +37,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Iterable
 
-from vlm_lens.adapters.base import AdapterSpec, ModelSize
+from vlm_lens.adapters.base import AdapterSpec, ModelSize, without_torchvision
 from vlm_lens.adapters.qwen2_vl import (
     derive_mm_token_type_ids,
     extend_with_text_types,
@@ -57,14 +57,7 @@ TEMPORAL_PATCH = 2
 ROTARY_FRACTION = 0.5  # GLM-4.1V rotates half of each head (partial_rotary_factor 0.5), the rest passes through
 
 
-def glm4v_tl_adapter() -> type:
-    """TransformerLens's GLM-4V adapter without its ``torchvision`` requirement."""
-    from transformer_lens.model_bridge.supported_architectures.glm4v import Glm4vArchitectureAdapter
-
-    class Glm4vAdapter(Glm4vArchitectureAdapter):
-        required_libraries: list[str] = []
-
-    return Glm4vAdapter
+glm4v_tl_adapter = without_torchvision("glm4v", "Glm4vArchitectureAdapter")
 
 
 @lru_cache(maxsize=None)

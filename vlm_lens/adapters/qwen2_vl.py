@@ -35,7 +35,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Iterable
 
-from vlm_lens.adapters.base import AdapterSpec, ModelSize, placeholder_types
+from vlm_lens.adapters.base import AdapterSpec, ModelSize, placeholder_types, without_torchvision
 from vlm_lens.errors import InputError
 from vlm_lens.processors import image_only_loader
 
@@ -49,14 +49,7 @@ QWEN_MARKERS = (r"<\|vision_start\|>", r"<\|vision_end\|>")  # around each image
 derive_mm_token_type_ids, extend_with_text_types = placeholder_types("mm_token_type_ids")
 
 
-def qwen2_5_vl_tl_adapter() -> type:
-    """TransformerLens's Qwen2.5-VL adapter without its ``torchvision`` requirement."""
-    from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import Qwen2_5_VLArchitectureAdapter
-
-    class Qwen2_5_VLAdapter(Qwen2_5_VLArchitectureAdapter):
-        required_libraries: list[str] = []
-
-    return Qwen2_5_VLAdapter
+qwen2_5_vl_tl_adapter = without_torchvision("qwen2_5_vl", "Qwen2_5_VLArchitectureAdapter")
 
 
 def qwen2_vl_tl_adapter() -> type:

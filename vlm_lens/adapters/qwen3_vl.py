@@ -26,7 +26,7 @@ Quirks:
 
 from __future__ import annotations
 
-from vlm_lens.adapters.base import AdapterSpec, ModelSize
+from vlm_lens.adapters.base import AdapterSpec, ModelSize, without_torchvision
 from vlm_lens.adapters.qwen2_vl import (
     QWEN_MARKERS,
     derive_mm_token_type_ids,
@@ -38,15 +38,7 @@ from vlm_lens.adapters.qwen2_vl import (
     qwen_vision,
 )
 
-
-def qwen3_vl_tl_adapter() -> type:
-    """TransformerLens's Qwen3-VL adapter without its ``torchvision`` requirement."""
-    from transformer_lens.model_bridge.supported_architectures.qwen3_vl import Qwen3VLArchitectureAdapter
-
-    class Qwen3VLAdapter(Qwen3VLArchitectureAdapter):
-        required_libraries: list[str] = []
-
-    return Qwen3VLAdapter
+qwen3_vl_tl_adapter = without_torchvision("qwen3_vl", "Qwen3VLArchitectureAdapter")
 
 
 def random_qwen3_vl(tokenizer, size: ModelSize, text: dict):
