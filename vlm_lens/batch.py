@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Int, Shaped
 from torch import Tensor
 
 from vlm_lens.errors import InputError
@@ -36,7 +36,8 @@ def concat_per_image(values: list[Tensor]) -> Tensor:
     return torch.cat(padded)
 
 
-def pad_per_position(values: list[Tensor], lengths: list[tuple[int, int]], fill: int | float) -> Tensor:
+def pad_per_position(values: list[Shaped[Tensor, "1 _ *rest"]], lengths: list[tuple[int, int]],
+                     fill: int | float) -> Shaped[Tensor, "batch padded *rest"]:  # fmt: skip
     """Per-position inputs ``[1, pos, ...]`` of several samples in one tensor, each padded along the positions by its
     ``(before, after)``. Trailing axes must agree: Mllama's ``cross_attention_mask`` ``[1, pos, n_images, n_tiles]``
     of samples with different numbers of images is refused (zero-padding the missing image slot, as HF's processor
@@ -48,7 +49,8 @@ def pad_per_position(values: list[Tensor], lengths: list[tuple[int, int]], fill:
     return torch.cat([pad_positions(v, before, after, fill) for v, (before, after) in zip(values, lengths)])
 
 
-def pad_positions(value: Tensor, before: int, after: int, fill: int | float) -> Tensor:
+def pad_positions(value: Shaped[Tensor, "batch pos *rest"], before: int, after: int,
+                  fill: int | float) -> Shaped[Tensor, "batch padded *rest"]:  # fmt: skip
     """``value`` ``[batch, pos, ...]`` with ``before`` / ``after`` entries of ``fill`` added along the positions."""
     return torch.nn.functional.pad(value, (0, 0) * (value.ndim - 2) + (before, after), value=fill)
 
