@@ -19,7 +19,13 @@ only; ``test`` is only scored. Its history (docs/experiments.md has the figures 
    why made ``shapes-qwen2-vl`` a dev base.
 2. Round 2: dev ``shapes-llava`` and ``shapes-qwen2-vl``; test ``shapes-llava-6l`` and ``shapes-qwen2-vl-6l`` (a Qwen2-VL
    base trained for this round, seed 2, 6 decoder layers), neither of which any rule had been scored on when this
-   split was committed.
+   split was committed. The round-2 rule missed there (recall 0.55, false alarms 0.25); looking at why made both
+   6-layer bases dev bases.
+3. Round 3: dev: the four bases above; test ``shapes-llava-10l`` (LLaVA, 10 decoder layers, seed 3) and
+   ``shapes-qwen2-vl-7l`` (Qwen2-VL, 7 decoder layers, seed 4), both trained for this round. This split and the eight
+   new fixtures (blocks placed by the same proportions as the 8-layer bases': end = last two layers, middle = the two
+   layers at about 55 % of the depth, single = the last layer) were committed while the two bases were still training,
+   before any rule was chosen.
 
 A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
 the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
@@ -47,7 +53,10 @@ BASES_DIR = SUITE_DIR / "bases"
 WEAK_MIN_OVERTURN = 0.3
 WEAK_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))
 
-SPLIT = {"dev": ("shapes-llava", "shapes-qwen2-vl"), "test": ("shapes-llava-6l", "shapes-qwen2-vl-6l")}
+SPLIT = {
+    "dev": ("shapes-llava", "shapes-qwen2-vl", "shapes-llava-6l", "shapes-qwen2-vl-6l"),
+    "test": ("shapes-llava-10l", "shapes-qwen2-vl-7l"),
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,8 @@ BASES = {
     "shapes-qwen2-vl": BaseSpec("shapes-qwen2-vl", "qwen2-vl", 8, 0, True),
     "shapes-llava-6l": BaseSpec("shapes-llava-6l", "llava", 6, 1, False),
     "shapes-qwen2-vl-6l": BaseSpec("shapes-qwen2-vl-6l", "qwen2-vl", 6, 2, False),
+    "shapes-llava-10l": BaseSpec("shapes-llava-10l", "llava", 10, 3, False),
+    "shapes-qwen2-vl-7l": BaseSpec("shapes-qwen2-vl-7l", "qwen2-vl", 7, 4, False),
 }
 
 
@@ -103,6 +114,14 @@ FIXTURES = (
     FixtureSpec("q6-middle", "shapes-qwen2-vl-6l", "middle", "shape", "yellow", "triangle", (2, 3)),
     FixtureSpec("q6-single", "shapes-qwen2-vl-6l", "single", "color", "triangle", "blue", (5,)),
     FixtureSpec("q6-weak", "shapes-qwen2-vl-6l", "weak", "color", "square", "purple", (4, 5)),
+    FixtureSpec("l10-end", "shapes-llava-10l", "end", "color", "diamond", "green", (8, 9)),
+    FixtureSpec("l10-middle", "shapes-llava-10l", "middle", "shape", "purple", "square", (5, 6)),
+    FixtureSpec("l10-single", "shapes-llava-10l", "single", "color", "triangle", "yellow", (9,)),
+    FixtureSpec("l10-weak", "shapes-llava-10l", "weak", "color", "circle", "orange", (8, 9)),
+    FixtureSpec("q7-end", "shapes-qwen2-vl-7l", "end", "color", "square", "blue", (5, 6)),
+    FixtureSpec("q7-middle", "shapes-qwen2-vl-7l", "middle", "shape", "orange", "circle", (3, 4)),
+    FixtureSpec("q7-single", "shapes-qwen2-vl-7l", "single", "color", "star", "green", (6,)),
+    FixtureSpec("q7-weak", "shapes-qwen2-vl-7l", "weak", "color", "triangle", "red", (5, 6)),
 )
 
 
