@@ -49,14 +49,15 @@ def training_batch(processor, step: int, recipe: Recipe):
 
 
 DATA_STREAM_STRIDE = 1_000_000  # training seeds per recipe seed: seed k draws its data from [k * 1M, ...)
+PLANT_RANGE_START = 5_000_000  # the plant recipe's seeds; a base recipe's stream must end before it
 
 
 def data_offset(recipe: Recipe) -> int:
     """First training seed of ``recipe``'s data stream: seed 0 is the shipped models' stream ``[0, ...)``; another
     seed trains on other images and questions (an independent run, not only another initialisation)."""
     offset = recipe.seed * DATA_STREAM_STRIDE
-    if offset + recipe.steps * recipe.batch_size > 4_000_000:  # plant seeds start at 5M, held-out at 10M
-        raise ValueError(f"seed {recipe.seed} with {recipe.steps} steps runs past the training seed range; use seed <= 3")
+    if offset + recipe.steps * recipe.batch_size > PLANT_RANGE_START:  # plant seeds start at 5M, held-out at 10M
+        raise ValueError(f"seed {recipe.seed} with {recipe.steps} steps runs past the training seed range; use seed <= 4")
     return offset
 
 
