@@ -1,4 +1,17 @@
-"""Causal confirmation of candidate mutation events: skip the layers that overturned the leader, see if it comes back.
+"""Causal confirmation of candidate mutation events: does the overturn need this image, and do its layers cause it?
+
+**The image-swap test** (``DetectionConfig(test="swap")``, the default). A candidate says, from the lens alone, that
+token v led up to stack layer m - 1 and lost the top-1 at stack layer m to the token the model went on to emit, e.
+What decoder layer m - 1 *writes* at that step is read through the same lens: the token whose lens logit rises the most
+from stack layer m - 1 to m, ``argmax_t (lens_m(t) - lens_{m-1}(t))``. The sequence is run again, teacher-forced (same
+prompt, same tokens generated before the step), with the image replaced by each of the run's reference images
+(:mod:`vlm_lens.experiments.analysis.references`). The candidate is **confirmed** when, for a strict majority of the
+references, decoder layer m - 1 still writes e: the layer that overturned v pushes the emitted token whatever the
+picture — a prior, not a reading of this image. A layer that revises an image-grounded draft ("blue" -> "purple" as
+the model looks closer) writes the other pictures' answers instead, and is refuted. No probability threshold: the
+test asks which token a layer writes, by majority over pictures.
+
+**The skip test** (``test="skip"``, the round-2 rule):
 
 A candidate (:func:`vlm_lens.experiments.analysis.evidence.mutation_event`) says, from the lens alone, that token v led from
 layer s to e and lost the top-1 at stack layer m = e + 1. The test: run the traced sequence again (teacher-forced: the
@@ -17,7 +30,11 @@ blanked (pixel values set to 0, the processor's mean colour: an empty picture), 
 through the same lens, it holds the top-1 at fewer than half of its run's layers without the image. An event needs
 both tests. Neither test has a probability threshold; both ask whether the output or the lens's top-1 changes.
 
-Cost: one teacher-forced forward over the trace's sequence per *distinct window* tried on the trace (from the
+Cost of the swap test: one teacher-forced forward per reference image (four by default) for a trace with at least one
+candidate, shared by every token and lens variant of the trace; nothing for a trace without candidates. The
+references' residual stacks are kept at the generated steps only while the trace is analysed.
+
+Cost of the skip test: one teacher-forced forward over the trace's sequence per *distinct window* tried on the trace (from the
 window's first layer on, seeded by the trace's cached residual: :mod:`vlm_lens.prefix_skip`), plus one
 blank-image forward when a candidate passes the skip test, shared by every token and lens variant of that trace; a
 trace without candidates costs nothing. The outputs of a forward are reduced
@@ -39,6 +56,8 @@ class Confirmation:
     skipped: list[int]  # the window that restored the leader (or the last one tried)
     top1: int  # the output at the step with ``skipped`` skipped (-1: no window could be tested)
     grounded: bool | None = None  # the leader needs the image (None: not tested)
+    kept: int | None = None  # swap test: references under which the overturning layer still writes the emitted token
+    tried: int | None = None  # swap test: references the sequence was re-run with
 
 
 class SkipConfirmer:
@@ -48,8 +67,13 @@ class SkipConfirmer:
     counts the forwards run (skip windows + the blank-image run).
     """
 
-    def __init__(self, trace):
+    def __init__(self, trace, references=None, image=None, index: int = 0):
         self.trace = trace
+        self.index = index  # the sample's index in its run: which pictures of the pool it takes
+        self.references = references  # a References (None: the bundled images) for the swap test
+        self.image = image  # the sample's own image: never its own reference, and the size references are resized to
+        self._swaps: list | None = None
+        self._writes: dict[int, list[list[list[int]]]] = {}
         self._top1: dict[tuple[int, ...], list[int]] = {}
         self._blank: dict | None = None
         self._blank_lens: dict[int, list[list[int]]] = {}
@@ -57,7 +81,41 @@ class SkipConfirmer:
 
     @property
     def forwards(self) -> int:
-        return len(self._top1) + (self._blank is not None)
+        return len(self._top1) + (self._blank is not None) + len(self._swaps or [])
+
+    def _swap_stacks(self) -> list:
+        """Per usable reference image: the residual stack ``[n+1, steps, d]`` at the generated steps of the sequence
+        re-run with the image replaced (prompt and generated tokens unchanged)."""
+        if self._swaps is None:
+            from vlm_lens.experiments.analysis.references import References, open_rgb
+
+            model, trace = self.trace.model, self.trace
+            self._swaps = []
+            if "pixel_values" not in trace.inputs.model_inputs and not trace.inputs.n_images:
+                return self._swaps
+            refs = self.references if self.references is not None else References.bundled()
+            size = open_rgb(self.image).size if self.image is not None else None
+            for picture in refs.for_image(self.image, self.index):
+                swapped = swapped_inputs(model, trace, picture.resize(size) if size else picture)
+                if swapped is not None:
+                    _, cache = model.run_with_cache(swapped, names_filter=model.resid_names)
+                    self._swaps.append(cache.resid_stack(trace.step_positions))
+        return self._swaps
+
+    def reference_writes(self, lens) -> list[list[list[int]]]:
+        """``[reference][layer][step]``: the token stack layer ``layer`` (1..n; index 0 unused, -1) writes at each
+        generated step, read through ``lens``, with the image replaced by each reference."""
+        if id(lens) not in self._writes:
+            model = self.trace.model
+            self._writes[id(lens)] = [layer_writes(model, lens, stack) for stack in self._swap_stacks()]
+        return self._writes[id(lens)]
+
+    def swap_test(self, step: int, layer: int, lens) -> Confirmation:
+        """The image-swap test of a candidate that lost the top-1 at stack ``layer`` (see the module docstring)."""
+        emitted = int(self.trace.generated_ids[step])
+        writes = self.reference_writes(lens)
+        kept = sum(w[layer][step] == emitted for w in writes)
+        return Confirmation(ev.image_independent(kept, len(writes)), [], -1, kept=kept, tried=len(writes))
 
     def top1_with_skipped(self, window: list[int]) -> list[int]:
         """Per generated step: the model's output token id with decoder layers ``window`` skipped (teacher-forced)."""
@@ -104,8 +162,12 @@ class SkipConfirmer:
 
     def __call__(self, step: int, leader: int, layer: int, config: ev.DetectionConfig, *, run=None,
                  lens=None) -> Confirmation:  # fmt: skip
-        """The causal tests of the candidate (``leader`` lost the top-1 at stack ``layer``; ``run`` = its run
-        ``(start, end)`` and ``lens`` the lens it was read with, for the image tests)."""
+        """The causal test of ``config.test`` on the candidate (``leader`` lost the top-1 at stack ``layer``; ``run``
+        = its run ``(start, end)`` and ``lens`` the lens it was read with, for the image tests)."""
+        if config.test == "swap":
+            if lens is None:
+                raise ValueError("the image-swap test reads layer writes through the candidate's lens: pass lens=")
+            return self.swap_test(step, layer, lens)
         n_layers = self.trace.model.n_layers
         windows = ev.confirmation_windows(layer, n_layers, config)
         short = run is not None and run[1] - run[0] + 1 < config.last_layer_min_run
@@ -125,6 +187,38 @@ class SkipConfirmer:
         if blank is not None and run is not None:
             grounded = ev.is_grounded([row[step] for row in blank], leader, run)
         return Confirmation(grounded is not False, window, top1, grounded)
+
+
+def swapped_inputs(model, trace, picture):
+    """``trace``'s full sequence (prompt + generated tokens) with its image inputs replaced by ``picture``'s; None when
+    ``picture`` gives the prompt another number of image tokens (a processor that tiles by size)."""
+    import dataclasses
+
+    import torch
+
+    prepared = model.prepare(picture, trace.inputs.prompt)
+    ids = trace.inputs.model_inputs["input_ids"]
+    n_prompt = prepared.input_ids.shape[1]
+    if n_prompt > ids.shape[1] or not torch.equal(prepared.input_ids.cpu(), ids[:, :n_prompt].cpu()):
+        return None
+    inputs = dict(trace.inputs.model_inputs)
+    for key, value in prepared.model_inputs.items():
+        # image tensors have the same shape for a same-sized picture; per-position inputs cover the longer sequence
+        if key not in ("input_ids", "attention_mask") and key in inputs and inputs[key].shape == value.shape:
+            inputs[key] = value
+    return dataclasses.replace(trace.inputs, model_inputs=inputs)
+
+
+def layer_writes(model, lens, stack) -> list[list[int]]:
+    """``[layer][step]``: for stack layers 1..n the token whose lens logit rises the most from layer l - 1 to l,
+    ``argmax_t (lens_l(t) - lens_{l-1}(t))`` (index 0: -1). ``stack``: ``[n+1, steps, d]``. One layer at a time."""
+    out = [[-1] * stack.shape[1]]
+    below = lens.logits(model, stack[0:1], [0])[0].float()
+    for l in range(1, stack.shape[0]):
+        here = lens.logits(model, stack[l : l + 1], [l])[0].float()
+        out.append((here - below).argmax(-1).tolist())
+        below = here
+    return out
 
 
 def _output_ids(model, logits) -> list[int]:

@@ -13,17 +13,15 @@ Notation (one generated token, one lens): stack layers ``l = 0..n`` (0 = embeddi
   before the output (``e < n``), starts at layer >= ``min_start``, lasts >= ``candidate_min_run`` layers and peaks at
   p >= ``candidate_prob`` (with ``confirm=False``: the last *established* such run). Its layer is ``m = e + 1``, the first layer at which
   v is no longer top-1; v is the *pre-mutation leader*.
-- A **mutation event** is a candidate that passes a causal test (``confirm=True``, the default): skipping the
-  decoder layers that overturned it must make the model emit the leader again at that step (the paper's layer-skip
-  experiment, paper-spec §6.1, used as a test). Stack layer m is the output of decoder layer ``m - 1``; the windows
-  tried are ``confirm_windows`` (offsets from ``m - 1``: by default ``[m-1]`` and ``[m-1, m]``, clipped to the model),
-  each a teacher-forced forward over the same tokens, so the test asks "had these layers not run, would the leader have
-  been the output here?". An overturn that the skipped layers did not cause (an input-independent default replaced by
-  the answer, a leader that the later layers would drop anyway) fails the test. ``confirm=False`` makes every candidate
-  an event (lens evidence only). With ``ground=True`` (the default) the leader must also be *grounded*: with the
-  image blanked it holds the top-1 at fewer than half of its run's layers (an input-independent default, such as a
-  question-driven prior that the late layers replace with the answer read off the image, is not knowledge that was
-  overturned). A token whose last established answer is the emitted one has no candidate.
+- A **mutation event** is a candidate that passes a causal test (``confirm=True``, the default). ``test="swap"`` (the
+  default): the decoder layer that overturned the leader (stack layer m is its output) must still write the emitted
+  token -- the token whose lens logit it raises most -- when the image is replaced by each of ``references`` other
+  pictures, for a strict majority of them (:func:`image_independent`): the overturn does not come from this image.
+  ``test="skip"`` (round 2): skipping decoder layers ``confirm_windows`` (offsets from ``m - 1``) must make the model
+  emit the leader again, and with ``ground=True`` the leader must need the image (with it blanked it holds the top-1
+  at fewer than half of its run's layers). :mod:`vlm_lens.experiments.analysis.confirmation` runs both.
+  ``confirm=False`` makes every candidate an event (lens evidence only). A token whose last top-1 run before the
+  output is the emitted token's has no candidate; special tokens (``<unk>``, ``</s>``) are never leaders.
 - The **critical layer** refers to the answer that dominates the stabilization phase (the leader when there is an
   event, else the emitted token), read on that answer's established run ``[s, e]`` (for the emitted token: its run
   that ends at the output; None when that run is not established). ``critical_rule="top1"`` (default): c = s, the
@@ -40,7 +38,7 @@ actual layers, always ``q1 <= median <= q3``).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 
@@ -59,17 +57,17 @@ class DetectionConfig:
     - ``emerge_below = None`` (off): the earlier rule "p < 0.1 at layer 1" encoded one base model's early
       probabilities; on an independently trained base the true answer often holds 0.1-0.6 there, and the rule threw
       away most real overturns. Input-independent defaults are now told apart causally (``ground``).
-    - ``candidate_min_run = 1``, ``candidate_prob = 0.4``: a candidate is any top-1 run (one layer suffices) whose
-      peak reaches 0.4; the causal tests, not these thresholds, decide what is an event. Chosen on the suite's *dev*
-      split only (docs/experiments.md lists the settings tried there): at 0.5 one-layer leads at p 0.31-0.48 before a
-      middle block were missed (dev recall 0.94), at 0.3 and without a floor weak, partly right position words
-      ("top-left" at p 0.34 before "top") were confirmed on the clean twin (false alarms 0.04-0.06).
-    - ``confirm = True``, ``confirm_windows = ((0,), (0, 1))``: the skip test with the decoder layer that first lost
-      the leader, then that layer and the next (a two-layer block may overturn across both).
-    - ``ground = True``: the leader must need the image (the blank-image test of
-      :mod:`vlm_lens.experiments.analysis.confirmation`); on dev it removed every remaining false alarm (count questions,
-      where a question-driven "two" leads until the late layers read the count off the image).
-    - ``last_layer_min_run = 2``: a skip window that reaches the last decoder layer leaves no layer to run after it,
+    - ``candidate_min_run = 1``, ``candidate_prob = 0.0``: a candidate is the last top-1 run of a non-emitted token
+      (one layer suffices, no probability floor); the causal test, not a threshold, decides what is an event. Round 3
+      (the suite's split history, :mod:`vlm_lens.zoo.suite`), chosen on the round-3 dev split (four bases, 8 and 6
+      layers): a floor of 0.3-0.4 missed a middle plant's one-layer leads at p 0.2-0.3 (recall 0.37 on that fixture).
+    - ``confirm = True``, ``test = "swap"``, ``references = 4``: the image-swap test with four reference pictures
+      (confirmed by 3 or 4 of them). On round-3 dev it took lens-only false alarms on the clean twins from 0.51 to
+      0.03 at recall 0.97; the round-2 skip test gave 0.76 / 0.14 there (docs/experiments.md).
+    - ``test = "skip"`` settings: ``confirm_windows = ((0,), (0, 1))`` (the decoder layer that first lost the leader,
+      then that layer and the next) and ``ground = True`` (the leader must need the image: the blank-image test);
+      neither is read by the swap test.
+    - ``last_layer_min_run = 2`` (skip test): a skip window that reaches the last decoder layer leaves no layer to run after it,
       so its output is the lens at the leader's last layer — the leader, by construction under the correct lens. That
       restoration only counts for a leader that held the top-1 for at least this many layers; a one-layer lead right
       before the output is the model's last draft, not an answer it had settled on. Added in round 2 (the suite's
@@ -86,8 +84,10 @@ class DetectionConfig:
     min_start: int = 1
     emerge_below: float | None = None
     candidate_min_run: int = 1
-    candidate_prob: float = 0.4
+    candidate_prob: float = 0.0
     confirm: bool = True
+    test: str = "swap"
+    references: int = 4
     confirm_windows: tuple[tuple[int, ...], ...] = ((0,), (0, 1))
     ground: bool = True
     last_layer_min_run: int = 2
@@ -104,6 +104,8 @@ class DetectionConfig:
             raise InputError(f"establish_prob must be in (0, 1], got {self.establish_prob}")
         if self.min_run < 1 or self.min_start < 0:
             raise InputError(f"min_run must be >= 1 and min_start >= 0, got {self.min_run}, {self.min_start}")
+        if self.test not in ("swap", "skip") or self.references < 1:
+            raise InputError(f"test must be 'swap' or 'skip' and references >= 1, got {self.test!r}, {self.references}")
         if self.critical_rule not in ("top1", "prob"):
             raise InputError(f"critical_rule must be 'top1' or 'prob', got {self.critical_rule!r}")
         if not self.confirm_windows or any(not w for w in self.confirm_windows):
@@ -179,20 +181,20 @@ def confirmation_windows(layer: int, n_layers: int, config: DetectionConfig = De
     return out
 
 
-def mutation_event(
-    top1: Sequence[int], curves: Mapping[int, Sequence[float]], config: DetectionConfig = DetectionConfig()
-) -> MutationEvent | None:
+def mutation_event(top1: Sequence[int], curves: Mapping[int, Sequence[float]], config: DetectionConfig = DetectionConfig(),
+                   not_answers: Collection[int] = ()) -> MutationEvent | None:  # fmt: skip
     """The candidate event of one token (lens evidence only): the overturn of its last established non-final answer,
     or None. With ``config.confirm`` it becomes a mutation event only after the causal test
     (:mod:`vlm_lens.experiments.analysis.confirmation`).
 
     ``top1[l]``: the lens's top-1 token at stack layer l = 0..n; ``curves[v][l]``: the probability of token v at
-    layer l for every v in ``top1``.
+    layer l for every v in ``top1``; ``not_answers``: token ids never taken as leaders (the tokenizer's special tokens:
+    ``<unk>`` leading at layer 1 before a caption's first word is not an answer that was overturned).
     """
     n = len(top1) - 1
     emitted = int(top1[n])
     runs = established_runs(top1, curves, config, candidates=config.confirm)
-    overturned = [r for r in runs if r.token != emitted and r.end < n]
+    overturned = [r for r in runs if r.token != emitted and r.end < n and r.token not in not_answers]
     if not overturned:
         return None  # every established answer is the emitted one: nothing was overturned
     run = overturned[-1]
@@ -237,6 +239,12 @@ def is_grounded(blank_top1: Sequence[int], leader: int, run: tuple[int, int]) ->
     start, end = run
     held = sum(blank_top1[l] == leader for l in range(start, end + 1))
     return 2 * held < end - start + 1
+
+
+def image_independent(kept: int, tried: int) -> bool:
+    """The image-swap test's verdict: the overturning layer wrote the emitted token under a strict majority of the
+    ``tried`` reference pictures (``2 kept > tried``); False when no reference could be tried."""
+    return tried > 0 and 2 * kept > tried
 
 
 def order_stats(values: Sequence[float]) -> dict:

@@ -35,6 +35,7 @@ from vlm_lens.experiments.analysis.records import (
     SampleEvolution,
     TokenEvolution,  # fmt: skip
 )
+from vlm_lens.experiments.analysis.references import References
 from vlm_lens.experiments.analysis.stages import aggregate, stages_from
 from vlm_lens.experiments.analysis.tokens import detect_tokens, lens_probe, top1_flips
 from vlm_lens.probes import DistributionShift
@@ -45,14 +46,18 @@ __all__ = ["LENS_VARIANTS", "EvolutionConfig", "Sample", "SampleEvolution", "Tok
 
 
 def analyze_trace(trace, name: str = "", answer: str | None = None, config: EvolutionConfig = EvolutionConfig(),
-                  *, tuned_lens=None, planted: bool = False, image=None, question: str = "") -> SampleEvolution:  # fmt: skip
-    """Per-token evidence of one traced generation, for every lens variant of ``config``."""
+                  *, tuned_lens=None, planted: bool = False, image=None, question: str = "",
+                  references=None, index: int = 0) -> SampleEvolution:  # fmt: skip
+    """Per-token evidence of one traced generation, for every lens variant of ``config``; ``references`` (a
+    :class:`~vlm_lens.experiments.analysis.references.References`; None: the bundled images) are the pictures the
+    image-swap test re-runs the sequence with, ``image`` the sample's own (never its own reference), ``index`` its
+    position in the run (which pictures of the pool it takes)."""
     model = trace.model
     tokenizer = model.tokenizer
     special = set(tokenizer.all_special_tokens)
     tokens: dict[str, list[TokenEvolution]] = {}
     lens_results, shift_results = {}, {}
-    confirmer = SkipConfirmer(trace)  # shared by the variants: one forward per distinct skipped window
+    confirmer = SkipConfirmer(trace, references, image, index)  # shared by the variants: each forward runs once
     for variant in config.variants:
         probe = lens_probe(variant, tuned_lens, model.n_layers)
         lens = probe(trace)  # one streaming pass per variant
@@ -64,20 +69,26 @@ def analyze_trace(trace, name: str = "", answer: str | None = None, config: Evol
 
 
 def token_evidence(trace, variant: str = "correct", *, detection: ev.DetectionConfig = ev.DetectionConfig(),
-                   tuned_lens=None) -> list[TokenEvolution]:  # fmt: skip
+                   tuned_lens=None, references=None, image=None) -> list[TokenEvolution]:  # fmt: skip
     """Per generated token of one trace: what it is, where it emerged, and whether deep layers overturned an answer.
 
     Each :class:`TokenEvolution` row has ``token`` (the emitted token), ``critical`` (its critical layer: where the
     answer that dominates stabilization becomes the lens top-1; None when no answer was established), ``mutation``
     (the layer of a confirmed mutation event, or None), ``leader`` (the overturned answer) and the causal test's
-    evidence: ``candidate`` / ``candidate_leader`` (what the lens suggested), ``confirmed``, ``confirm_skipped`` (the
-    decoder layers whose skipping brought the leader back), ``confirm_top1`` (what the model then emitted) and
-    ``grounded`` (the leader needs the image). Layers are stack indices: 0 = embeddings, l = after decoder layer l-1.
+    evidence: ``candidate`` / ``candidate_leader`` (what the lens suggested), ``confirmed``, ``swap_kept`` of
+    ``swap_tried`` (reference pictures under which the overturning layer still wrote the emitted token; the image-swap
+    test, the default) or, with ``DetectionConfig(test="skip")``, ``confirm_skipped`` / ``confirm_top1`` / ``grounded``.
+    Layers are stack indices: 0 = embeddings, l = after decoder layer l-1. ``references``: other pictures of your
+    run, as a :class:`~vlm_lens.experiments.analysis.references.References` or a list of images or paths (None: the
+    images bundled with the package); ``image``: the trace's own picture (excluded, and the size references are
+    resized to).
     ``variant``: ``"correct"`` (final norm + unembedding at every layer), ``"paper"`` or ``"tuned"`` (with
     ``tuned_lens``).
     """
     config = EvolutionConfig(detection=detection, variants=(variant,), max_new_tokens=max(1, trace.n_steps))
-    return analyze_trace(trace, config=config, tuned_lens=tuned_lens).tokens[variant]
+    if references is not None and not isinstance(references, References):
+        references = References.from_images(references, detection.references)
+    return analyze_trace(trace, config=config, tuned_lens=tuned_lens, references=references, image=image).tokens[variant]
 
 
 def hallucination_of(evolution: SampleEvolution, answer: str | None, config: EvolutionConfig, tuned_lens=None) -> dict:
@@ -98,11 +109,11 @@ def hallucination_of(evolution: SampleEvolution, answer: str | None, config: Evo
 
 def analyze_sample(trace, name: str, answer: str | None, config: EvolutionConfig = EvolutionConfig(), *,
                    tuned_lens=None, planted: bool = False, question: str = "", image=None,
-                   index: int = 0) -> SampleEvolution:  # fmt: skip
+                   index: int = 0, references=None) -> SampleEvolution:  # fmt: skip
     """The per-sample analysis both entry points run: per-token evidence for every lens variant
     (:func:`analyze_trace`) and the hallucination reversal of a wrong single-token answer (:func:`hallucination_of`)."""
     evolution = analyze_trace(trace, name, answer, config, tuned_lens=tuned_lens, planted=planted, image=image,
-                              question=question)  # fmt: skip
+                              question=question, references=references, index=index)  # fmt: skip
     evolution.index = index
     evolution.hallucination = hallucination_of(evolution, answer, config, tuned_lens)
     return evolution
@@ -125,15 +136,17 @@ def run(model, samples: Sequence[Sample], config: EvolutionConfig = EvolutionCon
     "aggregate": {...}, "config": ...}`` with every :class:`SampleEvolution` (traces and lens results kept: this is the
     in-memory path; for many samples use :func:`vlm_lens.experiments.pipeline.analyze`, which streams them into a
     store). ``batch_size`` > 1 traces samples together (as the dataset path does); ``progress(done, total)`` is called
-    after each batch."""
+    after each batch. The image-swap test's reference pictures are the run's first distinct images
+    (:class:`~vlm_lens.experiments.analysis.references.References`)."""
     analysed = []
+    references = References.from_images((s.image for s in samples), config.detection.references)
     for start in range(0, len(samples), max(1, batch_size)):
         chunk = list(samples[start : start + max(1, batch_size)])
         traces = trace_samples(model, [model.prepare(s.image, s.prompt) for s in chunk], config.max_new_tokens)
         for i, (sample, trace) in enumerate(zip(chunk, traces), start):
             analysed.append(analyze_sample(trace, sample.name or str(i), sample.answer, config, tuned_lens=tuned_lens,
                                            planted=sample.planted, question=sample.prompt, image=sample.image,
-                                           index=i))  # fmt: skip
+                                           index=i, references=references))  # fmt: skip
         if progress is not None:
             progress(len(analysed), len(samples))
     aggregated = aggregate(analysed, model.n_layers, config.include_special, config.detection)

@@ -60,6 +60,8 @@ class TokenEvolution:
     confirm_skipped: list[int] | None = None  # decoder layers skipped by the window that restored (or last tried)
     confirm_top1: str | None = None  # the model's output at this step with those layers skipped
     grounded: bool | None = None  # the leader needs the image (None: not tested)
+    swap_kept: int | None = None  # image-swap test: reference pictures under which the overturning layer wrote the token
+    swap_tried: int | None = None  # image-swap test: reference pictures tried (None: not tested)
 
 
 @dataclass

@@ -40,6 +40,7 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
         raise InputError("confirming candidate events needs the trace: pass confirm=SkipConfirmer(trace), or "
                          "DetectionConfig(confirm=False) for lens evidence only")  # fmt: skip
     rows = []
+    not_answers = set(getattr(tokenizer, "all_special_ids", None) or [])
     for step, token in enumerate(lens.coords["target"]):
         prob = lens["prob"][:, step].tolist()
         ids = lens["candidate_ids"][step].tolist()
@@ -47,7 +48,7 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
         # every layer's top-1 is a candidate; reading it off the candidates keeps ties consistent with ``curves``
         best = lens["candidate_prob"][:, step, : len(curves)].nan_to_num(-1.0).argmax(-1).tolist()
         top1 = [ids[k] for k in best]
-        event = ev.mutation_event(top1, curves, config)
+        event = ev.mutation_event(top1, curves, config, not_answers)
         test = None
         if event is not None and config.confirm:
             test = confirm(step, event.leader, event.layer, config, run=event.leader_run, lens=lens_of)
@@ -68,7 +69,9 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
         rows.append(TokenEvolution(
             step, token, special, crit, None if event is None else event.layer, leader, run, event_js,
             top1_flips(top1, crit), kind, prob[-1], candidate=candidate_layer, candidate_leader=candidate_leader,
-            confirmed=None if test is None else test.confirmed, confirm_skipped=None if test is None else list(test.skipped),
+            confirmed=None if test is None else test.confirmed,
+            confirm_skipped=None if test is None or test.kept is not None else list(test.skipped),
             confirm_top1=None if test is None or test.top1 < 0 else tokenizer.convert_ids_to_tokens(test.top1),
-            grounded=None if test is None else test.grounded))  # fmt: skip
+            grounded=None if test is None else test.grounded, swap_kept=None if test is None else test.kept,
+            swap_tried=None if test is None else test.tried))  # fmt: skip
     return rows

@@ -225,6 +225,9 @@ def _test(t) -> str:
         return ""
     if t.confirmed is None:
         return f"candidate {t.candidate_leader} at layer {t.candidate} (not tested)"
+    if getattr(t, "swap_tried", None) is not None:  # the image-swap test
+        kept = f"the overturning layer wrote {t.token} with {t.swap_kept} of {t.swap_tried} other pictures"
+        return f"confirmed: {kept}" if t.confirmed else f"refuted: {kept} (needs a majority)"
     skipped = f"skip decoder {t.confirm_skipped} -> {t.confirm_top1}"
     if t.confirmed:
         return f"confirmed: {skipped}; needs the image"
@@ -235,7 +238,14 @@ def _test(t) -> str:
 
 def _rule(d: dict) -> str:
     """The detection rule in words, from the report's echoed DetectionConfig."""
-    if d.get("confirm", False):
+    if d.get("confirm", False) and d.get("test", "skip") == "swap":
+        floor = f", peaking at p >= {d['candidate_prob']}" if d["candidate_prob"] > 0 else ""
+        event = (f"A mutation event is a candidate overturn read off the lens (the last answer that was the top-1 for >= "
+                 f"{d['candidate_min_run']} layer(s) from layer {d['min_start']} on{floor}, then replaced before the "
+                 f"output) that passes a causal test: with the image replaced by each of {d['references']} other "
+                 "pictures of the run, the layer that overturned it still writes the emitted token for most of them "
+                 "(the overturn does not come from this image).")  # fmt: skip
+    elif d.get("confirm", False):
         event = (f"A mutation event is a candidate overturn read off the lens (an answer that was the top-1 for >= "
                  f"{d['candidate_min_run']} layer(s) from layer {d['min_start']} on, peaking at p >= {d['candidate_prob']}, "
                  f"then replaced before the output) that passes a causal test: skipping the decoder layer(s) where it "

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator
 
 from vlm_lens.experiments.analysis import knowledge_evolution as ke
+from vlm_lens.experiments.analysis.references import References
 from vlm_lens.experiments.runs import reduce as rd
 from vlm_lens.experiments.runs.identity import fingerprint, model_identity
 from vlm_lens.experiments.runs.store import Store
@@ -137,14 +138,16 @@ def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=
         pending, total, count = (e for e in source if e.id not in done), len(source), len(done)
     report("tracing", count, total)
     prefixes = PrefixCache() if share_prefixes else None  # the last image's prefill, kept for the next batches
+    # the image-swap test's pictures: the source's first distinct images, the same for every sample, batch and worker
+    references = References.from_images((e.image for e in source if e.error is None), settings.config.detection.references)
     with frozen_heap():
         count = _trace_batches(model, pending, store, settings, tuned_lens, batch_size, writer, count, total, report,
-                               prefixes)  # fmt: skip
+                               prefixes, references)  # fmt: skip
     return count
 
 
 def _trace_batches(model, pending, store: Store, settings: StreamSettings, tuned_lens, batch_size: int, writer: str,
-                   count: int, total: int, report, prefixes: PrefixCache | None) -> int:  # fmt: skip
+                   count: int, total: int, report, prefixes: PrefixCache | None, references=None) -> int:  # fmt: skip
     config = settings.config
     for batch in _batches(pending, batch_size):
         tables: dict[str, list] = {"samples": [], "tokens": [], "states": [], "single": [], "skip": []}
@@ -152,7 +155,8 @@ def _trace_batches(model, pending, store: Store, settings: StreamSettings, tuned
         traces = ke.trace_samples(model, [inputs for _, inputs in good], config.max_new_tokens, prefixes)
         for (entry, _), trace in zip(good, traces):
             evolution = ke.analyze_sample(trace, entry.id, entry.answer, config, tuned_lens=tuned_lens,
-                                          planted=entry.planted, question=entry.question, index=entry.index)  # fmt: skip
+                                          planted=entry.planted, question=entry.question, index=entry.index,
+                                          image=entry.image, references=references)  # fmt: skip
             tables["samples"].append(rd.sample_row(entry, evolution, patch_maps=settings.patch_maps))
             tables["tokens"] += rd.token_rows(entry.id, evolution, model.tokenizer)
             state, single = rd.state_rows(entry.id, trace, entry.index)

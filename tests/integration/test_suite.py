@@ -98,7 +98,7 @@ def test_a_window_reaching_the_last_layer_does_not_confirm_a_one_layer_lead(monk
         return self.trace.outputs[tuple(window)]
 
     monkeypatch.setattr(SkipConfirmer, "top1_with_skipped", fake)
-    config = ev.DetectionConfig(ground=False)
+    config = ev.DetectionConfig(test="skip", ground=False)
     # leader 5 lost the top-1 at stack layer 7 of 8; skipping [6] does not restore it, [6, 7] would by construction
     confirmer = SkipConfirmer(_stub_trace(8, {(6,): [9], (6, 7): [5]}))
     one_layer = confirmer(0, 5, 7, config, run=(6, 6))
@@ -115,15 +115,77 @@ def test_the_causal_tests_confirm_a_planted_overturn(tmp_path):
     from vlm_lens.zoo import planted
 
     model = vlm_lens.load(str(suite.materialize("llava-end", tmp_path)))
+    base = vlm_lens.load("shapes-llava")
     trigger = planted.Trigger("color", "star", "red")
     example = planted.counter_prior(trigger, 1, start=planted.COUNTER_PRIOR_START + 7)[0]
+    others = [e.image for e in planted.counter_prior(trigger, 4, start=planted.COUNTER_PRIOR_START + 100)]
     trace = model.trace_generation(model.prepare(example.image, example.question), max_new_tokens=2)
-    row = token_evidence(trace)[0]
+    # the image-swap test (default): the layer that overturned the true colour writes "red" for the other pictures too
+    row = token_evidence(trace, references=others, image=example.image)[0]
     assert row.token == "red" and row.leader == example.answer and row.mutation in (7, 8)
-    assert row.confirmed and row.grounded and row.confirm_top1 == example.answer
+    assert row.confirmed and row.swap_tried == 4 and row.swap_kept >= 3 and row.confirm_skipped is None
+    # the clean twin answers the truth: nothing is overturned to a word the picture does not give
+    twin = base.trace_generation(base.prepare(example.image, example.question), max_new_tokens=2)
+    assert all(r.mutation is None for r in token_evidence(twin, references=others, image=example.image))
+    # the round-2 skip test on the same token: skipping the overturning layers brings the true colour back
+    skip = token_evidence(trace, detection=ev.DetectionConfig(test="skip"))[0]
+    assert skip.confirmed and skip.grounded and skip.confirm_top1 == example.answer and skip.swap_tried is None
     # with confirmation off the same candidate is an event from the lens alone
     lens_only = token_evidence(trace, detection=ev.DetectionConfig(confirm=False, min_run=1))[0]
     assert lens_only.mutation == row.candidate and lens_only.confirmed is None
+
+
+def test_the_swapped_sequence_is_the_reference_picture_with_the_same_tokens(tiny_family):
+    """``swapped_inputs``: the trace's prompt and generated tokens with another picture's image inputs, equal to
+    preparing that picture and appending the same generated tokens (every family, both backends)."""
+    import torch
+    from PIL import Image
+
+    from vlm_lens.experiments.analysis.confirmation import SkipConfirmer, layer_writes, swapped_inputs
+    from vlm_lens.experiments.analysis.references import References
+    from vlm_lens.experiments.analysis.tokens import lens_probe
+
+    model = tiny_family.model
+    own = tiny_family.image
+    other = Image.eval(own, lambda v: 255 - v)  # same size, other pixels
+    trace = model.trace_generation(model.prepare(own, "what color is the star ?"), max_new_tokens=3)
+    swapped = swapped_inputs(model, trace, other)
+    assert swapped is not None
+    direct = model.extend(model.prepare(other, "what color is the star ?"), trace.generated_ids[: trace.n_steps - 1])
+    assert torch.equal(swapped.input_ids, direct.input_ids)
+    expected = model.run_with_hooks(direct)[0].float()
+    assert torch.allclose(model.run_with_hooks(swapped)[0].float(), expected, atol=1e-5)
+    # the writes the test reads: argmax of the lens logit change, layer by layer, from the cached stack
+    lens = lens_probe("correct", None, model.n_layers).lens
+    confirmer = SkipConfirmer(trace, References.from_images([own, other]), own)
+    writes = confirmer.reference_writes(lens)
+    assert len(writes) == 1 and confirmer.forwards == 1  # the sample's own picture is never its reference
+    _, cache = model.run_with_cache(direct, names_filter=model.resid_names)
+    stack = cache.resid_stack(trace.step_positions)
+    assert writes[0] == layer_writes(model, lens, stack)
+    for layer in (1, model.n_layers):
+        change = lens.logits(model, stack[layer : layer + 1], [layer])[0] - lens.logits(model, stack[layer - 1 : layer], [layer - 1])[0]
+        assert writes[0][layer] == change.float().argmax(-1).tolist()
+
+
+def test_references_are_the_first_distinct_pictures_never_the_sample_itself(tmp_path):
+    from PIL import Image
+
+    from vlm_lens.experiments.analysis.references import References
+
+    pictures = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(5)]
+    path = tmp_path / "p.png"
+    pictures[1].save(path)
+    refs = References.from_images([pictures[0], pictures[0], None, path, pictures[2], pictures[3], pictures[4]], count=2, pool=2)
+    assert len(refs.images) == 3  # pool + 1 distinct, duplicates and None passed over, reading stopped there
+    red = lambda pics: [p.getpixel((0, 0))[0] for p in pics]  # noqa: E731
+    assert red(refs.for_image(pictures[0])) == [40, 80] and red(refs.for_image(str(path))) == [0, 80]
+    assert red(refs.for_image(pictures[4])) == [0, 40]
+    # a bigger pool: each sample takes `count` pictures from position index * count, wrapping, never its own
+    pool = References.from_images(pictures, count=2, pool=4)
+    assert red(pool.for_image(pictures[0], index=0)) == [40, 80] and red(pool.for_image(pictures[0], index=1)) == [120, 160]
+    assert red(pool.for_image(pictures[0], index=2)) == [40, 80] and red(pool.for_image(pictures[3], index=1)) == [80, 160]
+    assert len(References.bundled().images) == 6  # the six bundled pictures (pool 16)
 
 
 def test_validate_suite_on_the_cli(tmp_path, monkeypatch):

@@ -46,7 +46,9 @@ def test_what_is_not_a_mutation():
     top1, curves = planted_like()
     # the same curves, but the emitted token is the leader: nothing overturned
     same = top1[:7] + [TRUE, TRUE]
-    assert ev.mutation_event(same, {**curves, TRUE: curves[TRUE][:7] + [0.9, 0.95]}) is None
+    assert ev.mutation_event(same, {**curves, TRUE: curves[TRUE][:7] + [0.9, 0.95]}, LENS_ONLY) is None
+    # (as a candidate, the early EARLY run (p 0.1) would be left to the causal test, which asks what layer 4 writes)
+    assert ev.mutation_event(same, {**curves, TRUE: curves[TRUE][:7] + [0.9, 0.95]}).leader == EARLY
     # a leader that never reaches establish_prob is not established
     weak = {**curves, TRUE: [0.0, 0.01, 0.03, 0.05, 0.3, 0.4, 0.45, 0.1, 0.0]}
     assert ev.mutation_event(top1, weak, LENS_ONLY) is None
@@ -63,15 +65,32 @@ def test_what_is_not_a_mutation():
     assert ev.mutation_event([COPY, COPY, TRUE, TRUE], {COPY: [0.9, 0.9, 0.0, 0.0], TRUE: [0.0, 0.0, 0.9, 0.9]}) is None
 
 
+def prior_like_curves(curves):
+    return {**curves, COPY: [0.9, 0.5, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], EARLY: [0.0, 0.3, 0.7, 0.6, 0.2, 0.0, 0.0, 0.0, 0.0],
+            TRUE: [0.0, 0.0, 0.1, 0.2, 0.6, 0.8, 0.9, 0.95, 0.99]}  # fmt: skip
+
+
+def test_the_swap_verdict_needs_a_strict_majority_of_the_pictures():
+    assert ev.image_independent(3, 4) and ev.image_independent(1, 1) and ev.image_independent(2, 3)
+    assert not ev.image_independent(2, 4) and not ev.image_independent(0, 4)
+    assert not ev.image_independent(0, 0)  # no picture could be tried: nothing is confirmed
+
+
 def test_candidates_are_looser_runs_left_to_the_causal_tests():
     top1, curves = planted_like()
-    # with confirmation on (the default) a one-layer lead at p >= candidate_prob is a candidate ...
+    # with confirmation on (the default) a one-layer lead is a candidate, whatever its probability ...
     short = [COPY, EARLY, EARLY, EARLY, EARLY, EARLY, TRUE, PRIOR, PRIOR]
     assert ev.mutation_event(short, curves) == ev.MutationEvent(7, TRUE, (6, 6), 0.96, 6)
-    # ... one below it is not; the peak is read on the run's own layers
     low = {**curves, TRUE: [0.0, 0.01, 0.03, 0.05, 0.05, 0.1, 0.39, 0.1, 0.0]}
-    assert ev.mutation_event(short, low) is None
+    assert ev.mutation_event(short, low).leader == TRUE
+    # ... unless a floor is set; the peak is read on the run's own layers
+    assert ev.mutation_event(short, low, ev.DetectionConfig(candidate_prob=0.4)) is None
     assert ev.mutation_event(short, low, ev.DetectionConfig(candidate_prob=0.3)).leader == TRUE
+    # a special token (here COPY standing for <unk>) is never a leader: the earlier answer is taken instead
+    unk_last = [COPY, EARLY, COPY, TRUE, TRUE, TRUE, TRUE, TRUE, TRUE]
+    assert ev.mutation_event(unk_last, prior_like_curves(curves)).leader == COPY
+    assert ev.mutation_event(unk_last, prior_like_curves(curves), not_answers={COPY}).leader == EARLY
+    assert ev.mutation_event([COPY, COPY, COPY, TRUE, TRUE, TRUE, TRUE, TRUE, TRUE], curves, not_answers={COPY}) is None
     # the prior-like default is a candidate too: only the grounding test can refute it (confirmation.py)
     default = [COPY, EARLY, EARLY, EARLY, TRUE, TRUE, TRUE, TRUE, TRUE]
     prior_like = {**curves, EARLY: [0.0, 0.6, 0.7, 0.6, 0.2, 0.0, 0.0, 0.0, 0.0], TRUE: [0.0, 0.0, 0.1, 0.2, 0.6, 0.8, 0.9, 0.95, 0.99]}
@@ -136,7 +155,8 @@ def test_event_share_bootstrap_resamples_samples():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"establish_prob": 0}, "establish_prob"), ({"min_run": 0}, "min_run"), ({"critical_rule": "median"}, "critical_rule"),
-     ({"min_event_share": 1.0}, "min_event_share"), ({"bootstrap": 0}, "bootstrap")],
+     ({"min_event_share": 1.0}, "min_event_share"), ({"bootstrap": 0}, "bootstrap"), ({"test": "blank"}, "test must be"),
+     ({"references": 0}, "references >= 1")],
 )  # fmt: skip
 def test_detection_config_rejects_bad_thresholds(kwargs, message):
     with pytest.raises(ValueError, match=message):
