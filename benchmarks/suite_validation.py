@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     load = sv.suite_loader(args.suite_dir)
     report = sv.validate_suite(load, args.fixtures, args.n, progress=lambda d, t, name: print(f"{d}/{t} {name}", flush=True))
-    chosen = args.fixtures or [f.name for f in suite.FIXTURES]
+    chosen = args.fixtures or [f.name for f in suite.fixtures(scored=True)]
     per_base = {}
     for name in chosen:
         per_base.setdefault(suite.fixture(name).base, name)

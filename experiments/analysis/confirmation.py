@@ -30,8 +30,8 @@ blanked (pixel values set to 0, the processor's mean colour: an empty picture), 
 through the same lens, it holds the top-1 at fewer than half of its run's layers without the image. An event needs
 both tests. Neither test has a probability threshold; both ask whether the output or the lens's top-1 changes.
 
-Cost of the swap test: one teacher-forced forward per reference image (four by default) for a trace with at least one
-candidate, shared by every token and lens variant of the trace; nothing for a trace without candidates. The
+Cost of the swap test: one teacher-forced forward of a batch of the reference images (four by default) for a trace
+with at least one candidate, shared by every token and lens variant of the trace; nothing for a trace without candidates. The
 references' residual stacks are kept at the generated steps only while the trace is analysed.
 
 Cost of the skip test: one teacher-forced forward over the trace's sequence per *distinct window* tried on the trace (from the
@@ -95,11 +95,14 @@ class SkipConfirmer:
                 return self._swaps
             refs = self.references if self.references is not None else References.bundled()
             size = open_rgb(self.image).size if self.image is not None else None
-            for picture in refs.for_image(self.image, self.index):
-                swapped = swapped_inputs(model, trace, picture.resize(size) if size else picture)
-                if swapped is not None:
-                    _, cache = model.run_with_cache(swapped, names_filter=model.resid_names)
-                    self._swaps.append(cache.resid_stack(trace.step_positions))
+            swapped = [swapped_inputs(model, trace, picture.resize(size) if size else picture)
+                       for picture in refs.for_image(self.image, self.index)]  # fmt: skip
+            swapped = [x for x in swapped if x is not None]
+            if swapped:  # one forward for all references: same sequence length, so no padding
+                from vlm_lens.batch import VLMBatch
+
+                _, cache = model.run_with_cache(VLMBatch.pad(swapped, model.pad_token_id), names_filter=model.resid_names)
+                self._swaps = [cache.sample(i).resid_stack(trace.step_positions) for i in range(len(swapped))]
         return self._swaps
 
     def reference_writes(self, lens) -> list[list[list[int]]]:

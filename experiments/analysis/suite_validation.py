@@ -111,7 +111,7 @@ def validate_suite(load, names: Sequence[str] | None = None, n: int = 30, *, var
     scored alone against the pool of the others: with no fitted parameter, what a base the rule never saw gets)."""
     from vlm_lens.zoo import suite
 
-    specs = [suite.fixture(x) for x in names] if names else list(suite.FIXTURES)
+    specs = [suite.fixture(x) for x in names] if names else suite.fixtures(scored=True)
     per_fixture, raw = {}, {}
     for i, spec in enumerate(specs):
         planted_model, base_model = load(spec.name), load(spec.base)

@@ -149,7 +149,7 @@ def _validate_suite(n: int, variant: str, out: Optional[Path], split: Optional[s
         fail("--suite scores the logit lens (correct or paper): the fixtures ship no tuned lenses")
     if split is not None and split not in suite.SPLIT:
         fail(f"--split must be one of {sorted(suite.SPLIT)}, got {split!r}")
-    chosen = [f.name for f in suite.fixtures(split)]
+    chosen = [f.name for f in suite.fixtures(split, scored=True)]
     for name in names or []:
         suite.fixture(name)  # unknown names: one clear line, exit 2
     chosen = [x for x in chosen if not names or x in names]

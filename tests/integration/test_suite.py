@@ -39,7 +39,17 @@ def test_the_split_is_by_base_model():
         suite.fixtures("train")
 
 
-@pytest.mark.parametrize("spec", suite.FIXTURES, ids=lambda f: f.name)
+def test_excluded_fixtures_are_neither_scored_nor_shipped():
+    excluded = [f for f in suite.FIXTURES if f.excluded]
+    assert {f.name for f in excluded} == {"q7-end", "q7-single"}  # their builds broke the 3-point rule (eval.json)
+    for spec in excluded:
+        assert spec not in suite.fixtures(scored=True) and "points" in spec.excluded
+        with pytest.raises(FileNotFoundError, match="vlm-lens zoo plant --suite"):
+            suite.fixture_source(spec.name)
+    assert len(suite.fixtures("test", scored=True)) == 6
+
+
+@pytest.mark.parametrize("spec", suite.fixtures(scored=True), ids=lambda f: f.name)
 def test_each_shipped_fixture_records_its_truth_and_keeps_its_base_accuracy(spec):
     folder = suite.fixture_source(spec.name)
     info = json.loads((folder / "planted.json").read_text())
@@ -71,18 +81,32 @@ def test_a_materialized_fixture_is_its_base_with_the_block(tmp_path):
         suite.materialize("llava-nope", tmp_path)
 
 
+CI_N = 10  # questions of each kind per test-split fixture in CI (the benchmark scores 30; docs/suite-validation.md)
+
+
 def test_the_detector_meets_the_thresholds_on_the_dev_split_it_was_chosen_on(tmp_path):
+    # n = 30 as the rule was chosen: the image-swap test's pictures come from the run, and a run of 10 questions per
+    # group gives a pool of 10 pictures, whose coincidences raise the twins' false alarms to 0.08 (docs/experiments.md)
     report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("dev")], n=30)
     dev = report["splits"]["dev"]
-    assert dev["hallucinated"] >= 150
+    assert dev["hallucinated"] >= 100
     assert dev["recall"]["share"] >= 0.90, dev["recall"]
     assert dev["fa_twin"]["share"] <= 0.05, dev["fa_twin"]
     assert dev["recall"]["low"] <= dev["recall"]["share"] <= dev["recall"]["high"]
-    # the causal tests are what removes the lens candidates' false alarms
+    # the causal test is what removes the lens candidates' false alarms
     assert dev["fa_twin_candidates"]["share"] > 3 * dev["fa_twin"]["share"]
     assert set(report["leave_one_base_out"]) == set(suite.SPLIT["dev"])
     lines = sv.table_lines(report)
     assert lines[0].startswith("| |") and any("dev split, pooled" in line for line in lines)
+
+
+def test_on_the_test_split_the_planted_overturns_are_found(tmp_path):
+    """Round 3's test split (two bases no rule was chosen on): recall in the block meets the issue's 0.90. Its false
+    alarms on the clean twins do not meet 0.05 (0.08 at n = 30, docs/experiments.md) and are not asserted."""
+    report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("test", scored=True)], n=CI_N)
+    test = report["splits"]["test"]
+    assert test["hallucinated"] >= 40 and set(report["splits"]) == {"test"}
+    assert test["recall"]["share"] >= 0.90, test["recall"]
 
 
 def _stub_trace(n_layers: int, outputs: dict):
