@@ -107,8 +107,9 @@ def sections(model, analysed, data, variant, stages, show_special: bool = False)
                   for s in analysed for t in s.tokens[variant] if show_special or not t.special]  # fmt: skip
     sections.append((f"Per-token evidence ({variant} lens)", [R.paragraph(
         "Every generated token: its critical layer, its mutation event (a candidate overturn read off the lens that "
-        "passed the causal tests) and the tests' outcome: which decoder layers were skipped and what the model then "
-        "emitted, and whether the overturned leader needs the image (blank-image test)."), R.table(
+        "passed the causal test) and the test's outcome: with the image-swap test, for how many other pictures the "
+        "layer that overturned the leader still wrote the emitted token; with the skip test, which decoder layers "
+        "were skipped, what the model then emitted, and whether the leader needs the image."), R.table(
         ["sample", "step", "token", "critical", "mutation event", "overturned answer", "causal test", "JS at the event",
          "kind", "final p"], token_rows)]))  # fmt: skip
 
@@ -226,8 +227,10 @@ def _test(t) -> str:
     if t.confirmed is None:
         return f"candidate {t.candidate_leader} at layer {t.candidate} (not tested)"
     if getattr(t, "swap_tried", None) is not None:  # the image-swap test
-        kept = f"the overturning layer wrote {t.token} with {t.swap_kept} of {t.swap_tried} other pictures"
-        return f"confirmed: {kept}" if t.confirmed else f"refuted: {kept} (needs a majority)"
+        kept = f"the layer that overturned it wrote {t.token} with {t.swap_kept} of {t.swap_tried} other pictures"
+        if t.confirmed:
+            return f"confirmed: {kept}"
+        return f"refuted: {t.candidate_leader} lost the top-1 at layer {t.candidate}; {kept} (needs a majority)"
     skipped = f"skip decoder {t.confirm_skipped} -> {t.confirm_top1}"
     if t.confirmed:
         return f"confirmed: {skipped}; needs the image"
