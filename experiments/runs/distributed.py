@@ -50,7 +50,8 @@ def _worker_class(ray):
         def phase1(self, entries: list, batch_size: int) -> int:
             ids = {e.id for e in entries}
             return streaming.phase1(self.model, entries, self.store, self.settings["stream"], tuned_lens=self.lens,
-                                    batch_size=batch_size, writer=self.name, only=ids)  # fmt: skip
+                                    batch_size=batch_size, writer=self.name, only=ids,
+                                    references=self.settings["references"])  # fmt: skip
 
         def phase2(self, entries: list, sets: dict, batch_size: int) -> int:
             return streaming.phase2(self.model, entries, self.store, sets, batch_size=batch_size, writer=self.name,
@@ -115,7 +116,8 @@ def run(model, source, store: Store, settings: "streaming.StreamSettings", *, tu
     gpus = ray.cluster_resources().get("GPU", 0)
     worker_cls = _worker_class(ray).options(num_gpus=1 if gpus >= 1 else 0, num_cpus=1)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    init = (model_reference(model), _lens_state(tuned_lens), str(store.path), {"stream": settings}, threads)
+    init = (model_reference(model), _lens_state(tuned_lens), str(store.path), {"stream": settings, "references": streaming.run_references(source, settings)},
+            threads)  # fmt: skip
     spawned = [0]
 
     def spawn():

@@ -124,10 +124,11 @@ def _prepared(model, batch, skip_bad: bool, bad_rows: list) -> list:
 
 def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=None, batch_size: int = 1,
            writer: str = "main", only: set[str] | None = None, progress: Progress | None = None,
-           share_prefixes: bool = True) -> int:  # fmt: skip
+           share_prefixes: bool = True, references: References | None = None) -> int:  # fmt: skip
     """Trace, analyse and reduce every entry of ``source`` not yet in ``store`` (``only``: just these ids);
     returns the number of samples written. ``share_prefixes``: questions about one image, in a batch or in
-    consecutive batches, run its prefill once (:mod:`vlm_lens.shared_prefix`; same traces within float tolerance)."""
+    consecutive batches, run its prefill once (:mod:`vlm_lens.shared_prefix`; same traces within float tolerance).
+    ``references``: the image-swap test's pictures (default: :func:`run_references` of ``source``)."""
     done = store.done_ids(1)
     report = progress or (lambda *a: None)
     if only is not None:  # a worker's share of the samples
@@ -138,12 +139,18 @@ def phase1(model, source, store: Store, settings: StreamSettings, *, tuned_lens=
         pending, total, count = (e for e in source if e.id not in done), len(source), len(done)
     report("tracing", count, total)
     prefixes = PrefixCache() if share_prefixes else None  # the last image's prefill, kept for the next batches
-    # the image-swap test's pictures: the source's first distinct images, the same for every sample, batch and worker
-    references = References.from_images((e.image for e in source if e.error is None), settings.config.detection.references)
+    if references is None:  # a worker is handed its chunk: the driver passes the whole source's pool
+        references = run_references(source, settings)
     with frozen_heap():
         count = _trace_batches(model, pending, store, settings, tuned_lens, batch_size, writer, count, total, report,
                                prefixes, references)  # fmt: skip
     return count
+
+
+def run_references(source, settings: StreamSettings) -> References:
+    """The image-swap test's pictures for a run over ``source``: its first distinct images, the same for every
+    sample, batch, resumed run and worker."""
+    return References.from_images((e.image for e in source if e.error is None), settings.config.detection.references)
 
 
 def _trace_batches(model, pending, store: Store, settings: StreamSettings, tuned_lens, batch_size: int, writer: str,
