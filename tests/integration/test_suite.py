@@ -85,11 +85,12 @@ CI_N = 10  # questions of each kind per test-split fixture in CI (the benchmark 
 
 
 def test_the_detector_meets_the_thresholds_on_the_dev_split_it_was_chosen_on(tmp_path):
-    # n = 30 as the rule was chosen: the image-swap test's pictures come from the run, and a run of 10 questions per
-    # group gives a pool of 10 pictures, whose coincidences raise the twins' false alarms to 0.08 (docs/experiments.md)
-    report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("dev")], n=30)
+    # n = 20 (the benchmark scores 30: recall 0.96, false alarms 0.03; at 20: 0.96, 0.034). Not fewer: the image-swap
+    # test's pictures come from the run, and a run of 10 questions per group gives a pool of 10 pictures whose
+    # coincidences raise the twins' false alarms to 0.08 (docs/experiments.md)
+    report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("dev")], n=20)
     dev = report["splits"]["dev"]
-    assert dev["hallucinated"] >= 100
+    assert dev["hallucinated"] >= 250
     assert dev["recall"]["share"] >= 0.90, dev["recall"]
     assert dev["fa_twin"]["share"] <= 0.05, dev["fa_twin"]
     assert dev["recall"]["low"] <= dev["recall"]["share"] <= dev["recall"]["high"]
