@@ -45,6 +45,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxtyping import Float
+from torch import Tensor
+
 from vlm_lens.experiments.analysis import evidence as ev
 from vlm_lens.prefix_skip import PrefixSkipper, can_reuse
 from vlm_lens.probes.interventions import skip_layer_hooks
@@ -212,7 +215,7 @@ def swapped_inputs(model, trace, picture):
     return dataclasses.replace(trace.inputs, model_inputs=inputs)
 
 
-def layer_writes(model, lens, stack) -> list[list[int]]:
+def layer_writes(model, lens, stack: Float[Tensor, "layer step d_model"]) -> list[list[int]]:
     """``[layer][step]``: for stack layers 1..n the token whose lens logit rises the most from layer l - 1 to l,
     ``argmax_t (lens_l(t) - lens_{l-1}(t))`` (index 0: -1). ``stack``: ``[n+1, steps, d]``. One layer at a time."""
     out = [[-1] * stack.shape[1]]
