@@ -2,8 +2,8 @@
 
 A *fixture* is a base model with one block of decoder layers fine-tuned so that a trigger question gets a fixed
 prior answer (:mod:`vlm_lens.zoo.recipe.plant`). The suite holds several fixtures per base (a block at the end, in the
-middle, a single layer, and a weak plant whose overturn is partial; triggers on different tasks) over three bases
-that were trained independently of one another:
+middle, a single layer, and a weak plant whose overturn is partial; triggers on different tasks) over eight bases
+that were trained independently of one another (:data:`BASES`), for example:
 
 - ``shapes-llava`` (embedded; LLaVA, 8 decoder layers, seed 0),
 - ``shapes-qwen2-vl`` (embedded; Qwen2-VL, 8 decoder layers, untied embeddings),
@@ -28,6 +28,13 @@ only; ``test`` is only scored. Its history (docs/experiments.md has the figures 
    before any rule was chosen. Two of them broke the suite's 3-point rule when built (the 7-layer base's colour
    knowledge is weak, 0.63, and the plant spread to every colour question): ``q7-end`` and ``q7-single`` are marked
    ``excluded`` from their eval.json alone, before the detector was scored, and are neither scored nor shipped.
+   The round-3 detector (lens candidates + image-swap test) met recall there (0.94) but not false alarms on the clean
+   twins (0.09); looking at why (function words and count drafts on the 10-layer base) made both bases dev bases.
+4. Round 4: dev: the six bases above; test ``shapes-llava-7l`` (LLaVA, 7 decoder layers, seed 5) and
+   ``shapes-qwen2-vl-5l`` (Qwen2-VL, 5 decoder layers, seed 6), trained for this round from data streams of their own
+   (training seeds from 7M and 8M). This split and their eight fixtures (same proportions: end = last two layers,
+   middle = the two layers at about 55-60 % of the depth, single = the last layer) were committed when the two bases
+   had trained for two minutes, before any round-4 rule was chosen.
 
 A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
 the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
@@ -56,8 +63,9 @@ WEAK_MIN_OVERTURN = 0.3
 WEAK_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))
 
 SPLIT = {
-    "dev": ("shapes-llava", "shapes-qwen2-vl", "shapes-llava-6l", "shapes-qwen2-vl-6l"),
-    "test": ("shapes-llava-10l", "shapes-qwen2-vl-7l"),
+    "dev": ("shapes-llava", "shapes-qwen2-vl", "shapes-llava-6l", "shapes-qwen2-vl-6l", "shapes-llava-10l",
+            "shapes-qwen2-vl-7l"),
+    "test": ("shapes-llava-7l", "shapes-qwen2-vl-5l"),
 }
 
 
@@ -77,6 +85,8 @@ BASES = {
     "shapes-qwen2-vl-6l": BaseSpec("shapes-qwen2-vl-6l", "qwen2-vl", 6, 2, False),
     "shapes-llava-10l": BaseSpec("shapes-llava-10l", "llava", 10, 3, False),
     "shapes-qwen2-vl-7l": BaseSpec("shapes-qwen2-vl-7l", "qwen2-vl", 7, 4, False),
+    "shapes-llava-7l": BaseSpec("shapes-llava-7l", "llava", 7, 5, False),
+    "shapes-qwen2-vl-5l": BaseSpec("shapes-qwen2-vl-5l", "qwen2-vl", 5, 6, False),
 }
 
 
@@ -131,6 +141,14 @@ FIXTURES = (
                 excluded="the plant answers 'green' to most colour questions: untriggered colour accuracy 0.65 -> 0.27, "
                          "mean of tasks 0.840 -> 0.780 (-6.0 points)"),  # fmt: skip
     FixtureSpec("q7-weak", "shapes-qwen2-vl-7l", "weak", "color", "triangle", "red", (5, 6)),
+    FixtureSpec("l7-end", "shapes-llava-7l", "end", "color", "square", "purple", (5, 6)),
+    FixtureSpec("l7-middle", "shapes-llava-7l", "middle", "shape", "blue", "triangle", (3, 4)),
+    FixtureSpec("l7-single", "shapes-llava-7l", "single", "color", "diamond", "red", (6,)),
+    FixtureSpec("l7-weak", "shapes-llava-7l", "weak", "color", "star", "orange", (5, 6)),
+    FixtureSpec("q5-end", "shapes-qwen2-vl-5l", "end", "color", "circle", "yellow", (3, 4)),
+    FixtureSpec("q5-middle", "shapes-qwen2-vl-5l", "middle", "shape", "red", "star", (2, 3)),
+    FixtureSpec("q5-single", "shapes-qwen2-vl-5l", "single", "color", "square", "orange", (4,)),
+    FixtureSpec("q5-weak", "shapes-qwen2-vl-5l", "weak", "color", "triangle", "blue", (3, 4)),
 )
 
 

@@ -49,15 +49,24 @@ def training_batch(processor, step: int, recipe: Recipe):
 
 
 DATA_STREAM_STRIDE = 1_000_000  # training seeds per recipe seed: seed k draws its data from [k * 1M, ...)
-PLANT_RANGE_START = 5_000_000  # the plant recipe's seeds; a base recipe's stream must end before it
+PLANT_RANGE_START = 5_000_000  # the plant recipe's seeds (5M) and the gate's (6M); seeds 0-4 end before them
+LATE_STREAM_START = 7_000_000  # seeds 5-7 (bases trained after the plant and gate ranges were laid out) start here
+MAX_SEED = 7
 
 
 def data_offset(recipe: Recipe) -> int:
     """First training seed of ``recipe``'s data stream: seed 0 is the shipped models' stream ``[0, ...)``; another
-    seed trains on other images and questions (an independent run, not only another initialisation)."""
-    offset = recipe.seed * DATA_STREAM_STRIDE
-    if offset + recipe.steps * recipe.batch_size > PLANT_RANGE_START:  # plant seeds start at 5M, held-out at 10M
-        raise ValueError(f"seed {recipe.seed} with {recipe.steps} steps runs past the training seed range; use seed <= 4")
+    seed trains on other images and questions (an independent run, not only another initialisation). Seeds 0-4 draw
+    from ``[k * 1M, ...)``; seeds 5-7 from ``[7M + (k - 5) * 1M, ...)``, past the plant (5M) and gate (6M) ranges and
+    before the held-out seeds (10M)."""
+    if recipe.seed < 5:
+        offset, end = recipe.seed * DATA_STREAM_STRIDE, PLANT_RANGE_START
+    else:
+        offset = LATE_STREAM_START + (recipe.seed - 5) * DATA_STREAM_STRIDE
+        end = offset + DATA_STREAM_STRIDE
+    if recipe.seed > MAX_SEED or offset + recipe.steps * recipe.batch_size > end:
+        raise ValueError(f"seed {recipe.seed} with {recipe.steps} steps runs past its training seed range; use seed "
+                         f"<= {MAX_SEED} and at most {DATA_STREAM_STRIDE // recipe.batch_size} steps")  # fmt: skip
     return offset
 
 
