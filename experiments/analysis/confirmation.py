@@ -61,6 +61,7 @@ class Confirmation:
     grounded: bool | None = None  # the leader needs the image (None: not tested)
     kept: int | None = None  # swap test: references under which the overturning layer still writes the emitted token
     tried: int | None = None  # swap test: references the sequence was re-run with
+    held: int | None = None  # swap test: references under which the leader still leads half its run (not read here)
 
 
 class SkipConfirmer:
@@ -77,6 +78,7 @@ class SkipConfirmer:
         self.image = image  # the sample's own image: never its own reference, and the size references are resized to
         self._swaps: list | None = None
         self._writes: dict[int, list[list[list[int]]]] = {}
+        self._reads: dict[int, list[list[list[int]]]] = {}
         self._top1: dict[tuple[int, ...], list[int]] = {}
         self._blank: dict | None = None
         self._blank_lens: dict[int, list[list[int]]] = {}
@@ -113,15 +115,28 @@ class SkipConfirmer:
         generated step, read through ``lens``, with the image replaced by each reference."""
         if id(lens) not in self._writes:
             model = self.trace.model
-            self._writes[id(lens)] = [layer_writes(model, lens, stack) for stack in self._swap_stacks()]
+            reads = [layer_reads(model, lens, stack) for stack in self._swap_stacks()]
+            self._writes[id(lens)] = [writes for writes, _ in reads]
+            self._reads[id(lens)] = [top1 for _, top1 in reads]
         return self._writes[id(lens)]
 
-    def swap_test(self, step: int, layer: int, lens) -> Confirmation:
-        """The image-swap test of a candidate that lost the top-1 at stack ``layer`` (see the module docstring)."""
+    def reference_top1(self, lens) -> list[list[list[int]]]:
+        """``[reference][layer][step]``: the lens's top-1 token at each stack layer 0..n and generated step, with the
+        image replaced by each reference."""
+        self.reference_writes(lens)
+        return self._reads[id(lens)]
+
+    def swap_test(self, step: int, layer: int, lens, leader: int = -1, run: tuple[int, int] | None = None) -> Confirmation:
+        """The image-swap test of a candidate that lost the top-1 at stack ``layer`` (see the module docstring).
+        ``confirmed`` is the emitted-token half; ``held`` (given the leader and its run ``run``) feeds the leader half,
+        :func:`~vlm_lens.experiments.analysis.evidence.leader_weighed`, which needs the lens's output ranks too."""
         emitted = int(self.trace.generated_ids[step])
         writes = self.reference_writes(lens)
         kept = sum(w[layer][step] == emitted for w in writes)
-        return Confirmation(ev.image_independent(kept, len(writes)), [], -1, kept=kept, tried=len(writes))
+        held = None
+        if run is not None:
+            held = sum(not ev.is_grounded([row[step] for row in top1], leader, run) for top1 in self.reference_top1(lens))
+        return Confirmation(ev.image_independent(kept, len(writes)), [], -1, kept=kept, tried=len(writes), held=held)
 
     def top1_with_skipped(self, window: list[int]) -> list[int]:
         """Per generated step: the model's output token id with decoder layers ``window`` skipped (teacher-forced)."""
@@ -173,7 +188,7 @@ class SkipConfirmer:
         if config.test == "swap":
             if lens is None:
                 raise ValueError("the image-swap test reads layer writes through the candidate's lens: pass lens=")
-            return self.swap_test(step, layer, lens)
+            return self.swap_test(step, layer, lens, leader, run)
         n_layers = self.trace.model.n_layers
         windows = ev.confirmation_windows(layer, n_layers, config)
         short = run is not None and run[1] - run[0] + 1 < config.last_layer_min_run
@@ -218,13 +233,21 @@ def swapped_inputs(model, trace, picture):
 def layer_writes(model, lens, stack: Float[Tensor, "layer step d_model"]) -> list[list[int]]:
     """``[layer][step]``: for stack layers 1..n the token whose lens logit rises the most from layer l - 1 to l,
     ``argmax_t (lens_l(t) - lens_{l-1}(t))`` (index 0: -1). ``stack``: ``[n+1, steps, d]``. One layer at a time."""
-    out = [[-1] * stack.shape[1]]
+    return layer_reads(model, lens, stack)[0]
+
+
+def layer_reads(model, lens, stack: Float[Tensor, "layer step d_model"]) -> tuple[list[list[int]], list[list[int]]]:
+    """``(writes, top1)``, both ``[layer][step]``: :func:`layer_writes`, and the lens's top-1 token at every stack
+    layer 0..n, ``argmax_t lens_l(t)``, from the same pass over the layers."""
+    writes, top1 = [[-1] * stack.shape[1]], []
     below = lens.logits(model, stack[0:1], [0])[0].float()
+    top1.append(below.argmax(-1).tolist())
     for l in range(1, stack.shape[0]):
         here = lens.logits(model, stack[l : l + 1], [l])[0].float()
-        out.append((here - below).argmax(-1).tolist())
+        writes.append((here - below).argmax(-1).tolist())
+        top1.append(here.argmax(-1).tolist())
         below = here
-    return out
+    return writes, top1
 
 
 def _output_ids(model, logits) -> list[int]:

@@ -16,7 +16,10 @@ Notation (one generated token, one lens): stack layers ``l = 0..n`` (0 = embeddi
 - A **mutation event** is a candidate that passes a causal test (``confirm=True``, the default). ``test="swap"`` (the
   default): the decoder layer that overturned the leader (stack layer m is its output) must still write the emitted
   token -- the token whose lens logit it raises most -- when the image is replaced by each of ``references`` other
-  pictures, for a strict majority of them (:func:`image_independent`): the overturn does not come from this image.
+  pictures, for a strict majority of them (:func:`image_independent`): the overturn does not come from this image;
+  and the leader must have been an answer to *this* input (``leader_test``, :func:`leader_weighed`): some reference
+  picture changes it, or it is still among the output's top-``contender_k`` candidates. A format word or a question's
+  default that leads whatever the picture and drops out of the output's candidates was never this image's answer.
   ``test="skip"`` (round 2): skipping decoder layers ``confirm_windows`` (offsets from ``m - 1``) must make the model
   emit the leader again, and with ``ground=True`` the leader must need the image (with it blanked it holds the top-1
   at fewer than half of its run's layers). :mod:`vlm_lens.experiments.analysis.confirmation` runs both.
@@ -64,6 +67,14 @@ class DetectionConfig:
     - ``confirm = True``, ``test = "swap"``, ``references = 4``: the image-swap test with four reference pictures
       (confirmed by 3 or 4 of them). On round-3 dev it took lens-only false alarms on the clean twins from 0.51 to
       0.03 at recall 0.97; the round-2 skip test gave 0.76 / 0.14 there (docs/experiments.md).
+    - ``leader_test = "either"``, ``contender_k = 5`` (swap test): the overturned leader must be an answer to this
+      input -- some reference picture changes it, or it is still among the output's top-5 (the lens's top-k kept for
+      the report). Round 4, chosen on the round-4 dev split (six bases, 6-10 layers; 30 questions per group): the
+      round-3 test base's false alarms were format words and question defaults ("a" after a count word "three" led
+      every picture's caption to layer 7). Swap test alone: recall 0.95, false alarms on the clean twins 0.042
+      (0.108 on the 10-layer base); + "image": 0.90 / 0.020 (an overturned *default*, e.g. the 6-layer base's
+      middle plant overturning a shape that leads whatever the picture, is lost); + "output": 0.92 / 0.012; + "either":
+      0.94 / 0.020. Eight references instead of four changed these by <= 0.016.
     - ``test = "skip"`` settings: ``confirm_windows = ((0,), (0, 1))`` (the decoder layer that first lost the leader,
       then that layer and the next) and ``ground = True`` (the leader must need the image: the blank-image test);
       neither is read by the swap test.
@@ -88,6 +99,8 @@ class DetectionConfig:
     confirm: bool = True
     test: str = "swap"
     references: int = 4
+    leader_test: str = "either"
+    contender_k: int = 5
     confirm_windows: tuple[tuple[int, ...], ...] = ((0,), (0, 1))
     ground: bool = True
     last_layer_min_run: int = 2
@@ -106,6 +119,9 @@ class DetectionConfig:
             raise InputError(f"min_run must be >= 1 and min_start >= 0, got {self.min_run}, {self.min_start}")
         if self.test not in ("swap", "skip") or self.references < 1:
             raise InputError(f"test must be 'swap' or 'skip' and references >= 1, got {self.test!r}, {self.references}")
+        if self.leader_test not in ("either", "image", "output", "off") or self.contender_k < 1:
+            raise InputError(f"leader_test must be 'either', 'image', 'output' or 'off' and contender_k >= 1, got "
+                             f"{self.leader_test!r}, {self.contender_k}")  # fmt: skip
         if self.critical_rule not in ("top1", "prob"):
             raise InputError(f"critical_rule must be 'top1' or 'prob', got {self.critical_rule!r}")
         if not self.confirm_windows or any(not w for w in self.confirm_windows):
@@ -239,6 +255,20 @@ def is_grounded(blank_top1: Sequence[int], leader: int, run: tuple[int, int]) ->
     start, end = run
     held = sum(blank_top1[l] == leader for l in range(start, end + 1))
     return 2 * held < end - start + 1
+
+
+def leader_weighed(held: int, tried: int, rank: int | None, config: DetectionConfig = DetectionConfig()) -> bool:
+    """The leader half of the image-swap test (``leader_test``): was the overturned leader an answer to *this* input?
+
+    - ``"image"``: some reference picture changes it, ``held < tried`` (``held``: references under which the leader
+      still holds the top-1 at half of its run's layers or more): a token that leads whatever the picture (a format
+      word or a question's default) is not knowledge read off the image;
+    - ``"output"``: it is still a contender at the output, ``rank < contender_k`` (``rank``: its place in the lens's
+      top-k at the output, 0 = the emitted token's place; None when it is not among them);
+    - ``"either"`` (default): one of the two; ``"off"``: always True."""
+    image = tried > 0 and held < tried
+    contender = rank is not None and rank < config.contender_k
+    return {"off": True, "image": image, "output": contender, "either": image or contender}[config.leader_test]
 
 
 def image_independent(kept: int, tried: int) -> bool:

@@ -62,6 +62,8 @@ class TokenEvolution:
     grounded: bool | None = None  # the leader needs the image (None: not tested)
     swap_kept: int | None = None  # image-swap test: reference pictures under which the overturning layer wrote the token
     swap_tried: int | None = None  # image-swap test: reference pictures tried (None: not tested)
+    swap_held: int | None = None  # image-swap test: reference pictures under which the leader still led (not read here)
+    leader_rank: int | None = None  # image-swap test: the leader's place in the lens's top-k at the output (None: not in it)
 
 
 @dataclass

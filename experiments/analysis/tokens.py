@@ -3,6 +3,7 @@ test, the critical layer (:mod:`vlm_lens.experiments.analysis.evidence` holds th
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from vlm_lens.errors import InputError
@@ -39,6 +40,9 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
     if config.confirm and confirm is None:
         raise InputError("confirming candidate events needs the trace: pass confirm=SkipConfirmer(trace), or "
                          "DetectionConfig(confirm=False) for lens evidence only")  # fmt: skip
+    if config.confirm and config.test == "swap" and config.contender_k > lens["topk_ids"].shape[-1]:
+        raise InputError(f"contender_k={config.contender_k} needs the lens's top-{config.contender_k} at the output; the "
+                         f"lens kept top-{lens['topk_ids'].shape[-1]}: lower contender_k")  # fmt: skip
     rows = []
     not_answers = set(getattr(tokenizer, "all_special_ids", None) or [])
     for step, token in enumerate(lens.coords["target"]):
@@ -49,9 +53,14 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
         best = lens["candidate_prob"][:, step, : len(curves)].nan_to_num(-1.0).argmax(-1).tolist()
         top1 = [ids[k] for k in best]
         event = ev.mutation_event(top1, curves, config, not_answers)
-        test = None
+        test, rank = None, None
         if event is not None and config.confirm:
             test = confirm(step, event.leader, event.layer, config, run=event.leader_run, lens=lens_of)
+            if test.held is not None:  # the image-swap test's leader half (evidence.leader_weighed)
+                output_ids = lens["topk_ids"][-1, step].tolist()
+                rank = output_ids.index(event.leader) if event.leader in output_ids else None
+                weighed = ev.leader_weighed(test.held, test.tried or 0, rank, config)
+                test = dataclasses.replace(test, confirmed=test.confirmed and weighed)
         candidate = None if event is None else (event.layer, tokenizer.convert_ids_to_tokens(event.leader))
         if test is not None and not test.confirmed:
             event = None  # refuted: skipping the overturning layers did not bring the leader back
@@ -73,5 +82,6 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
             confirm_skipped=None if test is None or test.kept is not None else list(test.skipped),
             confirm_top1=None if test is None or test.top1 < 0 else tokenizer.convert_ids_to_tokens(test.top1),
             grounded=None if test is None else test.grounded, swap_kept=None if test is None else test.kept,
-            swap_tried=None if test is None else test.tried))  # fmt: skip
+            swap_tried=None if test is None else test.tried, swap_held=None if test is None else test.held,
+            leader_rank=rank))  # fmt: skip
     return rows

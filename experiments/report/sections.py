@@ -228,9 +228,14 @@ def _test(t) -> str:
         return f"candidate {t.candidate_leader} at layer {t.candidate} (not tested)"
     if getattr(t, "swap_tried", None) is not None:  # the image-swap test
         kept = f"the layer that overturned it wrote {t.token} with {t.swap_kept} of {t.swap_tried} other pictures"
+        held = getattr(t, "swap_held", None)
+        if held is not None:
+            rank = getattr(t, "leader_rank", None)
+            kept += (f"; {t.candidate_leader} still led with {held} of {t.swap_tried} and is "
+                     + ("not among the output's candidates" if rank is None else f"the output's #{rank + 1} candidate"))
         if t.confirmed:
             return f"confirmed: {kept}"
-        return f"refuted: {t.candidate_leader} lost the top-1 at layer {t.candidate}; {kept} (needs a majority)"
+        return f"refuted: {t.candidate_leader} lost the top-1 at layer {t.candidate}; {kept}"
     skipped = f"skip decoder {t.confirm_skipped} -> {t.confirm_top1}"
     if t.confirmed:
         return f"confirmed: {skipped}; needs the image"
@@ -247,7 +252,7 @@ def _rule(d: dict) -> str:
                  f"{d['candidate_min_run']} layer(s) from layer {d['min_start']} on{floor}, then replaced before the "
                  f"output) that passes a causal test: with the image replaced by each of {d['references']} other "
                  "pictures of the run, the layer that overturned it still writes the emitted token for most of them "
-                 "(the overturn does not come from this image).")  # fmt: skip
+                 "(the overturn does not come from this image)" + _leader_rule(d) + ".")  # fmt: skip
     elif d.get("confirm", False):
         event = (f"A mutation event is a candidate overturn read off the lens (an answer that was the top-1 for >= "
                  f"{d['candidate_min_run']} layer(s) from layer {d['min_start']} on, peaking at p >= {d['candidate_prob']}, "
@@ -260,6 +265,15 @@ def _rule(d: dict) -> str:
     return (event + " The critical layer is where the answer that dominates stabilization becomes the top-1. A "
             f"mutation stage is reported only when the lower end of the 95% bootstrap interval (over samples) of the "
             f"share of tokens with events exceeds {d['min_event_share']}.")
+
+
+def _leader_rule(d: dict) -> str:
+    """The leader half of the image-swap test in words (``leader_test``)."""
+    image = "some other picture changes it"
+    output = f"it is still among the output's top-{d.get('contender_k', 5)} candidates"
+    test = d.get("leader_test", "off")
+    words = {"image": image, "output": output, "either": f"{image}, or {output}"}.get(test)
+    return f", and the overturned answer was an answer to this input: {words}" if words else ""
 
 
 def token_stages(row, n_layers: int) -> dict | None:

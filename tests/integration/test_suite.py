@@ -149,6 +149,8 @@ def test_the_causal_tests_confirm_a_planted_overturn(tmp_path):
     row = token_evidence(trace, references=others, image=example.image)[0]
     assert row.token == "red" and row.leader == example.answer and row.mutation in (7, 8)
     assert row.confirmed and row.swap_tried == 4 and row.swap_kept >= 3 and row.confirm_skipped is None
+    # the leader half: the true colour is this picture's (some reference changes it) and still an output candidate
+    assert row.swap_held < 4 and row.leader_rank is not None and row.leader_rank >= 1
     # the clean twin answers the truth: nothing is overturned to a word the picture does not give
     twin = base.trace_generation(base.prepare(example.image, example.question), max_new_tokens=2)
     assert all(r.mutation is None for r in token_evidence(twin, references=others, image=example.image))
@@ -258,3 +260,24 @@ def test_a_fixture_is_planted_and_reduced_to_its_compact_form(tmp_path):
     assert sorted(load_file(str(tmp_path / "tiny-plant" / "block.safetensors"))) == suite.block_keys(
         load_file(str(suite.base_path("shapes-llava") / "model.safetensors")), (7,))
     assert not build.build_fixture(spec, tmp_path, threads=1, eval_per_task=2, progress=False)["built"]  # resumable
+
+
+def test_a_format_word_after_a_default_is_refuted_by_the_leader_half():
+    """Round 4's dev finding, on the 10-layer base: a caption's first word "a" overturns "three" (the count task's
+    default, leading to layer 7 whatever the picture). The emitted half of the swap test cannot refute it ("a" starts
+    every caption); the leader half does: "three" leads under every reference and is not among the output's
+    candidates. With the leader half off, the same token is an event."""
+    from vlm_lens.experiments.analysis.knowledge_evolution import token_evidence
+    from vlm_lens.zoo import planted
+
+    model = vlm_lens.load(str(suite.base_path("shapes-llava-10l")))
+    captions = planted.untriggered(planted.Trigger("color", "diamond", "green"), 6, start=300_000)["caption"]
+    example, others = captions[2], [e.image for i, e in enumerate(captions) if i != 2][:4]
+    trace = model.trace_generation(model.prepare(example.image, example.question), max_new_tokens=2)
+    row = token_evidence(trace, references=others, image=example.image)[0]
+    assert row.token == "a" and row.candidate_leader == "three" and row.swap_tried == 4
+    assert row.swap_kept >= 3  # the overturning layer writes "a" whatever the picture: the emitted half passes
+    assert row.swap_held == 4 and row.leader_rank is None  # the leader half fails on both counts
+    assert not row.confirmed and row.mutation is None
+    off = token_evidence(trace, references=others, image=example.image, detection=ev.DetectionConfig(leader_test="off"))[0]
+    assert off.confirmed and off.mutation == row.candidate

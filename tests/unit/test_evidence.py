@@ -76,6 +76,21 @@ def test_the_swap_verdict_needs_a_strict_majority_of_the_pictures():
     assert not ev.image_independent(0, 0)  # no picture could be tried: nothing is confirmed
 
 
+def test_the_leader_half_of_the_swap_test_needs_an_answer_to_this_input():
+    """leader_weighed: "image" = some reference changes the leader (held < tried); "output" = the leader is among the
+    output's top-contender_k (rank 0 = the emitted token's place); "either" (default) = one of the two."""
+    cases = [(4, 4, None), (3, 4, None), (4, 4, 1), (4, 4, 4), (4, 4, 5), (0, 0, None), (0, 0, 2)]
+    for test in ("either", "image", "output", "off"):
+        config = ev.DetectionConfig(leader_test=test)
+        for held, tried, rank in cases:
+            image = tried > 0 and held < tried
+            output = rank is not None and rank < 5
+            expected = {"either": image or output, "image": image, "output": output, "off": True}[test]
+            assert ev.leader_weighed(held, tried, rank, config) is expected, (test, held, tried, rank)
+    assert not ev.leader_weighed(4, 4, 2, ev.DetectionConfig(contender_k=2))  # rank 2 is the third candidate
+    assert ev.leader_weighed(4, 4, 1, ev.DetectionConfig(contender_k=2))
+
+
 def test_candidates_are_looser_runs_left_to_the_causal_tests():
     top1, curves = planted_like()
     # with confirmation on (the default) a one-layer lead is a candidate, whatever its probability ...
@@ -155,7 +170,8 @@ def test_event_share_bootstrap_resamples_samples():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"establish_prob": 0}, "establish_prob"), ({"min_run": 0}, "min_run"), ({"critical_rule": "median"}, "critical_rule"),
-     ({"min_event_share": 1.0}, "min_event_share"), ({"bootstrap": 0}, "bootstrap"), ({"test": "blank"}, "test must be"),
+     ({"min_event_share": 1.0}, "min_event_share"), ({"bootstrap": 0}, "bootstrap"), ({"test": "blank"}, "test must be"), ({"leader_test": "all"}, "leader_test must be"),
+     ({"contender_k": 0}, "contender_k >= 1"),
      ({"references": 0}, "references >= 1")],
 )  # fmt: skip
 def test_detection_config_rejects_bad_thresholds(kwargs, message):
