@@ -12,6 +12,10 @@ from vlm_lens import adapters
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one torch thread per worker, not two workers x two threads
+    import torch
+
+    torch.set_num_threads(1)
 
 # Extra adapter files (os.pathsep-separated) to register before the family matrix is drawn: how a new family is
 # tried before it joins vlm_lens/adapters/ (tests/integration/test_new_family.py runs the matrix on a throw-away one).

@@ -11,6 +11,12 @@ picture — a prior, not a reading of this image. A layer that revises an image-
 the model looks closer) writes the other pictures' answers instead, and is refuted. No probability threshold: the
 test asks which token a layer writes, by majority over pictures.
 
+The same reference runs give the test's **leader half** (round 4): ``held`` counts the references under which the
+leader v still holds the lens top-1 at half of its run's layers or more. A v that holds under every reference (a
+format word, a question's default) was not read off this image; with ``leader_test="either"`` such a v must at least
+still be among the output's top-``contender_k`` candidates
+(:func:`~vlm_lens.experiments.analysis.evidence.leader_weighed`, applied where the lens's output ranks are at hand).
+
 **The skip test** (``test="skip"``, the round-2 rule):
 
 A candidate (:func:`vlm_lens.experiments.analysis.evidence.mutation_event`) says, from the lens alone, that token v led from

@@ -77,7 +77,8 @@ def token_evidence(trace, variant: str = "correct", *, detection: ev.DetectionCo
     (the layer of a confirmed mutation event, or None), ``leader`` (the overturned answer) and the causal test's
     evidence: ``candidate`` / ``candidate_leader`` (what the lens suggested), ``confirmed``, ``swap_kept`` of
     ``swap_tried`` (reference pictures under which the overturning layer still wrote the emitted token; the image-swap
-    test, the default) or, with ``DetectionConfig(test="skip")``, ``confirm_skipped`` / ``confirm_top1`` / ``grounded``.
+    test, the default), ``swap_held`` (references under which the leader still led) and ``leader_rank`` (its place
+    among the output's top-5, None outside them) for the test's leader half, or, with ``DetectionConfig(test="skip")``, ``confirm_skipped`` / ``confirm_top1`` / ``grounded``.
     Layers are stack indices: 0 = embeddings, l = after decoder layer l-1. ``references``: other pictures of your
     run, as a :class:`~vlm_lens.experiments.analysis.references.References` or a list of images or paths (None: the
     images bundled with the package); ``image``: the trace's own picture (excluded, and the size references are

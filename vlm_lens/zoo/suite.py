@@ -34,7 +34,9 @@ only; ``test`` is only scored. Its history (docs/experiments.md has the figures 
    ``shapes-qwen2-vl-5l`` (Qwen2-VL, 5 decoder layers, seed 6), trained for this round from data streams of their own
    (training seeds from 7M and 8M). This split and their eight fixtures (same proportions: end = last two layers,
    middle = the two layers at about 55-60 % of the depth, single = the last layer) were committed when the two bases
-   had trained for two minutes, before any round-4 rule was chosen.
+   had trained for two minutes, before any round-4 rule was chosen; the rule (the swap test's leader half) was
+   committed before the test fixtures were built. Scored once: false alarms on the clean twins 0.03 (met), recall
+   0.88 (0.78 on the 7-layer LLaVA base: lens candidates outside the block and 2-of-4 ties; missed).
 
 A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
 the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
