@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from jaxtyping import Float
 from torch import Tensor
 
+from vlm_lens.errors import InputError
 from vlm_lens.experiments.analysis import evidence as ev
 from vlm_lens.prefix_skip import PrefixSkipper, can_reuse
 from vlm_lens.probes.interventions import skip_layer_hooks
@@ -193,7 +194,7 @@ class SkipConfirmer:
         = its run ``(start, end)`` and ``lens`` the lens it was read with, for the image tests)."""
         if config.test == "swap":
             if lens is None:
-                raise ValueError("the image-swap test reads layer writes through the candidate's lens: pass lens=")
+                raise InputError("the image-swap test reads layer writes through the candidate's lens: pass lens=")
             return self.swap_test(step, layer, lens, leader, run)
         n_layers = self.trace.model.n_layers
         windows = ev.confirmation_windows(layer, n_layers, config)

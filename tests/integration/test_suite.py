@@ -283,3 +283,11 @@ def test_a_format_word_after_a_default_is_refuted_by_the_leader_half():
     assert not row.confirmed and row.mutation is None
     off = token_evidence(trace, references=others, image=example.image, detection=ev.DetectionConfig(leader_test="off"))[0]
     assert off.confirmed and off.mutation == row.candidate
+
+
+def test_the_swap_test_without_a_lens_names_the_fix():
+    from vlm_lens.errors import InputError
+
+    confirmer = SkipConfirmer(_stub_trace(8, {}))
+    with pytest.raises(InputError, match="pass lens="):
+        confirmer(0, 5, 7, ev.DetectionConfig(), run=(5, 6))
