@@ -17,9 +17,7 @@ Notation (one generated token, one lens): stack layers ``l = 0..n`` (0 = embeddi
   default): the decoder layer that overturned the leader (stack layer m is its output) must still write the emitted
   token -- the token whose lens logit it raises most -- when the image is replaced by each of ``references`` other
   pictures, for a strict majority of them (:func:`image_independent`): the overturn does not come from this image;
-  and the leader must have been an answer to *this* input (``leader_test``, :func:`leader_weighed`): some reference
-  picture changes it, or it is still among the output's top-``contender_k`` candidates. A format word or a question's
-  default that leads whatever the picture and drops out of the output's candidates was never this image's answer.
+  and the leader must have been an answer to *this* input (``leader_test``, :func:`leader_weighed`).
   ``test="skip"`` (round 2): skipping decoder layers ``confirm_windows`` (offsets from ``m - 1``) must make the model
   emit the leader again, and with ``ground=True`` the leader must need the image (with it blanked it holds the top-1
   at fewer than half of its run's layers). :mod:`vlm_lens.experiments.analysis.confirmation` runs both.
@@ -68,13 +66,9 @@ class DetectionConfig:
       (confirmed by 3 or 4 of them). On round-3 dev it took lens-only false alarms on the clean twins from 0.51 to
       0.03 at recall 0.97; the round-2 skip test gave 0.76 / 0.14 there (docs/experiments.md).
     - ``leader_test = "either"``, ``contender_k = 5`` (swap test): the overturned leader must be an answer to this
-      input -- some reference picture changes it, or it is still among the output's top-5 (the lens's top-k kept for
-      the report). Round 4, chosen on the round-4 dev split (six bases, 6-10 layers; 30 questions per group): the
-      round-3 test base's false alarms were format words and question defaults ("a" after a count word "three" led
-      every picture's caption to layer 7). Swap test alone: recall 0.95, false alarms on the clean twins 0.042
-      (0.108 on the 10-layer base); + "image": 0.90 / 0.020 (an overturned *default*, e.g. the 6-layer base's
-      middle plant overturning a shape that leads whatever the picture, is lost); + "output": 0.92 / 0.012; + "either":
-      0.94 / 0.020. Eight references instead of four changed these by <= 0.016.
+      input -- some reference changes it, or it is among the output's top-5 (the lens's top-k kept for the report).
+      Round 4, chosen on its dev split (six bases): recall / clean-twin false alarms 0.95 / 0.042 without it, 0.94 /
+      0.020 with it; the other options and their figures are in docs/experiments.md.
     - ``test = "skip"`` settings: ``confirm_windows = ((0,), (0, 1))`` (the decoder layer that first lost the leader,
       then that layer and the next) and ``ground = True`` (the leader must need the image: the blank-image test);
       neither is read by the swap test.
