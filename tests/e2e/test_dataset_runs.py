@@ -108,6 +108,17 @@ def test_store_aggregate_equals_the_in_memory_analysis(streamed):
         rows = tokens[(tokens.sample_id == s.name) & (tokens.variant == "correct")]
         stored = np.stack(rows["prob"].to_list()).T  # [layer, step]
         np.testing.assert_allclose(stored, s.lens["correct"]["prob"].numpy(), atol=1e-6)
+    # the causal test's evidence travels with each token (both halves of the swap test)
+    evidence = ("candidate", "candidate_leader", "confirmed", "swap_kept", "swap_tried", "swap_held", "leader_rank")
+    tested = 0
+    for s in live["samples"]:
+        rows = tokens[(tokens.sample_id == s.name) & (tokens.variant == "correct")].sort_values("step")
+        for row, token in zip(rows.itertuples(), s.tokens["correct"]):
+            for field in evidence:
+                value = getattr(row, field)
+                assert (None if value is None or value != value else value) == getattr(token, field), (s.name, field)
+            tested += token.swap_held is not None
+    assert tested >= 4  # the planted samples' tokens and others carry a tested candidate
 
 
 def test_batched_store_equals_one_at_a_time(streamed, tmp_path):
