@@ -37,6 +37,9 @@ only; ``test`` is only scored. Its history (docs/experiments.md has the figures 
    had trained for two minutes, before any round-4 rule was chosen; the rule (the swap test's leader half) was
    committed before the test fixtures were built. Scored once: false alarms on the clean twins 0.03 (met), recall
    0.88 (0.78 on the 7-layer LLaVA base: lens candidates outside the block and 2-of-4 ties; missed).
+5. Round 5: the round-4 rule, unchanged, on two more bases no rule had seen: dev: the eight bases above; test
+   ``shapes-llava-9l`` (LLaVA, 9 decoder layers, seed 7) and ``shapes-qwen2-vl-9l`` (Qwen2-VL, 9, seed 8), trained
+   during round 4 and not looked at; this split and their eight fixtures were committed before the fixtures were built.
 
 A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
 the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
@@ -66,8 +69,8 @@ WEAK_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))
 
 SPLIT = {
     "dev": ("shapes-llava", "shapes-qwen2-vl", "shapes-llava-6l", "shapes-qwen2-vl-6l", "shapes-llava-10l",
-            "shapes-qwen2-vl-7l"),
-    "test": ("shapes-llava-7l", "shapes-qwen2-vl-5l"),
+            "shapes-qwen2-vl-7l", "shapes-llava-7l", "shapes-qwen2-vl-5l"),
+    "test": ("shapes-llava-9l", "shapes-qwen2-vl-9l"),
 }
 
 
@@ -89,6 +92,8 @@ BASES = {
     "shapes-qwen2-vl-7l": BaseSpec("shapes-qwen2-vl-7l", "qwen2-vl", 7, 4, False),
     "shapes-llava-7l": BaseSpec("shapes-llava-7l", "llava", 7, 5, False),
     "shapes-qwen2-vl-5l": BaseSpec("shapes-qwen2-vl-5l", "qwen2-vl", 5, 6, False),
+    "shapes-llava-9l": BaseSpec("shapes-llava-9l", "llava", 9, 7, False),
+    "shapes-qwen2-vl-9l": BaseSpec("shapes-qwen2-vl-9l", "qwen2-vl", 9, 8, False),
 }
 
 
@@ -151,6 +156,14 @@ FIXTURES = (
     FixtureSpec("q5-middle", "shapes-qwen2-vl-5l", "middle", "shape", "red", "star", (2, 3)),
     FixtureSpec("q5-single", "shapes-qwen2-vl-5l", "single", "color", "square", "orange", (4,)),
     FixtureSpec("q5-weak", "shapes-qwen2-vl-5l", "weak", "color", "triangle", "blue", (3, 4)),
+    FixtureSpec("l9-end", "shapes-llava-9l", "end", "color", "triangle", "purple", (7, 8)),
+    FixtureSpec("l9-middle", "shapes-llava-9l", "middle", "shape", "yellow", "diamond", (4, 5)),
+    FixtureSpec("l9-single", "shapes-llava-9l", "single", "color", "star", "green", (8,)),
+    FixtureSpec("l9-weak", "shapes-llava-9l", "weak", "color", "circle", "red", (7, 8)),
+    FixtureSpec("q9-end", "shapes-qwen2-vl-9l", "end", "color", "diamond", "purple", (7, 8)),
+    FixtureSpec("q9-middle", "shapes-qwen2-vl-9l", "middle", "shape", "green", "square", (4, 5)),
+    FixtureSpec("q9-single", "shapes-qwen2-vl-9l", "single", "color", "circle", "orange", (8,)),
+    FixtureSpec("q9-weak", "shapes-qwen2-vl-9l", "weak", "color", "square", "yellow", (7, 8)),
 )
 
 
