@@ -85,7 +85,8 @@ CI_N = 10  # questions of each kind per test-split fixture in CI (the benchmark 
 
 
 def test_the_detector_meets_the_thresholds_on_the_dev_split_it_was_chosen_on(tmp_path):
-    # n = 20 (the benchmark scores 30: recall 0.94, false alarms 0.02). Not fewer: the image-swap test's pictures come
+    # round 5's dev split: the six bases the rule was chosen on and round 4's two test bases. n = 20 (at 30: recall
+    # 0.92, false alarms 0.02; at 20: 0.908 of 513, 0.026). Not fewer: the image-swap test's pictures come
     # from the run, and a run of 10 questions per group gives a pool of 10 pictures whose coincidences raise the twins'
     # false alarms (docs/experiments.md)
     report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("dev", scored=True)], n=20)
@@ -102,14 +103,14 @@ def test_the_detector_meets_the_thresholds_on_the_dev_split_it_was_chosen_on(tmp
 
 
 def test_on_the_test_split_the_planted_overturns_are_found(tmp_path):
-    """Round 4's test split (two bases trained after the rule's split was committed): false alarms on the clean twins
-    meet the issue's 0.05. Recall in the block does not meet 0.90 (0.88 [0.84, 0.92] at n = 30, docs/experiments.md;
-    the 7-layer LLaVA base 0.78): asserted here at 0.80, a regression guard, not the acceptance."""
+    """Round 5's test split (the round-4 rule, unchanged, on two bases no rule had seen): false alarms on the clean twins
+    meet the issue's 0.05. Recall in the block does not meet 0.90 (0.81 [0.76, 0.87] at n = 30; 0.78 at this n = 10;
+    the 9-layer LLaVA base 0.63, docs/experiments.md): asserted here at 0.70, a regression guard, not the acceptance."""
     report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("test", scored=True)], n=CI_N)
     test = report["splits"]["test"]
     assert test["hallucinated"] >= 60 and set(report["splits"]) == {"test"}
     assert test["fa_twin"]["share"] <= 0.05, test["fa_twin"]
-    assert test["recall"]["share"] >= 0.80, test["recall"]
+    assert test["recall"]["share"] >= 0.70, test["recall"]
 
 
 def _stub_trace(n_layers: int, outputs: dict):

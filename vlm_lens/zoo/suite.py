@@ -40,6 +40,8 @@ only; ``test`` is only scored. Its history (docs/experiments.md has the figures 
 5. Round 5: the round-4 rule, unchanged, on two more bases no rule had seen: dev: the eight bases above; test
    ``shapes-llava-9l`` (LLaVA, 9 decoder layers, seed 7) and ``shapes-qwen2-vl-9l`` (Qwen2-VL, 9, seed 8), trained
    during round 4 and not looked at; this split and their eight fixtures were committed before the fixtures were built.
+   Scored once: false alarms 0.03 (met), recall 0.81 (0.63 on the 9-layer LLaVA, whose middle plant's true answer
+   never leads the lens before the block; missed).
 
 A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
 the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
