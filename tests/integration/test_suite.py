@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import vlm_lens
+from vlm_lens.errors import InputError
 from vlm_lens.experiments.analysis import evidence as ev
 from vlm_lens.experiments.analysis import suite_validation as sv
 from vlm_lens.experiments.analysis.confirmation import SkipConfirmer
@@ -154,6 +155,8 @@ def test_the_causal_tests_confirm_a_planted_overturn(tmp_path):
     assert row.confirmed and row.swap_tried == 4 and row.swap_kept >= 3 and row.confirm_skipped is None
     # the leader half: the true colour is this picture's (some reference changes it) and still an output candidate
     assert row.swap_held < 4 and row.leader_rank is not None and row.leader_rank >= 1
+    with pytest.raises(InputError, match="lower contender_k"):  # the lens keeps the output's top-5 only
+        token_evidence(trace, references=others, image=example.image, detection=ev.DetectionConfig(contender_k=6))
     # the clean twin answers the truth: nothing is overturned to a word the picture does not give
     twin = base.trace_generation(base.prepare(example.image, example.question), max_new_tokens=2)
     assert all(r.mutation is None for r in token_evidence(twin, references=others, image=example.image))
@@ -287,8 +290,6 @@ def test_a_format_word_after_a_default_is_refuted_by_the_leader_half():
 
 
 def test_the_swap_test_without_a_lens_names_the_fix():
-    from vlm_lens.errors import InputError
-
     confirmer = SkipConfirmer(_stub_trace(8, {}))
     with pytest.raises(InputError, match="pass lens="):
         confirmer(0, 5, 7, ev.DetectionConfig(), run=(5, 6))
