@@ -42,6 +42,11 @@ only; ``test`` is only scored. Its history (docs/experiments.md has the figures 
    during round 4 and not looked at; this split and their eight fixtures were committed before the fixtures were built.
    Scored once: false alarms 0.03 (met), recall 0.81 (0.63 on the 9-layer LLaVA, whose middle plant's true answer
    never leads the lens before the block; missed).
+6. Round 6: dev: the ten bases above (round 5's test bases looked at only after their scoring); test
+   ``shapes-llava-8l`` (LLaVA, 8 decoder layers, seed 9) and ``shapes-qwen2-vl-8l`` (Qwen2-VL, 8, seed 10): the same
+   depth as the embedded bases, another initialisation and another data stream (``zoo/recipe/data.py``). This split
+   and their eight fixtures were committed when the two bases had trained for two minutes, before any round-6 rule
+   was chosen.
 
 A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
 the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
@@ -71,8 +76,8 @@ WEAK_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))
 
 SPLIT = {
     "dev": ("shapes-llava", "shapes-qwen2-vl", "shapes-llava-6l", "shapes-qwen2-vl-6l", "shapes-llava-10l",
-            "shapes-qwen2-vl-7l", "shapes-llava-7l", "shapes-qwen2-vl-5l"),
-    "test": ("shapes-llava-9l", "shapes-qwen2-vl-9l"),
+            "shapes-qwen2-vl-7l", "shapes-llava-7l", "shapes-qwen2-vl-5l", "shapes-llava-9l", "shapes-qwen2-vl-9l"),
+    "test": ("shapes-llava-8l", "shapes-qwen2-vl-8l"),
 }
 
 
@@ -96,6 +101,8 @@ BASES = {
     "shapes-qwen2-vl-5l": BaseSpec("shapes-qwen2-vl-5l", "qwen2-vl", 5, 6, False),
     "shapes-llava-9l": BaseSpec("shapes-llava-9l", "llava", 9, 7, False),
     "shapes-qwen2-vl-9l": BaseSpec("shapes-qwen2-vl-9l", "qwen2-vl", 9, 8, False),
+    "shapes-llava-8l": BaseSpec("shapes-llava-8l", "llava", 8, 9, False),
+    "shapes-qwen2-vl-8l": BaseSpec("shapes-qwen2-vl-8l", "qwen2-vl", 8, 10, False),
 }
 
 
@@ -166,6 +173,14 @@ FIXTURES = (
     FixtureSpec("q9-middle", "shapes-qwen2-vl-9l", "middle", "shape", "green", "square", (4, 5)),
     FixtureSpec("q9-single", "shapes-qwen2-vl-9l", "single", "color", "circle", "orange", (8,)),
     FixtureSpec("q9-weak", "shapes-qwen2-vl-9l", "weak", "color", "square", "yellow", (7, 8)),
+    FixtureSpec("l8-end", "shapes-llava-8l", "end", "color", "circle", "green", (6, 7)),
+    FixtureSpec("l8-middle", "shapes-llava-8l", "middle", "shape", "orange", "star", (4, 5)),
+    FixtureSpec("l8-single", "shapes-llava-8l", "single", "color", "diamond", "blue", (7,)),
+    FixtureSpec("l8-weak", "shapes-llava-8l", "weak", "color", "triangle", "yellow", (6, 7)),
+    FixtureSpec("q8-end", "shapes-qwen2-vl-8l", "end", "color", "star", "orange", (6, 7)),
+    FixtureSpec("q8-middle", "shapes-qwen2-vl-8l", "middle", "shape", "purple", "circle", (4, 5)),
+    FixtureSpec("q8-single", "shapes-qwen2-vl-8l", "single", "color", "square", "red", (7,)),
+    FixtureSpec("q8-weak", "shapes-qwen2-vl-8l", "weak", "color", "circle", "purple", (6, 7)),
 )
 
 

@@ -53,21 +53,28 @@ PLANT_RANGE_START = 5_000_000  # the plant recipe's seeds (5M) and the gate's (6
 LATE_STREAM_START = 7_000_000  # seeds 5-6 (bases trained after the plant and gate ranges were laid out) start here
 LAST_STREAMS_START = 9_000_000  # seeds 7-8: 500k training seeds each (7,812 steps of 64), ending at 10M
 LAST_STREAM_STRIDE = 500_000
-MAX_SEED = 8
+# seeds 9-10: the upper halves of the plant (5M) and gate (6M) ranges, 500k seeds each; a plant or gate run would need
+# 7,812 steps of 64 to reach them (they run hundreds)
+SPARE_STREAMS = (5_500_000, 6_500_000)
+MAX_SEED = 10
 
 
 def data_offset(recipe: Recipe) -> int:
     """First training seed of ``recipe``'s data stream: seed 0 is the shipped models' stream ``[0, ...)``; another
     seed trains on other images and questions (an independent run, not only another initialisation). Seeds 0-4 draw
     from ``[k * 1M, ...)``; seeds 5-6 from ``[7M + (k - 5) * 1M, ...)``; seeds 7-8 from ``[9M + (k - 7) * 500k, ...)``:
-    past the plant (5M) and gate (6M) ranges and before the held-out seeds (10M)."""
+    past the plant (5M) and gate (6M) ranges and before the held-out seeds (10M); seeds 9-10 from ``[5.5M, 6M)`` and
+    ``[6.5M, 7M)``, the upper halves of the plant and gate ranges, which their runs never reach."""
     if recipe.seed < 5:
         offset, end = recipe.seed * DATA_STREAM_STRIDE, PLANT_RANGE_START
     elif recipe.seed < 7:
         offset = LATE_STREAM_START + (recipe.seed - 5) * DATA_STREAM_STRIDE
         end = offset + DATA_STREAM_STRIDE
-    else:
+    elif recipe.seed < 9:
         offset = LAST_STREAMS_START + (recipe.seed - 7) * LAST_STREAM_STRIDE
+        end = offset + LAST_STREAM_STRIDE
+    else:
+        offset = SPARE_STREAMS[min(recipe.seed - 9, 1)]
         end = offset + LAST_STREAM_STRIDE
     if recipe.seed > MAX_SEED or offset + recipe.steps * recipe.batch_size > end:
         raise ValueError(f"seed {recipe.seed} with {recipe.steps} steps runs past its training seed range; use seed "
