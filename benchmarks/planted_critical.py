@@ -40,7 +40,7 @@ def questions(n: int):
 
 
 def summary(values: list[int]) -> dict:
-    from vlm_lens.experiments.analysis.evidence import order_stats
+    from vlm_lens.experiments.analysis.summary_stats import order_stats
 
     stats = order_stats(values)
     return {"n": stats["n"], "median": None if not stats["n"] else int(stats["median"]),

@@ -12,7 +12,8 @@ Notation (one generated token, one lens): stack layers ``l = 0..n`` (0 = embeddi
 - A **candidate** is an overturn read off the lens: the last run ``[s, e]`` of a token ``v != emitted`` that ends
   before the output (``e < n``), starts at layer >= ``min_start``, lasts >= ``candidate_min_run`` layers and peaks at
   p >= ``candidate_prob`` (with ``confirm=False``: the last *established* such run). Its layer is ``m = e + 1``, the first layer at which
-  v is no longer top-1; v is the *pre-mutation leader*.
+  v is no longer top-1; v is the *pre-mutation leader*. The overturn must fall in the deep layers, ``m >= deep_from * n``:
+  an earlier top-1 change belongs to the rapid-evolution stage, not the mutation stage.
 - A **mutation event** is a candidate that passes a causal test (``confirm=True``, the default). ``test="swap"`` (the
   default): the decoder layer that overturned the leader (stack layer m is its output) must still write the emitted
   token -- the token whose lens logit it raises most -- when the image is replaced by each of ``references`` other
@@ -41,8 +42,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Collection, Mapping, Sequence
 
-import torch
-
 from vlm_lens.errors import InputError
 
 
@@ -69,6 +68,11 @@ class DetectionConfig:
       input -- some reference changes it, or it is among the output's top-5 (the lens's top-k kept for the report).
       Round 4, chosen on its dev split (six bases): recall / clean-twin false alarms 0.95 / 0.042 without it, 0.94 /
       0.020 with it; the other options and their figures are in docs/experiments.md.
+    - ``deep_from = 0.5``: a candidate's overturn must happen in the deep half of the stack (stack layer m >= n / 2).
+      The paper's mutation layers are the last ones (26-30 of 32; the critical layer ~20), after the answer has
+      emerged; a top-1 change in the shallow half is rapid evolution. Round 6, chosen on its dev split (ten bases):
+      recall unchanged (0.888), clean-twin false alarms 0.030 -> 0.016 (early writes of a question's default word).
+      A mutation planted in the first half of the stack is not looked for; 0 looks everywhere.
     - ``test = "skip"`` settings: ``confirm_windows = ((0,), (0, 1))`` (the decoder layer that first lost the leader,
       then that layer and the next) and ``ground = True`` (the leader must need the image: the blank-image test);
       neither is read by the swap test.
@@ -95,6 +99,7 @@ class DetectionConfig:
     references: int = 4
     leader_test: str = "either"
     contender_k: int = 5
+    deep_from: float = 0.5
     confirm_windows: tuple[tuple[int, ...], ...] = ((0,), (0, 1))
     ground: bool = True
     last_layer_min_run: int = 2
@@ -116,6 +121,8 @@ class DetectionConfig:
         if self.leader_test not in ("either", "image", "output", "off") or self.contender_k < 1:
             raise InputError(f"leader_test must be 'either', 'image', 'output' or 'off' and contender_k >= 1, got "
                              f"{self.leader_test!r}, {self.contender_k}")  # fmt: skip
+        if not 0.0 <= self.deep_from <= 1.0:
+            raise InputError(f"deep_from must be in [0, 1] (a fraction of the stack's depth), got {self.deep_from}")
         if self.critical_rule not in ("top1", "prob"):
             raise InputError(f"critical_rule must be 'top1' or 'prob', got {self.critical_rule!r}")
         if not self.confirm_windows or any(not w for w in self.confirm_windows):
@@ -194,7 +201,7 @@ def confirmation_windows(layer: int, n_layers: int, config: DetectionConfig = De
 def mutation_event(top1: Sequence[int], curves: Mapping[int, Sequence[float]], config: DetectionConfig = DetectionConfig(),
                    not_answers: Collection[int] = ()) -> MutationEvent | None:  # fmt: skip
     """The candidate event of one token (lens evidence only): the overturn of its last established non-final answer,
-    or None. With ``config.confirm`` it becomes a mutation event only after the causal test
+    in the deep layers (``deep_from``), or None. With ``config.confirm`` it becomes a mutation event only after the causal test
     (:mod:`vlm_lens.experiments.analysis.confirmation`).
 
     ``top1[l]``: the lens's top-1 token at stack layer l = 0..n; ``curves[v][l]``: the probability of token v at
@@ -204,7 +211,8 @@ def mutation_event(top1: Sequence[int], curves: Mapping[int, Sequence[float]], c
     n = len(top1) - 1
     emitted = int(top1[n])
     runs = established_runs(top1, curves, config, candidates=config.confirm)
-    overturned = [r for r in runs if r.token != emitted and r.end < n and r.token not in not_answers]
+    overturned = [r for r in runs if r.token != emitted and r.end < n and r.token not in not_answers
+                  and r.end + 1 >= config.deep_from * n]  # fmt: skip
     if not overturned:
         return None  # every established answer is the emitted one: nothing was overturned
     run = overturned[-1]
@@ -269,32 +277,3 @@ def image_independent(kept: int, tried: int) -> bool:
     """The image-swap test's verdict: the overturning layer wrote the emitted token under a strict majority of the
     ``tried`` reference pictures (``2 kept > tried``); False when no reference could be tried."""
     return tried > 0 and 2 * kept > tried
-
-
-def order_stats(values: Sequence[float]) -> dict:
-    """Median and quartiles as order statistics (``lower`` interpolation): actual values, q1 <= median <= q3."""
-    if not len(values):
-        return {"median": None, "q1": None, "q3": None, "n": 0}
-    t = torch.tensor(list(values), dtype=torch.float64)
-    q = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), interpolation="lower").tolist()
-    return {"median": q[1], "q1": q[0], "q3": q[2], "n": len(values)}
-
-
-def event_share_interval(events_per_sample: Sequence[int], tokens_per_sample: Sequence[int], *,
-                         n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:  # fmt: skip
-    """Share of tokens with a mutation event and its percentile bootstrap interval, resampling whole samples.
-
-    share = sum(events) / sum(tokens); each bootstrap replicate draws len(samples) samples with replacement.
-    """
-    events = torch.tensor(list(events_per_sample), dtype=torch.float64)
-    tokens = torch.tensor(list(tokens_per_sample), dtype=torch.float64)
-    total = float(tokens.sum())
-    if not len(tokens) or total == 0:
-        return {"share": None, "low": None, "high": None, "events": int(events.sum()) if len(events) else 0, "tokens": 0}
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, len(tokens), (n_boot, len(tokens)), generator=generator)
-    drawn_tokens = tokens[index].sum(1)
-    shares = torch.where(drawn_tokens > 0, events[index].sum(1) / drawn_tokens.clamp(min=1), torch.zeros(()))
-    alpha = (1 - level) / 2
-    low, high = torch.quantile(shares, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
-    return {"share": float(events.sum()) / total, "low": low, "high": high, "events": int(events.sum()), "tokens": int(total)}

@@ -86,7 +86,7 @@ def aggregate(rows: list[dict], flows: list[str], n_windows: int) -> dict:
         columns = [[r["relative_change"][flow][w] for r in rows] for w in range(n_windows)]
         out["mean"][flow] = [statistics.fmean(c) if c else None for c in columns]
         out["median"][flow] = [statistics.median(c) if c else None for c in columns]
-    from vlm_lens.experiments.analysis.evidence import order_stats
+    from vlm_lens.experiments.analysis.summary_stats import order_stats
 
     for key in ("critical_layer", "grounded_critical_layer"):
         stats = order_stats([r[key] for r in rows if r.get(key) is not None])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from vlm_lens.experiments.analysis import evidence as ev
+from vlm_lens.experiments.analysis import summary_stats as ss
 
 
 def stages_from(critical: dict, events: dict, event_criticals: dict, share: dict, n_layers: int,
@@ -45,10 +46,10 @@ def aggregate(samples: Sequence[Any], n_layers: int, include_special: bool = Fal
         per_sample = [[t for t in s.tokens[variant] if include_special or not t.special] for s in samples]
         rows = [t for ts in per_sample for t in ts]
         with_event = [t for t in rows if t.mutation is not None]
-        crit = ev.order_stats([t.critical for t in rows if t.critical is not None])
-        mut = ev.order_stats([t.mutation for t in with_event])
-        event_crit = ev.order_stats([t.critical for t in with_event])
-        share = ev.event_share_interval([sum(t.mutation is not None for t in ts) for ts in per_sample],
+        crit = ss.order_stats([t.critical for t in rows if t.critical is not None])
+        mut = ss.order_stats([t.mutation for t in with_event])
+        event_crit = ss.order_stats([t.critical for t in with_event])
+        share = ss.event_share_interval([sum(t.mutation is not None for t in ts) for ts in per_sample],
                                         [len(ts) for ts in per_sample], n_boot=config.bootstrap, seed=config.seed)  # fmt: skip
         js = torch.cat([s.shift[variant]["js_adjacent"][:, [include_special or not t.special for t in s.tokens[variant]]]
                         for s in samples], dim=1)  # [transition, tokens]  # fmt: skip

@@ -5,6 +5,9 @@ For each fixture (a base with a planted block; the base is its clean twin):
 - **recall in the block**: among counter-prior questions the planted model answers with the prior word
   (*hallucinated*), the share whose first answer token carries a mutation event whose layer lies in the block's stack
   layers (decoder layers b -> stack layer b + 1);
+- **recall where the plant changed the answer**: the same, on the hallucinated answers the clean twin did *not* give
+  the prior word to (the twin answers the same question; where the base already says the prior word, the block
+  overturned nothing and no event is expected in it). Both recalls are reported; neither reads the block to detect;
 - **leader = truth**: the share of those events whose overturned leader is the true answer;
 - **false alarms**: the share of questions with an event on any non-special token, on the clean twin (the same
   counter-prior questions and untriggered questions of every task, asked to the base) and on the planted model's
@@ -24,13 +27,14 @@ from typing import Any, Sequence
 
 from vlm_lens.experiments.analysis import evidence as ev
 from vlm_lens.experiments.analysis import knowledge_evolution as ke
+from vlm_lens.experiments.analysis import summary_stats as ss
 
 
 def share_interval(flags: Sequence[bool], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """The share of true flags and its percentile bootstrap interval over questions: the event-share bootstrap of
-    :func:`~vlm_lens.experiments.analysis.evidence.event_share_interval` with one "token" per question."""
+    :func:`~vlm_lens.experiments.analysis.summary_stats.event_share_interval` with one "token" per question."""
     ones = [int(bool(f)) for f in flags]
-    out = ev.event_share_interval(ones, [1] * len(ones), n_boot=n_boot, seed=seed, level=level)
+    out = ss.event_share_interval(ones, [1] * len(ones), n_boot=n_boot, seed=seed, level=level)
     return {"share": out["share"], "low": out["low"], "high": out["high"], "n": len(flags)}
 
 
@@ -56,13 +60,15 @@ def fixture_outcomes(planted_model, base_model, info: dict, n: int = 30, *, vari
     base_clean = ke.run(base_model, clean_samples, long)["samples"]
     planted_clean = ke.run(planted_model, clean_samples, long)["samples"]
     tok = planted_model.tokenizer
-    out: dict[str, Any] = {"recall": [], "recall_candidates": [], "leader_true": [], "knowledge_before_block": [], "event_layers": [],
+    out: dict[str, Any] = {"recall": [], "recall_changed": [], "recall_candidates": [], "leader_true": [], "knowledge_before_block": [], "event_layers": [],
            "forwards": [s.confirm_forwards for s in planted + base_counter + base_clean + planted_clean]}  # fmt: skip
-    for s in planted:
+    for s, twin in zip(planted, base_counter):
         if s.generated_text.strip() != trigger.answer:
             continue
         row = s.tokens[variant][0]
         out["recall"].append(row.mutation in block)
+        if twin.generated_text.strip() != trigger.answer:  # the base did not give the prior word: the plant did
+            out["recall_changed"].append(row.mutation in block)
         out["recall_candidates"].append(row.candidate in block)
         out["leader_true"].append(row.mutation in block and row.leader == tok.convert_ids_to_tokens(
             planted_model.to_single_token(s.answer)))  # fmt: skip
@@ -80,13 +86,13 @@ def fixture_outcomes(planted_model, base_model, info: dict, n: int = 30, *, vari
     return out
 
 
-SHARES = ("recall", "recall_candidates", "leader_true", "knowledge_before_block", "fa_twin", "fa_twin_candidates",
+SHARES = ("recall", "recall_changed", "recall_candidates", "leader_true", "knowledge_before_block", "fa_twin", "fa_twin_candidates",
           "fa_planted_untriggered", "fa_planted_untriggered_candidates")  # fmt: skip
 
 
 def pooled(outcomes: Sequence[dict]) -> dict:
     """Pool the per-question outcomes of several fixtures (the twin's false alarms: counter-prior + clean questions)."""
-    keys = ("recall", "recall_candidates", "leader_true", "knowledge_before_block", "fa_planted_untriggered",
+    keys = ("recall", "recall_changed", "recall_candidates", "leader_true", "knowledge_before_block", "fa_planted_untriggered",
             "fa_planted_untriggered_candidates", "event_layers", "forwards")  # fmt: skip
     out = {k: [x for o in outcomes for x in o[k]] for k in keys}
     out["fa_twin"] = [x for o in outcomes for x in o["fa_twin_counter_prior"] + o["fa_twin_clean"]]
@@ -161,12 +167,13 @@ def _cell(s: dict) -> str:
 
 def table_lines(report: dict) -> list[str]:
     """The suite's figures as Markdown table rows (per fixture, per split, per base, leave-one-base-out)."""
-    head = ("| | split | halluc. | recall in block | lens candidates only | leader = truth | false alarms, clean twin "
+    head = ("| | split | halluc. | recall in block | recall, answer changed by the plant | lens candidates only | leader = truth | false alarms, clean twin "
             "| (candidates only) | false alarms, planted untriggered | forwards / trace |")  # fmt: skip
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
 
     def row(label, split, s):
-        return (f"| {label} | {split} | {s['hallucinated']} | {_cell(s['recall'])} | {_cell(s['recall_candidates'])} | "
+        return (f"| {label} | {split} | {s['hallucinated']} | {_cell(s['recall'])} | {_cell(s['recall_changed'])} | "
+                f"{_cell(s['recall_candidates'])} | "
                 f"{_cell(s['leader_true'])} | {_cell(s['fa_twin'])} | {_cell(s['fa_twin_candidates'])} | "
                 f"{_cell(s['fa_planted_untriggered'])} | {s['forwards_per_trace']:.2f} |")  # fmt: skip
 

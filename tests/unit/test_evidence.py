@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vlm_lens.experiments.analysis import evidence as ev
+from vlm_lens.experiments.analysis import summary_stats as ss
 
 # stack layers 0..8; token ids: 1 = the true answer, 2 = the prior word, 3 = an early default, 9 = the embedding copy
 TRUE, PRIOR, EARLY, COPY = 1, 2, 3, 9
@@ -103,13 +104,31 @@ def test_candidates_are_looser_runs_left_to_the_causal_tests():
     assert ev.mutation_event(short, low, ev.DetectionConfig(candidate_prob=0.3)).leader == TRUE
     # a special token (here COPY standing for <unk>) is never a leader: the earlier answer is taken instead
     unk_last = [COPY, EARLY, COPY, TRUE, TRUE, TRUE, TRUE, TRUE, TRUE]
-    assert ev.mutation_event(unk_last, prior_like_curves(curves)).leader == COPY
-    assert ev.mutation_event(unk_last, prior_like_curves(curves), not_answers={COPY}).leader == EARLY
+    anywhere = ev.DetectionConfig(deep_from=0.0)  # these overturns are shallow (layer 3 of 8)
+    assert ev.mutation_event(unk_last, prior_like_curves(curves), anywhere).leader == COPY
+    assert ev.mutation_event(unk_last, prior_like_curves(curves), anywhere, not_answers={COPY}).leader == EARLY
     assert ev.mutation_event([COPY, COPY, COPY, TRUE, TRUE, TRUE, TRUE, TRUE, TRUE], curves, not_answers={COPY}) is None
     # the prior-like default is a candidate too: only the grounding test can refute it (confirmation.py)
     default = [COPY, EARLY, EARLY, EARLY, TRUE, TRUE, TRUE, TRUE, TRUE]
     prior_like = {**curves, EARLY: [0.0, 0.6, 0.7, 0.6, 0.2, 0.0, 0.0, 0.0, 0.0], TRUE: [0.0, 0.0, 0.1, 0.2, 0.6, 0.8, 0.9, 0.95, 0.99]}
     assert ev.mutation_event(default, prior_like).leader == EARLY
+
+
+def test_only_an_overturn_in_the_deep_half_is_a_candidate():
+    """deep_from = 0.5: the overturn's layer m (where the leader lost the top-1) must satisfy m >= deep_from * n."""
+    curves = curves_of(t1=[0, 0.6, 0.7, 0.6, 0.2, 0, 0, 0, 0], t3=[0, 0, 0.1, 0.2, 0.6, 0.8, 0.9, 0.95, 0.99],
+                       t9=[1, 0, 0, 0, 0, 0, 0, 0, 0])  # fmt: skip
+    for m in range(2, 9):  # EARLY leads stack layers 1 .. m-1 of n = 8, TRUE from m on
+        top1 = [COPY] + [EARLY] * (m - 1) + [TRUE] * (9 - m)
+        for deep_from in (0.0, 0.25, 0.5, 0.75, 1.0):
+            event = ev.mutation_event(top1, curves, ev.DetectionConfig(deep_from=deep_from))
+            assert (event is not None) is (m >= deep_from * 8), (m, deep_from)
+            assert event is None or (event.layer, event.leader) == (m, EARLY)
+    # the last overturn in the deep half is the event, whatever came before it in the shallow half
+    top1 = [COPY, PRIOR, PRIOR, EARLY, EARLY, EARLY, EARLY, TRUE, TRUE]
+    assert ev.mutation_event(top1, {**curves, PRIOR: [0, 0.9, 0.9, 0, 0, 0, 0, 0, 0]}).layer == 7
+    with pytest.raises(ValueError, match="deep_from must be in"):
+        ev.DetectionConfig(deep_from=1.5)
 
 
 def test_confirmation_windows_start_at_the_overturning_layer_and_stay_in_the_model():
@@ -140,22 +159,22 @@ def test_answer_critical_reads_the_final_run():
 
 
 def test_order_statistics_are_consistent():
-    stats = ev.order_stats([1, 4])
+    stats = ss.order_stats([1, 4])
     assert stats["q1"] <= stats["median"] <= stats["q3"] and {stats["q1"], stats["median"], stats["q3"]} <= {1, 4}
     values = [7, 3, 3, 8, 5, 6, 4, 7, 7]
-    stats = ev.order_stats(values)
+    stats = ss.order_stats(values)
     ordered = sorted(values)
     assert (stats["q1"], stats["median"], stats["q3"]) == (ordered[2], ordered[4], ordered[6])  # floor(q (n-1))
-    assert ev.order_stats([])["median"] is None
+    assert ss.order_stats([])["median"] is None
 
 
 def test_event_share_bootstrap_resamples_samples():
-    none = ev.event_share_interval([0] * 10, [3] * 10)
+    none = ss.event_share_interval([0] * 10, [3] * 10)
     assert none["share"] == 0 and none["low"] == none["high"] == 0
-    every = ev.event_share_interval([1] * 10, [1] * 10)
+    every = ss.event_share_interval([1] * 10, [1] * 10)
     assert every["low"] == every["high"] == 1.0
     events, tokens = [1, 0, 0, 2, 0, 1], [2, 1, 3, 2, 1, 1]
-    result = ev.event_share_interval(events, tokens, n_boot=500, seed=3)
+    result = ss.event_share_interval(events, tokens, n_boot=500, seed=3)
     assert result["share"] == 4 / 10 and result["events"] == 4 and result["tokens"] == 10
     # the same replicates by hand: whole samples drawn with replacement
     g = torch.Generator().manual_seed(3)
@@ -164,7 +183,7 @@ def test_event_share_bootstrap_resamples_samples():
     shares = e[index].sum(1) / t[index].sum(1)
     low, high = torch.quantile(shares, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     assert result["low"] == pytest.approx(low) and result["high"] == pytest.approx(high)
-    assert ev.event_share_interval([], [])["share"] is None
+    assert ss.event_share_interval([], [])["share"] is None
 
 
 @pytest.mark.parametrize(

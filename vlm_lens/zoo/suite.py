@@ -46,7 +46,10 @@ only; ``test`` is only scored. Its history (docs/experiments.md has the figures 
    ``shapes-llava-8l`` (LLaVA, 8 decoder layers, seed 9) and ``shapes-qwen2-vl-8l`` (Qwen2-VL, 8, seed 10): the same
    depth as the embedded bases, another initialisation and another data stream (``zoo/recipe/data.py``). This split
    and their eight fixtures were committed when the two bases had trained for two minutes, before any round-6 rule
-   was chosen.
+   was chosen. The rule, chosen on dev only and committed before the test fixtures were built: a candidate's overturn
+   must fall in the deep half of the stack (``DetectionConfig(deep_from=0.5)``; dev recall 0.89 unchanged, clean-twin
+   false alarms 0.030 -> 0.016); recall is also reported on the answers the plant changed (the twin did not give the
+   prior word).
 
 A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
 the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
