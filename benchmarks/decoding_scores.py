@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the benchmarks package beside it
 
-METHODS = ("greedy", "skip", "deco", "dola", "vcd", "evidence", "evidence, no blind test")
+METHODS = ("greedy", "skip", "deco", "dola", "vcd", "evidence", "evidence, skip test (round 2)")
 SCORE_START, DEV_START = 850_000, 870_000  # held-out seed offsets of their own
 
 
@@ -62,15 +62,20 @@ def skip_layers(model, trigger) -> list[int]:
 
 
 def corrections(layers: list[int]) -> dict:
+    from vlm_lens.experiments.analysis import evidence as ev
     from vlm_lens.experiments.analysis.evidence_decoding import Evidence
     from vlm_lens.probes import decoding as D
 
+    round2 = ev.DetectionConfig(test="skip", candidate_prob=0.3)
     return {"greedy": None, "skip": D.Skip(layers), "deco": D.DeCo(), "dola": D.DoLa(), "vcd": D.VCD(), "evidence": Evidence(),
-            "evidence, no blind test": Evidence(blind_test=False)}  # fmt: skip
+            "evidence, skip test (round 2)": Evidence(config=round2)}  # fmt: skip
 
 
 def answers(model, examples, correction) -> list[str]:
-    return [model.generate(model.prepare(e.image, e.question), 2, correction=correction) for e in examples]
+    from vlm_lens.experiments.cli.decode import per_sample_corrections
+
+    per_sample = per_sample_corrections(correction, examples)  # evidence: the swap test's pictures, as the CLI's
+    return [model.generate(model.prepare(e.image, e.question), 2, correction=per_sample(i)) for i, e in enumerate(examples)]
 
 
 def score_model(path, trigger, n: int) -> dict:
@@ -181,7 +186,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=30, help="counter-prior and untriggered questions per model")
-    parser.add_argument("--fixtures", nargs="*", default=["shapes-llava-prior"] + [f.name for f in suite.FIXTURES] + list(suite.BASES))
+    parser.add_argument("--fixtures", nargs="*", default=["shapes-llava-prior"] + [f.name for f in suite.fixtures(scored=True)] + list(suite.BASES))
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/experiments.md alone")
     args = parser.parse_args()
     rows = rows_for(args.n, args.fixtures)

@@ -107,7 +107,7 @@ class SkipConfirmer:
                 return self._swaps
             refs = self.references if self.references is not None else References.bundled()
             size = open_rgb(self.image).size if self.image is not None else None
-            swapped = [swapped_inputs(model, trace, picture.resize(size) if size else picture)
+            swapped = [swapped_inputs(model, trace.inputs, picture.resize(size) if size else picture)
                        for picture in refs.for_image(self.image, self.index)]  # fmt: skip
             swapped = [x for x in swapped if x is not None]
             if swapped:  # one forward for all references: same sequence length, so no padding
@@ -217,24 +217,25 @@ class SkipConfirmer:
         return Confirmation(grounded is not False, window, top1, grounded)
 
 
-def swapped_inputs(model, trace, picture):
-    """``trace``'s full sequence (prompt + generated tokens) with its image inputs replaced by ``picture``'s; None when
-    ``picture`` gives the prompt another number of image tokens (a processor that tiles by size)."""
+def swapped_inputs(model, inputs, picture):
+    """``inputs`` (a full sequence: prompt + generated tokens, e.g. ``trace.inputs``) with its image inputs replaced by
+    ``picture``'s; None when ``picture`` gives the prompt another number of image tokens (a processor that tiles by
+    size)."""
     import dataclasses
 
     import torch
 
-    prepared = model.prepare(picture, trace.inputs.prompt)
-    ids = trace.inputs.model_inputs["input_ids"]
+    prepared = model.prepare(picture, inputs.prompt)
+    ids = inputs.model_inputs["input_ids"]
     n_prompt = prepared.input_ids.shape[1]
     if n_prompt > ids.shape[1] or not torch.equal(prepared.input_ids.cpu(), ids[:, :n_prompt].cpu()):
         return None
-    inputs = dict(trace.inputs.model_inputs)
+    swapped = dict(inputs.model_inputs)
     for key, value in prepared.model_inputs.items():
         # image tensors have the same shape for a same-sized picture; per-position inputs cover the longer sequence
-        if key not in ("input_ids", "attention_mask") and key in inputs and inputs[key].shape == value.shape:
-            inputs[key] = value
-    return dataclasses.replace(trace.inputs, model_inputs=inputs)
+        if key not in ("input_ids", "attention_mask") and key in swapped and swapped[key].shape == value.shape:
+            swapped[key] = value
+    return dataclasses.replace(inputs, model_inputs=swapped)
 
 
 def layer_writes(model, lens, stack: Float[Tensor, "layer step d_model"]) -> list[list[int]]:

@@ -118,8 +118,8 @@ class DetectionConfig:
             raise InputError(f"min_run must be >= 1 and min_start >= 0, got {self.min_run}, {self.min_start}")
         if self.test not in ("swap", "skip") or self.references < 1:
             raise InputError(f"test must be 'swap' or 'skip' and references >= 1, got {self.test!r}, {self.references}")
-        if self.leader_test not in ("either", "image", "output", "off") or self.contender_k < 1:
-            raise InputError(f"leader_test must be 'either', 'image', 'output' or 'off' and contender_k >= 1, got "
+        if self.leader_test not in ("either", "both", "image", "output", "off") or self.contender_k < 1:
+            raise InputError(f"leader_test must be 'either', 'both', 'image', 'output' or 'off' and contender_k >= 1, got "
                              f"{self.leader_test!r}, {self.contender_k}")  # fmt: skip
         if not 0.0 <= self.deep_from <= 1.0:
             raise InputError(f"deep_from must be in [0, 1] (a fraction of the stack's depth), got {self.deep_from}")
@@ -267,10 +267,12 @@ def leader_weighed(held: int, tried: int, rank: int | None, config: DetectionCon
       word or a question's default) is not knowledge read off the image;
     - ``"output"``: it is still a contender at the output, ``rank < contender_k`` (``rank``: its place in the lens's
       top-k at the output, 0 = the emitted token's place; None when it is not among them);
-    - ``"either"`` (default): one of the two; ``"off"``: always True."""
+    - ``"either"`` (default): one of the two; ``"both"``: the two (what evidence-guided decoding asks before it
+      replaces an answer); ``"off"``: always True."""
     image = tried > 0 and held < tried
     contender = rank is not None and rank < config.contender_k
-    return {"off": True, "image": image, "output": contender, "either": image or contender}[config.leader_test]
+    return {"off": True, "image": image, "output": contender, "either": image or contender,
+            "both": image and contender}[config.leader_test]  # fmt: skip
 
 
 def image_independent(kept: int, tried: int) -> bool:

@@ -134,8 +134,8 @@ def test_bad_settings_are_refused(tiny_llava):
 
 
 def test_evidence_leaves_refinements_read_off_the_image_alone():
-    """On the clean shapes-llava, late position answers overturn an earlier lead ('top-left' -> 'top') and pass the
-    skip and grounding tests; the blind-overturn test (text cannot see the image in the overturning layers) refuses
+    """The skip test (round 2): on the clean shapes-llava, late position answers overturn an earlier lead ('top-left' ->
+    'top') and pass the skip and grounding tests; the blind-overturn test (text cannot see the image in the overturning layers) refuses
     them, so the answers stay greedy's (and true)."""
     import sys
     from pathlib import Path
@@ -144,14 +144,16 @@ def test_evidence_leaves_refinements_read_off_the_image_alone():
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks.decoding_scores import SCORE_START, questions
+    from vlm_lens.experiments.analysis.evidence import DetectionConfig
     from vlm_lens.zoo import planted
 
     model = embedded("shapes-llava")
     _, other = questions(planted.Trigger(), 30, SCORE_START)
     refused = []
+    skip_test = Evidence(config=DetectionConfig(test="skip", candidate_prob=0.3))
     for e in other:
         inputs = model.prepare(e.image, e.question)
-        result = model.generate(inputs, 2, correction=Evidence(), return_type="result")
+        result = model.generate(inputs, 2, correction=skip_test, return_type="result")
         if result.notes[0].get("overturn_needs_image"):
             refused.append((e.answer, result.text, model.generate(inputs, 2)))
     assert len(refused) >= 2 and all(truth == ours == greedy for truth, ours, greedy in refused), refused

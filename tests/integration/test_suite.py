@@ -182,7 +182,7 @@ def test_the_swapped_sequence_is_the_reference_picture_with_the_same_tokens(tiny
     own = tiny_family.image
     other = Image.eval(own, lambda v: 255 - v)  # same size, other pixels
     trace = model.trace_generation(model.prepare(own, "what color is the star ?"), max_new_tokens=3)
-    swapped = swapped_inputs(model, trace, other)
+    swapped = swapped_inputs(model, trace.inputs, other)
     assert swapped is not None
     direct = model.extend(model.prepare(other, "what color is the star ?"), trace.generated_ids[: trace.n_steps - 1])
     assert torch.equal(swapped.input_ids, direct.input_ids)

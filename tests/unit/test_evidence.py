@@ -79,14 +79,15 @@ def test_the_swap_verdict_needs_a_strict_majority_of_the_pictures():
 
 def test_the_leader_half_of_the_swap_test_needs_an_answer_to_this_input():
     """leader_weighed: "image" = some reference changes the leader (held < tried); "output" = the leader is among the
-    output's top-contender_k (rank 0 = the emitted token's place); "either" (default) = one of the two."""
-    cases = [(4, 4, None), (3, 4, None), (4, 4, 1), (4, 4, 4), (4, 4, 5), (0, 0, None), (0, 0, 2)]
-    for test in ("either", "image", "output", "off"):
+    output's top-contender_k (rank 0 = the emitted token's place); "either" (default) = one of the two; "both" = the
+    two (evidence-guided decoding's)."""
+    cases = [(4, 4, None), (3, 4, None), (4, 4, 1), (4, 4, 4), (4, 4, 5), (0, 0, None), (0, 0, 2), (3, 4, 1), (2, 4, 6)]
+    for test in ("either", "both", "image", "output", "off"):
         config = ev.DetectionConfig(leader_test=test)
         for held, tried, rank in cases:
             image = tried > 0 and held < tried
             output = rank is not None and rank < 5
-            expected = {"either": image or output, "image": image, "output": output, "off": True}[test]
+            expected = {"either": image or output, "both": image and output, "image": image, "output": output, "off": True}[test]
             assert ev.leader_weighed(held, tried, rank, config) is expected, (test, held, tried, rank)
     assert not ev.leader_weighed(4, 4, 2, ev.DetectionConfig(contender_k=2))  # rank 2 is the third candidate
     assert ev.leader_weighed(4, 4, 1, ev.DetectionConfig(contender_k=2))
