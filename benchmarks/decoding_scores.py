@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the benchmarks package beside it
 
-METHODS = ("greedy", "skip", "deco", "dola", "vcd", "evidence", "evidence, skip test (round 2)")
+METHODS = ("greedy", "skip", "deco", "dola", "vcd", "evidence", "evidence, both leader halves", "evidence, skip test (round 2)")
 SCORE_START, DEV_START = 850_000, 870_000  # held-out seed offsets of their own
 
 
@@ -68,6 +68,7 @@ def corrections(layers: list[int]) -> dict:
 
     round2 = ev.DetectionConfig(test="skip", candidate_prob=0.3)
     return {"greedy": None, "skip": D.Skip(layers), "deco": D.DeCo(), "dola": D.DoLa(), "vcd": D.VCD(), "evidence": Evidence(),
+            "evidence, both leader halves": Evidence(config=ev.DetectionConfig(leader_test="both")),
             "evidence, skip test (round 2)": Evidence(config=round2)}  # fmt: skip
 
 
@@ -128,12 +129,20 @@ def cost(n: int, reps: int = 3) -> dict:
             for k, v in times.items()}  # fmt: skip
 
 
-def rows_for(n: int, names: list[str]) -> list[dict]:
+def rows_for(n: int, names: list[str], saved: Path | None = None) -> list[dict]:
+    """One row per model; with ``saved`` (JSON lines) the models already there are read back, not scored again, and
+    each new row is appended as it is scored (an interrupted run resumes)."""
     from vlm_lens.zoo import embedded_path, planted, suite
 
     cache = Path(tempfile.mkdtemp(prefix="vlm-lens-suite-"))
+    done = {}
+    if saved is not None and saved.is_file():
+        done = {r["model"]: r for r in map(json.loads, saved.read_text().splitlines()) if r.get("n") == n}
     rows = []
     for name in names:
+        if name in done:
+            rows.append(done[name])
+            continue
         if name == "shapes-llava-prior":
             path, split, kind = embedded_path(name), "dev", "fixture"
         elif name in suite.BASES:
@@ -142,8 +151,11 @@ def rows_for(n: int, names: list[str]) -> list[dict]:
             path, split, kind = suite.materialize(name, cache), suite.fixture(name).split, "fixture"
         info = planted.planted_info(path)
         trigger = planted.Trigger(**info["trigger"]) if info else None
-        rows.append({"model": name, "split": split, "kind": kind, **score_model(path, trigger, n)})
+        rows.append({"model": name, "split": split, "kind": kind, "n": n, **score_model(path, trigger, n)})
         print(json.dumps(rows[-1]), flush=True)
+        if saved is not None:
+            with saved.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
     return rows
 
 
@@ -188,8 +200,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=30, help="counter-prior and untriggered questions per model")
     parser.add_argument("--fixtures", nargs="*", default=["shapes-llava-prior"] + [f.name for f in suite.fixtures(scored=True)] + list(suite.BASES))
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/experiments.md alone")
+    parser.add_argument("--rows", type=Path, default=None, help="JSON lines of scored models: resume from / append to")
     args = parser.parse_args()
-    rows = rows_for(args.n, args.fixtures)
+    rows = rows_for(args.n, args.fixtures, args.rows)
     costs = cost(min(args.n, 10))
     body = render(rows, costs)
     print(body)
