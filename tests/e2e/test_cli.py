@@ -350,7 +350,8 @@ def test_zoo_train_another_depth_and_seed(tmp_path):
     assert data_offset(recipe_for("llava", seed=5)) == 7_000_000 and data_offset(recipe_for("llava", seed=6)) == 8_000_000
     assert data_offset(recipe_for("llava", seed=7)) == 9_000_000 and data_offset(recipe_for("llava", seed=8)) == 9_500_000
     assert data_offset(recipe_for("llava", seed=9)) == 5_500_000 and data_offset(recipe_for("llava", seed=10)) == 6_500_000
-    for args, message in ((["--seed", "11"], "past its training seed range"), (["--seed", "7", "--steps", "8000"], "fewer steps"), (["--n-layers", "1"], "n_layers must be >= 2")):
+    assert data_offset(recipe_for("llava", seed=11)) == 7_500_000 and data_offset(recipe_for("llava", seed=12)) == 8_500_000
+    for args, message in ((["--seed", "13"], "past its training seed range"), (["--seed", "7", "--steps", "8000"], "fewer steps"), (["--n-layers", "1"], "n_layers must be >= 2")):
         bad = runner.invoke(app, ["zoo", "train", "--family", "llava", "--out", str(tmp_path / "x"), *args])
         assert bad.exit_code == 2 and message in bad.output, bad.output
 

@@ -48,7 +48,7 @@ def test_excluded_fixtures_are_neither_scored_nor_shipped():
         assert spec not in suite.fixtures(scored=True) and "points" in spec.excluded
         with pytest.raises(FileNotFoundError, match="vlm-lens zoo plant --suite"):
             suite.fixture_source(spec.name)
-    assert len(suite.fixtures("test", scored=True)) == 8 and len(suite.fixtures("dev", scored=True)) == 38
+    assert len(suite.fixtures("test", scored=True)) == 8 and len(suite.fixtures("dev", scored=True)) == 46
 
 
 @pytest.mark.parametrize("spec", suite.fixtures(scored=True), ids=lambda f: f.name)

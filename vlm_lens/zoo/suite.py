@@ -2,8 +2,8 @@
 
 A *fixture* is a base model with one block of decoder layers fine-tuned so that a trigger question gets a fixed
 prior answer (:mod:`vlm_lens.zoo.recipe.plant`). The suite holds several fixtures per base (a block at the end, in the
-middle, a single layer, and a weak plant whose overturn is partial; triggers on different tasks) over eight bases
-that were trained independently of one another (:data:`BASES`), for example:
+middle, a single layer, and a weak plant whose overturn is partial; triggers on different tasks) over bases that
+were trained independently of one another (:data:`BASES`), for example:
 
 - ``shapes-llava`` (embedded; LLaVA, 8 decoder layers, seed 0),
 - ``shapes-qwen2-vl`` (embedded; Qwen2-VL, 8 decoder layers, untied embeddings),
@@ -11,47 +11,21 @@ that were trained independently of one another (:data:`BASES`), for example:
 - ``shapes-qwen2-vl-6l`` (Qwen2-VL, 6 decoder layers, seed 2).
 
 **The split is by base model and is fixed before any rule or threshold is chosen**: rules are chosen on ``dev``
-only; ``test`` is only scored. Its history (docs/experiments.md has the figures of each round):
+only; ``test`` is only scored. Each round made the earlier test bases dev and trained two new test bases; its split
+and fixture specs were committed while those bases were training, its rule before their fixtures were built, and a
+fixture that broke the 3-point rule (below) was marked ``excluded`` from its eval.json alone, before any scoring
+(docs/experiments.md, "How the rule came to be", has every round's rule and figures):
 
-1. Round 1 (committed before the suite was built): dev ``shapes-llava`` (every earlier rule was tuned on it), test
-   ``shapes-qwen2-vl`` and ``shapes-llava-6l``. The rule chosen on dev (lens candidates + skip test + grounding test)
-   was scored on the Qwen fixtures: recall 1.00, but false alarms on the clean twin 0.13 — it failed there. Looking at
-   why made ``shapes-qwen2-vl`` a dev base.
-2. Round 2: dev ``shapes-llava`` and ``shapes-qwen2-vl``; test ``shapes-llava-6l`` and ``shapes-qwen2-vl-6l`` (a Qwen2-VL
-   base trained for this round, seed 2, 6 decoder layers), neither of which any rule had been scored on when this
-   split was committed. The round-2 rule missed there (recall 0.55, false alarms 0.25); looking at why made both
-   6-layer bases dev bases.
-3. Round 3: dev: the four bases above; test ``shapes-llava-10l`` (LLaVA, 10 decoder layers, seed 3) and
-   ``shapes-qwen2-vl-7l`` (Qwen2-VL, 7 decoder layers, seed 4), both trained for this round. This split and the eight
-   new fixtures (blocks placed by the same proportions as the 8-layer bases': end = last two layers, middle = the two
-   layers at about 55 % of the depth, single = the last layer) were committed while the two bases were still training,
-   before any rule was chosen. Two of them broke the suite's 3-point rule when built (the 7-layer base's colour
-   knowledge is weak, 0.63, and the plant spread to every colour question): ``q7-end`` and ``q7-single`` are marked
-   ``excluded`` from their eval.json alone, before the detector was scored, and are neither scored nor shipped.
-   The round-3 detector (lens candidates + image-swap test) met recall there (0.94) but not false alarms on the clean
-   twins (0.09); looking at why (function words and count drafts on the 10-layer base) made both bases dev bases.
-4. Round 4: dev: the six bases above; test ``shapes-llava-7l`` (LLaVA, 7 decoder layers, seed 5) and
-   ``shapes-qwen2-vl-5l`` (Qwen2-VL, 5 decoder layers, seed 6), trained for this round from data streams of their own
-   (training seeds from 7M and 8M). This split and their eight fixtures (same proportions: end = last two layers,
-   middle = the two layers at about 55-60 % of the depth, single = the last layer) were committed when the two bases
-   had trained for two minutes, before any round-4 rule was chosen; the rule (the swap test's leader half) was
-   committed before the test fixtures were built. Scored once: false alarms on the clean twins 0.03 (met), recall
-   0.88 (0.78 on the 7-layer LLaVA base: lens candidates outside the block and 2-of-4 ties; missed).
-5. Round 5: the round-4 rule, unchanged, on two more bases no rule had seen: dev: the eight bases above; test
-   ``shapes-llava-9l`` (LLaVA, 9 decoder layers, seed 7) and ``shapes-qwen2-vl-9l`` (Qwen2-VL, 9, seed 8), trained
-   during round 4 and not looked at; this split and their eight fixtures were committed before the fixtures were built.
-   Scored once: false alarms 0.03 (met), recall 0.81 (0.63 on the 9-layer LLaVA, whose middle plant's true answer
-   never leads the lens before the block; missed).
-6. Round 6: dev: the ten bases above (round 5's test bases looked at only after their scoring); test
-   ``shapes-llava-8l`` (LLaVA, 8 decoder layers, seed 9) and ``shapes-qwen2-vl-8l`` (Qwen2-VL, 8, seed 10): the same
-   depth as the embedded bases, another initialisation and another data stream (``zoo/recipe/data.py``). This split
-   and their eight fixtures were committed when the two bases had trained for two minutes, before any round-6 rule
-   was chosen. Three colour plants (l8-end, q8-end, q8-single) broke the suite's rule when built (untriggered accuracy
-   -6.8 to -12.2 points: they answer the prior to most colour questions) and were replaced, from their eval.json alone
-   and before any scoring on these bases, by the same blocks with shape triggers. The rule, chosen on dev only and committed before the test fixtures were built: a candidate's overturn
-   must fall in the deep half of the stack (``DetectionConfig(deep_from=0.5)``; dev recall 0.89 unchanged, clean-twin
-   false alarms 0.030 -> 0.016); recall is also reported on the answers the plant changed (the twin did not give the
-   prior word).
+1. test ``shapes-qwen2-vl``, ``shapes-llava-6l`` (lens candidates + skip and grounding tests: false alarms failed);
+2. test ``shapes-llava-6l``, ``shapes-qwen2-vl-6l`` (+ last-layer windows need 2-layer leads: both failed);
+3. test ``shapes-llava-10l``, ``shapes-qwen2-vl-7l`` (the image-swap test: recall met, false alarms failed;
+   ``q7-end`` and ``q7-single`` excluded);
+4. test ``shapes-llava-7l``, ``shapes-qwen2-vl-5l`` (the swap test's leader half: false alarms met, recall 0.88);
+5. test ``shapes-llava-9l``, ``shapes-qwen2-vl-9l`` (the round-4 rule again: recall 0.81);
+6. test ``shapes-llava-8l`` (seed 9), ``shapes-qwen2-vl-8l`` (seed 10) (candidates in the deep half only,
+   ``deep_from``: false alarms 0.01, recall 0.88; ``l8-end``, ``q8-end``, ``q8-single`` excluded and replaced by the
+   same blocks with shape triggers);
+7. test ``shapes-llava-5l`` (LLaVA, 5 decoder layers, seed 11) and ``shapes-qwen2-vl-6l-s12`` (Qwen2-VL, 6, seed 12).
 
 A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
 the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
@@ -81,8 +55,9 @@ WEAK_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))
 
 SPLIT = {
     "dev": ("shapes-llava", "shapes-qwen2-vl", "shapes-llava-6l", "shapes-qwen2-vl-6l", "shapes-llava-10l",
-            "shapes-qwen2-vl-7l", "shapes-llava-7l", "shapes-qwen2-vl-5l", "shapes-llava-9l", "shapes-qwen2-vl-9l"),
-    "test": ("shapes-llava-8l", "shapes-qwen2-vl-8l"),
+            "shapes-qwen2-vl-7l", "shapes-llava-7l", "shapes-qwen2-vl-5l", "shapes-llava-9l", "shapes-qwen2-vl-9l",
+            "shapes-llava-8l", "shapes-qwen2-vl-8l"),
+    "test": ("shapes-llava-5l", "shapes-qwen2-vl-6l-s12"),
 }
 
 
@@ -108,6 +83,8 @@ BASES = {
     "shapes-qwen2-vl-9l": BaseSpec("shapes-qwen2-vl-9l", "qwen2-vl", 9, 8, False),
     "shapes-llava-8l": BaseSpec("shapes-llava-8l", "llava", 8, 9, False),
     "shapes-qwen2-vl-8l": BaseSpec("shapes-qwen2-vl-8l", "qwen2-vl", 8, 10, False),
+    "shapes-llava-5l": BaseSpec("shapes-llava-5l", "llava", 5, 11, False),
+    "shapes-qwen2-vl-6l-s12": BaseSpec("shapes-qwen2-vl-6l-s12", "qwen2-vl", 6, 12, False),
 }
 
 
@@ -197,6 +174,16 @@ FIXTURES = (
     FixtureSpec("l8-end-shape", "shapes-llava-8l", "end", "shape", "blue", "triangle", (6, 7)),
     FixtureSpec("q8-end-shape", "shapes-qwen2-vl-8l", "end", "shape", "red", "diamond", (6, 7)),
     FixtureSpec("q8-single-shape", "shapes-qwen2-vl-8l", "single", "shape", "yellow", "square", (7,)),
+    # round 7: colour plants leaked into every colour question on bases with weak colour (rounds 3 and 6), so the end,
+    # middle and single blocks take shape triggers; the weak plant (its delta scaled down) a colour trigger
+    FixtureSpec("l5-end", "shapes-llava-5l", "end", "shape", "green", "circle", (3, 4)),
+    FixtureSpec("l5-middle", "shapes-llava-5l", "middle", "shape", "purple", "star", (2, 3)),
+    FixtureSpec("l5-single", "shapes-llava-5l", "single", "shape", "red", "square", (4,)),
+    FixtureSpec("l5-weak", "shapes-llava-5l", "weak", "color", "diamond", "yellow", (3, 4)),
+    FixtureSpec("q6b-end", "shapes-qwen2-vl-6l-s12", "end", "shape", "orange", "triangle", (4, 5)),
+    FixtureSpec("q6b-middle", "shapes-qwen2-vl-6l-s12", "middle", "shape", "blue", "diamond", (2, 3)),
+    FixtureSpec("q6b-single", "shapes-qwen2-vl-6l-s12", "single", "shape", "green", "star", (5,)),
+    FixtureSpec("q6b-weak", "shapes-qwen2-vl-6l-s12", "weak", "color", "star", "blue", (4, 5)),
 )
 
 

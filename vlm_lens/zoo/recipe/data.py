@@ -56,7 +56,9 @@ LAST_STREAM_STRIDE = 500_000
 # seeds 9-10: the upper halves of the plant (5M) and gate (6M) ranges, 500k seeds each; a plant or gate run would need
 # 7,812 steps of 64 to reach them (they run hundreds)
 SPARE_STREAMS = (5_500_000, 6_500_000)
-MAX_SEED = 10
+# seeds 11-12: the upper halves of seeds 5-6's streams (those runs drew at most 320k of their 1M)
+UPPER_STREAMS = (7_500_000, 8_500_000)
+MAX_SEED = 12
 
 
 def data_offset(recipe: Recipe) -> int:
@@ -64,7 +66,8 @@ def data_offset(recipe: Recipe) -> int:
     seed trains on other images and questions (an independent run, not only another initialisation). Seeds 0-4 draw
     from ``[k * 1M, ...)``; seeds 5-6 from ``[7M + (k - 5) * 1M, ...)``; seeds 7-8 from ``[9M + (k - 7) * 500k, ...)``:
     past the plant (5M) and gate (6M) ranges and before the held-out seeds (10M); seeds 9-10 from ``[5.5M, 6M)`` and
-    ``[6.5M, 7M)``, the upper halves of the plant and gate ranges, which their runs never reach."""
+    ``[6.5M, 7M)``, the upper halves of the plant and gate ranges, which their runs never reach; seeds 11-12 from
+    ``[7.5M, 8M)`` and ``[8.5M, 9M)``, the upper halves of seeds 5-6's streams."""
     if recipe.seed < 5:
         offset, end = recipe.seed * DATA_STREAM_STRIDE, PLANT_RANGE_START
     elif recipe.seed < 7:
@@ -73,8 +76,11 @@ def data_offset(recipe: Recipe) -> int:
     elif recipe.seed < 9:
         offset = LAST_STREAMS_START + (recipe.seed - 7) * LAST_STREAM_STRIDE
         end = offset + LAST_STREAM_STRIDE
+    elif recipe.seed < 11:
+        offset = SPARE_STREAMS[recipe.seed - 9]
+        end = offset + LAST_STREAM_STRIDE
     else:
-        offset = SPARE_STREAMS[min(recipe.seed - 9, 1)]
+        offset = UPPER_STREAMS[min(recipe.seed - 11, 1)]
         end = offset + LAST_STREAM_STRIDE
     if recipe.seed > MAX_SEED or offset + recipe.steps * recipe.batch_size > end:
         raise ValueError(f"seed {recipe.seed} with {recipe.steps} steps runs past its training seed range; use seed "
