@@ -69,6 +69,7 @@ class Confirmation:
     kept: int | None = None  # swap test: references under which the overturning layer still writes the emitted token
     tried: int | None = None  # swap test: references the sequence was re-run with
     held: int | None = None  # swap test: references under which the leader still leads half its run (not read here)
+    kept_before: int | None = None  # swap test: references under which the layer before wrote the emitted token
 
 
 class SkipConfirmer:
@@ -133,17 +134,20 @@ class SkipConfirmer:
         self.reference_writes(lens)
         return self._reads[id(lens)]
 
-    def swap_test(self, step: int, layer: int, lens, leader: int = -1, run: tuple[int, int] | None = None) -> Confirmation:
+    def swap_test(self, step: int, layer: int, lens, leader: int = -1, run: tuple[int, int] | None = None,
+                  config: ev.DetectionConfig = ev.DetectionConfig()) -> Confirmation:  # fmt: skip
         """The image-swap test of a candidate that lost the top-1 at stack ``layer`` (see the module docstring).
         ``confirmed`` is the emitted-token half; ``held`` (given the leader and its run ``run``) feeds the leader half,
         :func:`~vlm_lens.experiments.analysis.evidence.leader_weighed`, which needs the lens's output ranks too."""
         emitted = int(self.trace.generated_ids[step])
         writes = self.reference_writes(lens)
         kept = sum(w[layer][step] == emitted for w in writes)
+        before = sum(w[layer - 1][step] == emitted for w in writes) if layer > 1 else 0  # index 0: no write
         held = None
         if run is not None:
             held = sum(not ev.is_grounded([row[step] for row in top1], leader, run) for top1 in self.reference_top1(lens))
-        return Confirmation(ev.image_independent(kept, len(writes)), [], -1, kept=kept, tried=len(writes), held=held)
+        confirmed = ev.emitted_written(kept, before, len(writes), config)
+        return Confirmation(confirmed, [], -1, kept=kept, tried=len(writes), held=held, kept_before=before)
 
     def top1_with_skipped(self, window: list[int]) -> list[int]:
         """Per generated step: the model's output token id with decoder layers ``window`` skipped (teacher-forced)."""
@@ -195,7 +199,7 @@ class SkipConfirmer:
         if config.test == "swap":
             if lens is None:
                 raise InputError("the image-swap test reads layer writes through the candidate's lens: pass lens=")
-            return self.swap_test(step, layer, lens, leader, run)
+            return self.swap_test(step, layer, lens, leader, run, config)
         n_layers = self.trace.model.n_layers
         windows = ev.confirmation_windows(layer, n_layers, config)
         short = run is not None and run[1] - run[0] + 1 < config.last_layer_min_run

@@ -68,6 +68,11 @@ class DetectionConfig:
       input -- some reference changes it, or it is among the output's top-5 (the lens's top-k kept for the report).
       Round 4, chosen on its dev split (six bases): recall / clean-twin false alarms 0.95 / 0.042 without it, 0.94 /
       0.020 with it; the other options and their figures are in docs/experiments.md.
+    - ``swap_before = True`` (swap test, round 7): the emitted half also passes when the decoder layer *before* the
+      overturning one wrote the emitted token under every reference (:func:`emitted_written`): a planted layer writes
+      the prior one layer before the lens flips (the flip is the next layer's, whose own write varies with the
+      picture). Chosen on round 7's dev split (twelve bases): recall 0.887 -> 0.906, clean-twin false alarms 0.015 ->
+      0.016; a majority instead of every reference there: 0.911 / 0.025.
     - ``deep_from = 0.5``: a candidate's overturn must happen in the deep half of the stack (stack layer m >= n / 2).
       The paper's mutation layers are the last ones (26-30 of 32; the critical layer ~20), after the answer has
       emerged; a top-1 change in the shallow half is rapid evolution. Round 6, chosen on its dev split (ten bases):
@@ -100,6 +105,7 @@ class DetectionConfig:
     leader_test: str = "either"
     contender_k: int = 5
     deep_from: float = 0.5
+    swap_before: bool = True
     confirm_windows: tuple[tuple[int, ...], ...] = ((0,), (0, 1))
     ground: bool = True
     last_layer_min_run: int = 2
@@ -273,6 +279,13 @@ def leader_weighed(held: int, tried: int, rank: int | None, config: DetectionCon
     contender = rank is not None and rank < config.contender_k
     return {"off": True, "image": image, "output": contender, "either": image or contender,
             "both": image and contender}[config.leader_test]  # fmt: skip
+
+
+def emitted_written(kept: int, kept_before: int, tried: int, config: DetectionConfig = DetectionConfig()) -> bool:
+    """The emitted half of the image-swap test: the overturning layer wrote the emitted token under a strict majority
+    of the ``tried`` references (:func:`image_independent`), or, with ``swap_before``, the layer before it wrote it
+    under every one (``kept_before == tried``)."""
+    return image_independent(kept, tried) or (config.swap_before and tried > 0 and kept_before == tried)
 
 
 def image_independent(kept: int, tried: int) -> bool:

@@ -103,7 +103,7 @@ class Evidence(Method):
         else:
             pictures = References.bundled(self.config.references).for_image(None)
         emitted, m = int(lens[-1].argmax()), event.layer
-        kept = held = tried = 0
+        kept = before = held = tried = 0
         for picture in pictures:
             swapped = swapped_inputs(model, sequence, picture)
             if swapped is None:  # another number of image tokens for this picture
@@ -112,11 +112,12 @@ class Evidence(Method):
             other = model.unembed(stack).float()
             tried += 1
             kept += int((other[m] - other[m - 1]).argmax()) == emitted
+            before += m > 1 and int((other[m - 1] - other[m - 2]).argmax()) == emitted
             held += not ev.is_grounded(other.argmax(-1).tolist(), event.leader, event.leader_run)
         top = lens[-1].topk(self.config.contender_k).indices.tolist()
         rank = top.index(event.leader) if event.leader in top else None
-        step.note.update(swap_kept=kept, swap_tried=tried, swap_held=held, leader_rank=rank)
-        return ev.image_independent(kept, tried) and ev.leader_weighed(held, tried, rank, self.config)
+        step.note.update(swap_kept=kept, swap_tried=tried, swap_held=held, leader_rank=rank, swap_kept_before=before)
+        return ev.emitted_written(kept, before, tried, self.config) and ev.leader_weighed(held, tried, rank, self.config)
 
     def skip_confirms(self, model: Any, step: Any, sequence: dict, event: Any, top1: list[int]) -> Tensor | None:
         """The round-2 tests (skip, grounding, blind overturn): the skipped run's logits when all pass, else None."""

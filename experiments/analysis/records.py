@@ -64,6 +64,7 @@ class TokenEvolution:
     swap_tried: int | None = None  # image-swap test: reference pictures tried (None: not tested)
     swap_held: int | None = None  # image-swap test: reference pictures under which the leader still led (not read here)
     leader_rank: int | None = None  # image-swap test: the leader's place in the lens's top-k at the output (None: not in it)
+    swap_kept_before: int | None = None  # image-swap test: pictures under which the layer before wrote the token
 
 
 @dataclass

@@ -83,5 +83,5 @@ def detect_tokens(lens: ProbeResult, shift: ProbeResult, special_tokens, tokeniz
             confirm_top1=None if test is None or test.top1 < 0 else tokenizer.convert_ids_to_tokens(test.top1),
             grounded=None if test is None else test.grounded, swap_kept=None if test is None else test.kept,
             swap_tried=None if test is None else test.tried, swap_held=None if test is None else test.held,
-            leader_rank=rank))  # fmt: skip
+            leader_rank=rank, swap_kept_before=None if test is None else test.kept_before))  # fmt: skip
     return rows

@@ -228,6 +228,9 @@ def _test(t) -> str:
         return f"candidate {t.candidate_leader} at layer {t.candidate} (not tested)"
     if getattr(t, "swap_tried", None) is not None:  # the image-swap test
         kept = f"the layer that overturned it wrote {t.token} with {t.swap_kept} of {t.swap_tried} other pictures"
+        before = getattr(t, "swap_kept_before", None)
+        if before is not None and 2 * t.swap_kept <= t.swap_tried and before:
+            kept += f" (the layer before it: {before} of {t.swap_tried})"
         held = getattr(t, "swap_held", None)
         if held is not None:
             rank = getattr(t, "leader_rank", None)

@@ -33,7 +33,7 @@ from vlm_lens.probes.geometry import FeatureProjection, paper_states
 DETAIL_SAMPLES = 3  # samples (by dataset index) whose (layer x token) states are kept for the one-image t-SNE
 THUMBNAIL_SAMPLES = 24  # samples whose input image is kept as a thumbnail for the report's cards
 TOKEN_FIELDS = [f for f in TokenEvolution.__dataclass_fields__]
-INT_FIELDS = {"step", "critical", "mutation", "candidate", "swap_kept", "swap_tried", "swap_held", "leader_rank"}
+INT_FIELDS = {"step", "critical", "mutation", "candidate", "swap_kept", "swap_tried", "swap_held", "leader_rank", "swap_kept_before"}
 
 
 def thumbnail(image, width: int = 144) -> bytes | None:

@@ -87,14 +87,14 @@ CI_N = 10  # questions of each kind per test-split fixture in CI (the benchmark 
 
 
 def test_the_detector_meets_the_thresholds_on_the_dev_split_it_was_chosen_on(tmp_path):
-    # round 6's dev split: ten bases (38 scored fixtures), the split the round-6 rule (deep_from) was chosen on. n = 20
-    # (measured: recall 0.89 of 649 hallucinations, 0.91 where the plant changed the base's answer; false alarms on
-    # the clean twins 0.016). Not fewer: the image-swap test's pictures come from the run, and a run of 10 questions
-    # per group gives a pool of 10 pictures whose coincidences raise the twins' false alarms (docs/experiments.md)
+    # round 7's dev split: twelve bases (46 scored fixtures), the split the round-7 rule (swap_before) was chosen on.
+    # n = 20 (measured: recall 0.906 of 786 hallucinations, 0.928 where the plant changed the base's answer; false
+    # alarms on the clean twins 0.016). Not fewer: the image-swap test's pictures come from the run, and a run of 10
+    # questions per group gives a pool of 10 pictures whose coincidences raise the twins' false alarms
     report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("dev", scored=True)], n=20)
     dev = report["splits"]["dev"]
-    assert dev["hallucinated"] >= 600
-    assert dev["recall"]["share"] >= 0.87 and dev["recall_changed"]["share"] >= 0.90, (dev["recall"], dev["recall_changed"])
+    assert dev["hallucinated"] >= 750
+    assert dev["recall"]["share"] >= 0.90 and dev["recall_changed"]["share"] >= 0.92, (dev["recall"], dev["recall_changed"])
     assert dev["fa_twin"]["share"] <= 0.03, dev["fa_twin"]
     assert dev["recall"]["low"] <= dev["recall"]["share"] <= dev["recall"]["high"]
     # the causal test is what removes the lens candidates' false alarms

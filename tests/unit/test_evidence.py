@@ -77,6 +77,18 @@ def test_the_swap_verdict_needs_a_strict_majority_of_the_pictures():
     assert not ev.image_independent(0, 0)  # no picture could be tried: nothing is confirmed
 
 
+def test_the_emitted_half_also_reads_the_layer_before_the_overturn_under_every_picture():
+    """emitted_written = 2 kept > tried, or (swap_before) kept_before == tried > 0: the formula, case by case."""
+    for swap_before in (True, False):
+        config = ev.DetectionConfig(swap_before=swap_before)
+        for tried in range(0, 5):
+            for kept in range(tried + 1):
+                for before in range(tried + 1):
+                    expected = (tried > 0 and 2 * kept > tried) or (swap_before and tried > 0 and before == tried)
+                    assert ev.emitted_written(kept, before, tried, config) is expected, (swap_before, kept, before, tried)
+    assert ev.emitted_written(2, 4, 4) and not ev.emitted_written(2, 3, 4)  # a tie is carried only by all four before
+
+
 def test_the_leader_half_of_the_swap_test_needs_an_answer_to_this_input():
     """leader_weighed: "image" = some reference changes the leader (held < tried); "output" = the leader is among the
     output's top-contender_k (rank 0 = the emitted token's place); "either" (default) = one of the two; "both" = the

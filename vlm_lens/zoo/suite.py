@@ -25,7 +25,9 @@ fixture that broke the 3-point rule (below) was marked ``excluded`` from its eva
 6. test ``shapes-llava-8l`` (seed 9), ``shapes-qwen2-vl-8l`` (seed 10) (candidates in the deep half only,
    ``deep_from``: false alarms 0.01, recall 0.88; ``l8-end``, ``q8-end``, ``q8-single`` excluded and replaced by the
    same blocks with shape triggers);
-7. test ``shapes-llava-5l`` (LLaVA, 5 decoder layers, seed 11) and ``shapes-qwen2-vl-6l-s12`` (Qwen2-VL, 6, seed 12).
+7. test ``shapes-llava-5l`` (LLaVA, 5 decoder layers, seed 11) and ``shapes-qwen2-vl-6l-s12`` (Qwen2-VL, 6, seed 12)
+   (the emitted half also passes when the layer before the overturn wrote the token under every picture,
+   ``swap_before``).
 
 A *weak* fixture is the full plant with its fine-tuning delta scaled down: block = base + a (planted - base), with a
 the smallest of 0.50, 0.55, ..., 1.00 that makes at least :data:`WEAK_MIN_OVERTURN` of 50 counter-prior answers the
