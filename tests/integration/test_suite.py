@@ -2,8 +2,8 @@
 
 The split is by base model (vlm_lens.zoo.suite). The detector's thresholds were chosen on the dev split; the figures of
 both splits (and leave-one-base-out) are written by benchmarks/suite_validation.py into docs/experiments.md. What CI
-asserts here is what the chosen rule achieves on the dev split it was chosen on, the fixtures' validity, and the
-mechanics (compact storage, causal tests, CLI); the test split's figures are reported, not asserted: the rule misses
+asserts here is what the chosen rule achieves on the dev split it was chosen on, on the test split at a smaller n,
+the fixtures' validity, and the mechanics (compact storage, causal tests, CLI); earlier rounds' rules missed
 the acceptance thresholds there (docs/experiments.md, "The planted-fixture suite").
 """
 
@@ -105,14 +105,15 @@ def test_the_detector_meets_the_thresholds_on_the_dev_split_it_was_chosen_on(tmp
 
 
 def test_on_the_test_split_the_planted_overturns_are_found(tmp_path):
-    """Round 5's test split (the round-4 rule, unchanged, on two bases no rule had seen): false alarms on the clean twins
-    meet the issue's 0.05. Recall in the block does not meet 0.90 (0.81 [0.76, 0.87] at n = 30; 0.78 at this n = 10;
-    the 9-layer LLaVA base 0.63, docs/experiments.md): asserted here at 0.70, a regression guard, not the acceptance."""
+    """Round 7's test split (shapes-llava-5l, shapes-qwen2-vl-6l-s12: bases no rule had seen when the round-7 rule was
+    committed). At the benchmark's n = 30: recall 0.93 [0.90, 0.97], clean-twin false alarms 0.050 [0.031, 0.073]
+    (docs/experiments.md); at this n = 10: recall 0.969 of 65, false alarms 0.019 of 160. Asserted: the issue's
+    thresholds, recall >= 0.90 and false alarms <= 0.05."""
     report = sv.validate_suite(sv.suite_loader(cache=tmp_path), [f.name for f in suite.fixtures("test", scored=True)], n=CI_N)
     test = report["splits"]["test"]
     assert test["hallucinated"] >= 60 and set(report["splits"]) == {"test"}
     assert test["fa_twin"]["share"] <= 0.05, test["fa_twin"]
-    assert test["recall"]["share"] >= 0.70, test["recall"]
+    assert test["recall"]["share"] >= 0.90, test["recall"]
 
 
 def _stub_trace(n_layers: int, outputs: dict):
