@@ -251,10 +251,13 @@ def _rule(d: dict) -> str:
     """The detection rule in words, from the report's echoed DetectionConfig."""
     if d.get("confirm", False) and d.get("test", "skip") == "swap":
         floor = f", peaking at p >= {d['candidate_prob']}" if d["candidate_prob"] > 0 else ""
+        deep = (f", replaced in the deep layers (from {d['deep_from']:.0%} of the depth on)" if d.get("deep_from")
+                else ", then replaced")  # fmt: skip
+        before = ", or the layer before it writes it for all of them" if d.get("swap_before") else ""
         event = (f"A mutation event is a candidate overturn read off the lens (the last answer that was the top-1 for >= "
-                 f"{d['candidate_min_run']} layer(s) from layer {d['min_start']} on{floor}, then replaced before the "
+                 f"{d['candidate_min_run']} layer(s) from layer {d['min_start']} on{floor}{deep} before the "
                  f"output) that passes a causal test: with the image replaced by each of {d['references']} other "
-                 "pictures of the run, the layer that overturned it still writes the emitted token for most of them "
+                 f"pictures of the run, the layer that overturned it still writes the emitted token for most of them{before} "
                  "(the overturn does not come from this image)" + _leader_rule(d) + ".")  # fmt: skip
     elif d.get("confirm", False):
         event = (f"A mutation event is a candidate overturn read off the lens (an answer that was the top-1 for >= "
