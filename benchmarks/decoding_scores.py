@@ -73,7 +73,7 @@ def corrections(layers: list[int]) -> dict:
 
 
 def answers(model, examples, correction) -> list[str]:
-    from vlm_lens.experiments.cli.decode import per_sample_corrections
+    from vlm_lens.experiments.analysis.evidence_decoding import per_sample_corrections
 
     per_sample = per_sample_corrections(correction, examples)  # evidence: the swap test's pictures, as the CLI's
     return [model.generate(model.prepare(e.image, e.question), 2, correction=per_sample(i)) for i, e in enumerate(examples)]
@@ -135,9 +135,15 @@ def rows_for(n: int, names: list[str], saved: Path | None = None) -> list[dict]:
     from vlm_lens.zoo import embedded_path, planted, suite
 
     cache = Path(tempfile.mkdtemp(prefix="vlm-lens-suite-"))
-    done = {}
+    done: dict[str, dict] = {}
     if saved is not None and saved.is_file():
-        done = {r["model"]: r for r in map(json.loads, saved.read_text().splitlines()) if r.get("n") == n}
+        for line in saved.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last row of a run killed while writing it: scored again
+                continue
+            if row.get("n") == n:
+                done[row["model"]] = row
     rows = []
     for name in names:
         if name in done:
@@ -193,7 +199,7 @@ def render(rows: list[dict], costs: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from vlm_lens.zoo import suite
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -201,7 +207,7 @@ def main() -> None:
     parser.add_argument("--fixtures", nargs="*", default=["shapes-llava-prior"] + [f.name for f in suite.fixtures(scored=True)] + list(suite.BASES))
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/experiments.md alone")
     parser.add_argument("--rows", type=Path, default=None, help="JSON lines of scored models: resume from / append to")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = rows_for(args.n, args.fixtures, args.rows)
     costs = cost(min(args.n, 10))
     body = render(rows, costs)

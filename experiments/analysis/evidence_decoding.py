@@ -42,7 +42,7 @@ causal forwards only at steps with a candidate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -95,8 +95,9 @@ class Evidence(Method):
 
     def swap_confirms(self, model: Any, step: Any, sequence: Any, event: Any, lens: Tensor) -> bool:
         """The image-swap test of the analysis on the sequence so far (both halves; the evidence goes in the note)."""
-        from vlm_lens.experiments.analysis.confirmation import swapped_inputs
+        from vlm_lens.experiments.analysis.confirmation import layer_reads, swapped_inputs
         from vlm_lens.experiments.analysis.references import References, open_rgb
+        from vlm_lens.probes.lenses import LogitLens
 
         if self.references is not None:
             pictures = [open_rgb(p) for p in self.references]
@@ -109,11 +110,12 @@ class Evidence(Method):
             if swapped is None:  # another number of image tokens for this picture
                 continue
             _, stack = step.forward(swapped.model_inputs)
-            other = model.unembed(stack).float()
+            # the analysis's reading of the reference run: each layer's write and top-1, one step ([layer][0])
+            writes, top1 = layer_reads(model, LogitLens("correct"), stack[:, None])
             tried += 1
-            kept += int((other[m] - other[m - 1]).argmax()) == emitted
-            before += m > 1 and int((other[m - 1] - other[m - 2]).argmax()) == emitted
-            held += not ev.is_grounded(other.argmax(-1).tolist(), event.leader, event.leader_run)
+            kept += writes[m][0] == emitted
+            before += m > 1 and writes[m - 1][0] == emitted
+            held += not ev.is_grounded([row[0] for row in top1], event.leader, event.leader_run)
         top = lens[-1].topk(self.config.contender_k).indices.tolist()
         rank = top.index(event.leader) if event.leader in top else None
         step.note.update(swap_kept=kept, swap_tried=tried, swap_held=held, leader_rank=rank, swap_kept_before=before)
@@ -162,3 +164,19 @@ class Evidence(Method):
                 step.note["skipped"] = "vacuous" if window in vacuous else window
                 return skipped, window
         return None
+
+
+def per_sample_corrections(correction: Any, samples: Sequence[Any]) -> Callable[[int], Any]:
+    """``i -> the correction of sample i``: evidence decoding's image-swap test takes its reference pictures from the
+    run's other images (``samples[i].image``: paths or PIL images), as the analysis does (:class:`~vlm_lens.experiments.analysis.references.References`: a fixed
+    pool, each sample its own rotation, never its own picture); every other correction is the same for all."""
+    import dataclasses
+
+    if not isinstance(correction, Evidence) or correction.config.test != "swap" or correction.references is not None:
+        return lambda i: correction
+    from vlm_lens.experiments.analysis.references import References
+
+    refs = References.from_images((s.image for s in samples), correction.config.references)
+    if len(refs.images) < 2:  # one picture in the run: the bundled images stand in for "another picture"
+        refs = References.bundled(correction.config.references)
+    return lambda i: dataclasses.replace(correction, references=refs.for_image(samples[i].image, i))

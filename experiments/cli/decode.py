@@ -52,24 +52,6 @@ def correction_for(method: str, vlm, samples, options: dict, max_new_tokens: int
     return build(**given)
 
 
-def per_sample_corrections(correction, samples):
-    """``i -> the correction of sample i``: evidence decoding's image-swap test takes its reference pictures from the
-    run's other images, as the analysis does (:class:`~vlm_lens.experiments.analysis.references.References`: a fixed
-    pool, each sample its own rotation, never its own picture); every other correction is the same for all."""
-    import dataclasses
-
-    from vlm_lens.experiments.analysis.evidence_decoding import Evidence
-
-    if not isinstance(correction, Evidence) or correction.config.test != "swap" or correction.references is not None:
-        return lambda i: correction
-    from vlm_lens.experiments.analysis.references import References
-
-    refs = References.from_images((s.image for s in samples), correction.config.references)
-    if len(refs.images) < 2:  # one picture in the run: the bundled images stand in for "another picture"
-        refs = References.bundled(correction.config.references)
-    return lambda i: dataclasses.replace(correction, references=refs.for_image(samples[i].image, i))
-
-
 def decode(
     model: Optional[str] = typer.Option(None, help="embedded name, checkpoint folder, or cached model id"),
     method: MethodName = typer.Option(MethodName.evidence, help="the correction"),
@@ -115,6 +97,8 @@ def decode(
     for col in ("sample", "question", "greedy", method.value, "reference"):
         table.add_column(col)
     rows = []
+    from vlm_lens.experiments.analysis.evidence_decoding import per_sample_corrections
+
     per_sample = per_sample_corrections(correction, samples)
     for i, sample in enumerate(samples):
         inputs = vlm.prepare(sample.image, sample.prompt)

@@ -67,3 +67,26 @@ def test_family_matrix_benchmark_smoke(capsys):
     body = family_matrix.main(["--families", "llava", "--no-write"])
     assert "| llava | transformer_lens | " in body and "| llava | nnsight | " in body
     assert "every greedy generation equal to HF's" in body and "False" not in body
+
+
+def test_decoding_benchmark_resumes_from_its_rows(tmp_path, monkeypatch):
+    """decoding_scores --rows: scored models are appended as JSON lines and read back, not scored again; a row cut
+    off by a killed run is scored again."""
+    import json
+
+    from benchmarks import decoding_scores
+
+    rows_file = tmp_path / "rows.jsonl"
+    first = decoding_scores.rows_for(2, ["llava-single"], rows_file)
+    assert [r["model"] for r in first] == ["llava-single"] and first[0]["n"] == 2
+    assert set(first[0]["methods"]) == set(decoding_scores.METHODS)
+    with rows_file.open("a") as f:
+        f.write('{"model": "llava-end", "n": 2, "meth')  # a killed run's last line
+
+    def refuse(*args):
+        raise AssertionError("a saved model was scored again")
+
+    monkeypatch.setattr(decoding_scores, "score_model", refuse)
+    again = decoding_scores.rows_for(2, ["llava-single"], rows_file)
+    assert again == [json.loads(rows_file.read_text().splitlines()[0])]
+    assert "| dev | 1 |" in decoding_scores.render(again, {})

@@ -181,3 +181,27 @@ def test_a_correction_that_raises_leaves_no_hook_behind(tiny_llava):
         hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
         assert not [h for h in hooks if not is_library_hook(h)], module
     assert model.generate_ids(inputs, 4, stop_at_eos=False).tolist() == greedy.tolist()
+
+
+def test_evidence_takes_the_runs_other_pictures_as_references():
+    """per_sample_corrections: each sample's swap test gets the run's pool in its own rotation, never its own picture;
+    a run of one picture falls back to the bundled images; other corrections are shared unchanged."""
+    from types import SimpleNamespace
+
+    from vlm_lens.experiments.analysis.evidence_decoding import per_sample_corrections
+    from vlm_lens.experiments.analysis.references import image_key
+    from vlm_lens.zoo.samples import SAMPLES_DIR
+
+    paths = sorted(SAMPLES_DIR.glob("*.png"))
+    samples = [SimpleNamespace(image=p) for p in paths]
+    per_sample = per_sample_corrections(Evidence(), samples)
+    for i, path in enumerate(paths):
+        refs = per_sample(i).references
+        assert len(refs) == 4 and image_key(path) not in {image_key(r) for r in refs}
+    assert [image_key(r) for r in per_sample(0).references] != [image_key(r) for r in per_sample(1).references]
+    alone = per_sample_corrections(Evidence(), samples[:1])(0).references
+    assert len(alone) == 4 and image_key(paths[0]) not in {image_key(r) for r in alone}
+    dola = D.DoLa()
+    assert per_sample_corrections(dola, samples)(3) is dola
+    given = Evidence(references=paths[:2])
+    assert per_sample_corrections(given, samples)(0) is given
