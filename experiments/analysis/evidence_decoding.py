@@ -58,7 +58,9 @@ class Evidence(Method):
     blend: float = 1.0
     blind_test: bool = True  # the skip test's blind-overturn check (not read by the swap test)
     config: ev.DetectionConfig = field(default_factory=ev.DetectionConfig)  # the analysis's detector, as it is
-    references: Sequence[Any] | None = None  # swap test: pictures (paths or PIL images); None: the bundled images
+    # swap test: pictures (paths or PIL images), e.g. from per_sample_corrections; None: the six bundled images, which
+    # stand in for "another picture" and are not checked against the decoded input's own
+    references: Sequence[Any] | None = None
     name: ClassVar[str] = "evidence"
     reads_layers: ClassVar[bool] = True
 
